@@ -1,0 +1,38 @@
+"""kvcore: a paged KV-cache manager for LLM serving.
+
+Host bookkeeping (:class:`PageAllocator`, :class:`PageTable`) is a Cython core that
+needs no GPU. Importing kvcore never imports CuPy.
+"""
+
+from kvcore._core import AppendResult, PageAllocator, PageTable
+from kvcore.config import KVCacheConfig
+from kvcore.errors import (
+    BackendUnavailableError,
+    CapacityError,
+    InvalidPageError,
+    KernelError,
+    KVCoreError,
+    OutOfPagesError,
+    RefcountError,
+    ShapeError,
+    UnknownSequenceError,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "AppendResult",
+    "BackendUnavailableError",
+    "CapacityError",
+    "InvalidPageError",
+    "KVCacheConfig",
+    "KVCoreError",
+    "KernelError",
+    "OutOfPagesError",
+    "PageAllocator",
+    "PageTable",
+    "RefcountError",
+    "ShapeError",
+    "UnknownSequenceError",
+    "__version__",
+]

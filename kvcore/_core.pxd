@@ -1,0 +1,51 @@
+# cython: language_level=3
+"""C-level declarations of the host core (see _core.pyx for the invariants)."""
+
+from libc.stdint cimport int32_t, int64_t, uint8_t
+
+from kvcore._typedefs cimport page_id_t, refcount_t, seq_id_t, slot_t
+
+
+cdef class PageAllocator:
+    cdef int32_t _num_pages
+    cdef int32_t _num_free
+    cdef page_id_t* _free_stack      # [num_pages]; [0, _num_free) are free, top at _num_free - 1
+    cdef refcount_t* _refcount       # [num_pages]; 0 means free
+    cdef object _free_stack_arr      # NumPy owners of the C arrays above
+    cdef object _refcount_arr
+    cdef object _refcount_view       # read-only view handed to users
+
+    cdef void _pop(self, page_id_t* out, int32_t n) noexcept nogil
+    cdef bint _decref_one(self, page_id_t page) noexcept nogil
+    cdef object _page_array(self, object pages, str name)
+
+
+cdef class PageTable:
+    cdef readonly PageAllocator allocator
+    cdef int32_t _page_size
+    cdef int32_t _max_seqs
+    cdef int32_t _max_pages_per_seq
+    cdef int32_t _num_seqs
+    cdef page_id_t* _table           # [max_seqs * max_pages_per_seq], NO_PAGE when unmapped
+    cdef int32_t* _seq_lens          # [max_seqs]; 0 for inactive rows
+    cdef uint8_t* _active            # [max_seqs]
+    cdef seq_id_t* _free_seqs        # [max_seqs]; [0, _num_free_seqs) are free, top last
+    cdef int32_t _num_free_seqs
+    cdef int32_t* _seen              # [max_seqs] duplicate-detection stamps
+    cdef int32_t _stamp
+    cdef int32_t* _cow_pending       # [num_pages] scratch for pages_needed; all 0 between calls
+    cdef object _owners              # NumPy arrays that own the C arrays above
+    cdef object _block_table_view
+    cdef object _seq_lens_view
+
+    cdef int64_t _seq_arg(self, object seq_id) except -1
+    cdef int _check_active(self, const int64_t* seq_ids, Py_ssize_t batch,
+                           bint allow_duplicates) except -1
+    cdef tuple _batch_args(self, object seq_ids, object num_new_tokens)
+    cdef void _append_unchecked(self, const int64_t* seq_ids, const int64_t* counts,
+                                Py_ssize_t batch, slot_t* slots, page_id_t* copy_src,
+                                page_id_t* copy_dst) noexcept nogil
+    cdef int _check_batch(self, const int64_t* seq_ids, const int64_t* counts,
+                          Py_ssize_t batch) except -1
+    cdef int64_t _count_new_pages(self, const int64_t* seq_ids, const int64_t* counts,
+                                  Py_ssize_t batch, int64_t* num_copies) noexcept nogil

@@ -1,0 +1,942 @@
+# cython: language_level=3, boundscheck=False, wraparound=False, cdivision=True
+# cython: initializedcheck=False, embedsignature=True
+"""Host bookkeeping of kvcore: the page allocator and the per-sequence page tables.
+
+All state lives in C arrays (owned by NumPy arrays created once at construction);
+the hot loops run in C. Every public method validates its arguments completely
+before it changes anything, so a call that raises leaves the state exactly as it
+was. No method releases the GIL while it mutates, so each call is atomic with
+respect to other Python threads.
+"""
+
+from collections import namedtuple
+import operator
+
+import numpy as np
+
+cimport numpy as cnp
+from libc.stdint cimport INT32_MAX, int32_t, int64_t, uint8_t
+from libc.string cimport memcpy
+
+from kvcore._typedefs cimport NO_PAGE, page_id_t, refcount_t, seq_id_t, slot_t
+
+from kvcore.errors import (
+    CapacityError,
+    InvalidPageError,
+    OutOfPagesError,
+    RefcountError,
+    UnknownSequenceError,
+    KVCoreError,
+)
+
+cnp.import_array()
+
+__all__ = ["AppendResult", "PageAllocator", "PageTable"]
+
+AppendResult = namedtuple("AppendResult", ["slot_mapping", "copy_src", "copy_dst"])
+AppendResult.__doc__ = """What :meth:`PageTable.append` did.
+
+Attributes
+----------
+slot_mapping : numpy.ndarray of int64, shape [sum(num_new_tokens)]
+    Slot of every new token, sequence by sequence in call order, tokens in order.
+copy_src, copy_dst : numpy.ndarray of int32, shape [num_copies]
+    Copy-on-write page pairs: the device must copy page ``copy_src[i]`` to
+    ``copy_dst[i]`` (every layer, K and V) *before* writing the new tokens.
+"""
+
+
+# --------------------------------------------------------------------------------------
+# Argument normalisation: one typed helper per kind of argument, naming the argument.
+# --------------------------------------------------------------------------------------
+
+cdef inline bint _is_fast_int64(object obj):
+    return (type(obj) is np.ndarray
+            and cnp.PyArray_TYPE(<cnp.ndarray>obj) == cnp.NPY_INT64
+            and cnp.PyArray_NDIM(<cnp.ndarray>obj) == 1
+            and cnp.PyArray_IS_C_CONTIGUOUS(<cnp.ndarray>obj))
+
+
+cdef cnp.ndarray _int64_array(object obj, str name):
+    """Return ``obj`` as a 1-D C-contiguous int64 array (``obj`` itself when it already is).
+
+    Accepts lists, tuples and integer NumPy arrays of any width; rejects bools and
+    floats with ``TypeError`` and values outside int64 with ``ValueError``.
+    """
+    if _is_fast_int64(obj):
+        return <cnp.ndarray>obj
+    cdef cnp.ndarray arr
+    try:
+        arr = np.asarray(obj)
+    except (OverflowError, ValueError) as exc:
+        raise ValueError(f"{name} must be a 1-D sequence of integers ({exc})") from None
+    if arr.ndim != 1:
+        raise ValueError(f"{name} must be 1-D, got shape {(<object>arr).shape}")
+    kind = arr.dtype.kind
+    if kind == "i":
+        pass
+    elif kind == "u":
+        if arr.size and int(arr.max()) > 0x7FFFFFFFFFFFFFFF:
+            raise ValueError(f"{name} holds a value above the int64 range")
+    elif kind == "O" and arr.size:
+        for value in arr:
+            if isinstance(value, (bool, np.bool_)) or not hasattr(value, "__index__"):
+                raise TypeError(f"{name} must hold integers, got {type(value).__name__}")
+        try:
+            arr = np.array([operator.index(v) for v in arr], dtype=np.int64)
+        except OverflowError:
+            raise ValueError(f"{name} holds a value outside the int64 range") from None
+    elif arr.size == 0:
+        pass  # np.asarray([]) is float64; an empty batch is still a batch
+    else:
+        raise TypeError(f"{name} must hold integers, got dtype {arr.dtype}")
+    return np.ascontiguousarray(arr, dtype=np.int64)
+
+
+cdef int64_t _int_arg(object value, str name) except? -1:
+    """``operator.index(value)`` that refuses bools and names the argument."""
+    if isinstance(value, (bool, np.bool_)):
+        raise TypeError(f"{name} must be an integer, got bool")
+    try:
+        return operator.index(value)
+    except TypeError:
+        raise TypeError(f"{name} must be an integer, got {type(value).__name__}") from None
+    except OverflowError:
+        raise ValueError(f"{name} {value} is outside the int64 range") from None
+
+
+cdef int32_t _positive_int32(object value, str name) except -1:
+    cdef int64_t v = _int_arg(value, name)
+    if v < 1 or v > INT32_MAX:
+        raise ValueError(f"{name} must be in [1, {INT32_MAX}], got {v}")
+    return <int32_t>v
+
+
+cdef inline cnp.ndarray _empty_int32(Py_ssize_t n):
+    cdef cnp.npy_intp dims[1]
+    dims[0] = n
+    return cnp.PyArray_EMPTY(1, dims, cnp.NPY_INT32, 0)
+
+
+cdef inline cnp.ndarray _empty_int64(Py_ssize_t n):
+    cdef cnp.npy_intp dims[1]
+    dims[0] = n
+    return cnp.PyArray_EMPTY(1, dims, cnp.NPY_INT64, 0)
+
+
+cdef inline int64_t _ceil_div(int64_t a, int64_t b) noexcept nogil:
+    return (a + b - 1) // b
+
+
+cdef object _readonly_view(cnp.ndarray owner):
+    view = owner.view()
+    view.flags.writeable = False
+    return view
+
+
+# --------------------------------------------------------------------------------------
+# PageAllocator
+# --------------------------------------------------------------------------------------
+
+cdef class PageAllocator:
+    """A LIFO free-list stack of page ids with a reference count per page.
+
+    Parameters
+    ----------
+    num_pages : int
+        Pages in the pool, in ``[1, 2**31 - 1]``. Page ids are ``0 .. num_pages - 1``.
+
+    Notes
+    -----
+    Memory representation: ``free_stack`` is an int32 C array of ``num_pages``
+    entries whose first ``num_free`` entries are the free pages, the next page to
+    hand out last. A fresh allocator of 4 pages holds ``[3, 2, 1, 0]``, so
+    ``allocate(2)`` returns ``[0, 1]`` and leaves ``[3, 2]``; ``decref([0])`` then
+    pushes 0 back: ``[3, 2, 0]``. ``refcount`` is an int32 C array, 0 for free pages.
+
+    Invariants (checked by :meth:`check_invariants`):
+
+    - ``num_free + num_used == num_pages``;
+    - the free stack holds each free page exactly once, and a page is on it if and
+      only if its refcount is 0;
+    - no refcount is negative.
+
+    Examples
+    --------
+    >>> alloc = PageAllocator(8)
+    >>> alloc.allocate(3)
+    array([0, 1, 2], dtype=int32)
+    >>> alloc.decref([1])
+    array([1], dtype=int32)
+    >>> alloc.num_free
+    6
+    """
+
+    def __cinit__(self, num_pages):
+        cdef int32_t n = _positive_int32(num_pages, "num_pages")
+        self._num_pages = n
+        self._free_stack_arr = np.arange(n - 1, -1, -1, dtype=np.int32)
+        self._refcount_arr = np.zeros(n, dtype=np.int32)
+        self._free_stack = <page_id_t*>cnp.PyArray_DATA(self._free_stack_arr)
+        self._refcount = <refcount_t*>cnp.PyArray_DATA(self._refcount_arr)
+        self._refcount_view = _readonly_view(self._refcount_arr)
+        self._num_free = n
+
+    def __repr__(self):
+        return (f"PageAllocator(num_pages={self._num_pages}, num_free={self._num_free}, "
+                f"num_used={self.num_used})")
+
+    @property
+    def num_pages(self):
+        """int: pages in the pool."""
+        return self._num_pages
+
+    @property
+    def num_free(self):
+        """int: pages with refcount 0."""
+        return self._num_free
+
+    @property
+    def num_used(self):
+        """int: pages with refcount >= 1 (``num_pages - num_free``)."""
+        return self._num_pages - self._num_free
+
+    @property
+    def refcounts(self):
+        """numpy.ndarray of int32, shape [num_pages]: read-only view of every page's refcount."""
+        return self._refcount_view
+
+    # -- C-level helpers used by PageTable; callers have validated everything ----------
+
+    cdef void _pop(self, page_id_t* out, int32_t n) noexcept nogil:
+        """Move the top ``n`` pages of the free stack to ``out`` with refcount 1."""
+        cdef int32_t i
+        cdef page_id_t page
+        for i in range(n):
+            self._num_free -= 1
+            page = self._free_stack[self._num_free]
+            self._refcount[page] = 1
+            out[i] = page
+
+    cdef bint _decref_one(self, page_id_t page) noexcept nogil:
+        """Drop one reference; push the page on the free stack when it reaches 0."""
+        self._refcount[page] -= 1
+        if self._refcount[page] == 0:
+            self._free_stack[self._num_free] = page
+            self._num_free += 1
+            return True
+        return False
+
+    cdef object _page_array(self, object pages, str name):
+        """``pages`` as a contiguous int32 array; InvalidPageError for an id outside the pool."""
+        cdef cnp.ndarray arr64 = _int64_array(pages, name)
+        cdef const int64_t* src = <const int64_t*>cnp.PyArray_DATA(arr64)
+        cdef Py_ssize_t i, n = cnp.PyArray_DIM(arr64, 0)
+        for i in range(n):
+            if src[i] < 0 or src[i] >= self._num_pages:
+                raise InvalidPageError(f"page {src[i]} out of range [0, {self._num_pages})")
+        return arr64.astype(np.int32)
+
+    # -- public API ----------------------------------------------------------------------
+
+    def allocate(self, n):
+        """Take ``n`` free pages, each with refcount 1.
+
+        Parameters
+        ----------
+        n : int
+            Pages to allocate, ``>= 0``.
+
+        Returns
+        -------
+        numpy.ndarray of int32, shape [n]
+            The page ids, an owned copy.
+
+        Raises
+        ------
+        OutOfPagesError
+            ``n > num_free``; nothing is allocated.
+        ValueError, TypeError
+            ``n`` negative or not an integer.
+        """
+        cdef int64_t count = _int_arg(n, "n")
+        if count < 0:
+            raise ValueError(f"n must be >= 0, got {count}")
+        if count > self._num_free:
+            raise OutOfPagesError(count, self._num_free)
+        cdef cnp.ndarray out = _empty_int32(<Py_ssize_t>count)
+        self._pop(<page_id_t*>cnp.PyArray_DATA(out), <int32_t>count)
+        return out
+
+    def incref(self, pages):
+        """Add one reference to each page (a page listed twice gains two).
+
+        Parameters
+        ----------
+        pages : array_like of int, shape [k]
+            Pages in use (refcount >= 1).
+
+        Raises
+        ------
+        InvalidPageError
+            A page id outside ``[0, num_pages)``.
+        RefcountError
+            A page is free; nothing is changed.
+        """
+        cdef cnp.ndarray arr = self._page_array(pages, "pages")
+        cdef const page_id_t* p = <const page_id_t*>cnp.PyArray_DATA(arr)
+        cdef Py_ssize_t i, n = cnp.PyArray_DIM(arr, 0)
+        for i in range(n):
+            if self._refcount[p[i]] == 0:
+                raise RefcountError(f"incref of free page {p[i]}")
+            if self._refcount[p[i]] >= INT32_MAX - n:
+                raise RefcountError(f"refcount of page {p[i]} would overflow int32")
+        for i in range(n):
+            self._refcount[p[i]] += 1
+
+    def decref(self, pages):
+        """Drop one reference from each page; pages that reach 0 become free.
+
+        Parameters
+        ----------
+        pages : array_like of int, shape [k]
+            Pages in use; a page listed m times loses m references.
+
+        Returns
+        -------
+        numpy.ndarray of int32, shape [freed]
+            The pages that became free, in the order they were freed (an owned copy).
+
+        Raises
+        ------
+        InvalidPageError
+            A page id outside ``[0, num_pages)``.
+        RefcountError
+            A page would drop below 0 (a double free); nothing is changed.
+        """
+        cdef cnp.ndarray arr = self._page_array(pages, "pages")
+        cdef const page_id_t* p = <const page_id_t*>cnp.PyArray_DATA(arr)
+        cdef Py_ssize_t i, j, n = cnp.PyArray_DIM(arr, 0)
+        # Decrement first, undoing on the first page that was already free, so a
+        # page listed more often than it is referenced is caught before any change.
+        for i in range(n):
+            if self._refcount[p[i]] == 0:
+                for j in range(i):
+                    self._refcount[p[j]] += 1
+                raise RefcountError(f"decref of free page {p[i]} (double free)")
+            self._refcount[p[i]] -= 1
+        cdef cnp.ndarray freed = _empty_int32(n)
+        cdef page_id_t* f = <page_id_t*>cnp.PyArray_DATA(freed)
+        cdef Py_ssize_t num_freed = 0
+        for i in range(n):
+            # A page listed twice and freed reaches 0 once; the second sighting finds
+            # it already pushed, recognised by the -1 sentinel set below.
+            if self._refcount[p[i]] == 0:
+                self._refcount[p[i]] = -1
+                f[num_freed] = p[i]
+                num_freed += 1
+        for i in range(num_freed):
+            self._refcount[f[i]] = 0
+            self._free_stack[self._num_free] = f[i]
+            self._num_free += 1
+        return freed[:num_freed].copy() if num_freed != n else freed
+
+    def refcount(self, page_id):
+        """Return the refcount of ``page_id`` (0 when free).
+
+        Raises
+        ------
+        InvalidPageError
+            ``page_id`` outside ``[0, num_pages)``.
+        """
+        cdef int64_t page = _int_arg(page_id, "page_id")
+        if page < 0 or page >= self._num_pages:
+            raise InvalidPageError(f"page {page} out of range [0, {self._num_pages})")
+        return self._refcount[page]
+
+    def check_invariants(self):
+        """Raise :class:`KVCoreError` describing the first violated invariant."""
+        cdef int32_t i, page, num_zero = 0
+        if self._num_free < 0 or self._num_free > self._num_pages:
+            raise KVCoreError(f"num_free {self._num_free} outside [0, {self._num_pages}]")
+        seen = np.zeros(self._num_pages, dtype=np.uint8)
+        cdef uint8_t[::1] on_stack = seen
+        for i in range(self._num_free):
+            page = self._free_stack[i]
+            if page < 0 or page >= self._num_pages:
+                raise KVCoreError(f"free stack entry {i} is page {page}, outside the pool")
+            if on_stack[page]:
+                raise KVCoreError(f"page {page} is on the free stack twice")
+            on_stack[page] = 1
+            if self._refcount[page] != 0:
+                raise KVCoreError(
+                    f"page {page} is on the free stack with refcount {self._refcount[page]}")
+        for page in range(self._num_pages):
+            if self._refcount[page] < 0:
+                raise KVCoreError(f"page {page} has negative refcount {self._refcount[page]}")
+            if self._refcount[page] == 0:
+                num_zero += 1
+                if not on_stack[page]:
+                    raise KVCoreError(f"page {page} has refcount 0 but is not free")
+        if num_zero != self._num_free:
+            raise KVCoreError(f"{num_zero} pages have refcount 0 but num_free is {self._num_free}")
+
+
+# --------------------------------------------------------------------------------------
+# PageTable
+# --------------------------------------------------------------------------------------
+
+cdef class PageTable:
+    """Per-sequence page tables and lengths over one :class:`PageAllocator`.
+
+    Parameters
+    ----------
+    allocator : PageAllocator
+        Where pages come from. The table assumes it is the allocator's only user
+        (``check_invariants`` compares refcounts with table references).
+    page_size : int
+        Tokens per page, ``>= 1``.
+    max_seqs : int
+        Sequence slots; seq ids are rows ``0 .. max_seqs - 1`` of ``block_table``.
+    max_pages_per_seq : int
+        Columns of ``block_table``; ``max_pages_per_seq * page_size`` must fit int32.
+
+    Notes
+    -----
+    Memory representation: ``block_table`` is an int32 C array
+    ``[max_seqs, max_pages_per_seq]``, ``-1`` where unmapped; ``seq_lens`` an int32
+    C array ``[max_seqs]``. With ``page_size`` 16, a sequence of 45 tokens maps
+    ``ceil(45 / 16) = 3`` pages, say ``[7, 2, 9, -1, ...]``; its token 40 lives at
+    slot ``9 * 16 + 40 % 16 = 152`` and its ``last_page_len`` is ``45 - 2 * 16 = 13``.
+
+    Invariants (checked by :meth:`check_invariants`, which also checks the allocator's):
+
+    - an active sequence of ``n`` tokens maps exactly ``ceil(n / page_size)`` pages in
+      columns ``0 ..``, each in use, and ``-1`` after; an inactive row is all ``-1``
+      with length 0;
+    - every page's refcount equals the number of block-table entries that map it;
+    - each seq id is either active or on the free seq-id stack, never both.
+
+    Examples
+    --------
+    >>> table = PageTable(PageAllocator(64), page_size=16, max_seqs=8, max_pages_per_seq=8)
+    >>> seq = table.add_sequence()
+    >>> table.append([seq], [45]).slot_mapping[-1]
+    44
+    >>> table.flashinfer_metadata([seq])
+    (array([0, 3], dtype=int32), array([0, 1, 2], dtype=int32), array([13], dtype=int32))
+    """
+
+    def __cinit__(self, PageAllocator allocator not None, page_size, max_seqs, max_pages_per_seq):
+        cdef int32_t ps = _positive_int32(page_size, "page_size")
+        cdef int32_t ms = _positive_int32(max_seqs, "max_seqs")
+        cdef int32_t mp = _positive_int32(max_pages_per_seq, "max_pages_per_seq")
+        if <int64_t>mp * ps > INT32_MAX:
+            raise ValueError(
+                f"max_pages_per_seq * page_size = {<int64_t>mp * ps} tokens exceeds {INT32_MAX}")
+        self.allocator = allocator
+        self._page_size = ps
+        self._max_seqs = ms
+        self._max_pages_per_seq = mp
+        self._num_seqs = 0
+        table = np.full((ms, mp), NO_PAGE, dtype=np.int32)
+        seq_lens = np.zeros(ms, dtype=np.int32)
+        active = np.zeros(ms, dtype=np.uint8)
+        free_seqs = np.arange(ms - 1, -1, -1, dtype=np.int32)
+        seen = np.zeros(ms, dtype=np.int32)
+        cow_pending = np.zeros(allocator._num_pages, dtype=np.int32)
+        self._owners = (table, seq_lens, active, free_seqs, seen, cow_pending)
+        self._table = <page_id_t*>cnp.PyArray_DATA(table)
+        self._seq_lens = <int32_t*>cnp.PyArray_DATA(seq_lens)
+        self._active = <uint8_t*>cnp.PyArray_DATA(active)
+        self._free_seqs = <seq_id_t*>cnp.PyArray_DATA(free_seqs)
+        self._num_free_seqs = ms
+        self._seen = <int32_t*>cnp.PyArray_DATA(seen)
+        self._stamp = 0
+        self._cow_pending = <int32_t*>cnp.PyArray_DATA(cow_pending)
+        self._block_table_view = _readonly_view(table)
+        self._seq_lens_view = _readonly_view(seq_lens)
+
+    def __repr__(self):
+        return (f"PageTable(page_size={self._page_size}, max_seqs={self._max_seqs}, "
+                f"max_pages_per_seq={self._max_pages_per_seq}, num_seqs={self._num_seqs}, "
+                f"allocator={self.allocator!r})")
+
+    # -- properties ------------------------------------------------------------------------
+
+    @property
+    def page_size(self):
+        """int: tokens per page."""
+        return self._page_size
+
+    @property
+    def max_seqs(self):
+        """int: sequence slots (rows of ``block_table``)."""
+        return self._max_seqs
+
+    @property
+    def max_pages_per_seq(self):
+        """int: columns of ``block_table``."""
+        return self._max_pages_per_seq
+
+    @property
+    def num_seqs(self):
+        """int: active sequences."""
+        return self._num_seqs
+
+    @property
+    def block_table(self):
+        """numpy.ndarray of int32, shape [max_seqs, max_pages_per_seq]: read-only view, -1 unmapped."""
+        return self._block_table_view
+
+    @property
+    def seq_lens(self):
+        """numpy.ndarray of int32, shape [max_seqs]: read-only view of every row's length."""
+        return self._seq_lens_view
+
+    # -- validation helpers ----------------------------------------------------------------
+
+    cdef int64_t _seq_arg(self, object seq_id) except -1:
+        cdef int64_t s = _int_arg(seq_id, "seq_id")
+        if s < 0 or s >= self._max_seqs or not self._active[s]:
+            raise UnknownSequenceError(f"seq_id {s} is not active")
+        return s
+
+    cdef int _check_active(self, const int64_t* seq_ids, Py_ssize_t batch,
+                           bint allow_duplicates) except -1:
+        cdef Py_ssize_t i
+        cdef int64_t s
+        if not allow_duplicates:
+            if self._stamp == INT32_MAX:
+                (<cnp.ndarray>self._owners[4])[:] = 0
+                self._stamp = 0
+            self._stamp += 1
+        for i in range(batch):
+            s = seq_ids[i]
+            if s < 0 or s >= self._max_seqs or not self._active[s]:
+                raise UnknownSequenceError(f"seq_id {s} is not active")
+            if not allow_duplicates:
+                if self._seen[s] == self._stamp:
+                    raise ValueError(f"seq_ids holds seq_id {s} more than once")
+                self._seen[s] = self._stamp
+        return 0
+
+    cdef int _check_batch(self, const int64_t* seq_ids, const int64_t* counts,
+                          Py_ssize_t batch) except -1:
+        """Validate an append batch: active, distinct seq ids; counts >= 0; capacity."""
+        cdef Py_ssize_t i
+        cdef int64_t s, new_len
+        cdef int64_t max_tokens = <int64_t>self._max_pages_per_seq * self._page_size
+        self._check_active(seq_ids, batch, False)
+        for i in range(batch):
+            s = seq_ids[i]
+            if counts[i] < 0:
+                raise ValueError(f"num_new_tokens[{i}] is {counts[i]}, must be >= 0")
+            new_len = self._seq_lens[s] + counts[i]
+            if counts[i] > max_tokens or new_len > max_tokens:
+                raise CapacityError(
+                    f"seq_id {s} would hold {new_len} tokens, more than max_pages_per_seq * "
+                    f"page_size = {self._max_pages_per_seq} * {self._page_size} = {max_tokens}")
+        return 0
+
+    cdef int64_t _count_new_pages(self, const int64_t* seq_ids, const int64_t* counts,
+                                  Py_ssize_t batch, int64_t* num_copies) noexcept nogil:
+        """Pages an (already validated) append would allocate, copy-on-write included.
+
+        Replays the copy-on-write decisions in call order without touching refcounts:
+        ``_cow_pending[p]`` counts the sharers of page ``p`` that have already copied
+        away from it earlier in the batch. The scratch array is zeroed again before
+        returning.
+        """
+        cdef Py_ssize_t i
+        cdef int64_t s, cur, new_len, total = 0, copies = 0
+        cdef page_id_t page
+        cdef int32_t ps = self._page_size
+        cdef refcount_t* rc = self.allocator._refcount
+        for i in range(batch):
+            if counts[i] == 0:
+                continue
+            s = seq_ids[i]
+            cur = self._seq_lens[s]
+            new_len = cur + counts[i]
+            total += _ceil_div(new_len, ps) - _ceil_div(cur, ps)
+            if cur % ps != 0:
+                page = self._table[s * self._max_pages_per_seq + cur // ps]
+                if rc[page] - self._cow_pending[page] > 1:
+                    self._cow_pending[page] += 1
+                    copies += 1
+        if copies:
+            for i in range(batch):
+                s = seq_ids[i]
+                cur = self._seq_lens[s]
+                if counts[i] and cur % ps != 0:
+                    self._cow_pending[self._table[s * self._max_pages_per_seq + cur // ps]] = 0
+        num_copies[0] = copies
+        return total + copies
+
+    cdef tuple _batch_args(self, object seq_ids, object num_new_tokens):
+        cdef cnp.ndarray sids = _int64_array(seq_ids, "seq_ids")
+        cdef cnp.ndarray counts
+        if isinstance(num_new_tokens, (int, np.integer)) and not isinstance(
+                num_new_tokens, (bool, np.bool_)):
+            counts = np.full(cnp.PyArray_DIM(sids, 0), num_new_tokens, dtype=np.int64)
+        else:
+            counts = _int64_array(num_new_tokens, "num_new_tokens")
+        if cnp.PyArray_DIM(sids, 0) != cnp.PyArray_DIM(counts, 0):
+            raise ValueError(
+                f"seq_ids and num_new_tokens differ in length: "
+                f"{cnp.PyArray_DIM(sids, 0)} != {cnp.PyArray_DIM(counts, 0)}")
+        self._check_batch(<const int64_t*>cnp.PyArray_DATA(sids),
+                          <const int64_t*>cnp.PyArray_DATA(counts), cnp.PyArray_DIM(sids, 0))
+        return sids, counts
+
+    # -- sequences -------------------------------------------------------------------------
+
+    def add_sequence(self):
+        """Start an empty sequence and return its seq id.
+
+        Returns
+        -------
+        int
+            The seq id, a row of ``block_table`` in ``[0, max_seqs)``.
+
+        Raises
+        ------
+        CapacityError
+            ``max_seqs`` sequences are active.
+        """
+        if self._num_free_seqs == 0:
+            raise CapacityError(f"all {self._max_seqs} sequence slots are in use")
+        self._num_free_seqs -= 1
+        cdef seq_id_t s = self._free_seqs[self._num_free_seqs]
+        self._active[s] = 1
+        self._seq_lens[s] = 0
+        self._num_seqs += 1
+        return s
+
+    def fork(self, seq_id):
+        """Start a sequence that shares every page of ``seq_id`` (copy-on-write).
+
+        Returns
+        -------
+        int
+            The child's seq id; it has the parent's length and pages (each incref'd).
+
+        Raises
+        ------
+        UnknownSequenceError
+            ``seq_id`` is not active.
+        CapacityError
+            ``max_seqs`` sequences are active.
+        """
+        cdef int64_t parent = self._seq_arg(seq_id)
+        if self._num_free_seqs == 0:
+            raise CapacityError(f"all {self._max_seqs} sequence slots are in use")
+        cdef int64_t i, npages = _ceil_div(self._seq_lens[parent], self._page_size)
+        cdef page_id_t* src = self._table + parent * self._max_pages_per_seq
+        for i in range(npages):
+            if self.allocator._refcount[src[i]] == INT32_MAX:
+                raise RefcountError(f"refcount of page {src[i]} would overflow int32")
+        self._num_free_seqs -= 1
+        cdef seq_id_t child = self._free_seqs[self._num_free_seqs]
+        cdef page_id_t* dst = self._table + <int64_t>child * self._max_pages_per_seq
+        memcpy(dst, src, npages * sizeof(page_id_t))
+        for i in range(npages):
+            self.allocator._refcount[src[i]] += 1
+        self._seq_lens[child] = self._seq_lens[parent]
+        self._active[child] = 1
+        self._num_seqs += 1
+        return child
+
+    def remove(self, seq_id):
+        """End ``seq_id``: drop its page references (last page first) and free the seq id.
+
+        Raises
+        ------
+        UnknownSequenceError
+            ``seq_id`` is not active.
+        """
+        cdef int64_t s = self._seq_arg(seq_id)
+        cdef int64_t i, npages = _ceil_div(self._seq_lens[s], self._page_size)
+        cdef page_id_t* row = self._table + s * self._max_pages_per_seq
+        # Tail first: the free stack is LIFO, so a sequence's first page is reused last.
+        for i in range(npages - 1, -1, -1):
+            self.allocator._decref_one(row[i])
+            row[i] = NO_PAGE
+        self._seq_lens[s] = 0
+        self._active[s] = 0
+        self._free_seqs[self._num_free_seqs] = <seq_id_t>s
+        self._num_free_seqs += 1
+        self._num_seqs -= 1
+
+    def is_active(self, seq_id):
+        """Return whether ``seq_id`` is an active sequence (never raises for an int)."""
+        cdef int64_t s = _int_arg(seq_id, "seq_id")
+        return 0 <= s < self._max_seqs and self._active[s] != 0
+
+    def active_seq_ids(self):
+        """Return the active seq ids in increasing order, int32 [num_seqs] (an owned copy)."""
+        return np.flatnonzero(self._owners[2]).astype(np.int32)
+
+    # -- the scheduler step ----------------------------------------------------------------
+
+    def pages_needed(self, seq_ids, num_new_tokens):
+        """Return exactly how many pages :meth:`append` would allocate, copy-on-write included.
+
+        Parameters are those of :meth:`append`; the same errors are raised for bad input.
+        Nothing is changed.
+        """
+        sids, counts = self._batch_args(seq_ids, num_new_tokens)
+        cdef int64_t copies
+        return self._count_new_pages(<const int64_t*>cnp.PyArray_DATA(sids),
+                                     <const int64_t*>cnp.PyArray_DATA(counts),
+                                     cnp.PyArray_DIM(sids, 0), &copies)
+
+    def append(self, seq_ids, num_new_tokens):
+        """Extend a batch of sequences by some tokens each, allocating pages as needed.
+
+        Parameters
+        ----------
+        seq_ids : array_like of int, shape [B]
+            Distinct active sequences, in the order their tokens appear in the result.
+        num_new_tokens : array_like of int, shape [B], or int
+            Tokens to add to each sequence (``>= 0``); an int applies to every sequence.
+
+        Returns
+        -------
+        AppendResult
+            ``slot_mapping`` int64 [sum(num_new_tokens)] and the copy-on-write pairs
+            ``copy_src``, ``copy_dst`` int32 [num_copies]; owned NumPy arrays.
+
+        Raises
+        ------
+        UnknownSequenceError
+            A seq id is not active.
+        ValueError
+            Duplicate seq ids, unequal lengths or a negative count.
+        CapacityError
+            A sequence would exceed ``max_pages_per_seq`` pages.
+        OutOfPagesError
+            Fewer free pages than needed (``requested`` says how many).
+
+        Notes
+        -----
+        Copy-on-write: a sequence that appends into a partially filled last page whose
+        refcount is above 1 gets a fresh page for it; the old page loses one
+        reference, and ``(old, new)`` is reported. Sequences are handled in call order,
+        so when every sharer of a page appends in one call, all but the last copy and
+        the last writes in place. Full pages are never written again, so they are
+        never copied. On any error nothing is changed.
+        """
+        sids_obj, counts_obj = self._batch_args(seq_ids, num_new_tokens)
+        cdef cnp.ndarray sids = <cnp.ndarray>sids_obj
+        cdef cnp.ndarray counts = <cnp.ndarray>counts_obj
+        cdef const int64_t* sp = <const int64_t*>cnp.PyArray_DATA(sids)
+        cdef const int64_t* cp = <const int64_t*>cnp.PyArray_DATA(counts)
+        cdef Py_ssize_t i, batch = cnp.PyArray_DIM(sids, 0)
+        cdef int64_t num_copies
+        cdef int64_t needed = self._count_new_pages(sp, cp, batch, &num_copies)
+        if needed > self.allocator._num_free:
+            raise OutOfPagesError(needed, self.allocator._num_free)
+        cdef int64_t total_tokens = 0
+        for i in range(batch):
+            total_tokens += cp[i]
+        # Validation is complete: from here on nothing can fail.
+        cdef cnp.ndarray slot_mapping = _empty_int64(<Py_ssize_t>total_tokens)
+        cdef cnp.ndarray copy_src = _empty_int32(<Py_ssize_t>num_copies)
+        cdef cnp.ndarray copy_dst = _empty_int32(<Py_ssize_t>num_copies)
+        self._append_unchecked(sp, cp, batch,
+                               <slot_t*>cnp.PyArray_DATA(slot_mapping),
+                               <page_id_t*>cnp.PyArray_DATA(copy_src),
+                               <page_id_t*>cnp.PyArray_DATA(copy_dst))
+        return AppendResult(slot_mapping, copy_src, copy_dst)
+
+    cdef void _append_unchecked(self, const int64_t* seq_ids, const int64_t* counts,
+                                Py_ssize_t batch, slot_t* slots, page_id_t* copy_src,
+                                page_id_t* copy_dst) noexcept nogil:
+        cdef Py_ssize_t i
+        cdef int64_t s, cur, new_len, t, k = 0, j = 0
+        cdef int64_t old_pages, new_pages, ps = self._page_size
+        cdef page_id_t old_page, fresh, page
+        cdef page_id_t* row
+        cdef refcount_t* rc = self.allocator._refcount
+        for i in range(batch):
+            if counts[i] == 0:
+                continue
+            s = seq_ids[i]
+            cur = self._seq_lens[s]
+            new_len = cur + counts[i]
+            row = self._table + s * self._max_pages_per_seq
+            old_pages = _ceil_div(cur, ps)
+            new_pages = _ceil_div(new_len, ps)
+            if cur % ps != 0:
+                old_page = row[old_pages - 1]
+                if rc[old_page] > 1:
+                    self.allocator._pop(&fresh, 1)
+                    row[old_pages - 1] = fresh
+                    rc[old_page] -= 1   # still >= 1: it stays shared
+                    copy_src[k] = old_page
+                    copy_dst[k] = fresh
+                    k += 1
+            self.allocator._pop(row + old_pages, <int32_t>(new_pages - old_pages))
+            t = cur
+            while t < new_len:
+                page = row[t // ps]
+                slots[j] = page * ps + t % ps
+                j += 1
+                t += 1
+            self._seq_lens[s] = <int32_t>new_len
+
+    # -- queries -----------------------------------------------------------------------------
+
+    def num_tokens(self, seq_id):
+        """Return the length of ``seq_id`` in tokens."""
+        return self._seq_lens[self._seq_arg(seq_id)]
+
+    def pages(self, seq_id):
+        """Return the pages of ``seq_id`` in order: int32 [ceil(num_tokens / page_size)], a copy."""
+        cdef int64_t s = self._seq_arg(seq_id)
+        cdef int64_t npages = _ceil_div(self._seq_lens[s], self._page_size)
+        return self._block_table_view[s, :npages].copy()
+
+    def slot(self, seq_id, token_idx):
+        """Return the slot of token ``token_idx`` of ``seq_id``.
+
+        Raises
+        ------
+        UnknownSequenceError
+            ``seq_id`` is not active.
+        IndexError
+            ``token_idx`` outside ``[0, num_tokens(seq_id))``.
+        """
+        cdef int64_t s = self._seq_arg(seq_id)
+        cdef int64_t t = _int_arg(token_idx, "token_idx")
+        if t < 0 or t >= self._seq_lens[s]:
+            raise IndexError(
+                f"token_idx {t} out of range [0, {self._seq_lens[s]}) for seq_id {s}")
+        cdef page_id_t page = self._table[s * self._max_pages_per_seq + t // self._page_size]
+        return <int64_t>page * self._page_size + t % self._page_size
+
+    def flashinfer_metadata(self, seq_ids):
+        """Build FlashInfer's paged-KV index arrays for a batch.
+
+        Parameters
+        ----------
+        seq_ids : array_like of int, shape [B]
+            Active sequences (repeats allowed), in batch order.
+
+        Returns
+        -------
+        page_indptr : numpy.ndarray of int32, shape [B + 1]
+            ``page_indptr[0] = 0``; sequence ``b`` owns ``page_indices[page_indptr[b]:page_indptr[b+1]]``.
+        page_indices : numpy.ndarray of int32, shape [page_indptr[B]]
+            The pages of every sequence, in order.
+        last_page_len : numpy.ndarray of int32, shape [B]
+            Tokens in each sequence's last page: in ``[1, page_size]``, or 0 for an empty sequence.
+
+        Notes
+        -----
+        45 tokens with page size 16 use 3 pages, the last holding ``45 - 2 * 16 = 13``.
+        """
+        cdef cnp.ndarray sids = _int64_array(seq_ids, "seq_ids")
+        cdef const int64_t* sp = <const int64_t*>cnp.PyArray_DATA(sids)
+        cdef Py_ssize_t b, batch = cnp.PyArray_DIM(sids, 0)
+        self._check_active(sp, batch, True)
+        cdef cnp.ndarray indptr_arr = _empty_int32(batch + 1)
+        cdef cnp.ndarray last_arr = _empty_int32(batch)
+        cdef int32_t* indptr = <int32_t*>cnp.PyArray_DATA(indptr_arr)
+        cdef int32_t* last = <int32_t*>cnp.PyArray_DATA(last_arr)
+        cdef int64_t nnz = 0, n
+        cdef int32_t ps = self._page_size
+        indptr[0] = 0
+        for b in range(batch):
+            n = self._seq_lens[sp[b]]
+            nnz += _ceil_div(n, ps)
+            if nnz > INT32_MAX:
+                raise OverflowError("page_indices would exceed int32 indexing")
+            indptr[b + 1] = <int32_t>nnz
+            last[b] = 0 if n == 0 else <int32_t>((n - 1) % ps + 1)
+        cdef cnp.ndarray indices_arr = _empty_int32(<Py_ssize_t>nnz)
+        cdef page_id_t* indices = <page_id_t*>cnp.PyArray_DATA(indices_arr)
+        for b in range(batch):
+            memcpy(indices + indptr[b], self._table + sp[b] * self._max_pages_per_seq,
+                   (indptr[b + 1] - indptr[b]) * sizeof(page_id_t))
+        return indptr_arr, indices_arr, last_arr
+
+    def block_tables(self, seq_ids):
+        """Return vLLM-style block tables for a batch: int32 [B, max pages among them], -1 padded.
+
+        Parameters
+        ----------
+        seq_ids : array_like of int, shape [B]
+            Active sequences (repeats allowed).
+        """
+        cdef cnp.ndarray sids = _int64_array(seq_ids, "seq_ids")
+        cdef const int64_t* sp = <const int64_t*>cnp.PyArray_DATA(sids)
+        cdef Py_ssize_t b, batch = cnp.PyArray_DIM(sids, 0)
+        self._check_active(sp, batch, True)
+        cdef int64_t width = 0, npages
+        for b in range(batch):
+            npages = _ceil_div(self._seq_lens[sp[b]], self._page_size)
+            if npages > width:
+                width = npages
+        out = np.full((batch, width), NO_PAGE, dtype=np.int32)
+        cdef page_id_t* dst = <page_id_t*>cnp.PyArray_DATA(out)
+        for b in range(batch):
+            npages = _ceil_div(self._seq_lens[sp[b]], self._page_size)
+            memcpy(dst + b * width, self._table + sp[b] * self._max_pages_per_seq,
+                   npages * sizeof(page_id_t))
+        return out
+
+    # -- checking ----------------------------------------------------------------------------
+
+    def check_invariants(self):
+        """Raise :class:`KVCoreError` describing the first violated invariant.
+
+        Checks the allocator's invariants, every row of the block table against its
+        length, refcounts against table references, and the seq-id bookkeeping.
+        """
+        self.allocator.check_invariants()
+        cdef int32_t num_pages = self.allocator._num_pages
+        refs_arr = np.zeros(num_pages, dtype=np.int64)
+        cdef int64_t[::1] refs = refs_arr
+        cdef int64_t s, c, npages, active_count = 0
+        cdef page_id_t page
+        cdef page_id_t* row
+        for s in range(self._max_seqs):
+            row = self._table + s * self._max_pages_per_seq
+            if self._active[s]:
+                active_count += 1
+                if self._seq_lens[s] < 0:
+                    raise KVCoreError(f"seq_id {s} has negative length {self._seq_lens[s]}")
+                npages = _ceil_div(self._seq_lens[s], self._page_size)
+            else:
+                if self._seq_lens[s] != 0:
+                    raise KVCoreError(f"inactive seq_id {s} has length {self._seq_lens[s]}")
+                npages = 0
+            for c in range(self._max_pages_per_seq):
+                page = row[c]
+                if c < npages:
+                    if page < 0 or page >= num_pages:
+                        raise KVCoreError(
+                            f"seq_id {s} position {c} maps page {page}, outside the pool")
+                    refs[page] += 1
+                elif page != NO_PAGE:
+                    raise KVCoreError(
+                        f"seq_id {s} of {self._seq_lens[s]} tokens maps page {page} at "
+                        f"position {c}, past its ceil(len / page_size) = {npages} pages")
+        for page in range(num_pages):
+            if refs[page] != self.allocator._refcount[page]:
+                raise KVCoreError(f"page {page} has refcount {self.allocator._refcount[page]} "
+                                  f"but {refs[page]} block-table references")
+        if active_count != self._num_seqs:
+            raise KVCoreError(f"{active_count} rows are active but num_seqs is {self._num_seqs}")
+        if self._num_free_seqs + self._num_seqs != self._max_seqs:
+            raise KVCoreError(f"{self._num_free_seqs} free seq ids + {self._num_seqs} active "
+                              f"!= max_seqs {self._max_seqs}")
+        seen = set()
+        for c in range(self._num_free_seqs):
+            s = self._free_seqs[c]
+            if s < 0 or s >= self._max_seqs or self._active[s] or s in seen:
+                raise KVCoreError(f"free seq-id stack entry {c} ({s}) is invalid")
+            seen.add(s)

@@ -1,0 +1,166 @@
+"""KVCacheConfig: the shape of a paged KV pool, validated once at construction."""
+
+from __future__ import annotations
+
+import operator
+from dataclasses import dataclass
+
+import numpy as np
+
+__all__ = ["KVCacheConfig", "LAYOUTS", "DTYPES"]
+
+#: Supported pool layouts (see DESIGN.md, "Memory layout").
+LAYOUTS = ("NHD", "HND")
+
+#: Supported element types and their sizes in bytes. bfloat16 is stored and moved as
+#: 2-byte words, so it needs no bfloat16 dtype in NumPy or CuPy.
+DTYPES = {"float16": 2, "bfloat16": 2, "float32": 4}
+
+
+def _positive_int(value, name: str) -> int:
+    if isinstance(value, (bool, np.bool_)):
+        raise TypeError(f"{name} must be an integer, got bool")
+    try:
+        number = operator.index(value)
+    except TypeError:
+        raise TypeError(f"{name} must be an integer, got {type(value).__name__}") from None
+    if number < 1:
+        raise ValueError(f"{name} must be >= 1, got {number}")
+    return number
+
+
+def _dtype_name(dtype) -> str:
+    """Normalise 'float16', np.float16, torch.bfloat16 or 'bf16' to a DTYPES key."""
+    name = str(dtype).removeprefix("torch.").lower()
+    name = {"bf16": "bfloat16", "fp16": "float16", "half": "float16", "fp32": "float32",
+            "float": "float32"}.get(name, name)
+    if name not in DTYPES:
+        try:
+            name = np.dtype(dtype).name
+        except TypeError:
+            pass
+    if name not in DTYPES:
+        raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
+    return name
+
+
+@dataclass(frozen=True)
+class KVCacheConfig:
+    """The shape of one paged KV pool holding every layer.
+
+    Parameters
+    ----------
+    num_layers, num_kv_heads, head_dim : int
+        Model shape (``>= 1``).
+    page_size : int
+        Tokens per page (``>= 1``).
+    num_pages : int
+        Pages in the pool; a page id addresses the same page in every layer.
+    dtype : str
+        ``"float16"``, ``"bfloat16"`` or ``"float32"`` (NumPy / torch dtypes accepted).
+    layout : str
+        ``"NHD"``: ``kv[num_layers, 2, num_pages, page_size, num_kv_heads, head_dim]``;
+        ``"HND"``: ``kv[num_layers, 2, num_pages, num_kv_heads, page_size, head_dim]``.
+    max_seqs : int
+        Sequence slots of the page table.
+    max_pages_per_seq : int or None
+        Longest sequence in pages; ``None`` means ``num_pages``.
+
+    Notes
+    -----
+    With 32 layers, 8 KV heads, head_dim 128, page_size 16 and float16, one page id
+    costs ``page_bytes = 32 * 2 * 16 * 8 * 128 * 2 = 2 MiB`` (every layer, K and V).
+
+    Examples
+    --------
+    >>> cfg = KVCacheConfig(num_layers=2, num_kv_heads=8, head_dim=128, page_size=16,
+    ...                     num_pages=1024)
+    >>> cfg.page_bytes, cfg.total_bytes, cfg.pool_shape
+    (131072, 134217728, (2, 2, 1024, 16, 8, 128))
+    """
+
+    num_layers: int
+    num_kv_heads: int
+    head_dim: int
+    page_size: int
+    num_pages: int
+    dtype: str = "float16"
+    layout: str = "NHD"
+    max_seqs: int = 256
+    max_pages_per_seq: int | None = None
+
+    def __post_init__(self):
+        for name in ("num_layers", "num_kv_heads", "head_dim", "page_size", "num_pages",
+                     "max_seqs"):
+            object.__setattr__(self, name, _positive_int(getattr(self, name), name))
+        if self.num_pages > 2**31 - 1:
+            raise ValueError(f"num_pages must be < 2**31, got {self.num_pages}")
+        max_pages = self.num_pages if self.max_pages_per_seq is None else self.max_pages_per_seq
+        object.__setattr__(self, "max_pages_per_seq", _positive_int(max_pages,
+                                                                     "max_pages_per_seq"))
+        if self.max_pages_per_seq * self.page_size > 2**31 - 1:
+            raise ValueError(
+                f"max_pages_per_seq * page_size = {self.max_pages_per_seq * self.page_size} "
+                f"tokens exceeds 2**31 - 1")
+        object.__setattr__(self, "dtype", _dtype_name(self.dtype))
+        layout = str(self.layout).upper()
+        if layout not in LAYOUTS:
+            raise ValueError(f"layout must be one of {LAYOUTS}, got {self.layout!r}")
+        object.__setattr__(self, "layout", layout)
+
+    @property
+    def itemsize(self) -> int:
+        """Bytes per element."""
+        return DTYPES[self.dtype]
+
+    @property
+    def page_elems(self) -> int:
+        """Elements of one page of one layer's K (or V) cache: ``page_size * H * D``."""
+        return self.page_size * self.num_kv_heads * self.head_dim
+
+    @property
+    def page_bytes(self) -> int:
+        """Bytes one page id costs: every layer, K and V."""
+        return self.num_layers * 2 * self.page_elems * self.itemsize
+
+    @property
+    def layer_bytes(self) -> int:
+        """Bytes of one layer's K and V pools."""
+        return 2 * self.num_pages * self.page_elems * self.itemsize
+
+    @property
+    def total_bytes(self) -> int:
+        """Bytes of the whole pool: ``num_pages * page_bytes``."""
+        return self.num_pages * self.page_bytes
+
+    @property
+    def max_tokens_per_seq(self) -> int:
+        """``max_pages_per_seq * page_size``."""
+        return self.max_pages_per_seq * self.page_size
+
+    @property
+    def page_shape(self) -> tuple[int, int, int]:
+        """Shape of one page of one layer's K (or V) cache for this layout."""
+        if self.layout == "NHD":
+            return (self.page_size, self.num_kv_heads, self.head_dim)
+        return (self.num_kv_heads, self.page_size, self.head_dim)
+
+    @property
+    def pool_shape(self) -> tuple[int, ...]:
+        """Shape of the pool ``kv``: ``(num_layers, 2, num_pages) + page_shape``."""
+        return (self.num_layers, 2, self.num_pages, *self.page_shape)
+
+    @classmethod
+    def for_memory(cls, memory_bytes: int, **kwargs) -> KVCacheConfig:
+        """Config with as many pages as fit in ``memory_bytes`` (other fields as given).
+
+        Raises
+        ------
+        ValueError
+            Not even one page fits.
+        """
+        probe = cls(num_pages=1, **kwargs)
+        num_pages = int(memory_bytes) // probe.page_bytes
+        if num_pages < 1:
+            raise ValueError(f"{memory_bytes} bytes hold no page of {probe.page_bytes} bytes")
+        return cls(num_pages=min(num_pages, 2**31 - 1), **kwargs)

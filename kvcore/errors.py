@@ -1,0 +1,77 @@
+"""The kvcore error hierarchy.
+
+Every error a caller can trigger is a :class:`KVCoreError`, and each is also the
+built-in type a Python programmer would expect (``except ValueError`` keeps
+working). A call that raises any of these has changed nothing.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "KVCoreError",
+    "OutOfPagesError",
+    "CapacityError",
+    "InvalidPageError",
+    "RefcountError",
+    "UnknownSequenceError",
+    "ShapeError",
+    "BackendUnavailableError",
+    "KernelError",
+]
+
+
+class KVCoreError(Exception):
+    """Base class of every error raised by kvcore."""
+
+
+class OutOfPagesError(KVCoreError, MemoryError):
+    """More pages were requested than are free; the state is unchanged.
+
+    Attributes
+    ----------
+    requested : int
+        Pages the call needed.
+    available : int
+        Pages that were free.
+    """
+
+    def __init__(self, requested: int, available: int, message: str | None = None):
+        self.requested = int(requested)
+        self.available = int(available)
+        if message is None:
+            message = f"requested {self.requested} pages but only {self.available} are free"
+        super().__init__(message)
+
+    def __reduce__(self):
+        return (type(self), (self.requested, self.available, str(self)))
+
+
+class CapacityError(KVCoreError, ValueError):
+    """No free sequence slot, or a sequence would exceed ``max_pages_per_seq``."""
+
+
+class InvalidPageError(KVCoreError, ValueError):
+    """A page id (or a slot) is outside the pool."""
+
+
+class RefcountError(KVCoreError, RuntimeError):
+    """incref or decref of a page that is free (a double free)."""
+
+
+class UnknownSequenceError(KVCoreError, KeyError):
+    """A sequence id that is not active."""
+
+    def __str__(self) -> str:  # KeyError would repr() the message
+        return str(self.args[0]) if self.args else ""
+
+
+class ShapeError(KVCoreError, ValueError):
+    """An array argument has the wrong shape, dtype, device or layout."""
+
+
+class BackendUnavailableError(KVCoreError, ImportError):
+    """The requested backend (CuPy / a CUDA device) cannot be used here."""
+
+
+class KernelError(KVCoreError, RuntimeError):
+    """A CUDA kernel failed to compile or launch."""
