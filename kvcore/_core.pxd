@@ -1,11 +1,13 @@
 # cython: language_level=3
 """C-level declarations of the host core (see _core.pyx for the invariants)."""
 
+cimport cython
 from libc.stdint cimport int32_t, int64_t, uint8_t
 
 from kvcore._typedefs cimport page_id_t, refcount_t, seq_id_t, slot_t
 
 
+@cython.final
 cdef class PageAllocator:
     cdef int32_t _num_pages
     cdef int32_t _num_free
@@ -20,9 +22,11 @@ cdef class PageAllocator:
     cdef object _page_array(self, object pages, str name)
 
 
+@cython.final
 cdef class PageTable:
     cdef readonly PageAllocator allocator
     cdef int32_t _page_size
+    cdef int _page_shift             # log2(page_size) when a power of two, else -1
     cdef int32_t _max_seqs
     cdef int32_t _max_pages_per_seq
     cdef int32_t _num_seqs

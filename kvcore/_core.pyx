@@ -14,8 +14,9 @@ import operator
 
 import numpy as np
 
+cimport cython
 cimport numpy as cnp
-from libc.stdint cimport INT32_MAX, int32_t, int64_t, uint8_t
+from libc.stdint cimport INT32_MAX, int32_t, int64_t, uint8_t, uint32_t
 from libc.string cimport memcpy
 
 from kvcore._typedefs cimport NO_PAGE, page_id_t, refcount_t, seq_id_t, slot_t
@@ -45,13 +46,17 @@ copy_src, copy_dst : numpy.ndarray of int32, shape [num_copies]
     ``copy_dst[i]`` (every layer, K and V) *before* writing the new tokens.
 """
 
+# namedtuple's own __new__ is a Python function (~0.5 us); tuple.__new__ builds the
+# same object directly, as namedtuple._make does.
+cdef object _new_tuple = tuple.__new__
+
 
 # --------------------------------------------------------------------------------------
 # Argument normalisation: one typed helper per kind of argument, naming the argument.
 # --------------------------------------------------------------------------------------
 
 cdef inline bint _is_fast_int64(object obj):
-    return (type(obj) is np.ndarray
+    return (type(obj) is cnp.ndarray
             and cnp.PyArray_TYPE(<cnp.ndarray>obj) == cnp.NPY_INT64
             and cnp.PyArray_NDIM(<cnp.ndarray>obj) == 1
             and cnp.PyArray_IS_C_CONTIGUOUS(<cnp.ndarray>obj))
@@ -66,6 +71,24 @@ cdef cnp.ndarray _int64_array(object obj, str name):
     if _is_fast_int64(obj):
         return <cnp.ndarray>obj
     cdef cnp.ndarray arr
+    cdef Py_ssize_t i, n
+    cdef int64_t* dst
+    if type(obj) is list or type(obj) is tuple:
+        # Schedulers often pass short Python lists; filling the array in C skips
+        # NumPy's type discovery. Anything but exact ints takes the general path.
+        n = len(obj)
+        arr = _empty_int64(n)
+        dst = <int64_t*>cnp.PyArray_DATA(arr)
+        try:
+            for i in range(n):
+                item = obj[i]
+                if type(item) is not int:
+                    break
+                dst[i] = item
+            else:
+                return arr
+        except OverflowError:
+            raise ValueError(f"{name} holds a value outside the int64 range") from None
     try:
         arr = np.asarray(obj)
     except (OverflowError, ValueError) as exc:
@@ -95,6 +118,13 @@ cdef cnp.ndarray _int64_array(object obj, str name):
 
 cdef int64_t _int_arg(object value, str name) except? -1:
     """``operator.index(value)`` that refuses bools and names the argument."""
+    cdef int64_t result
+    if type(value) is int:   # the common case, without a trip through operator.index
+        try:
+            result = value
+            return result
+        except OverflowError:
+            raise ValueError(f"{name} {value} is outside the int64 range") from None
     if isinstance(value, (bool, np.bool_)):
         raise TypeError(f"{name} must be an integer, got bool")
     try:
@@ -128,6 +158,32 @@ cdef inline int64_t _ceil_div(int64_t a, int64_t b) noexcept nogil:
     return (a + b - 1) // b
 
 
+# Token positions are < 2**31, so page arithmetic runs on uint32 (a 64-bit division
+# costs several times a 32-bit one), and on shifts and masks when page_size is a power
+# of two: ``shift`` is log2(page_size) then, else -1.
+
+cdef inline uint32_t _div(uint32_t a, uint32_t ps, int shift) noexcept nogil:
+    return a >> shift if shift >= 0 else a // ps
+
+
+cdef inline uint32_t _mod(uint32_t a, uint32_t ps, int shift) noexcept nogil:
+    return a & (ps - 1) if shift >= 0 else a % ps
+
+
+cdef inline uint32_t _num_pages_for(uint32_t num_tokens, uint32_t ps, int shift) noexcept nogil:
+    """Pages that hold ``num_tokens`` tokens: ceil(num_tokens / page_size)."""
+    return _div(num_tokens + ps - 1, ps, shift)
+
+
+cdef int _log2_or_minus_one(int32_t n):
+    cdef int shift = 0
+    if n & (n - 1):
+        return -1
+    while (1 << shift) != n:
+        shift += 1
+    return shift
+
+
 cdef object _readonly_view(cnp.ndarray owner):
     view = owner.view()
     view.flags.writeable = False
@@ -138,6 +194,7 @@ cdef object _readonly_view(cnp.ndarray owner):
 # PageAllocator
 # --------------------------------------------------------------------------------------
 
+@cython.final
 cdef class PageAllocator:
     """A LIFO free-list stack of page ids with a reference count per page.
 
@@ -210,13 +267,18 @@ cdef class PageAllocator:
 
     cdef void _pop(self, page_id_t* out, int32_t n) noexcept nogil:
         """Move the top ``n`` pages of the free stack to ``out`` with refcount 1."""
-        cdef int32_t i
+        # Locals, not attributes, in the loop: stores through int32 pointers could alias
+        # self._num_free, which would stop the compiler from keeping it in a register.
+        cdef int32_t i, top = self._num_free
         cdef page_id_t page
+        cdef const page_id_t* stack = self._free_stack
+        cdef refcount_t* rc = self._refcount
         for i in range(n):
-            self._num_free -= 1
-            page = self._free_stack[self._num_free]
-            self._refcount[page] = 1
+            top -= 1
+            page = stack[top]
+            rc[page] = 1
             out[i] = page
+        self._num_free = top
 
     cdef bint _decref_one(self, page_id_t page) noexcept nogil:
         """Drop one reference; push the page on the free stack when it reaches 0."""
@@ -229,13 +291,27 @@ cdef class PageAllocator:
 
     cdef object _page_array(self, object pages, str name):
         """``pages`` as a contiguous int32 array; InvalidPageError for an id outside the pool."""
-        cdef cnp.ndarray arr64 = _int64_array(pages, name)
-        cdef const int64_t* src = <const int64_t*>cnp.PyArray_DATA(arr64)
-        cdef Py_ssize_t i, n = cnp.PyArray_DIM(arr64, 0)
+        cdef cnp.ndarray arr
+        cdef const int32_t* p32
+        cdef const int64_t* p64
+        cdef Py_ssize_t i, n
+        if (type(pages) is cnp.ndarray and cnp.PyArray_TYPE(<cnp.ndarray>pages) == cnp.NPY_INT32
+                and cnp.PyArray_NDIM(<cnp.ndarray>pages) == 1
+                and cnp.PyArray_IS_C_CONTIGUOUS(<cnp.ndarray>pages)):
+            arr = <cnp.ndarray>pages   # the common case: pages that kvcore handed out
+            p32 = <const int32_t*>cnp.PyArray_DATA(arr)
+            n = cnp.PyArray_DIM(arr, 0)
+            for i in range(n):
+                if <uint32_t>p32[i] >= <uint32_t>self._num_pages:
+                    raise InvalidPageError(f"page {p32[i]} out of range [0, {self._num_pages})")
+            return arr
+        arr = _int64_array(pages, name)
+        p64 = <const int64_t*>cnp.PyArray_DATA(arr)
+        n = cnp.PyArray_DIM(arr, 0)
         for i in range(n):
-            if src[i] < 0 or src[i] >= self._num_pages:
-                raise InvalidPageError(f"page {src[i]} out of range [0, {self._num_pages})")
-        return arr64.astype(np.int32)
+            if p64[i] < 0 or p64[i] >= self._num_pages:
+                raise InvalidPageError(f"page {p64[i]} out of range [0, {self._num_pages})")
+        return arr.astype(np.int32)
 
     # -- public API ----------------------------------------------------------------------
 
@@ -317,29 +393,29 @@ cdef class PageAllocator:
         cdef cnp.ndarray arr = self._page_array(pages, "pages")
         cdef const page_id_t* p = <const page_id_t*>cnp.PyArray_DATA(arr)
         cdef Py_ssize_t i, j, n = cnp.PyArray_DIM(arr, 0)
-        # Decrement first, undoing on the first page that was already free, so a
-        # page listed more often than it is referenced is caught before any change.
-        for i in range(n):
-            if self._refcount[p[i]] == 0:
-                for j in range(i):
-                    self._refcount[p[j]] += 1
-                raise RefcountError(f"decref of free page {p[i]} (double free)")
-            self._refcount[p[i]] -= 1
         cdef cnp.ndarray freed = _empty_int32(n)
         cdef page_id_t* f = <page_id_t*>cnp.PyArray_DATA(freed)
         cdef Py_ssize_t num_freed = 0
+        cdef refcount_t* rc = self._refcount
+        # Decrement, undoing everything on the first page that was already free, so a
+        # page listed more often than it is referenced is caught before any change. A
+        # page reaches 0 at most once in this loop (one more sighting would be the error).
         for i in range(n):
-            # A page listed twice and freed reaches 0 once; the second sighting finds
-            # it already pushed, recognised by the -1 sentinel set below.
-            if self._refcount[p[i]] == 0:
-                self._refcount[p[i]] = -1
+            if rc[p[i]] == 0:
+                for j in range(i):
+                    rc[p[j]] += 1
+                raise RefcountError(f"decref of free page {p[i]} (double free)")
+            rc[p[i]] -= 1
+            if rc[p[i]] == 0:
                 f[num_freed] = p[i]
                 num_freed += 1
+        cdef int32_t top = self._num_free
+        cdef page_id_t* stack = self._free_stack
         for i in range(num_freed):
-            self._refcount[f[i]] = 0
-            self._free_stack[self._num_free] = f[i]
-            self._num_free += 1
-        return freed[:num_freed].copy() if num_freed != n else freed
+            stack[top] = f[i]
+            top += 1
+        self._num_free = top
+        return freed if num_freed == n else freed[:num_freed].copy()
 
     def refcount(self, page_id):
         """Return the refcount of ``page_id`` (0 when free).
@@ -386,6 +462,7 @@ cdef class PageAllocator:
 # PageTable
 # --------------------------------------------------------------------------------------
 
+@cython.final
 cdef class PageTable:
     """Per-sequence page tables and lengths over one :class:`PageAllocator`.
 
@@ -436,6 +513,7 @@ cdef class PageTable:
                 f"max_pages_per_seq * page_size = {<int64_t>mp * ps} tokens exceeds {INT32_MAX}")
         self.allocator = allocator
         self._page_size = ps
+        self._page_shift = _log2_or_minus_one(ps)
         self._max_seqs = ms
         self._max_pages_per_seq = mp
         self._num_seqs = 0
@@ -549,35 +627,43 @@ cdef class PageTable:
         returning.
         """
         cdef Py_ssize_t i
-        cdef int64_t s, cur, new_len, total = 0, copies = 0
+        cdef int64_t s, total = 0, copies = 0
+        cdef uint32_t cur, new_len
         cdef page_id_t page
-        cdef int32_t ps = self._page_size
+        cdef uint32_t ps = <uint32_t>self._page_size
+        cdef int shift = self._page_shift
         cdef refcount_t* rc = self.allocator._refcount
+        cdef int32_t* pending = self._cow_pending
+        cdef const int32_t* lens = self._seq_lens
+        cdef const page_id_t* table = self._table
+        cdef int64_t width = self._max_pages_per_seq
         for i in range(batch):
             if counts[i] == 0:
                 continue
             s = seq_ids[i]
-            cur = self._seq_lens[s]
-            new_len = cur + counts[i]
-            total += _ceil_div(new_len, ps) - _ceil_div(cur, ps)
-            if cur % ps != 0:
-                page = self._table[s * self._max_pages_per_seq + cur // ps]
-                if rc[page] - self._cow_pending[page] > 1:
-                    self._cow_pending[page] += 1
+            cur = <uint32_t>lens[s]
+            new_len = cur + <uint32_t>counts[i]
+            total += _num_pages_for(new_len, ps, shift) - _num_pages_for(cur, ps, shift)
+            if _mod(cur, ps, shift) != 0:
+                page = table[s * width + _div(cur, ps, shift)]
+                if rc[page] - pending[page] > 1:
+                    pending[page] += 1
                     copies += 1
         if copies:
             for i in range(batch):
                 s = seq_ids[i]
-                cur = self._seq_lens[s]
-                if counts[i] and cur % ps != 0:
-                    self._cow_pending[self._table[s * self._max_pages_per_seq + cur // ps]] = 0
+                cur = <uint32_t>lens[s]
+                if counts[i] and _mod(cur, ps, shift) != 0:
+                    pending[table[s * width + _div(cur, ps, shift)]] = 0
         num_copies[0] = copies
         return total + copies
 
     cdef tuple _batch_args(self, object seq_ids, object num_new_tokens):
         cdef cnp.ndarray sids = _int64_array(seq_ids, "seq_ids")
         cdef cnp.ndarray counts
-        if isinstance(num_new_tokens, (int, np.integer)) and not isinstance(
+        if _is_fast_int64(num_new_tokens):
+            counts = <cnp.ndarray>num_new_tokens
+        elif isinstance(num_new_tokens, (int, np.integer)) and not isinstance(
                 num_new_tokens, (bool, np.bool_)):
             counts = np.full(cnp.PyArray_DIM(sids, 0), num_new_tokens, dtype=np.int64)
         else:
@@ -749,27 +835,29 @@ cdef class PageTable:
                                <slot_t*>cnp.PyArray_DATA(slot_mapping),
                                <page_id_t*>cnp.PyArray_DATA(copy_src),
                                <page_id_t*>cnp.PyArray_DATA(copy_dst))
-        return AppendResult(slot_mapping, copy_src, copy_dst)
+        return _new_tuple(AppendResult, (slot_mapping, copy_src, copy_dst))
 
     cdef void _append_unchecked(self, const int64_t* seq_ids, const int64_t* counts,
                                 Py_ssize_t batch, slot_t* slots, page_id_t* copy_src,
                                 page_id_t* copy_dst) noexcept nogil:
         cdef Py_ssize_t i
-        cdef int64_t s, cur, new_len, t, k = 0, j = 0
-        cdef int64_t old_pages, new_pages, ps = self._page_size
-        cdef page_id_t old_page, fresh, page
+        cdef int64_t s, k = 0, j = 0, base
+        cdef uint32_t cur, new_len, old_pages, new_pages, p, off, off_end
+        cdef uint32_t ps = <uint32_t>self._page_size
+        cdef int shift = self._page_shift
+        cdef page_id_t old_page, fresh
         cdef page_id_t* row
         cdef refcount_t* rc = self.allocator._refcount
         for i in range(batch):
             if counts[i] == 0:
                 continue
             s = seq_ids[i]
-            cur = self._seq_lens[s]
-            new_len = cur + counts[i]
+            cur = <uint32_t>self._seq_lens[s]
+            new_len = cur + <uint32_t>counts[i]
             row = self._table + s * self._max_pages_per_seq
-            old_pages = _ceil_div(cur, ps)
-            new_pages = _ceil_div(new_len, ps)
-            if cur % ps != 0:
+            old_pages = _num_pages_for(cur, ps, shift)
+            new_pages = _num_pages_for(new_len, ps, shift)
+            if _mod(cur, ps, shift) != 0:
                 old_page = row[old_pages - 1]
                 if rc[old_page] > 1:
                     self.allocator._pop(&fresh, 1)
@@ -778,13 +866,20 @@ cdef class PageTable:
                     copy_src[k] = old_page
                     copy_dst[k] = fresh
                     k += 1
-            self.allocator._pop(row + old_pages, <int32_t>(new_pages - old_pages))
-            t = cur
-            while t < new_len:
-                page = row[t // ps]
-                slots[j] = page * ps + t % ps
-                j += 1
-                t += 1
+            if new_pages != old_pages:
+                self.allocator._pop(row + old_pages, <int32_t>(new_pages - old_pages))
+            # Page by page, so the per-token loop has no division.
+            p = _div(cur, ps, shift)
+            off = _mod(cur, ps, shift)
+            while p < new_pages:
+                base = <int64_t>row[p] * ps
+                off_end = ps if p + 1 < new_pages else new_len - p * ps
+                while off < off_end:
+                    slots[j] = base + off
+                    j += 1
+                    off += 1
+                off = 0
+                p += 1
             self._seq_lens[s] = <int32_t>new_len
 
     # -- queries -----------------------------------------------------------------------------
@@ -846,16 +941,17 @@ cdef class PageTable:
         cdef cnp.ndarray last_arr = _empty_int32(batch)
         cdef int32_t* indptr = <int32_t*>cnp.PyArray_DATA(indptr_arr)
         cdef int32_t* last = <int32_t*>cnp.PyArray_DATA(last_arr)
-        cdef int64_t nnz = 0, n
-        cdef int32_t ps = self._page_size
+        cdef int64_t nnz = 0
+        cdef uint32_t n, ps = <uint32_t>self._page_size
+        cdef int shift = self._page_shift
         indptr[0] = 0
         for b in range(batch):
-            n = self._seq_lens[sp[b]]
-            nnz += _ceil_div(n, ps)
-            if nnz > INT32_MAX:
-                raise OverflowError("page_indices would exceed int32 indexing")
+            n = <uint32_t>self._seq_lens[sp[b]]
+            nnz += _num_pages_for(n, ps, shift)
             indptr[b + 1] = <int32_t>nnz
-            last[b] = 0 if n == 0 else <int32_t>((n - 1) % ps + 1)
+            last[b] = 0 if n == 0 else <int32_t>(_mod(n - 1, ps, shift) + 1)
+        if nnz > INT32_MAX:
+            raise OverflowError("page_indices would exceed int32 indexing")
         cdef cnp.ndarray indices_arr = _empty_int32(<Py_ssize_t>nnz)
         cdef page_id_t* indices = <page_id_t*>cnp.PyArray_DATA(indices_arr)
         for b in range(batch):
