@@ -49,7 +49,7 @@ cdef class PageTable:
     cdef void _append_unchecked(self, const int64_t* seq_ids, const int64_t* counts,
                                 Py_ssize_t batch, slot_t* slots, page_id_t* copy_src,
                                 page_id_t* copy_dst) noexcept nogil
-    cdef int _check_batch(self, const int64_t* seq_ids, const int64_t* counts,
-                          Py_ssize_t batch) except -1
+    cdef int64_t _check_batch(self, const int64_t* seq_ids, const int64_t* counts,
+                              Py_ssize_t batch) except -1
     cdef int64_t _count_new_pages(self, const int64_t* seq_ids, const int64_t* counts,
                                   Py_ssize_t batch, int64_t* num_copies) noexcept nogil

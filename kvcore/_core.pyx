@@ -582,40 +582,59 @@ cdef class PageTable:
 
     cdef int _check_active(self, const int64_t* seq_ids, Py_ssize_t batch,
                            bint allow_duplicates) except -1:
+        """Raise unless every seq id is active (and, unless allowed, distinct).
+
+        Distinctness uses stamps: ``_seen[s] == stamp`` means s was already seen in this
+        call, so nothing has to be cleared between calls.
+        """
         cdef Py_ssize_t i
         cdef int64_t s
-        if not allow_duplicates:
-            if self._stamp == INT32_MAX:
-                (<cnp.ndarray>self._owners[4])[:] = 0
-                self._stamp = 0
-            self._stamp += 1
+        cdef int64_t max_seqs = self._max_seqs
+        cdef const uint8_t* active = self._active
+        cdef int32_t* seen = self._seen
+        cdef int32_t stamp
+        if allow_duplicates:
+            for i in range(batch):
+                s = seq_ids[i]
+                if s < 0 or s >= max_seqs or not active[s]:
+                    raise UnknownSequenceError(f"seq_id {s} is not active")
+            return 0
+        if self._stamp == INT32_MAX:
+            (<cnp.ndarray>self._owners[4])[:] = 0
+            self._stamp = 0
+        self._stamp += 1
+        stamp = self._stamp   # a local: stores into seen[] could otherwise alias it
         for i in range(batch):
             s = seq_ids[i]
-            if s < 0 or s >= self._max_seqs or not self._active[s]:
+            if s < 0 or s >= max_seqs or not active[s]:
                 raise UnknownSequenceError(f"seq_id {s} is not active")
-            if not allow_duplicates:
-                if self._seen[s] == self._stamp:
-                    raise ValueError(f"seq_ids holds seq_id {s} more than once")
-                self._seen[s] = self._stamp
+            if seen[s] == stamp:
+                raise ValueError(f"seq_ids holds seq_id {s} more than once")
+            seen[s] = stamp
         return 0
 
-    cdef int _check_batch(self, const int64_t* seq_ids, const int64_t* counts,
-                          Py_ssize_t batch) except -1:
-        """Validate an append batch: active, distinct seq ids; counts >= 0; capacity."""
+    cdef int64_t _check_batch(self, const int64_t* seq_ids, const int64_t* counts,
+                              Py_ssize_t batch) except -1:
+        """Validate an append batch (active, distinct seq ids; counts >= 0; capacity).
+
+        Returns the total number of new tokens.
+        """
         cdef Py_ssize_t i
-        cdef int64_t s, new_len
+        cdef int64_t s, new_len, total = 0
         cdef int64_t max_tokens = <int64_t>self._max_pages_per_seq * self._page_size
+        cdef const int32_t* lens = self._seq_lens
         self._check_active(seq_ids, batch, False)
         for i in range(batch):
             s = seq_ids[i]
             if counts[i] < 0:
                 raise ValueError(f"num_new_tokens[{i}] is {counts[i]}, must be >= 0")
-            new_len = self._seq_lens[s] + counts[i]
+            new_len = lens[s] + counts[i]
             if counts[i] > max_tokens or new_len > max_tokens:
                 raise CapacityError(
                     f"seq_id {s} would hold {new_len} tokens, more than max_pages_per_seq * "
                     f"page_size = {self._max_pages_per_seq} * {self._page_size} = {max_tokens}")
-        return 0
+            total += counts[i]
+        return total
 
     cdef int64_t _count_new_pages(self, const int64_t* seq_ids, const int64_t* counts,
                                   Py_ssize_t batch, int64_t* num_copies) noexcept nogil:
@@ -672,9 +691,10 @@ cdef class PageTable:
             raise ValueError(
                 f"seq_ids and num_new_tokens differ in length: "
                 f"{cnp.PyArray_DIM(sids, 0)} != {cnp.PyArray_DIM(counts, 0)}")
-        self._check_batch(<const int64_t*>cnp.PyArray_DATA(sids),
-                          <const int64_t*>cnp.PyArray_DATA(counts), cnp.PyArray_DIM(sids, 0))
-        return sids, counts
+        total_tokens = self._check_batch(<const int64_t*>cnp.PyArray_DATA(sids),
+                                         <const int64_t*>cnp.PyArray_DATA(counts),
+                                         cnp.PyArray_DIM(sids, 0))
+        return sids, counts, total_tokens
 
     # -- sequences -------------------------------------------------------------------------
 
@@ -772,7 +792,7 @@ cdef class PageTable:
         Parameters are those of :meth:`append`; the same errors are raised for bad input.
         Nothing is changed.
         """
-        sids, counts = self._batch_args(seq_ids, num_new_tokens)
+        sids, counts, _ = self._batch_args(seq_ids, num_new_tokens)
         cdef int64_t copies
         return self._count_new_pages(<const int64_t*>cnp.PyArray_DATA(sids),
                                      <const int64_t*>cnp.PyArray_DATA(counts),
@@ -814,7 +834,7 @@ cdef class PageTable:
         the last writes in place. Full pages are never written again, so they are
         never copied. On any error nothing is changed.
         """
-        sids_obj, counts_obj = self._batch_args(seq_ids, num_new_tokens)
+        sids_obj, counts_obj, total_obj = self._batch_args(seq_ids, num_new_tokens)
         cdef cnp.ndarray sids = <cnp.ndarray>sids_obj
         cdef cnp.ndarray counts = <cnp.ndarray>counts_obj
         cdef const int64_t* sp = <const int64_t*>cnp.PyArray_DATA(sids)
@@ -824,9 +844,7 @@ cdef class PageTable:
         cdef int64_t needed = self._count_new_pages(sp, cp, batch, &num_copies)
         if needed > self.allocator._num_free:
             raise OutOfPagesError(needed, self.allocator._num_free)
-        cdef int64_t total_tokens = 0
-        for i in range(batch):
-            total_tokens += cp[i]
+        cdef int64_t total_tokens = total_obj
         # Validation is complete: from here on nothing can fail.
         cdef cnp.ndarray slot_mapping = _empty_int64(<Py_ssize_t>total_tokens)
         cdef cnp.ndarray copy_src = _empty_int32(<Py_ssize_t>num_copies)
@@ -848,13 +866,19 @@ cdef class PageTable:
         cdef page_id_t old_page, fresh
         cdef page_id_t* row
         cdef refcount_t* rc = self.allocator._refcount
+        # Locals for everything read in the loop: the stores below go through int32 and
+        # int64 pointers, and without strict aliasing (CPython builds with
+        # -fno-strict-aliasing) each would force attributes of self to be reloaded.
+        cdef int32_t* lens = self._seq_lens
+        cdef page_id_t* table = self._table
+        cdef int64_t width = self._max_pages_per_seq
         for i in range(batch):
             if counts[i] == 0:
                 continue
             s = seq_ids[i]
-            cur = <uint32_t>self._seq_lens[s]
+            cur = <uint32_t>lens[s]
             new_len = cur + <uint32_t>counts[i]
-            row = self._table + s * self._max_pages_per_seq
+            row = table + s * width
             old_pages = _num_pages_for(cur, ps, shift)
             new_pages = _num_pages_for(new_len, ps, shift)
             if _mod(cur, ps, shift) != 0:
@@ -880,7 +904,7 @@ cdef class PageTable:
                     off += 1
                 off = 0
                 p += 1
-            self._seq_lens[s] = <int32_t>new_len
+            lens[s] = <int32_t>new_len
 
     # -- queries -----------------------------------------------------------------------------
 
