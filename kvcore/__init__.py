@@ -1,10 +1,12 @@
 """kvcore: a paged KV-cache manager for LLM serving.
 
 Host bookkeeping (:class:`PageAllocator`, :class:`PageTable`) is a Cython core that
-needs no GPU. Importing kvcore never imports CuPy.
+needs no GPU; :class:`KVCache` adds the pool and its data movement on a NumPy or CUDA
+(CuPy) backend. Importing kvcore never imports CuPy.
 """
 
 from kvcore._core import AppendResult, PageAllocator, PageTable
+from kvcore.cache import KVCache
 from kvcore.config import KVCacheConfig
 from kvcore.errors import (
     BackendUnavailableError,
@@ -25,6 +27,7 @@ __all__ = [
     "BackendUnavailableError",
     "CapacityError",
     "InvalidPageError",
+    "KVCache",
     "KVCacheConfig",
     "KVCoreError",
     "KernelError",

@@ -1,0 +1,157 @@
+// kvcore data-movement kernels: scatter new K/V into pages, gather pages into contiguous
+// tensors, copy pages (copy-on-write). Loaded at run time with cupy.RawModule (NVRTC).
+//
+// Shapes use the glossary names: L layers, P num_pages, S page_size, H num_kv_heads,
+// D head_dim, T tokens, B batch. The pool is one allocation:
+//   NHD: kv[L, 2, P, S, H, D]        HND: kv[L, 2, P, H, S, D]
+// Every pointer and stride below is in units of the vector type V (see kvcore_common.cuh);
+// `row` is one (token, head) run of D elements = row_vecs vectors.
+#include "kvcore_common.cuh"
+
+namespace kvcore {
+
+// Offset, in vectors, of row (page, offset_in_page, head) within one layer's K (or V) pool.
+__device__ __forceinline__ long long pool_row(int layout, long long page, long long off,
+                                              long long head, long long page_size,
+                                              long long num_heads, long long row_vecs) {
+  if (layout == KVCORE_LAYOUT_NHD) {
+    return ((page * page_size + off) * num_heads + head) * row_vecs;
+  }
+  return ((page * num_heads + head) * page_size + off) * row_vecs;
+}
+
+// scatter: blocks stride over tokens; each thread owns fixed (head, vector) positions of a
+// token row, so the division that splits them is done once per thread, not per token.
+// K and V move in the same launch.
+template <typename V>
+__device__ void scatter(const V* __restrict__ k,        // [T, H, D] with strides below
+                        const V* __restrict__ v,        // [T, H, D] with strides below
+                        long long k_stride_t, long long k_stride_h,
+                        long long v_stride_t, long long v_stride_h,
+                        const slot_t* __restrict__ slot_mapping,  // [T], -1 = skip
+                        V* __restrict__ k_pool,         // layer's K pool [P, ...]
+                        V* __restrict__ v_pool,         // layer's V pool [P, ...]
+                        long long num_tokens, long long num_slots, int layout,
+                        long long page_size, long long num_heads, long long row_vecs,
+                        int* __restrict__ error_word) {
+  const int vecs_per_token = (int)(num_heads * row_vecs);
+  for (int j = threadIdx.x; j < vecs_per_token; j += blockDim.x) {
+    const int head = j / (int)row_vecs;
+    const int w = j - head * (int)row_vecs;
+    const long long k_src = head * k_stride_h + w;
+    const long long v_src = head * v_stride_h + w;
+    for (long long t = blockIdx.x; t < num_tokens; t += gridDim.x) {
+      const slot_t slot = slot_mapping[t];
+      if (slot == KVCORE_PADDING_SLOT) continue;
+      if (slot < 0 || slot >= num_slots) {
+        if (j == 0) atomicOr(error_word, KVCORE_ERR_SLOT_OUT_OF_RANGE);
+        continue;
+      }
+      const long long page = slot / page_size;
+      const long long off = slot - page * page_size;
+      const long long dst = pool_row(layout, page, off, head, page_size, num_heads, row_vecs) + w;
+      k_pool[dst] = k[t * k_stride_t + k_src];
+      v_pool[dst] = v[t * v_stride_t + v_src];
+    }
+  }
+}
+
+// gather: one block per page entry of the batch (grid-stride); the block finds its
+// sequence by binary search over page_indptr, then copies the page's valid tokens.
+template <typename V>
+__device__ void gather(const V* __restrict__ k_pool, const V* __restrict__ v_pool,
+                       const int* __restrict__ page_indptr,    // [B + 1], first element 0
+                       const int* __restrict__ page_indices,   // [page_indptr[B]]
+                       const int* __restrict__ last_page_len,  // [B], in [0, S]
+                       const long long* __restrict__ token_indptr,  // [B + 1]
+                       V* __restrict__ k_out,                  // [total_tokens, H, D]
+                       V* __restrict__ v_out,                  // [total_tokens, H, D]
+                       int batch, long long num_pages, int layout, long long page_size,
+                       long long num_heads, long long row_vecs, int* __restrict__ error_word) {
+  const int nnz = page_indptr[batch];
+  const int vecs_per_token = (int)(num_heads * row_vecs);
+  for (long long e = blockIdx.x; e < nnz; e += gridDim.x) {
+    int lo = 0, hi = batch - 1;  // last b with page_indptr[b] <= e
+    while (lo < hi) {
+      const int mid = (lo + hi + 1) >> 1;
+      if (page_indptr[mid] <= e) lo = mid; else hi = mid - 1;
+    }
+    const int b = lo;
+    const long long page = page_indices[e];
+    if (page < 0 || page >= num_pages) {
+      if (threadIdx.x == 0) atomicOr(error_word, KVCORE_ERR_PAGE_OUT_OF_RANGE);
+      continue;
+    }
+    const long long pos = e - page_indptr[b];
+    const bool is_last = (e == page_indptr[b + 1] - 1);
+    const long long count = is_last ? last_page_len[b] : page_size;
+    const long long out_token = token_indptr[b] + pos * page_size;
+    for (int j = threadIdx.x; j < vecs_per_token; j += blockDim.x) {
+      const int head = j / (int)row_vecs;
+      const int w = j - head * (int)row_vecs;
+      for (long long off = 0; off < count; ++off) {
+        const long long src = pool_row(layout, page, off, head, page_size, num_heads, row_vecs) + w;
+        const long long dst = (out_token + off) * vecs_per_token + j;
+        k_out[dst] = k_pool[src];
+        v_out[dst] = v_pool[src];
+      }
+    }
+  }
+}
+
+// copy_pages: one block per (pair, layer, K/V) chunk; a page of one layer's K or V is
+// contiguous in both layouts (page_vecs vectors), so this is a straight copy.
+template <typename V>
+__device__ void copy_pages(V* __restrict__ kv,                 // the whole pool
+                           const page_id_t* __restrict__ src,  // [num_pairs]
+                           const page_id_t* __restrict__ dst,  // [num_pairs]
+                           long long num_pairs, long long num_layers, long long num_pages,
+                           long long page_vecs, int* __restrict__ error_word) {
+  const long long num_chunks = num_pairs * num_layers * 2;
+  for (long long c = blockIdx.x; c < num_chunks; c += gridDim.x) {
+    const long long pair = c % num_pairs;     // pairs fastest: neighbours hit one layer
+    const long long pool = c / num_pairs;     // = layer * 2 + (0 for K, 1 for V)
+    const long long s = src[pair], d = dst[pair];
+    if (s < 0 || s >= num_pages || d < 0 || d >= num_pages) {
+      if (threadIdx.x == 0) atomicOr(error_word, KVCORE_ERR_PAGE_OUT_OF_RANGE);
+      continue;
+    }
+    const V* from = kv + (pool * num_pages + s) * page_vecs;
+    V* to = kv + (pool * num_pages + d) * page_vecs;
+    for (long long j = threadIdx.x; j < page_vecs; j += blockDim.x) to[j] = from[j];
+  }
+}
+
+}  // namespace kvcore
+
+// extern "C" entry points, one per vector width: kvcore_<op>_w<bytes>.
+#define KVCORE_INSTANTIATE(V, BYTES)                                                        \
+  extern "C" __global__ void kvcore_scatter_w##BYTES(                                      \
+      const V* k, const V* v, long long k_stride_t, long long k_stride_h,                  \
+      long long v_stride_t, long long v_stride_h, const slot_t* slot_mapping, V* k_pool,    \
+      V* v_pool, long long num_tokens, long long num_slots, int layout, long long page_size, \
+      long long num_heads, long long row_vecs, int* error_word) {                          \
+    kvcore::scatter<V>(k, v, k_stride_t, k_stride_h, v_stride_t, v_stride_h, slot_mapping,  \
+                       k_pool, v_pool, num_tokens, num_slots, layout, page_size, num_heads, \
+                       row_vecs, error_word);                                               \
+  }                                                                                         \
+  extern "C" __global__ void kvcore_gather_w##BYTES(                                       \
+      const V* k_pool, const V* v_pool, const int* page_indptr, const int* page_indices,    \
+      const int* last_page_len, const long long* token_indptr, V* k_out, V* v_out,          \
+      int batch, long long num_pages, int layout, long long page_size, long long num_heads, \
+      long long row_vecs, int* error_word) {                                               \
+    kvcore::gather<V>(k_pool, v_pool, page_indptr, page_indices, last_page_len,             \
+                      token_indptr, k_out, v_out, batch, num_pages, layout, page_size,      \
+                      num_heads, row_vecs, error_word);                                     \
+  }                                                                                         \
+  extern "C" __global__ void kvcore_copy_pages_w##BYTES(                                   \
+      V* kv, const page_id_t* src, const page_id_t* dst, long long num_pairs,               \
+      long long num_layers, long long num_pages, long long page_vecs, int* error_word) {    \
+    kvcore::copy_pages<V>(kv, src, dst, num_pairs, num_layers, num_pages, page_vecs,        \
+                          error_word);                                                      \
+  }
+
+KVCORE_INSTANTIATE(uint4, 16)
+KVCORE_INSTANTIATE(uint2, 8)
+KVCORE_INSTANTIATE(unsigned int, 4)
+KVCORE_INSTANTIATE(unsigned short, 2)
