@@ -245,7 +245,7 @@ class KVCache:
         token_indptr = np.zeros(len(lengths) + 1, dtype=np.int64)
         np.cumsum(lengths, out=token_indptr[1:])
         k, v = self.backend.gather(layer, page_indptr, page_indices, last_page_len,
-                                   token_indptr)
+                                   token_indptr, int(token_indptr[-1]), int(page_indptr[-1]))
         return k, v, token_indptr
 
     def copy_pages(self, src, dst) -> None:
@@ -269,8 +269,9 @@ class KVCache:
         -----
         This moves bytes only: it does not change refcounts or page tables.
         """
-        if self.backend.is_native(src) and self.backend.xp is not np:
-            src_arr, dst_arr = self._device_index_pair(src, dst)
+        src_dev = self._device_array_or_none(src)
+        if src_dev is not None:
+            src_arr, dst_arr = self._device_index_pair(src_dev, self._device_array_or_none(dst))
         else:
             src_arr, dst_arr = self._host_page_pair(src, dst)
         self._copy_pages_unchecked(src_arr, dst_arr)
@@ -340,7 +341,9 @@ class KVCache:
 
     def _slot_array(self, slot_mapping, num_tokens: int):
         backend = self.backend
-        if backend.xp is not np and backend.is_native(slot_mapping):
+        device_slots = self._device_array_or_none(slot_mapping)
+        if device_slots is not None:
+            slot_mapping = device_slots
             if slot_mapping.dtype != np.int64 or slot_mapping.shape != (num_tokens,):
                 raise ShapeError(f"a device slot_mapping must be int64 [{num_tokens}], got "
                                  f"{slot_mapping.dtype} {tuple(slot_mapping.shape)}")
@@ -398,11 +401,20 @@ class KVCache:
                                  "dst")
         return src_arr.astype(np.int32), dst_arr.astype(np.int32)
 
+    def _device_array_or_none(self, array):
+        """``array`` as a backend device array when it is one (CuPy, torch, JAX), else None."""
+        if self.backend.xp is np or isinstance(array, (np.ndarray, list, tuple, int)):
+            return None
+        return self.backend.asarray(array)
+
     def _device_index_pair(self, src, dst):
         for name, arr in (("src", src), ("dst", dst)):
-            if not self.backend.is_native(arr) or arr.dtype != np.int32 or arr.ndim != 1:
-                raise ShapeError(f"device page ids must be 1-D int32 CuPy arrays; {name} is "
+            if arr is None or arr.dtype != np.int32 or arr.ndim != 1:
+                raise ShapeError(f"device page ids must be 1-D int32 device arrays; {name} is "
                                  f"{type(arr).__name__} {getattr(arr, 'dtype', '')}")
+            if arr.device.id != self.backend.device_id:
+                raise ShapeError(f"{name} is on cuda:{arr.device.id} but the cache is on "
+                                 f"{self.backend.device}")
         if src.shape != dst.shape:
             raise ValueError(f"src and dst differ in length: {src.size} != {dst.size}")
         xp = self.backend.xp

@@ -173,15 +173,19 @@ class CupyBackend:
              np.int64(cfg.page_size), np.int64(cfg.num_kv_heads), np.int64(row_vecs),
              self.error_word))
 
-    def gather(self, layer: int, page_indptr, page_indices, last_page_len, token_indptr):
-        """K and V of a batch, contiguous ``[total_tokens, H, D]`` device arrays; one launch."""
+    def gather(self, layer: int, page_indptr, page_indices, last_page_len, token_indptr,
+               total_tokens: int, nnz: int):
+        """K and V of a batch, contiguous ``[total_tokens, H, D]`` device arrays; one launch.
+
+        The index arrays may be NumPy (uploaded here) or already on the device;
+        ``total_tokens`` and ``nnz`` (``page_indptr[-1]``) are passed in so that device
+        index arrays are never read back.
+        """
         cfg = self.config
-        total = int(token_indptr[-1])
-        shape = (total, cfg.num_kv_heads, cfg.head_dim)
+        shape = (total_tokens, cfg.num_kv_heads, cfg.head_dim)
         k_out = cupy.empty(shape, dtype=self.kv.dtype)
         v_out = cupy.empty(shape, dtype=self.kv.dtype)
-        nnz = int(page_indptr[-1])
-        if nnz == 0 or total == 0:
+        if nnz == 0 or total_tokens == 0:
             return k_out, v_out
         item = self.kv.itemsize
         row_bytes = cfg.head_dim * item

@@ -77,10 +77,11 @@ class NumpyBackend:
             else:
                 pool[pages, :, offsets] = src[keep]       # pool [P, H, S, D] -> [n, H, D]
 
-    def gather(self, layer: int, page_indptr, page_indices, last_page_len, token_indptr):
+    def gather(self, layer: int, page_indptr, page_indices, last_page_len, token_indptr,
+               total_tokens: int, nnz: int):
         """Return K and V of every token of a batch, contiguous ``[total_tokens, H, D]``."""
         cfg = self.config
-        total = int(token_indptr[-1])
+        total = total_tokens
         k_out = np.empty((total, cfg.num_kv_heads, cfg.head_dim), dtype=self.kv.dtype)
         v_out = np.empty_like(k_out)
         for b in range(len(last_page_len)):

@@ -1,0 +1,26 @@
+#!/usr/bin/env bash
+# One call on a lent GPU machine: build, cuda tests, device benchmark, sanitizers.
+# Usage: bash benchmarks/gpu_session.sh OUTDIR   (see the project's GPU notes)
+set -uo pipefail
+OUT=${1:?output folder}
+export PYTHONUNBUFFERED=1
+nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
+pip install --no-build-isolation --no-deps -q -e . >"$OUT/build.log" 2>&1 || {
+  tail -40 "$OUT/build.log"; exit 1; }
+python -c "import kvcore, cupy, torch; print('kvcore', kvcore.__version__, 'cupy', cupy.__version__, 'torch', torch.__version__)"
+echo "== cuda tests"
+python -m pytest -q -m cuda -p no:cacheprovider 2>&1 | tee "$OUT/cuda_tests.log" | tail -25
+echo "== device benchmark"
+python benchmarks/bench_device.py --out "$OUT/h200.json" 2>&1 | tee "$OUT/bench_device.log" | tail -25
+if [ "${SANITIZE:-1}" = 1 ]; then
+  echo "== compute-sanitizer memcheck"
+  timeout "${SANITIZER_TIMEOUT:-240}" compute-sanitizer --tool memcheck --error-exitcode 9 \
+    python -m pytest -q -m cuda -p no:cacheprovider -k "not torch and (64 or 7 or strided or slot or graph)" \
+    2>&1 | tee "$OUT/memcheck.log" | tail -6
+  echo "memcheck exit: $?"
+  echo "== compute-sanitizer racecheck"
+  timeout "${SANITIZER_TIMEOUT:-240}" compute-sanitizer --tool racecheck --error-exitcode 9 \
+    python -m pytest -q -m cuda -p no:cacheprovider -k "test_random_operations_match_numpy and 128-16-NHD" \
+    2>&1 | tee "$OUT/racecheck.log" | tail -6
+  echo "racecheck exit: $?"
+fi
