@@ -4,8 +4,8 @@
 set -uo pipefail
 OUT=${1:?output folder}
 export PYTHONUNBUFFERED=1
-nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
-pip install --no-build-isolation --no-deps -q -e . >"$OUT/build.log" 2>&1 || {
+which python; nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
+python -m pip install --no-build-isolation --no-deps -q -e . >"$OUT/build.log" 2>&1 || {
   tail -40 "$OUT/build.log"; exit 1; }
 python -c "import kvcore, cupy, torch; print('kvcore', kvcore.__version__, 'cupy', cupy.__version__, 'torch', torch.__version__)"
 echo "== cuda tests"
