@@ -10,6 +10,10 @@
 
 namespace kvcore {
 
+// Vectors each thread keeps in flight per loop trip: loads are issued together, then
+// stores, so one thread has UNROLL independent memory operations outstanding.
+constexpr int UNROLL = 4;
+
 // Offset, in vectors, of row (page, offset_in_page, head) within one layer's K (or V) pool.
 __device__ __forceinline__ long long pool_row(int layout, long long page, long long off,
                                               long long head, long long page_size,
@@ -20,9 +24,34 @@ __device__ __forceinline__ long long pool_row(int layout, long long page, long l
   return ((page * num_heads + head) * page_size + off) * row_vecs;
 }
 
-// scatter: blocks stride over tokens; each thread owns fixed (head, vector) positions of a
-// token row, so the division that splits them is done once per thread, not per token.
-// K and V move in the same launch.
+// page = slot / page_size with a shift when page_size is a power of two (page_shift >= 0).
+__device__ __forceinline__ long long page_of(long long slot, long long page_size, int page_shift) {
+  return page_shift >= 0 ? (slot >> page_shift) : slot / page_size;
+}
+
+// Copy n vectors from src to dst, UNROLL per thread per trip.
+template <typename V>
+__device__ __forceinline__ void block_copy(V* __restrict__ dst, const V* __restrict__ src,
+                                           long long n) {
+  const long long step = (long long)blockDim.x * UNROLL;
+  for (long long base = threadIdx.x; base < n; base += step) {
+    V buf[UNROLL];
+#pragma unroll
+    for (int u = 0; u < UNROLL; ++u) {
+      const long long j = base + (long long)u * blockDim.x;
+      if (j < n) buf[u] = src[j];
+    }
+#pragma unroll
+    for (int u = 0; u < UNROLL; ++u) {
+      const long long j = base + (long long)u * blockDim.x;
+      if (j < n) dst[j] = buf[u];
+    }
+  }
+}
+
+// scatter: blocks stride over tokens, UNROLL tokens per trip; each thread owns fixed
+// (head, vector) positions of a token row, so the division that splits them is done
+// once per thread. K and V move in the same launch.
 template <typename V>
 __device__ void scatter(const V* __restrict__ k,        // [T, H, D] with strides below
                         const V* __restrict__ v,        // [T, H, D] with strides below
@@ -32,32 +61,48 @@ __device__ void scatter(const V* __restrict__ k,        // [T, H, D] with stride
                         V* __restrict__ k_pool,         // layer's K pool [P, ...]
                         V* __restrict__ v_pool,         // layer's V pool [P, ...]
                         long long num_tokens, long long num_slots, int layout,
-                        long long page_size, long long num_heads, long long row_vecs,
-                        int* __restrict__ error_word) {
+                        long long page_size, int page_shift, long long num_heads,
+                        long long row_vecs, int* __restrict__ error_word) {
   const int vecs_per_token = (int)(num_heads * row_vecs);
+  const long long stride = (long long)gridDim.x * UNROLL;
   for (int j = threadIdx.x; j < vecs_per_token; j += blockDim.x) {
     const int head = j / (int)row_vecs;
     const int w = j - head * (int)row_vecs;
     const long long k_src = head * k_stride_h + w;
     const long long v_src = head * v_stride_h + w;
-    for (long long t = blockIdx.x; t < num_tokens; t += gridDim.x) {
-      const slot_t slot = slot_mapping[t];
-      if (slot == KVCORE_PADDING_SLOT) continue;
-      if (slot < 0 || slot >= num_slots) {
-        if (j == 0) atomicOr(error_word, KVCORE_ERR_SLOT_OUT_OF_RANGE);
-        continue;
+    for (long long t0 = (long long)blockIdx.x * UNROLL; t0 < num_tokens; t0 += stride) {
+      slot_t slot[UNROLL];
+      V kbuf[UNROLL], vbuf[UNROLL];
+#pragma unroll
+      for (int u = 0; u < UNROLL; ++u) {
+        const long long t = t0 + u;
+        slot[u] = t < num_tokens ? slot_mapping[t] : KVCORE_PADDING_SLOT;
+        if (slot[u] != KVCORE_PADDING_SLOT) {
+          kbuf[u] = k[t * k_stride_t + k_src];
+          vbuf[u] = v[t * v_stride_t + v_src];
+        }
       }
-      const long long page = slot / page_size;
-      const long long off = slot - page * page_size;
-      const long long dst = pool_row(layout, page, off, head, page_size, num_heads, row_vecs) + w;
-      k_pool[dst] = k[t * k_stride_t + k_src];
-      v_pool[dst] = v[t * v_stride_t + v_src];
+#pragma unroll
+      for (int u = 0; u < UNROLL; ++u) {
+        if (slot[u] == KVCORE_PADDING_SLOT) continue;
+        if (slot[u] < 0 || slot[u] >= num_slots) {
+          if (j == 0) atomicOr(error_word, KVCORE_ERR_SLOT_OUT_OF_RANGE);
+          continue;
+        }
+        const long long page = page_of(slot[u], page_size, page_shift);
+        const long long off = slot[u] - page * page_size;
+        const long long dst =
+            pool_row(layout, page, off, head, page_size, num_heads, row_vecs) + w;
+        k_pool[dst] = kbuf[u];
+        v_pool[dst] = vbuf[u];
+      }
     }
   }
 }
 
 // gather: one block per page entry of the batch (grid-stride); the block finds its
-// sequence by binary search over page_indptr, then copies the page's valid tokens.
+// sequence by binary search over page_indptr, then copies the page's valid tokens. In
+// NHD those tokens are one contiguous run of the page, so the copy is a straight one.
 template <typename V>
 __device__ void gather(const V* __restrict__ k_pool, const V* __restrict__ v_pool,
                        const int* __restrict__ page_indptr,    // [B + 1], first element 0
@@ -70,6 +115,7 @@ __device__ void gather(const V* __restrict__ k_pool, const V* __restrict__ v_poo
                        long long num_heads, long long row_vecs, int* __restrict__ error_word) {
   const int nnz = page_indptr[batch];
   const int vecs_per_token = (int)(num_heads * row_vecs);
+  const long long page_vecs = page_size * vecs_per_token;
   for (long long e = blockIdx.x; e < nnz; e += gridDim.x) {
     int lo = 0, hi = batch - 1;  // last b with page_indptr[b] <= e
     while (lo < hi) {
@@ -85,13 +131,19 @@ __device__ void gather(const V* __restrict__ k_pool, const V* __restrict__ v_poo
     const long long pos = e - page_indptr[b];
     const bool is_last = (e == page_indptr[b + 1] - 1);
     const long long count = is_last ? last_page_len[b] : page_size;
-    const long long out_token = token_indptr[b] + pos * page_size;
+    const long long out_base = (token_indptr[b] + pos * page_size) * vecs_per_token;
+    if (layout == KVCORE_LAYOUT_NHD) {
+      block_copy(k_out + out_base, k_pool + page * page_vecs, count * vecs_per_token);
+      block_copy(v_out + out_base, v_pool + page * page_vecs, count * vecs_per_token);
+      continue;
+    }
     for (int j = threadIdx.x; j < vecs_per_token; j += blockDim.x) {
       const int head = j / (int)row_vecs;
       const int w = j - head * (int)row_vecs;
+#pragma unroll 4
       for (long long off = 0; off < count; ++off) {
         const long long src = pool_row(layout, page, off, head, page_size, num_heads, row_vecs) + w;
-        const long long dst = (out_token + off) * vecs_per_token + j;
+        const long long dst = out_base + off * vecs_per_token + j;
         k_out[dst] = k_pool[src];
         v_out[dst] = v_pool[src];
       }
@@ -109,16 +161,15 @@ __device__ void copy_pages(V* __restrict__ kv,                 // the whole pool
                            long long page_vecs, int* __restrict__ error_word) {
   const long long num_chunks = num_pairs * num_layers * 2;
   for (long long c = blockIdx.x; c < num_chunks; c += gridDim.x) {
-    const long long pair = c % num_pairs;     // pairs fastest: neighbours hit one layer
-    const long long pool = c / num_pairs;     // = layer * 2 + (0 for K, 1 for V)
+    const long long pool = c / num_pairs;      // = layer * 2 + (0 for K, 1 for V)
+    const long long pair = c - pool * num_pairs;  // pairs fastest: neighbours share a layer
     const long long s = src[pair], d = dst[pair];
     if (s < 0 || s >= num_pages || d < 0 || d >= num_pages) {
       if (threadIdx.x == 0) atomicOr(error_word, KVCORE_ERR_PAGE_OUT_OF_RANGE);
       continue;
     }
-    const V* from = kv + (pool * num_pages + s) * page_vecs;
-    V* to = kv + (pool * num_pages + d) * page_vecs;
-    for (long long j = threadIdx.x; j < page_vecs; j += blockDim.x) to[j] = from[j];
+    block_copy(kv + (pool * num_pages + d) * page_vecs, kv + (pool * num_pages + s) * page_vecs,
+               page_vecs);
   }
 }
 
@@ -130,10 +181,10 @@ __device__ void copy_pages(V* __restrict__ kv,                 // the whole pool
       const V* k, const V* v, long long k_stride_t, long long k_stride_h,                  \
       long long v_stride_t, long long v_stride_h, const slot_t* slot_mapping, V* k_pool,    \
       V* v_pool, long long num_tokens, long long num_slots, int layout, long long page_size, \
-      long long num_heads, long long row_vecs, int* error_word) {                          \
+      int page_shift, long long num_heads, long long row_vecs, int* error_word) {          \
     kvcore::scatter<V>(k, v, k_stride_t, k_stride_h, v_stride_t, v_stride_h, slot_mapping,  \
-                       k_pool, v_pool, num_tokens, num_slots, layout, page_size, num_heads, \
-                       row_vecs, error_word);                                               \
+                       k_pool, v_pool, num_tokens, num_slots, layout, page_size, page_shift, \
+                       num_heads, row_vecs, error_word);                                    \
   }                                                                                         \
   extern "C" __global__ void kvcore_gather_w##BYTES(                                       \
       const V* k_pool, const V* v_pool, const int* page_indptr, const int* page_indices,    \

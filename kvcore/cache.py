@@ -321,9 +321,9 @@ class KVCache:
             if arr is None:
                 raise ShapeError(f"{name} must be a CUDA array (CuPy, torch, JAX, ...) on "
                                  f"{backend.device}, got {type(array).__name__}")
-            if arr.device.id != backend.device_id:
-                raise ShapeError(f"{name} is on cuda:{arr.device.id} but the cache is on "
-                                 f"{backend.device}")
+            if backend.device_of(arr) != backend.device_id:
+                raise ShapeError(f"{name} is on cuda:{backend.device_of(arr)} but the cache "
+                                 f"is on {backend.device}")
         cfg = self.config
         if arr.ndim != 3 or arr.shape[1:] != (cfg.num_kv_heads, cfg.head_dim):
             raise ShapeError(f"{name} must have shape [T, {cfg.num_kv_heads}, {cfg.head_dim}], "
@@ -347,10 +347,12 @@ class KVCache:
             if slot_mapping.dtype != np.int64 or slot_mapping.shape != (num_tokens,):
                 raise ShapeError(f"a device slot_mapping must be int64 [{num_tokens}], got "
                                  f"{slot_mapping.dtype} {tuple(slot_mapping.shape)}")
-            if slot_mapping.device.id != backend.device_id:
-                raise ShapeError(f"slot_mapping is on cuda:{slot_mapping.device.id} but the "
-                                 f"cache is on {backend.device}")
-            return backend.xp.ascontiguousarray(slot_mapping)
+            if backend.device_of(slot_mapping) != backend.device_id:
+                raise ShapeError(f"slot_mapping is on cuda:{backend.device_of(slot_mapping)} "
+                                 f"but the cache is on {backend.device}")
+            if not slot_mapping.flags.c_contiguous:
+                slot_mapping = backend.xp.ascontiguousarray(slot_mapping)
+            return slot_mapping
         if backend.is_foreign_device_array(slot_mapping):
             raise ShapeError("slot_mapping is on a CUDA device but the cache is on cpu")
         slots = self._host_int_array(slot_mapping, "slot_mapping")
@@ -363,7 +365,7 @@ class KVCache:
                 bad = low if low < -1 else high
                 raise InvalidPageError(f"slot {bad} out of range [0, {self._num_slots}) "
                                        "(-1 marks padding)")
-        return slots if backend.xp is np else backend.xp.asarray(slots)
+        return slots   # a CUDA backend uploads it without blocking
 
     @staticmethod
     def _host_int_array(values, name: str) -> np.ndarray:
@@ -412,9 +414,9 @@ class KVCache:
             if arr is None or arr.dtype != np.int32 or arr.ndim != 1:
                 raise ShapeError(f"device page ids must be 1-D int32 device arrays; {name} is "
                                  f"{type(arr).__name__} {getattr(arr, 'dtype', '')}")
-            if arr.device.id != self.backend.device_id:
-                raise ShapeError(f"{name} is on cuda:{arr.device.id} but the cache is on "
-                                 f"{self.backend.device}")
+            if self.backend.device_of(arr) != self.backend.device_id:
+                raise ShapeError(f"{name} is on cuda:{self.backend.device_of(arr)} but the "
+                                 f"cache is on {self.backend.device}")
         if src.shape != dst.shape:
             raise ValueError(f"src and dst differ in length: {src.size} != {dst.size}")
         xp = self.backend.xp

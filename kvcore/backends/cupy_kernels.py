@@ -30,6 +30,7 @@ __all__ = ["CupyBackend", "load_module", "cuda_device_count"]
 LAYOUT_CODE = {"NHD": 0, "HND": 1}
 VECTOR_WIDTHS = (16, 8, 4, 2)   # bytes; one extern "C" entry point per width
 _MAX_BLOCK = 256
+_UNROLL = 4     # tokens per block trip in the scatter kernel (kvcore::UNROLL)
 
 _modules: dict[int, cupy.RawModule] = {}
 _modules_lock = threading.Lock()
@@ -67,6 +68,65 @@ def _round_up(n: int, m: int) -> int:
     return (n + m - 1) // m * m
 
 
+class PinnedUploader:
+    """Copies small host index arrays to the device without blocking the host.
+
+    A synchronous copy from pageable memory would wait for every kernel already queued
+    (and take tens of µs); instead each array is copied into a pinned host ring and sent
+    with one ``cudaMemcpyAsync`` into the matching region of a device ring, on the
+    current stream. The ring has ``NUM_SEGMENTS`` segments; on leaving a segment an event
+    is recorded, and before a segment is written again (one lap later) that event is
+    waited for, so neither the pinned bytes nor the device bytes are overwritten while
+    a queued copy or kernel may still read them. Kernels must run on the stream that
+    was current for the upload (kvcore always launches on CuPy's current stream).
+
+    Parameters
+    ----------
+    nbytes : int
+        Ring size; arrays above a quarter of it fall back to ``cupy.asarray``.
+    """
+
+    NUM_SEGMENTS = 8
+    ALIGN = 256
+
+    def __init__(self, nbytes: int = 4 << 20):
+        self._nbytes = nbytes
+        self._segment = nbytes // self.NUM_SEGMENTS
+        self._pinned = cupy.cuda.alloc_pinned_memory(nbytes)
+        self._host = np.frombuffer(self._pinned, dtype=np.uint8, count=nbytes)
+        self._device = cupy.empty(nbytes, dtype=np.uint8)
+        self._offset = 0
+        self._events: list = [None] * self.NUM_SEGMENTS
+
+    def upload(self, array: np.ndarray):
+        """Return a device copy of the C-contiguous NumPy ``array`` (same dtype and shape)."""
+        nbytes = array.nbytes
+        if nbytes > self._segment:
+            return cupy.asarray(array)
+        start = -(-self._offset // self.ALIGN) * self.ALIGN
+        seg_of_start = start // self._segment
+        if start + nbytes > (seg_of_start + 1) * self._segment:  # do not straddle segments
+            start = (seg_of_start + 1) * self._segment
+        if start + nbytes > self._nbytes:
+            start = 0
+        seg = start // self._segment
+        prev_seg = max(self._offset - 1, 0) // self._segment
+        if seg != prev_seg:
+            event = cupy.cuda.Event(block=False, disable_timing=True)
+            event.record()
+            self._events[prev_seg] = event
+            pending = self._events[seg]
+            if pending is not None:
+                pending.synchronize()
+                self._events[seg] = None
+        self._host[start:start + nbytes] = array.reshape(-1).view(np.uint8)
+        stream = cupy.cuda.get_current_stream()
+        cupy.cuda.runtime.memcpyAsync(self._device.data.ptr + start, self._pinned.ptr + start,
+                                      nbytes, cupy.cuda.runtime.memcpyHostToDevice, stream.ptr)
+        self._offset = start + nbytes
+        return self._device[start:start + nbytes].view(array.dtype).reshape(array.shape)
+
+
 class CupyBackend:
     """Pool in device memory, data movement as single kernel launches.
 
@@ -90,6 +150,12 @@ class CupyBackend:
             self.kv = cupy.zeros(config.pool_shape, dtype=storage_dtype(config.dtype))
             self.error_word = cupy.zeros(1, dtype=np.int32)
             self.num_sms = cupy.cuda.Device(device_id).attributes["MultiProcessorCount"]
+            self.uploader = PinnedUploader()
+            # Views made once: indexing a CuPy array costs microseconds per call.
+            self._layer_pools = [(self.kv[layer, 0], self.kv[layer, 1])
+                                 for layer in range(config.num_layers)]
+        ps = config.page_size
+        self._page_shift = ps.bit_length() - 1 if ps & (ps - 1) == 0 else -1
         self._functions = {}
 
     # -- arrays in and out ----------------------------------------------------------------
@@ -137,15 +203,26 @@ class CupyBackend:
         return fn
 
     def _vector_width(self, row_bytes: int, *addresses_and_strides: int) -> int:
+        """Widest vector (bytes) dividing the row and every pointer and stride."""
+        combined = row_bytes
+        for x in addresses_and_strides:
+            combined |= x
         for width in VECTOR_WIDTHS:
             if width < self.kv.itemsize:
                 break
-            if row_bytes % width == 0 and all(x % width == 0 for x in addresses_and_strides):
+            if combined % width == 0:
                 return width
         return self.kv.itemsize
 
-    def _pool(self, layer: int, which: int):
-        return self.kv[layer, which]
+    def device_of(self, array) -> int:
+        """CUDA ordinal that holds ``array`` (a CuPy array)."""
+        return array.data.device_id
+
+    def upload(self, array):
+        """Device copy of a host index array (no host-device synchronization)."""
+        if isinstance(array, cupy.ndarray):
+            return array
+        return self.uploader.upload(np.ascontiguousarray(array))
 
     # -- data movement ----------------------------------------------------------------------
 
@@ -155,23 +232,25 @@ class CupyBackend:
         num_tokens = k.shape[0]
         if num_tokens == 0:
             return
-        item = self.kv.itemsize
-        k_pool, v_pool = self._pool(layer, 0), self._pool(layer, 1)
-        row_bytes = cfg.head_dim * item
+        if not isinstance(slot_mapping, cupy.ndarray):
+            slot_mapping = self.upload(slot_mapping)
+        k_pool, v_pool = self._layer_pools[layer]
+        row_bytes = cfg.head_dim * self.kv.itemsize
+        k_strides, v_strides = k.strides, v.strides
         width = self._vector_width(row_bytes, k.data.ptr, v.data.ptr, k_pool.data.ptr,
-                                   k.strides[0], k.strides[1], v.strides[0], v.strides[1])
+                                   k_strides[0], k_strides[1], v_strides[0], v_strides[1])
         row_vecs = row_bytes // width
         vecs_per_token = cfg.num_kv_heads * row_vecs
         block = min(_MAX_BLOCK, _round_up(vecs_per_token, 32))
-        grid = max(1, min(num_tokens, self.num_sms * 32))
+        grid = max(1, min(-(-num_tokens // _UNROLL), self.num_sms * 32))
         self._function("scatter", width)(
             (grid,), (block,),
-            (k, v, np.int64(k.strides[0] // width), np.int64(k.strides[1] // width),
-             np.int64(v.strides[0] // width), np.int64(v.strides[1] // width),
+            (k, v, np.int64(k_strides[0] // width), np.int64(k_strides[1] // width),
+             np.int64(v_strides[0] // width), np.int64(v_strides[1] // width),
              slot_mapping, k_pool, v_pool, np.int64(num_tokens),
              np.int64(cfg.num_pages * cfg.page_size), np.int32(LAYOUT_CODE[cfg.layout]),
-             np.int64(cfg.page_size), np.int64(cfg.num_kv_heads), np.int64(row_vecs),
-             self.error_word))
+             np.int64(cfg.page_size), np.int32(self._page_shift), np.int64(cfg.num_kv_heads),
+             np.int64(row_vecs), self.error_word))
 
     def gather(self, layer: int, page_indptr, page_indices, last_page_len, token_indptr,
                total_tokens: int, nnz: int):
@@ -189,17 +268,15 @@ class CupyBackend:
             return k_out, v_out
         item = self.kv.itemsize
         row_bytes = cfg.head_dim * item
-        k_pool, v_pool = self._pool(layer, 0), self._pool(layer, 1)
+        k_pool, v_pool = self._layer_pools[layer]
         width = self._vector_width(row_bytes, k_pool.data.ptr, k_out.data.ptr, v_out.data.ptr)
         row_vecs = row_bytes // width
         block = min(_MAX_BLOCK, _round_up(cfg.num_kv_heads * row_vecs, 32))
         grid = max(1, min(nnz, self.num_sms * 32))
         self._function("gather", width)(
             (grid,), (block,),
-            (k_pool, v_pool, cupy.asarray(page_indptr, dtype=np.int32),
-             cupy.asarray(page_indices, dtype=np.int32),
-             cupy.asarray(last_page_len, dtype=np.int32),
-             cupy.asarray(token_indptr, dtype=np.int64), k_out, v_out,
+            (k_pool, v_pool, self.upload(page_indptr), self.upload(page_indices),
+             self.upload(last_page_len), self.upload(token_indptr), k_out, v_out,
              np.int32(len(last_page_len)), np.int64(cfg.num_pages),
              np.int32(LAYOUT_CODE[cfg.layout]), np.int64(cfg.page_size),
              np.int64(cfg.num_kv_heads), np.int64(row_vecs), self.error_word))
@@ -215,10 +292,10 @@ class CupyBackend:
         width = self._vector_width(page_bytes, self.kv.data.ptr)
         page_vecs = page_bytes // width
         chunks = num_pairs * cfg.num_layers * 2
-        block = min(_MAX_BLOCK, _round_up(page_vecs, 32))
+        block = min(_MAX_BLOCK, _round_up(-(-page_vecs // _UNROLL), 32))
         grid = max(1, min(chunks, self.num_sms * 16))
         self._function("copy_pages", width)(
             (grid,), (block,),
-            (self.kv, cupy.asarray(src, dtype=np.int32), cupy.asarray(dst, dtype=np.int32),
+            (self.kv, self.upload(src), self.upload(dst),
              np.int64(num_pairs), np.int64(cfg.num_layers), np.int64(cfg.num_pages),
              np.int64(page_vecs), self.error_word))
