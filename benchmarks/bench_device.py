@@ -42,17 +42,24 @@ HEADS, HEAD_DIM, PAGE = 8, 128, 16
 # -- timing ------------------------------------------------------------------------------------
 
 def device_us(fn, iters: int, warmup: int = 5) -> float:
-    """Median device time of one call, µs (CUDA events on the current stream)."""
+    """Device time of one call, µs: CUDA events around ``iters`` back-to-back calls.
+
+    Events around a single call would also count the host's launch overhead whenever
+    the GPU sits idle waiting for it; back to back, the GPU stays busy once a call's
+    kernel outlasts its launch, so this is kernel time for large calls and the launch
+    rate for small ones (see :func:`graph_us` for those). Median of 3 repeats.
+    """
     for _ in range(warmup):
         fn()
     start, end = cupy.cuda.Event(), cupy.cuda.Event()
     times = []
-    for _ in range(iters):
+    for _ in range(3):
         start.record()
-        fn()
+        for _ in range(iters):
+            fn()
         end.record()
         end.synchronize()
-        times.append(cupy.cuda.get_elapsed_time(start, end) * 1e3)
+        times.append(cupy.cuda.get_elapsed_time(start, end) * 1e3 / iters)
     return statistics.median(times)
 
 

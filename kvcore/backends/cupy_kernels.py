@@ -124,7 +124,8 @@ class PinnedUploader:
         cupy.cuda.runtime.memcpyAsync(self._device.data.ptr + start, self._pinned.ptr + start,
                                       nbytes, cupy.cuda.runtime.memcpyHostToDevice, stream.ptr)
         self._offset = start + nbytes
-        return self._device[start:start + nbytes].view(array.dtype).reshape(array.shape)
+        # ndarray over the ring's memory directly: CuPy slicing costs ~10 µs per call
+        return cupy.ndarray(array.shape, array.dtype, memptr=self._device.data + start)
 
 
 class CupyBackend:
