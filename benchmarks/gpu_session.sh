@@ -9,9 +9,9 @@ python -m pip install --no-build-isolation --no-deps -q -e . >"$OUT/build.log" 2
   tail -40 "$OUT/build.log"; exit 1; }
 python -c "import kvcore, cupy, torch; print('kvcore', kvcore.__version__, 'cupy', cupy.__version__, 'torch', torch.__version__)"
 echo "== cuda tests"
-python -m pytest -q -m cuda -p no:cacheprovider 2>&1 | tee "$OUT/cuda_tests.log" | tail -25
+timeout 300 python -m pytest -q -m cuda -p no:cacheprovider 2>&1 | tee "$OUT/cuda_tests.log" | tail -25
 echo "== device benchmark"
-python benchmarks/bench_device.py --out "$OUT/h200.json" 2>&1 | tee "$OUT/bench_device.log" | tail -25
+timeout 300 python benchmarks/bench_device.py --out "$OUT/h200.json" 2>&1 | tee "$OUT/bench_device.log" | tail -25
 if [ "${SANITIZE:-1}" = 1 ]; then
   echo "== compute-sanitizer memcheck"
   timeout "${SANITIZER_TIMEOUT:-240}" compute-sanitizer --tool memcheck --error-exitcode 9 \

@@ -8,6 +8,7 @@ be captured in a CUDA graph.
 
 from __future__ import annotations
 
+import ctypes
 import threading
 
 import numpy as np
@@ -62,6 +63,60 @@ def load_module(device_id: int) -> cupy.RawModule:
                 raise KernelError(f"compiling {source_dir / KERNEL_FILE} failed: {exc}") from exc
         _modules[device_id] = module
         return module
+
+
+# Argument kinds of each kernel (extern "C" signatures in cuda/kvcore_kernels.cu):
+# p = pointer, q = long long, i = int.
+SIGNATURES = {
+    "scatter": "ppqqqqpppqqiqiqqp",
+    "gather": "ppppppppiqiqqqp",
+    "copy_pages": "pppqqqqp",
+}
+_CTYPES = {"p": ctypes.c_void_p, "q": ctypes.c_int64, "i": ctypes.c_int32}
+_NUMPY = {"p": None, "q": np.int64, "i": np.int32}
+
+
+class DriverLauncher:
+    """Launch one kernel through ``cuLaunchKernel`` with a reusable ctypes argument pack.
+
+    CuPy's generic RawKernel call inspects and converts every argument on every launch
+    (about a microsecond each); here the pack is built once and only its values are set,
+    which keeps a decode-size launch within a few microseconds. Arguments are Python
+    ints: device pointers (``array.data.ptr``) for ``p`` and integers for ``q`` / ``i``.
+    The pack is copied by the driver at launch, so reuse is safe, CUDA-graph capture
+    included; a lock keeps two threads from interleaving their values.
+    """
+
+    def __init__(self, raw_kernel, signature: str):
+        self._function = int(raw_kernel.kernel.ptr)
+        self._values = [_CTYPES[kind]() for kind in signature]
+        self._params = (ctypes.c_void_p * len(signature))(
+            *[ctypes.addressof(v) for v in self._values])
+        self._params_ptr = ctypes.addressof(self._params)
+        self._lock = threading.Lock()
+
+    def __call__(self, grid: int, block: int, args) -> None:
+        stream = cupy.cuda.get_current_stream().ptr
+        with self._lock:
+            for holder, value in zip(self._values, args, strict=True):
+                holder.value = value
+            cupy.cuda.driver.launchKernel(self._function, grid, 1, 1, block, 1, 1, 0, stream,
+                                          self._params_ptr, 0)
+
+
+class CupyLauncher:
+    """The same interface through CuPy's RawKernel call (a fallback if the driver path
+    is unavailable in some CuPy build)."""
+
+    def __init__(self, raw_kernel, signature: str):
+        self._kernel = raw_kernel
+        self._kinds = signature
+
+    def __call__(self, grid: int, block: int, args) -> None:
+        converted = tuple(
+            ctypes.c_void_p(a) if kind == "p" else _NUMPY[kind](a)
+            for kind, a in zip(self._kinds, args, strict=True))
+        self._kernel((grid,), (block,), converted)
 
 
 def _round_up(n: int, m: int) -> int:
@@ -200,7 +255,13 @@ class CupyBackend:
         key = (op, width)
         fn = self._functions.get(key)
         if fn is None:
-            fn = self._functions[key] = self.module.get_function(f"kvcore_{op}_w{width}")
+            raw = self.module.get_function(f"kvcore_{op}_w{width}")
+            with cupy.cuda.Device(self.device_id):
+                try:
+                    fn = DriverLauncher(raw, SIGNATURES[op])
+                except (AttributeError, TypeError):  # pragma: no cover - older CuPy
+                    fn = CupyLauncher(raw, SIGNATURES[op])
+            self._functions[key] = fn
         return fn
 
     def _vector_width(self, row_bytes: int, *addresses_and_strides: int) -> int:
@@ -245,13 +306,12 @@ class CupyBackend:
         block = min(_MAX_BLOCK, _round_up(vecs_per_token, 32))
         grid = max(1, min(-(-num_tokens // _UNROLL), self.num_sms * 32))
         self._function("scatter", width)(
-            (grid,), (block,),
-            (k, v, np.int64(k_strides[0] // width), np.int64(k_strides[1] // width),
-             np.int64(v_strides[0] // width), np.int64(v_strides[1] // width),
-             slot_mapping, k_pool, v_pool, np.int64(num_tokens),
-             np.int64(cfg.num_pages * cfg.page_size), np.int32(LAYOUT_CODE[cfg.layout]),
-             np.int64(cfg.page_size), np.int32(self._page_shift), np.int64(cfg.num_kv_heads),
-             np.int64(row_vecs), self.error_word))
+            grid, block,
+            (k.data.ptr, v.data.ptr, k_strides[0] // width, k_strides[1] // width,
+             v_strides[0] // width, v_strides[1] // width, slot_mapping.data.ptr,
+             k_pool.data.ptr, v_pool.data.ptr, num_tokens, cfg.num_pages * cfg.page_size,
+             LAYOUT_CODE[cfg.layout], cfg.page_size, self._page_shift, cfg.num_kv_heads,
+             row_vecs, self.error_word.data.ptr))
 
     def gather(self, layer: int, page_indptr, page_indices, last_page_len, token_indptr,
                total_tokens: int, nnz: int):
@@ -274,13 +334,14 @@ class CupyBackend:
         row_vecs = row_bytes // width
         block = min(_MAX_BLOCK, _round_up(cfg.num_kv_heads * row_vecs, 32))
         grid = max(1, min(nnz, self.num_sms * 32))
+        indexes = [self.upload(a) for a in (page_indptr, page_indices, last_page_len,
+                                            token_indptr)]
         self._function("gather", width)(
-            (grid,), (block,),
-            (k_pool, v_pool, self.upload(page_indptr), self.upload(page_indices),
-             self.upload(last_page_len), self.upload(token_indptr), k_out, v_out,
-             np.int32(len(last_page_len)), np.int64(cfg.num_pages),
-             np.int32(LAYOUT_CODE[cfg.layout]), np.int64(cfg.page_size),
-             np.int64(cfg.num_kv_heads), np.int64(row_vecs), self.error_word))
+            grid, block,
+            (k_pool.data.ptr, v_pool.data.ptr, *(a.data.ptr for a in indexes),
+             k_out.data.ptr, v_out.data.ptr, len(last_page_len), cfg.num_pages,
+             LAYOUT_CODE[cfg.layout], cfg.page_size, cfg.num_kv_heads, row_vecs,
+             self.error_word.data.ptr))
         return k_out, v_out
 
     def copy_pages(self, src, dst) -> None:
@@ -295,8 +356,8 @@ class CupyBackend:
         chunks = num_pairs * cfg.num_layers * 2
         block = min(_MAX_BLOCK, _round_up(-(-page_vecs // _UNROLL), 32))
         grid = max(1, min(chunks, self.num_sms * 16))
+        src_dev, dst_dev = self.upload(src), self.upload(dst)
         self._function("copy_pages", width)(
-            (grid,), (block,),
-            (self.kv, self.upload(src), self.upload(dst),
-             np.int64(num_pairs), np.int64(cfg.num_layers), np.int64(cfg.num_pages),
-             np.int64(page_vecs), self.error_word))
+            grid, block,
+            (self.kv.data.ptr, src_dev.data.ptr, dst_dev.data.ptr, num_pairs, cfg.num_layers,
+             cfg.num_pages, page_vecs, self.error_word.data.ptr))
