@@ -20,7 +20,7 @@ if [ "${SANITIZE:-1}" = 1 ]; then
   echo "memcheck exit: $?"
   echo "== compute-sanitizer racecheck"
   timeout "${SANITIZER_TIMEOUT:-240}" compute-sanitizer --tool racecheck --error-exitcode 9 \
-    python -m pytest -q -m cuda -p no:cacheprovider -k "test_random_operations_match_numpy and 128-16-NHD" \
+    python -m pytest -q -m cuda -p no:cacheprovider -k "float16-NHD-16-128 or float32-HND-64-7 or graph" \
     2>&1 | tee "$OUT/racecheck.log" | tail -6
   echo "racecheck exit: $?"
 fi
