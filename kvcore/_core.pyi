@@ -7,6 +7,9 @@ import numpy.typing as npt
 
 _IntArray = npt.ArrayLike
 
+CYTHON_VERSION: str
+COMPILER: str
+
 class AppendResult(NamedTuple):
     slot_mapping: npt.NDArray[np.int64]
     copy_src: npt.NDArray[np.int32]

@@ -32,6 +32,30 @@ from kvcore.errors import (
 
 cnp.import_array()
 
+cdef extern from *:
+    """
+    #if defined(__clang__)
+    #define KVCORE_COMPILER "clang " __clang_version__
+    #elif defined(__GNUC__)
+    #define KVCORE_COMPILER "gcc " __VERSION__
+    #elif defined(_MSC_VER)
+    #define KVCORE_COMPILER "msvc"
+    #else
+    #define KVCORE_COMPILER "unknown compiler"
+    #endif
+    """
+    const char* KVCORE_COMPILER
+    long CYTHON_HEX_VERSION
+
+
+def _cython_version(long hex_version):
+    return f"{hex_version >> 24}.{(hex_version >> 16) & 0xFF}.{(hex_version >> 8) & 0xFF}"
+
+
+#: The Cython and C compiler that built this extension (``kvcore info`` shows them).
+CYTHON_VERSION = _cython_version(CYTHON_HEX_VERSION)
+COMPILER = KVCORE_COMPILER.decode()
+
 __all__ = ["AppendResult", "PageAllocator", "PageTable"]
 
 AppendResult = namedtuple("AppendResult", ["slot_mapping", "copy_src", "copy_dst"])

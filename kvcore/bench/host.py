@@ -1,0 +1,211 @@
+"""Host bookkeeping benchmark: kvcore's Cython core against a pure-Python baseline.
+
+Both run in the same process on the same workloads; the table reports each figure and
+the ratio, and the JSON (``--out``) keeps every repeat.
+
+    python benchmarks/bench_host.py                 # full run, writes benchmarks/results/cpu.json
+    kvcore bench --quick                            # the same from an installed kvcore
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import time
+from pathlib import Path
+
+import numpy as np
+
+import kvcore
+from kvcore.bench.pure_python import PyPageAllocator, PyPageTable
+
+
+def timed(fn, repeats: int) -> list[float]:
+    """Run ``fn`` (which returns how many units it did) ``repeats`` times; ns per unit."""
+    out = []
+    for _ in range(repeats):
+        start = time.perf_counter_ns()
+        units = fn()
+        out.append((time.perf_counter_ns() - start) / units)
+    return out
+
+
+# -- workloads: each returns a callable doing one timed repeat -------------------------
+
+def alloc_decref(lib: str, num_pages: int = 4096, rounds: int = 50):
+    if lib == "kvcore":
+        alloc = kvcore.PageAllocator(num_pages)
+
+        def run():
+            for _ in range(rounds):
+                alloc.decref(alloc.allocate(num_pages))
+            return rounds * num_pages
+    else:
+        alloc = PyPageAllocator(num_pages)
+
+        def run():
+            for _ in range(rounds):
+                alloc.decref(alloc.allocate(num_pages))
+            return rounds * num_pages
+    return run
+
+
+def decode_step(lib: str, batch: int = 256, steps: int = 64, prompt: int = 100,
+                page_size: int = 16):
+    """``steps`` decode steps of ``batch`` sequences: append 1 token each + metadata.
+
+    Each repeat starts from fresh sequences with ``prompt`` tokens, so across the
+    steps every sequence fills pages and allocates new ones (100 + 64 crosses 4 page
+    boundaries at page size 16).
+    """
+    num_pages = batch * ((prompt + steps) // page_size + 2)
+    if lib == "kvcore":
+        table = kvcore.PageTable(kvcore.PageAllocator(num_pages), page_size, batch, 64)
+        seqs = np.array([table.add_sequence() for _ in range(batch)], dtype=np.int64)
+        ones = np.ones(batch, dtype=np.int64)
+    else:
+        table = PyPageTable(PyPageAllocator(num_pages), page_size, batch)
+        seqs = [table.add_sequence() for _ in range(batch)]
+        ones = [1] * batch
+
+    def run():
+        for s in list(seqs):
+            table.remove(int(s))
+        fresh = [table.add_sequence() for _ in range(batch)]
+        seqs[:] = fresh
+        table.append(seqs, [prompt] * batch)
+        start = time.perf_counter_ns()
+        for _ in range(steps):
+            table.append(seqs, ones)
+            table.flashinfer_metadata(seqs)
+        run.elapsed = time.perf_counter_ns() - start
+        return 1
+
+    def timed_run():
+        run()
+        return run.elapsed / steps
+
+    return timed_run
+
+
+def prefill(lib: str, batch: int = 64, tokens: int = 2048, page_size: int = 16):
+    num_pages = batch * tokens // page_size
+    if lib == "kvcore":
+        table = kvcore.PageTable(kvcore.PageAllocator(num_pages), page_size, batch,
+                                 tokens // page_size)
+    else:
+        table = PyPageTable(PyPageAllocator(num_pages), page_size, batch)
+
+    def run():
+        seqs = [table.add_sequence() for _ in range(batch)]
+        start = time.perf_counter_ns()
+        table.append(seqs, [tokens] * batch)
+        table.flashinfer_metadata(seqs)
+        elapsed = time.perf_counter_ns() - start
+        for s in seqs:
+            table.remove(s)
+        return elapsed
+
+    return run
+
+
+def beam_search(lib: str, beams: int = 8, steps: int = 64, prompt: int = 500,
+                page_size: int = 16):
+    """Beam search: every step each beam appends a token, then half the beams are
+    dropped and the survivors forked (copy-on-write on the next append)."""
+    num_pages = beams * ((prompt + steps) // page_size + 4) * 2
+    if lib == "kvcore":
+        table = kvcore.PageTable(kvcore.PageAllocator(num_pages), page_size, 2 * beams, 64)
+    else:
+        table = PyPageTable(PyPageAllocator(num_pages), page_size, 2 * beams)
+    rng = np.random.default_rng(0)
+    drops = [rng.permutation(beams)[: beams // 2].tolist() for _ in range(steps)]
+
+    def run():
+        root = table.add_sequence()
+        table.append([root], [prompt])
+        live = [root] + [table.fork(root) for _ in range(beams - 1)]
+        start = time.perf_counter_ns()
+        for step in range(steps):
+            table.append(live, [1] * beams)
+            table.flashinfer_metadata(live)
+            dropped = set(drops[step])
+            survivors = [s for i, s in enumerate(live) if i not in dropped]
+            for i in drops[step]:
+                table.remove(live[i])
+            live = survivors + [table.fork(s) for s in survivors]
+        elapsed = time.perf_counter_ns() - start
+        for s in live:
+            table.remove(s)
+        return elapsed / steps
+
+    def timed_run():
+        return run()
+
+    return timed_run
+
+
+WORKLOADS = [
+    # name, factory, unit, timing kind, target (kvcore, in unit)
+    ("allocate+decref 4096 pages", alloc_decref, "ns/page", "per_unit", 5.0),
+    ("decode step, 256 seqs (append 1 + metadata)", decode_step, "us/step", "self", 10.0),
+    ("prefill 64 x 2048 tokens (append + metadata)", prefill, "us/call", "self", None),
+    ("beam search step, 8 beams (append, metadata, remove, fork)", beam_search, "us/step",
+     "self", None),
+]
+
+
+def measure(factory, kind: str, repeats: int) -> list[float]:
+    run = factory()
+    run()  # warm up
+    if kind == "per_unit":
+        return timed(run, repeats)
+    return [float(run()) for _ in range(repeats)]
+
+
+def main(argv=None, default_out: Path | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="few repeats (smoke test)")
+    parser.add_argument("--out", type=Path, default=default_out,
+                        help="write the figures as JSON here")
+    parser.add_argument("--no-write", action="store_true", help="print only")
+    args = parser.parse_args(argv)
+    repeats = 3 if args.quick else 15
+    rows, records = [], []
+    for name, factory, unit, kind, target in WORKLOADS:
+        scale = 1e-3 if unit.startswith("us") else 1.0
+        fast = [x * scale for x in measure(lambda f=factory: f("kvcore"), kind, repeats)]
+        slow = [x * scale for x in measure(lambda f=factory: f("python"), kind,
+                                           max(3, repeats // 3))]
+        k_med, p_med = statistics.median(fast), statistics.median(slow)
+        ratio = p_med / k_med
+        met = None if target is None else k_med <= target
+        rows.append((name, unit, k_med, p_med, ratio, target, met))
+        records.append({"workload": name, "unit": unit, "kvcore_median": k_med,
+                        "python_median": p_med, "speedup": ratio, "target": target,
+                        "target_met": met, "kvcore_repeats": fast, "python_repeats": slow})
+    cpu = platform.processor() or platform.machine()
+    print(f"\nkvcore {kvcore.__version__} host bookkeeping, {cpu}, {os.cpu_count()} cpus, "
+          f"Python {platform.python_version()}, median of repeats")
+    print(f"{'workload':<60} {'unit':>8} {'kvcore':>10} {'python':>10} {'speedup':>8} "
+          f"{'target':>8}")
+    for name, unit, k_med, p_med, ratio, target, met in rows:
+        tgt = "-" if target is None else f"<={target:g} {'ok' if met else 'MISS'}"
+        print(f"{name:<60} {unit:>8} {k_med:>10.3f} {p_med:>10.1f} {ratio:>7.0f}x {tgt:>8}")
+    if args.out is not None and not args.no_write:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        payload = {"machine": {"platform": platform.platform(), "cpus": os.cpu_count(),
+                               "python": platform.python_version(),
+                               "numpy": np.__version__},
+                   "kvcore": kvcore.__version__, "quick": args.quick,
+                   "date": time.strftime("%Y-%m-%d"), "results": records}
+        args.out.write_text(json.dumps(payload, indent=2) + "\n")
+        print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,445 @@
+"""A continuous-batching serving workload driven through a KVCache, verified byte for byte.
+
+The simulator plays the scheduler of an LLM server, step by step:
+
+- requests arrive over time (Poisson), with long-tailed (lognormal) prompt and output
+  lengths; a share starts with one of a few common system prompts, and a share asks for
+  several samples (the prompt is prefilled once, then forked: copy-on-write);
+- a request is admitted only when its prompt fits in the free pages (``pages_needed``
+  logic) and the step's token budget; when decoding runs out of pages the newest
+  request is preempted (its sequences removed, the request requeued to recompute);
+- every step writes K and V of every new token for every layer through
+  :meth:`KVCache.write`, with content derived from (request, sample, position, layer,
+  K/V) alone, so that it can be recomputed later;
+- finished samples, a rotating subset of live ones during the run, and everything
+  still live at the end are gathered and compared with the recomputed content; the
+  bookkeeping invariants are checked as it goes.
+
+Any mismatch or invariant failure is counted and makes the CLI exit non-zero.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+
+from kvcore.backends.numpy_ref import storage_dtype
+from kvcore.cache import KVCache
+from kvcore.config import KVCacheConfig
+from kvcore.errors import KVCoreError
+
+__all__ = ["SimConfig", "SimResult", "Simulator", "token_words"]
+
+_MASK64 = np.uint64(0xFFFFFFFFFFFFFFFF)
+
+
+def _mix64(x: np.ndarray) -> np.ndarray:
+    """splitmix64 finaliser on a uint64 array (wrapping arithmetic)."""
+    x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+    x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    return x ^ (x >> np.uint64(31))
+
+
+def token_words(request_ids, sample_ids, positions, layer: int, which: int, num_heads: int,
+                head_dim: int, itemsize: int) -> np.ndarray:
+    """Deterministic content of tokens: words ``[T, num_heads, head_dim]``.
+
+    Parameters
+    ----------
+    request_ids, sample_ids, positions : array_like of int, shape [T]
+        Identify each token. Prompt tokens use sample 0 in every sample.
+    layer : int
+    which : int
+        0 for K, 1 for V.
+    itemsize : int
+        2 (uint16 words, for float16 / bfloat16) or 4 (uint32, for float32).
+
+    Returns
+    -------
+    numpy.ndarray of uint16 or uint32
+        The top exponent bit is cleared, so every word is a finite float of the dtype.
+    """
+    with np.errstate(over="ignore"):
+        key = (np.asarray(request_ids, dtype=np.uint64) * np.uint64(0x9E3779B97F4A7C15)
+               + np.asarray(sample_ids, dtype=np.uint64) * np.uint64(0xC2B2AE3D27D4EB4F)
+               + np.asarray(positions, dtype=np.uint64) * np.uint64(0x165667B19E3779F9)
+               + np.uint64(layer * 2 + which + 1) * np.uint64(0x27D4EB2F165667C5))
+        base = _mix64(key)
+        lanes = np.arange(num_heads * head_dim, dtype=np.uint64) * np.uint64(0x9E3779B97F4A7C15)
+        words = _mix64(base[:, None] + lanes[None, :])
+    if itemsize == 2:
+        out = (words >> np.uint64(48)).astype(np.uint16) & np.uint16(0xBFFF)
+    else:
+        out = (words >> np.uint64(32)).astype(np.uint32) & np.uint32(0xBFFFFFFF)
+    return out.reshape(-1, num_heads, head_dim)
+
+
+@dataclass(frozen=True)
+class SimConfig:
+    """Knobs of a simulated serving run (the CLI flags of ``kvcore simulate``)."""
+
+    requests: int = 256
+    layers: int = 2
+    heads: int = 4
+    head_dim: int = 64
+    page_size: int = 16
+    pages: int = 1536
+    dtype: str = "float16"
+    layout: str = "NHD"
+    arrival_rate: float = 2.0         # requests per step (Poisson)
+    seed: int = 0
+    device: str = "auto"
+    max_running: int = 64             # sequences decoding at once (sequence slots)
+    max_step_tokens: int = 4096       # prefill + decode tokens per step
+    prompt_median: int = 200
+    output_median: int = 96
+    max_prompt_len: int = 2048
+    max_output_len: int = 1024
+    system_prompts: int = 4           # distinct common system prompts
+    system_prompt_len: int = 256
+    system_prompt_share: float = 0.4
+    multi_sample_share: float = 0.15  # requests asking for 2-4 samples
+    verify_every: int = 25            # steps between spot checks of live sequences
+    check_every: int = 10             # steps between invariant checks
+
+    def max_request_tokens(self) -> int:
+        return self.system_prompt_len + self.max_prompt_len + self.max_output_len
+
+
+@dataclass
+class _Request:
+    request_id: int
+    arrival_step: int
+    prompt_len: int                   # system prompt included
+    output_lens: list[int]            # one per sample
+    system_prompt: int                # -1 for none
+    seq_ids: list[int] = field(default_factory=list)   # per sample, -1 once finished
+    generated: list[int] = field(default_factory=list)
+    admitted_step: int = -1
+    preemptions: int = 0
+
+
+@dataclass
+class SimResult:
+    """Figures of one run (also what ``--json`` writes)."""
+
+    config: dict
+    device: str
+    requests_done: int = 0
+    samples_done: int = 0
+    tokens_written: int = 0
+    steps: int = 0
+    wall_s: float = 0.0
+    steps_per_s: float = 0.0
+    # host bookkeeping per step: append, pages_needed, fork, remove, metadata
+    host_us_p50: float = 0.0
+    host_us_p99: float = 0.0
+    # data movement per step: write (and copy-on-write inside append is host-timed) + sync
+    device_us_p50: float = 0.0
+    device_us_p99: float = 0.0
+    peak_pages_used: int = 0
+    pool_pages: int = 0
+    prefix_hit_rate: float | None = None
+    cow_copies: int = 0
+    preemptions: int = 0
+    sequences_verified: int = 0
+    tokens_verified: int = 0
+    mismatches: int = 0
+    invariant_failures: int = 0
+    timeline: dict = field(default_factory=dict)
+
+    @property
+    def ok(self) -> bool:
+        return self.mismatches == 0 and self.invariant_failures == 0
+
+
+class ConfigurationError(ValueError):
+    """A simulation that cannot run as configured (e.g. a request longer than the pool)."""
+
+
+class Simulator:
+    """Drive a :class:`KVCache` like a continuous-batching scheduler (see the module doc).
+
+    Parameters
+    ----------
+    config : SimConfig
+    on_step : callable, optional
+        ``on_step(simulator, step)`` after each step; tests use it to tamper with the pool.
+    """
+
+    def __init__(self, config: SimConfig, on_step=None):
+        self.cfg = config
+        ps = config.page_size
+        need_pages = -(-config.max_request_tokens() // ps)
+        if need_pages > config.pages:
+            raise ConfigurationError(
+                f"a request of up to {config.max_request_tokens()} tokens (system prompt "
+                f"{config.system_prompt_len} + prompt {config.max_prompt_len} + output "
+                f"{config.max_output_len}) needs {need_pages} pages of {ps} tokens, but the "
+                f"pool has {config.pages}; raise --pages or lower --max-prompt-len / "
+                f"--max-output-len")
+        if config.max_step_tokens < config.system_prompt_len + config.max_prompt_len:
+            raise ConfigurationError(
+                f"--max-step-tokens {config.max_step_tokens} is below the longest prompt "
+                f"({config.system_prompt_len + config.max_prompt_len} tokens), which could "
+                f"then never be admitted")
+        kv_config = KVCacheConfig(
+            num_layers=config.layers, num_kv_heads=config.heads, head_dim=config.head_dim,
+            page_size=ps, num_pages=config.pages, dtype=config.dtype, layout=config.layout,
+            max_seqs=config.max_running, max_pages_per_seq=need_pages)
+        self.cache = KVCache(kv_config, device=config.device)
+        self.on_step = on_step
+        self.rng = np.random.default_rng(config.seed)
+        self._itemsize = kv_config.itemsize
+        self._words = np.uint16 if self._itemsize == 2 else np.uint32
+        self._storage = storage_dtype(kv_config.dtype)   # words viewed as the pool's dtype
+        self._watermark = max(1, config.pages // 100)
+        self.requests = self._make_requests()
+        self.result = SimResult(config=asdict(config), device=self.cache.device,
+                                pool_pages=config.pages)
+
+    # -- workload ------------------------------------------------------------------------
+
+    def _lognormal(self, median: int, sigma: float, size: int, cap: int) -> np.ndarray:
+        values = self.rng.lognormal(np.log(median), sigma, size=size)
+        return np.clip(np.round(values), 1, cap).astype(np.int64)
+
+    def _make_requests(self) -> list[_Request]:
+        cfg = self.cfg
+        n = cfg.requests
+        arrivals = np.cumsum(self.rng.exponential(1.0 / cfg.arrival_rate, size=n)).astype(int)
+        prompts = self._lognormal(cfg.prompt_median, 0.9, n, cfg.max_prompt_len)
+        system = np.where(self.rng.random(n) < cfg.system_prompt_share,
+                          self.rng.integers(0, max(cfg.system_prompts, 1), size=n), -1)
+        samples = np.where(self.rng.random(n) < cfg.multi_sample_share,
+                           self.rng.integers(2, 5, size=n), 1)
+        requests = []
+        for i in range(n):
+            sys_len = cfg.system_prompt_len if system[i] >= 0 else 0
+            outputs = self._lognormal(cfg.output_median, 0.8, int(samples[i]),
+                                      cfg.max_output_len).tolist()
+            requests.append(_Request(i, int(arrivals[i]), int(prompts[i]) + sys_len, outputs,
+                                     int(system[i])))
+        return requests
+
+    def _keys(self, request: _Request, sample: int, positions: np.ndarray):
+        """Content keys of ``positions`` of one sample: the prompt is shared by every
+        sample (sample key 0), and a system prompt by every request that starts with it
+        (request key ``-1 - system_prompt``)."""
+        positions = np.asarray(positions, dtype=np.int64)
+        sys_len = self.cfg.system_prompt_len if request.system_prompt >= 0 else 0
+        request_key = np.where(positions < sys_len, -1 - request.system_prompt,
+                               request.request_id)
+        sample_key = np.where(positions < request.prompt_len, 0, sample)
+        return request_key, sample_key, positions
+
+    def _content(self, keys, layer: int, which: int) -> np.ndarray:
+        """Words ``[T, heads, head_dim]`` of the tokens named by ``keys``."""
+        request_key, sample_key, positions = keys
+        return token_words(request_key.view(np.uint64), sample_key, positions, layer, which,
+                           self.cfg.heads, self.cfg.head_dim, self._itemsize)
+
+    # -- one step --------------------------------------------------------------------------
+
+    def _write(self, entries, slot_mapping) -> None:
+        """Write every layer's K and V for tokens listed as (request, sample, positions)."""
+        xp = self.cache.backend.xp
+        per_entry = [self._keys(*entry) for entry in entries]
+        keys = tuple(np.concatenate([k[i] for k in per_entry]) for i in range(3))
+        for layer in range(self.cfg.layers):
+            k = self._content(keys, layer, 0).view(self._storage)
+            v = self._content(keys, layer, 1).view(self._storage)
+            if xp is not np:   # stands in for the model producing K/V on the device
+                k, v = xp.asarray(k), xp.asarray(v)
+            t0 = time.perf_counter_ns()
+            self.cache.write(layer, k, v, slot_mapping)
+            self._device_ns += time.perf_counter_ns() - t0
+        self.result.tokens_written += int(slot_mapping.size)
+
+    def _admit(self, waiting: deque, running: list, step: int, budget: int) -> int:
+        """Admit waiting requests in arrival order while they fit; returns tokens used."""
+        cache, ps = self.cache, self.cfg.page_size
+        used = 0
+        pending_forks = 0   # samples of admitted requests that are forked after the prefill
+        pending_pages = 0   # pages the admitted prompts will take
+        admitted = []
+        while waiting and waiting[0].arrival_step <= step:
+            request = waiting[0]
+            num_samples = len(request.output_lens)
+            prompt_pages = -(-request.prompt_len // ps)
+            # a watermark of free pages (1% of the pool, as vLLM keeps) plus a page for
+            # each new sample's first decode step; running sequences that outgrow the
+            # rest are preempted by the decode step
+            reserve = self._watermark + pending_forks + len(admitted) + num_samples
+            if (used + request.prompt_len > budget
+                    or cache.num_seqs + pending_forks + num_samples > self.cfg.max_running
+                    or pending_pages + prompt_pages + reserve > cache.num_free_pages):
+                break
+            waiting.popleft()
+            seq = cache.add_sequence()
+            request.seq_ids = [seq]
+            request.generated = [0] * num_samples
+            request.admitted_step = step
+            admitted.append(request)
+            pending_forks += num_samples - 1
+            pending_pages += prompt_pages
+            used += request.prompt_len
+        if not admitted:
+            return 0
+        seqs = [r.seq_ids[0] for r in admitted]
+        t0 = time.perf_counter_ns()
+        step_result = cache.append(seqs, [r.prompt_len for r in admitted])
+        self._host_ns += time.perf_counter_ns() - t0
+        self._write([(r, 0, np.arange(r.prompt_len)) for r in admitted],
+                    step_result.slot_mapping)
+        t0 = time.perf_counter_ns()
+        for request in admitted:
+            for _ in range(len(request.output_lens) - 1):
+                request.seq_ids.append(cache.fork(request.seq_ids[0]))
+            running.append(request)
+        self._host_ns += time.perf_counter_ns() - t0
+        return used
+
+    def _preempt_newest(self, running: list, waiting: deque) -> None:
+        victim = max(running, key=lambda r: (r.admitted_step, r.request_id))
+        running.remove(victim)
+        for seq in victim.seq_ids:
+            if seq >= 0:
+                self.cache.remove(seq)
+        victim.seq_ids = []
+        victim.preemptions += 1
+        self.result.preemptions += 1
+        waiting.appendleft(victim)
+
+    def _decode(self, running: list, waiting: deque) -> None:
+        cache = self.cache
+        while True:
+            seqs = [s for r in running for s in r.seq_ids if s >= 0]
+            if not seqs:
+                return
+            t0 = time.perf_counter_ns()
+            needed = cache.pages_needed(seqs, 1)
+            self._host_ns += time.perf_counter_ns() - t0
+            if needed <= cache.num_free_pages:
+                break
+            self._preempt_newest(running, waiting)
+        t0 = time.perf_counter_ns()
+        step_result = cache.append(seqs, 1)
+        cache.flashinfer_metadata(seqs)   # what the attention kernels would be given
+        self._host_ns += time.perf_counter_ns() - t0
+        self.result.cow_copies += int(step_result.copy_src.size)
+        entries = []
+        for request in running:
+            for sample, seq in enumerate(request.seq_ids):
+                if seq >= 0:
+                    position = request.prompt_len + request.generated[sample]
+                    entries.append((request, sample, np.array([position])))
+                    request.generated[sample] += 1
+        self._write(entries, step_result.slot_mapping)
+
+    def _retire(self, running: list) -> None:
+        cache = self.cache
+        for request in list(running):
+            for sample, seq in enumerate(request.seq_ids):
+                if seq >= 0 and request.generated[sample] >= request.output_lens[sample]:
+                    self._verify(request, sample)
+                    t0 = time.perf_counter_ns()
+                    cache.remove(seq)
+                    self._host_ns += time.perf_counter_ns() - t0
+                    request.seq_ids[sample] = -1
+                    self.result.samples_done += 1
+            if all(s < 0 for s in request.seq_ids):
+                running.remove(request)
+                self.result.requests_done += 1
+
+    # -- verification ----------------------------------------------------------------------
+
+    def _verify(self, request: _Request, sample: int) -> None:
+        seq = request.seq_ids[sample]
+        length = self.cache.num_tokens(seq)
+        expected_len = request.prompt_len + request.generated[sample]
+        if length != expected_len:
+            self.result.mismatches += max(length, expected_len)
+            return
+        keys = self._keys(request, sample, np.arange(length))
+        for layer in range(self.cfg.layers):
+            k, v, _ = self.cache.gather(layer, [seq])
+            k, v = self.cache.backend.to_host(k), self.cache.backend.to_host(v)
+            for which, got in ((0, k), (1, v)):
+                want = self._content(keys, layer, which)
+                bad = ~(got.view(self._words) == want).reshape(length, -1).all(axis=1)
+                self.result.mismatches += int(bad.sum())
+        self.result.sequences_verified += 1
+        self.result.tokens_verified += length
+
+    def _spot_check(self, running: list) -> None:
+        live = [(r, s) for r in running for s, seq in enumerate(r.seq_ids) if seq >= 0]
+        if not live:
+            return
+        picks = self.rng.choice(len(live), size=min(4, len(live)), replace=False)
+        for i in picks:
+            self._verify(*live[i])
+
+    def _check_invariants(self) -> None:
+        try:
+            self.cache.check_invariants()
+        except KVCoreError:
+            self.result.invariant_failures += 1
+
+    # -- the run -----------------------------------------------------------------------------
+
+    def run(self, progress=None) -> SimResult:
+        """Run until every request has finished; returns the figures."""
+        cfg, res = self.cfg, self.result
+        waiting: deque = deque(sorted(self.requests, key=lambda r: r.arrival_step))
+        running: list = []
+        host_us, device_us = [], []
+        timeline = {"step": [], "pages_used": [], "running": [], "waiting": []}
+        start = time.perf_counter()
+        step = 0
+        total = len(self.requests)
+        while waiting or running:
+            self._host_ns = self._device_ns = 0
+            budget = cfg.max_step_tokens - sum(
+                len([s for s in r.seq_ids if s >= 0]) for r in running)
+            self._admit(waiting, running, step, max(budget, 0))
+            self._decode(running, waiting)
+            t0 = time.perf_counter_ns()
+            self.cache.synchronize()
+            self._device_ns += time.perf_counter_ns() - t0
+            host_us.append(self._host_ns / 1e3)
+            device_us.append(self._device_ns / 1e3)
+            self._retire(running)
+            used = cfg.pages - self.cache.num_free_pages
+            res.peak_pages_used = max(res.peak_pages_used, used)
+            timeline["step"].append(step)
+            timeline["pages_used"].append(used)
+            timeline["running"].append(sum(len([s for s in r.seq_ids if s >= 0])
+                                           for r in running))
+            timeline["waiting"].append(sum(1 for r in waiting if r.arrival_step <= step))
+            if cfg.verify_every and step % cfg.verify_every == 0:
+                self._spot_check(running)
+            if cfg.check_every and step % cfg.check_every == 0:
+                self._check_invariants()
+            if self.on_step is not None:
+                self.on_step(self, step)
+            if progress is not None:
+                progress(res.requests_done, total, step)
+            step += 1
+        for request in running:   # nothing is live here unless a run was cut short
+            for sample, seq in enumerate(request.seq_ids):
+                if seq >= 0:
+                    self._verify(request, sample)
+        self._check_invariants()
+        res.steps = step
+        res.wall_s = time.perf_counter() - start
+        res.steps_per_s = step / res.wall_s if res.wall_s else 0.0
+        if host_us:
+            res.host_us_p50, res.host_us_p99 = (float(x) for x in np.percentile(host_us, [50, 99]))
+            res.device_us_p50, res.device_us_p99 = (float(x) for x in
+                                                    np.percentile(device_us, [50, 99]))
+        res.timeline = timeline
+        return res
