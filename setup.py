@@ -42,13 +42,14 @@ if os.environ.get("KVCORE_ASAN") == "1":
 
 extensions = [
     Extension(
-        "kvcore._core",
-        ["kvcore/_core.pyx"],
+        name,
+        [name.replace(".", "/") + ".pyx"],
         include_dirs=[np.get_include()],
         define_macros=[("NPY_NO_DEPRECATED_API", "NPY_1_9_API_VERSION")],
         extra_compile_args=compile_args,
         extra_link_args=link_args,
     )
+    for name in ("kvcore._prefix", "kvcore._core")
 ]
 
 setup(

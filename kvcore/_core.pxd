@@ -4,21 +4,32 @@
 cimport cython
 from libc.stdint cimport int32_t, int64_t, uint8_t
 
+from kvcore._prefix cimport PrefixIndex
 from kvcore._typedefs cimport page_id_t, refcount_t, seq_id_t, slot_t
 
 
 @cython.final
 cdef class PageAllocator:
     cdef int32_t _num_pages
-    cdef int32_t _num_free
-    cdef page_id_t* _free_stack      # [num_pages]; [0, _num_free) are free, top at _num_free - 1
+    cdef int32_t _num_clean          # pages on the clean free stack
+    cdef page_id_t* _free_stack      # [num_pages]; [0, _num_clean) are free, top last
     cdef refcount_t* _refcount       # [num_pages]; 0 means free
-    cdef object _free_stack_arr      # NumPy owners of the C arrays above
-    cdef object _refcount_arr
+    # Evictable pages (refcount 0 but still in the prefix index): an intrusive doubly
+    # linked list in freeing order, head = least recently freed = evicted first.
+    cdef page_id_t* _lru_prev        # [num_pages], -1 at the head / when not listed
+    cdef page_id_t* _lru_next        # [num_pages], -1 at the tail / when not listed
+    cdef page_id_t _lru_head, _lru_tail
+    cdef int32_t _num_evictable
+    cdef PrefixIndex _index          # None unless a prefix-caching PageTable is attached
+    cdef object _owners              # NumPy owners of the C arrays above
     cdef object _refcount_view       # read-only view handed to users
 
     cdef void _pop(self, page_id_t* out, int32_t n) noexcept nogil
     cdef bint _decref_one(self, page_id_t page) noexcept nogil
+    cdef void _release(self, page_id_t page) noexcept nogil
+    cdef void _lru_append(self, page_id_t page) noexcept nogil
+    cdef void _lru_unlink(self, page_id_t page) noexcept nogil
+    cdef void _reclaim(self, page_id_t page) noexcept nogil
     cdef object _page_array(self, object pages, str name)
 
 

@@ -19,6 +19,7 @@ cimport numpy as cnp
 from libc.stdint cimport INT32_MAX, int32_t, int64_t, uint8_t, uint32_t
 from libc.string cimport memcpy
 
+from kvcore._prefix cimport PrefixIndex
 from kvcore._typedefs cimport NO_PAGE, page_id_t, refcount_t, seq_id_t, slot_t
 
 from kvcore.errors import (
@@ -230,16 +231,23 @@ cdef class PageAllocator:
     Notes
     -----
     Memory representation: ``free_stack`` is an int32 C array of ``num_pages``
-    entries whose first ``num_free`` entries are the free pages, the next page to
+    entries whose first ``num_clean`` entries are the clean free pages, the next page to
     hand out last. A fresh allocator of 4 pages holds ``[3, 2, 1, 0]``, so
     ``allocate(2)`` returns ``[0, 1]`` and leaves ``[3, 2]``; ``decref([0])`` then
     pushes 0 back: ``[3, 2, 0]``. ``refcount`` is an int32 C array, 0 for free pages.
 
+    With a prefix cache attached (``PageTable(..., enable_prefix_cache=True)``), a page
+    that reaches refcount 0 while it is indexed goes on the *evictable* list instead: an
+    intrusive doubly linked list (``lru_prev`` / ``lru_next`` int32 arrays) in freeing
+    order. Allocation takes clean pages first, then evicts from the list's head (the
+    least recently freed); a prefix hit takes a page off the list in O(1). Evictable
+    pages count as free.
+
     Invariants (checked by :meth:`check_invariants`):
 
-    - ``num_free + num_used == num_pages``;
-    - the free stack holds each free page exactly once, and a page is on it if and
-      only if its refcount is 0;
+    - ``num_free + num_used == num_pages``, ``num_free = num_clean + num_evictable``;
+    - a page has refcount 0 if and only if it is free, and a free page is on exactly one
+      of the clean stack (not indexed) and the evictable list (indexed), once;
     - no refcount is negative.
 
     Examples
@@ -256,15 +264,23 @@ cdef class PageAllocator:
     def __cinit__(self, num_pages):
         cdef int32_t n = _positive_int32(num_pages, "num_pages")
         self._num_pages = n
-        self._free_stack_arr = np.arange(n - 1, -1, -1, dtype=np.int32)
-        self._refcount_arr = np.zeros(n, dtype=np.int32)
-        self._free_stack = <page_id_t*>cnp.PyArray_DATA(self._free_stack_arr)
-        self._refcount = <refcount_t*>cnp.PyArray_DATA(self._refcount_arr)
-        self._refcount_view = _readonly_view(self._refcount_arr)
-        self._num_free = n
+        free_stack = np.arange(n - 1, -1, -1, dtype=np.int32)
+        refcount = np.zeros(n, dtype=np.int32)
+        lru_prev = np.full(n, NO_PAGE, dtype=np.int32)
+        lru_next = np.full(n, NO_PAGE, dtype=np.int32)
+        self._owners = (free_stack, refcount, lru_prev, lru_next)
+        self._free_stack = <page_id_t*>cnp.PyArray_DATA(free_stack)
+        self._refcount = <refcount_t*>cnp.PyArray_DATA(refcount)
+        self._lru_prev = <page_id_t*>cnp.PyArray_DATA(lru_prev)
+        self._lru_next = <page_id_t*>cnp.PyArray_DATA(lru_next)
+        self._lru_head = self._lru_tail = NO_PAGE
+        self._num_evictable = 0
+        self._refcount_view = _readonly_view(refcount)
+        self._num_clean = n
+        self._index = None
 
     def __repr__(self):
-        return (f"PageAllocator(num_pages={self._num_pages}, num_free={self._num_free}, "
+        return (f"PageAllocator(num_pages={self._num_pages}, num_free={self.num_free}, "
                 f"num_used={self.num_used})")
 
     @property
@@ -274,13 +290,18 @@ cdef class PageAllocator:
 
     @property
     def num_free(self):
-        """int: pages with refcount 0."""
-        return self._num_free
+        """int: pages with refcount 0 (clean plus evictable)."""
+        return self._num_clean + self._num_evictable
+
+    @property
+    def num_evictable(self):
+        """int: free pages that still hold cached prefixes (evicted on demand)."""
+        return self._num_evictable
 
     @property
     def num_used(self):
         """int: pages with refcount >= 1 (``num_pages - num_free``)."""
-        return self._num_pages - self._num_free
+        return self._num_pages - self._num_clean - self._num_evictable
 
     @property
     def refcounts(self):
@@ -290,28 +311,72 @@ cdef class PageAllocator:
     # -- C-level helpers used by PageTable; callers have validated everything ----------
 
     cdef void _pop(self, page_id_t* out, int32_t n) noexcept nogil:
-        """Move the top ``n`` pages of the free stack to ``out`` with refcount 1."""
+        """Hand out ``n`` pages with refcount 1: clean ones first, then evicted ones.
+
+        The caller has checked ``n <= num_free``.
+        """
         # Locals, not attributes, in the loop: stores through int32 pointers could alias
-        # self._num_free, which would stop the compiler from keeping it in a register.
-        cdef int32_t i, top = self._num_free
+        # self._num_clean, which would stop the compiler from keeping it in a register.
+        cdef int32_t i, top = self._num_clean
         cdef page_id_t page
         cdef const page_id_t* stack = self._free_stack
         cdef refcount_t* rc = self._refcount
         for i in range(n):
-            top -= 1
-            page = stack[top]
+            if top > 0:
+                top -= 1
+                page = stack[top]
+            else:   # evict the least recently freed cached page
+                page = self._lru_head
+                self._lru_unlink(page)
+                self._index.remove(page)
             rc[page] = 1
             out[i] = page
-        self._num_free = top
+        self._num_clean = top
+
+    cdef void _release(self, page_id_t page) noexcept nogil:
+        """A page whose refcount just reached 0: evictable if indexed, else clean."""
+        if self._index is not None and self._index._in_index[page]:
+            self._lru_append(page)
+        else:
+            self._free_stack[self._num_clean] = page
+            self._num_clean += 1
 
     cdef bint _decref_one(self, page_id_t page) noexcept nogil:
-        """Drop one reference; push the page on the free stack when it reaches 0."""
+        """Drop one reference; release the page when it reaches 0."""
         self._refcount[page] -= 1
         if self._refcount[page] == 0:
-            self._free_stack[self._num_free] = page
-            self._num_free += 1
+            self._release(page)
             return True
         return False
+
+    cdef void _lru_append(self, page_id_t page) noexcept nogil:
+        self._lru_prev[page] = self._lru_tail
+        self._lru_next[page] = NO_PAGE
+        if self._lru_tail != NO_PAGE:
+            self._lru_next[self._lru_tail] = page
+        else:
+            self._lru_head = page
+        self._lru_tail = page
+        self._num_evictable += 1
+
+    cdef void _lru_unlink(self, page_id_t page) noexcept nogil:
+        cdef page_id_t prev = self._lru_prev[page], nxt = self._lru_next[page]
+        if prev != NO_PAGE:
+            self._lru_next[prev] = nxt
+        else:
+            self._lru_head = nxt
+        if nxt != NO_PAGE:
+            self._lru_prev[nxt] = prev
+        else:
+            self._lru_tail = prev
+        self._lru_prev[page] = self._lru_next[page] = NO_PAGE
+        self._num_evictable -= 1
+
+    cdef void _reclaim(self, page_id_t page) noexcept nogil:
+        """Add a reference to a cached page found by a prefix hit (maybe evictable)."""
+        if self._refcount[page] == 0:
+            self._lru_unlink(page)
+        self._refcount[page] += 1
 
     cdef object _page_array(self, object pages, str name):
         """``pages`` as a contiguous int32 array; InvalidPageError for an id outside the pool."""
@@ -362,8 +427,8 @@ cdef class PageAllocator:
         cdef int64_t count = _int_arg(n, "n")
         if count < 0:
             raise ValueError(f"n must be >= 0, got {count}")
-        if count > self._num_free:
-            raise OutOfPagesError(count, self._num_free)
+        if count > self._num_clean + self._num_evictable:
+            raise OutOfPagesError(count, self._num_clean + self._num_evictable)
         cdef cnp.ndarray out = _empty_int32(<Py_ssize_t>count)
         self._pop(<page_id_t*>cnp.PyArray_DATA(out), <int32_t>count)
         return out
@@ -433,12 +498,8 @@ cdef class PageAllocator:
             if rc[p[i]] == 0:
                 f[num_freed] = p[i]
                 num_freed += 1
-        cdef int32_t top = self._num_free
-        cdef page_id_t* stack = self._free_stack
         for i in range(num_freed):
-            stack[top] = f[i]
-            top += 1
-        self._num_free = top
+            self._release(f[i])
         return freed if num_freed == n else freed[:num_freed].copy()
 
     def refcount(self, page_id):
@@ -456,30 +517,49 @@ cdef class PageAllocator:
 
     def check_invariants(self):
         """Raise :class:`KVCoreError` describing the first violated invariant."""
-        cdef int32_t i, page, num_zero = 0
-        if self._num_free < 0 or self._num_free > self._num_pages:
-            raise KVCoreError(f"num_free {self._num_free} outside [0, {self._num_pages}]")
+        cdef int32_t i, page, num_zero = 0, count = 0
+        cdef page_id_t prev
+        if self._num_clean < 0 or self._num_clean + self._num_evictable > self._num_pages:
+            raise KVCoreError(f"num_free {self.num_free} outside [0, {self._num_pages}]")
         seen = np.zeros(self._num_pages, dtype=np.uint8)
-        cdef uint8_t[::1] on_stack = seen
-        for i in range(self._num_free):
+        cdef uint8_t[::1] where = seen   # 1: clean stack, 2: evictable list
+        for i in range(self._num_clean):
             page = self._free_stack[i]
             if page < 0 or page >= self._num_pages:
                 raise KVCoreError(f"free stack entry {i} is page {page}, outside the pool")
-            if on_stack[page]:
+            if where[page]:
                 raise KVCoreError(f"page {page} is on the free stack twice")
-            on_stack[page] = 1
+            where[page] = 1
             if self._refcount[page] != 0:
                 raise KVCoreError(
                     f"page {page} is on the free stack with refcount {self._refcount[page]}")
+            if self._index is not None and self._index._in_index[page]:
+                raise KVCoreError(f"page {page} is on the clean stack but still indexed")
+        page, prev = self._lru_head, NO_PAGE
+        while page != NO_PAGE:
+            if page < 0 or page >= self._num_pages or where[page]:
+                raise KVCoreError(f"evictable list reaches page {page} twice or off the pool")
+            where[page] = 2
+            count += 1
+            if self._lru_prev[page] != prev:
+                raise KVCoreError(f"evictable list links of page {page} disagree")
+            if self._refcount[page] != 0:
+                raise KVCoreError(f"evictable page {page} has refcount {self._refcount[page]}")
+            if self._index is None or not self._index._in_index[page]:
+                raise KVCoreError(f"evictable page {page} is not in the prefix index")
+            prev, page = page, self._lru_next[page]
+        if prev != self._lru_tail or count != self._num_evictable:
+            raise KVCoreError(f"evictable list has {count} pages, num_evictable says "
+                              f"{self._num_evictable}")
         for page in range(self._num_pages):
             if self._refcount[page] < 0:
                 raise KVCoreError(f"page {page} has negative refcount {self._refcount[page]}")
             if self._refcount[page] == 0:
                 num_zero += 1
-                if not on_stack[page]:
+                if not where[page]:
                     raise KVCoreError(f"page {page} has refcount 0 but is not free")
-        if num_zero != self._num_free:
-            raise KVCoreError(f"{num_zero} pages have refcount 0 but num_free is {self._num_free}")
+        if num_zero != self.num_free:
+            raise KVCoreError(f"{num_zero} pages have refcount 0 but num_free is {self.num_free}")
 
 
 # --------------------------------------------------------------------------------------
@@ -866,8 +946,9 @@ cdef class PageTable:
         cdef Py_ssize_t i, batch = cnp.PyArray_DIM(sids, 0)
         cdef int64_t num_copies
         cdef int64_t needed = self._count_new_pages(sp, cp, batch, &num_copies)
-        if needed > self.allocator._num_free:
-            raise OutOfPagesError(needed, self.allocator._num_free)
+        cdef int64_t available = self.allocator._num_clean + self.allocator._num_evictable
+        if needed > available:
+            raise OutOfPagesError(needed, available)
         cdef int64_t total_tokens = total_obj
         # Validation is complete: from here on nothing can fail.
         cdef cnp.ndarray slot_mapping = _empty_int64(<Py_ssize_t>total_tokens)
