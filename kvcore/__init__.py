@@ -6,6 +6,7 @@ needs no GPU; :class:`KVCache` adds the pool and its data movement on a NumPy or
 """
 
 from kvcore._core import AppendResult, PageAllocator, PageTable
+from kvcore._prefix import EVENT_EVICTED, EVENT_STORED
 from kvcore.cache import KVCache
 from kvcore.config import KVCacheConfig
 from kvcore.errors import (
@@ -26,6 +27,8 @@ __all__ = [
     "AppendResult",
     "BackendUnavailableError",
     "CapacityError",
+    "EVENT_EVICTED",
+    "EVENT_STORED",
     "InvalidPageError",
     "KVCache",
     "KVCacheConfig",

@@ -2,7 +2,7 @@
 """C-level declarations of the host core (see _core.pyx for the invariants)."""
 
 cimport cython
-from libc.stdint cimport int32_t, int64_t, uint8_t
+from libc.stdint cimport int32_t, int64_t, uint8_t, uint32_t, uint64_t
 
 from kvcore._prefix cimport PrefixIndex
 from kvcore._typedefs cimport page_id_t, refcount_t, seq_id_t, slot_t
@@ -50,6 +50,15 @@ cdef class PageTable:
     cdef int32_t _stamp
     cdef int32_t* _cow_pending       # [num_pages] scratch for pages_needed; all 0 between calls
     cdef object _owners              # NumPy arrays that own the C arrays above
+    # prefix caching (all None / NULL when off)
+    cdef PrefixIndex _prefix
+    cdef int64_t* _seq_ns            # [max_seqs] namespace of each sequence
+    cdef uint8_t* _chain_ok          # [max_seqs] every token id so far is known
+    cdef int32_t* _num_chained       # [max_seqs] leading full pages already registered
+    cdef page_id_t* _chain_page      # [max_seqs] indexed page of the last registered one
+    cdef uint32_t* _chain_gen        # [max_seqs] its generation then
+    cdef uint64_t* _chain_hash       # [max_seqs] its chained hash (0 at the root)
+    cdef object _prefix_owners
     cdef object _block_table_view
     cdef object _seq_lens_view
 
@@ -57,6 +66,10 @@ cdef class PageTable:
     cdef int _check_active(self, const int64_t* seq_ids, Py_ssize_t batch,
                            bint allow_duplicates) except -1
     cdef tuple _batch_args(self, object seq_ids, object num_new_tokens)
+    cdef int64_t _new_seq(self, int64_t namespace)
+    cdef void _start_chain(self, int64_t s, int64_t namespace) noexcept nogil
+    cdef void _register(self, const int64_t* seq_ids, const int64_t* counts, Py_ssize_t batch,
+                        const slot_t* slots, const int32_t* tokens) noexcept
     cdef void _append_unchecked(self, const int64_t* seq_ids, const int64_t* counts,
                                 Py_ssize_t batch, slot_t* slots, page_id_t* copy_src,
                                 page_id_t* copy_dst) noexcept nogil

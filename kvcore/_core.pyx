@@ -16,12 +16,13 @@ import numpy as np
 
 cimport cython
 cimport numpy as cnp
-from libc.stdint cimport INT32_MAX, int32_t, int64_t, uint8_t, uint32_t
+from libc.stdint cimport INT32_MAX, int32_t, int64_t, uint8_t, uint32_t, uint64_t
 from libc.string cimport memcpy
 
 from kvcore._prefix cimport PrefixIndex
 from kvcore._typedefs cimport NO_PAGE, page_id_t, refcount_t, seq_id_t, slot_t
 
+from kvcore._prefix import PrefixIndex as _PrefixIndex
 from kvcore.errors import (
     CapacityError,
     InvalidPageError,
@@ -165,6 +166,17 @@ cdef int32_t _positive_int32(object value, str name) except -1:
     if v < 1 or v > INT32_MAX:
         raise ValueError(f"{name} must be in [1, {INT32_MAX}], got {v}")
     return <int32_t>v
+
+
+cdef cnp.ndarray _token_array(object tokens, str name):
+    """``tokens`` as a contiguous int32 array of ids in ``[0, 2**31 - 1]``."""
+    cdef cnp.ndarray arr = _int64_array(tokens, name)
+    cdef const int64_t* p = <const int64_t*>cnp.PyArray_DATA(arr)
+    cdef Py_ssize_t i, n = cnp.PyArray_DIM(arr, 0)
+    for i in range(n):
+        if p[i] < 0 or p[i] > INT32_MAX:
+            raise ValueError(f"{name}[{i}] is {p[i]}, token ids must be in [0, {INT32_MAX}]")
+    return arr.astype(np.int32)
 
 
 cdef inline cnp.ndarray _empty_int32(Py_ssize_t n):
@@ -608,7 +620,9 @@ cdef class PageTable:
     (array([0, 3], dtype=int32), array([0, 1, 2], dtype=int32), array([13], dtype=int32))
     """
 
-    def __cinit__(self, PageAllocator allocator not None, page_size, max_seqs, max_pages_per_seq):
+    def __cinit__(self, PageAllocator allocator not None, page_size, max_seqs, max_pages_per_seq,
+                  *, enable_prefix_cache=False, prefix_hash_bits=64,
+                  prefix_event_capacity=65536):
         cdef int32_t ps = _positive_int32(page_size, "page_size")
         cdef int32_t ms = _positive_int32(max_seqs, "max_seqs")
         cdef int32_t mp = _positive_int32(max_pages_per_seq, "max_pages_per_seq")
@@ -638,6 +652,28 @@ cdef class PageTable:
         self._cow_pending = <int32_t*>cnp.PyArray_DATA(cow_pending)
         self._block_table_view = _readonly_view(table)
         self._seq_lens_view = _readonly_view(seq_lens)
+        self._prefix = None
+        if enable_prefix_cache:
+            if allocator._index is not None:
+                raise ValueError("this allocator already serves a prefix-caching PageTable")
+            self._prefix = _PrefixIndex(allocator._num_pages, ps,
+                                        _int_arg(prefix_hash_bits, "prefix_hash_bits"),
+                                        _int_arg(prefix_event_capacity, "prefix_event_capacity"))
+            seq_ns = np.zeros(ms, dtype=np.int64)
+            chain_ok = np.zeros(ms, dtype=np.uint8)
+            num_chained = np.zeros(ms, dtype=np.int32)
+            chain_page = np.full(ms, NO_PAGE, dtype=np.int32)
+            chain_gen = np.zeros(ms, dtype=np.uint32)
+            chain_hash = np.zeros(ms, dtype=np.uint64)
+            self._prefix_owners = (seq_ns, chain_ok, num_chained, chain_page, chain_gen,
+                                   chain_hash)
+            self._seq_ns = <int64_t*>cnp.PyArray_DATA(seq_ns)
+            self._chain_ok = <uint8_t*>cnp.PyArray_DATA(chain_ok)
+            self._num_chained = <int32_t*>cnp.PyArray_DATA(num_chained)
+            self._chain_page = <page_id_t*>cnp.PyArray_DATA(chain_page)
+            self._chain_gen = <uint32_t*>cnp.PyArray_DATA(chain_gen)
+            self._chain_hash = <uint64_t*>cnp.PyArray_DATA(chain_hash)
+            allocator._index = self._prefix
 
     def __repr__(self):
         return (f"PageTable(page_size={self._page_size}, max_seqs={self._max_seqs}, "
@@ -802,8 +838,21 @@ cdef class PageTable:
 
     # -- sequences -------------------------------------------------------------------------
 
-    def add_sequence(self):
-        """Start an empty sequence and return its seq id.
+    def add_sequence(self, tokens=None, *, namespace=0):
+        """Start a sequence and return its seq id; with prefix caching, map cached pages.
+
+        Parameters
+        ----------
+        tokens : array_like of int, shape [n], optional
+            The prompt's token ids (``[0, 2**31 - 1]``). With prefix caching on, the
+            longest run of cached *full* pages that match them from the start, within
+            ``namespace``, is mapped into the new sequence, leaving at least one token
+            uncached: at most ``n - 1`` tokens, rounded down to whole pages.
+            ``num_tokens(seq)`` then says how many are cached; append the rest (with
+            their ``token_ids``). Ignored when prefix caching is off.
+        namespace : int
+            Tenant, adapter or cache salt: sequences of different namespaces never share
+            cached pages.
 
         Returns
         -------
@@ -814,15 +863,77 @@ cdef class PageTable:
         ------
         CapacityError
             ``max_seqs`` sequences are active.
+        ValueError, TypeError
+            Bad ``tokens`` or ``namespace``. Nothing is changed on any error.
+
+        Notes
+        -----
+        With page size 4 and a cached chain for tokens ``[5, 6, 7, 8, 9, 10, 11, 12]``,
+        ``add_sequence([5, 6, 7, 8, 9, 10, 11, 12, 13])`` maps 2 pages (8 tokens) while
+        ``add_sequence([5, 6, 7, 8, 9, 10, 11, 12])`` maps 1: the last token is always
+        left to compute.
         """
+        cdef int64_t ns = _int_arg(namespace, "namespace")
+        cdef cnp.ndarray tok
         if self._num_free_seqs == 0:
             raise CapacityError(f"all {self._max_seqs} sequence slots are in use")
+        if tokens is None or self._prefix is None:
+            return self._new_seq(ns)
+        tok = _token_array(tokens, "tokens")
+        cdef const int32_t* tp = <const int32_t*>cnp.PyArray_DATA(tok)
+        cdef int64_t n = cnp.PyArray_DIM(tok, 0)
+        cdef int64_t ps = self._page_size
+        cdef int64_t max_hits = min((n - 1) // ps if n > 0 else 0, self._max_pages_per_seq)
+        cdef PrefixIndex prefix = self._prefix
+        # Look up first (nothing changes), then map what was found.
+        cdef cnp.ndarray hits_arr = _empty_int32(max_hits)
+        cdef page_id_t* hits = <page_id_t*>cnp.PyArray_DATA(hits_arr)
+        cdef int64_t i, num_hits = 0
+        cdef page_id_t parent = NO_PAGE, page
+        cdef uint32_t parent_gen = 0
+        cdef uint64_t h = 0, hh
+        for i in range(max_hits):
+            hh = prefix.chain_hash(h, ns, tp + i * ps)
+            page = prefix.find(hh, parent, parent_gen, ns, tp + i * ps)
+            if page == NO_PAGE:
+                break
+            if self.allocator._refcount[page] == INT32_MAX:
+                raise RefcountError(f"refcount of page {page} would overflow int32")
+            hits[num_hits] = page
+            num_hits += 1
+            parent, parent_gen, h = page, prefix._gen[page], hh
+        cdef int64_t s = self._new_seq(ns)
+        cdef page_id_t* row = self._table + s * self._max_pages_per_seq
+        for i in range(num_hits):
+            row[i] = hits[i]
+            self.allocator._reclaim(hits[i])
+        self._seq_lens[s] = <int32_t>(num_hits * ps)
+        self._num_chained[s] = <int32_t>num_hits
+        self._chain_page[s] = parent
+        self._chain_gen[s] = parent_gen
+        self._chain_hash[s] = h
+        prefix._queries += 1
+        prefix._queried_tokens += n
+        prefix._hit_tokens += num_hits * ps
+        return s
+
+    cdef int64_t _new_seq(self, int64_t namespace):
         self._num_free_seqs -= 1
         cdef seq_id_t s = self._free_seqs[self._num_free_seqs]
         self._active[s] = 1
         self._seq_lens[s] = 0
         self._num_seqs += 1
+        if self._prefix is not None:
+            self._start_chain(s, namespace)
         return s
+
+    cdef void _start_chain(self, int64_t s, int64_t namespace) noexcept nogil:
+        self._seq_ns[s] = namespace
+        self._chain_ok[s] = 1
+        self._num_chained[s] = 0
+        self._chain_page[s] = NO_PAGE
+        self._chain_gen[s] = 0
+        self._chain_hash[s] = 0
 
     def fork(self, seq_id):
         """Start a sequence that shares every page of ``seq_id`` (copy-on-write).
@@ -856,6 +967,13 @@ cdef class PageTable:
         self._seq_lens[child] = self._seq_lens[parent]
         self._active[child] = 1
         self._num_seqs += 1
+        if self._prefix is not None:
+            self._seq_ns[child] = self._seq_ns[parent]
+            self._chain_ok[child] = self._chain_ok[parent]
+            self._num_chained[child] = self._num_chained[parent]
+            self._chain_page[child] = self._chain_page[parent]
+            self._chain_gen[child] = self._chain_gen[parent]
+            self._chain_hash[child] = self._chain_hash[parent]
         return child
 
     def remove(self, seq_id):
@@ -902,7 +1020,7 @@ cdef class PageTable:
                                      <const int64_t*>cnp.PyArray_DATA(counts),
                                      cnp.PyArray_DIM(sids, 0), &copies)
 
-    def append(self, seq_ids, num_new_tokens):
+    def append(self, seq_ids, num_new_tokens, token_ids=None):
         """Extend a batch of sequences by some tokens each, allocating pages as needed.
 
         Parameters
@@ -911,6 +1029,10 @@ cdef class PageTable:
             Distinct active sequences, in the order their tokens appear in the result.
         num_new_tokens : array_like of int, shape [B], or int
             Tokens to add to each sequence (``>= 0``); an int applies to every sequence.
+        token_ids : array_like of int, shape [sum(num_new_tokens)], optional
+            Ids of the new tokens in ``slot_mapping`` order. With prefix caching on,
+            every page that becomes full with all its token ids known is registered in
+            the cache; a sequence appended without ids is never registered again.
 
         Returns
         -------
@@ -923,7 +1045,8 @@ cdef class PageTable:
         UnknownSequenceError
             A seq id is not active.
         ValueError
-            Duplicate seq ids, unequal lengths or a negative count.
+            Duplicate seq ids, unequal lengths or a negative count; ``token_ids`` of the
+            wrong length or with an id outside ``[0, 2**31 - 1]``.
         CapacityError
             A sequence would exceed ``max_pages_per_seq`` pages.
         OutOfPagesError
@@ -950,15 +1073,68 @@ cdef class PageTable:
         if needed > available:
             raise OutOfPagesError(needed, available)
         cdef int64_t total_tokens = total_obj
+        cdef cnp.ndarray tok = None
+        if token_ids is not None:
+            tok = _token_array(token_ids, "token_ids")
+            if cnp.PyArray_DIM(tok, 0) != total_tokens:
+                raise ValueError(f"token_ids holds {cnp.PyArray_DIM(tok, 0)} ids but "
+                                 f"num_new_tokens add up to {total_tokens}")
         # Validation is complete: from here on nothing can fail.
         cdef cnp.ndarray slot_mapping = _empty_int64(<Py_ssize_t>total_tokens)
         cdef cnp.ndarray copy_src = _empty_int32(<Py_ssize_t>num_copies)
         cdef cnp.ndarray copy_dst = _empty_int32(<Py_ssize_t>num_copies)
-        self._append_unchecked(sp, cp, batch,
-                               <slot_t*>cnp.PyArray_DATA(slot_mapping),
+        cdef slot_t* slots = <slot_t*>cnp.PyArray_DATA(slot_mapping)
+        self._append_unchecked(sp, cp, batch, slots,
                                <page_id_t*>cnp.PyArray_DATA(copy_src),
                                <page_id_t*>cnp.PyArray_DATA(copy_dst))
+        if self._prefix is not None:
+            self._register(sp, cp, batch, slots,
+                           NULL if tok is None else <const int32_t*>cnp.PyArray_DATA(tok))
         return _new_tuple(AppendResult, (slot_mapping, copy_src, copy_dst))
+
+    cdef void _register(self, const int64_t* seq_ids, const int64_t* counts, Py_ssize_t batch,
+                        const slot_t* slots, const int32_t* tokens) noexcept:
+        """Record the new token ids and index every page that just became full.
+
+        A full page whose chain link and tokens are already indexed (another sequence
+        computed the same prefix) is not indexed twice: the sequence's chain continues
+        from the indexed page, so its later pages still link to what lookups will find.
+        """
+        cdef PrefixIndex prefix = self._prefix
+        cdef int32_t* slot_tokens = prefix._slot_tokens
+        cdef Py_ssize_t i
+        cdef int64_t s, t, j = 0, page_idx, full, ps = self._page_size
+        cdef page_id_t page, found
+        cdef const int32_t* page_tokens
+        cdef uint64_t h
+        for i in range(batch):
+            if counts[i] == 0:
+                continue
+            s = seq_ids[i]
+            if tokens == NULL:
+                self._chain_ok[s] = 0
+                j += counts[i]
+                continue
+            for t in range(counts[i]):
+                slot_tokens[slots[j + t]] = tokens[j + t]
+            j += counts[i]
+            if not self._chain_ok[s]:
+                continue
+            full = self._seq_lens[s] // ps
+            for page_idx in range(self._num_chained[s], full):
+                page = self._table[s * self._max_pages_per_seq + page_idx]
+                page_tokens = slot_tokens + <int64_t>page * ps
+                h = prefix.chain_hash(self._chain_hash[s], self._seq_ns[s], page_tokens)
+                found = prefix.find(h, self._chain_page[s], self._chain_gen[s],
+                                    self._seq_ns[s], page_tokens)
+                if found == NO_PAGE:
+                    prefix.insert(page, h, self._chain_page[s], self._chain_gen[s],
+                                  self._seq_ns[s])
+                    found = page
+                self._chain_page[s] = found
+                self._chain_gen[s] = prefix._gen[found]
+                self._chain_hash[s] = h
+            self._num_chained[s] = <int32_t>full
 
     cdef void _append_unchecked(self, const int64_t* seq_ids, const int64_t* counts,
                                 Py_ssize_t batch, slot_t* slots, page_id_t* copy_src,
@@ -991,6 +1167,10 @@ cdef class PageTable:
                 if rc[old_page] > 1:
                     self.allocator._pop(&fresh, 1)
                     row[old_pages - 1] = fresh
+                    if self._prefix is not None:   # the host copy of the page's token ids
+                        memcpy(self._prefix._slot_tokens + <int64_t>fresh * ps,
+                               self._prefix._slot_tokens + <int64_t>old_page * ps,
+                               ps * sizeof(int32_t))
                     rc[old_page] -= 1   # still >= 1: it stays shared
                     copy_src[k] = old_page
                     copy_dst[k] = fresh
@@ -1113,6 +1293,67 @@ cdef class PageTable:
                    npages * sizeof(page_id_t))
         return out
 
+    # -- prefix cache --------------------------------------------------------------------------
+
+    @property
+    def prefix_cache_enabled(self):
+        """bool: whether this table caches prefixes."""
+        return self._prefix is not None
+
+    @property
+    def num_cached_pages(self):
+        """int: pages in the prefix index (in use or evictable); 0 when caching is off."""
+        return 0 if self._prefix is None else self._prefix._num_indexed
+
+    @property
+    def prefix_stats(self):
+        """dict or None: ``queries``, ``queried_tokens``, ``hit_tokens``, ``stored``,
+        ``evictions``, ``events_dropped``, ``num_cached_pages`` and ``hit_rate``
+        (hit_tokens / queried_tokens); None when caching is off."""
+        if self._prefix is None:
+            return None
+        stats = self._prefix.stats()
+        stats["num_cached_pages"] = self._prefix._num_indexed
+        stats["hit_rate"] = (stats["hit_tokens"] / stats["queried_tokens"]
+                             if stats["queried_tokens"] else 0.0)
+        return stats
+
+    def take_events(self):
+        """Return and clear the cache's events since the last call, oldest first.
+
+        Returns
+        -------
+        kind : numpy.ndarray of uint8, shape [n]
+            1 (``kvcore.EVENT_STORED``) or 2 (``kvcore.EVENT_EVICTED``).
+        page_id : numpy.ndarray of int32, shape [n]
+        page_hash : numpy.ndarray of uint64, shape [n]
+            The page's chained hash (prefix, namespace and tokens): what a KV-aware
+            router compares across replicas.
+
+        Notes
+        -----
+        At most ``prefix_event_capacity`` events are kept; older ones are dropped and
+        counted in ``prefix_stats["events_dropped"]``. Empty arrays when caching is off.
+        """
+        if self._prefix is None:
+            return (np.empty(0, np.uint8), np.empty(0, np.int32), np.empty(0, np.uint64))
+        return self._prefix.take_events()
+
+    def clear_prefix_cache(self):
+        """Forget every cached prefix: evictable pages become clean, pages in use stay
+        mapped but are no longer found by lookups. Emits an evicted event per page."""
+        if self._prefix is None:
+            return
+        cdef page_id_t page
+        cdef PageAllocator alloc = self.allocator
+        for page in range(alloc._num_pages):
+            if self._prefix._in_index[page]:
+                self._prefix.remove(page)
+                if alloc._refcount[page] == 0:
+                    alloc._lru_unlink(page)
+                    alloc._free_stack[alloc._num_clean] = page
+                    alloc._num_clean += 1
+
     # -- checking ----------------------------------------------------------------------------
 
     def check_invariants(self):
@@ -1122,6 +1363,8 @@ cdef class PageTable:
         length, refcounts against table references, and the seq-id bookkeeping.
         """
         self.allocator.check_invariants()
+        if self._prefix is not None:
+            self._prefix.check()
         cdef int32_t num_pages = self.allocator._num_pages
         refs_arr = np.zeros(num_pages, dtype=np.int64)
         cdef int64_t[::1] refs = refs_arr

@@ -81,7 +81,8 @@ class KVCache:
         self.backend = make_backend(config, device)
         self.allocator = PageAllocator(config.num_pages)
         self.table = PageTable(self.allocator, config.page_size, config.max_seqs,
-                               config.max_pages_per_seq)
+                               config.max_pages_per_seq,
+                               enable_prefix_cache=config.enable_prefix_cache)
         self._dtype = storage_dtype(config.dtype)
         self._num_slots = config.num_pages * config.page_size
 
@@ -116,9 +117,10 @@ class KVCache:
 
     # -- bookkeeping, passed through to the PageTable -----------------------------------------
 
-    def add_sequence(self) -> int:
-        """Start an empty sequence; see :meth:`PageTable.add_sequence`."""
-        return self.table.add_sequence()
+    def add_sequence(self, tokens=None, *, namespace: int = 0) -> int:
+        """Start a sequence (mapping cached prefix pages when prefix caching is on and
+        ``tokens`` are given); see :meth:`PageTable.add_sequence`."""
+        return self.table.add_sequence(tokens, namespace=namespace)
 
     def fork(self, seq_id: int) -> int:
         """Share every page of ``seq_id`` with a new sequence; see :meth:`PageTable.fork`."""
@@ -128,14 +130,14 @@ class KVCache:
         """End ``seq_id`` and release its pages; see :meth:`PageTable.remove`."""
         self.table.remove(seq_id)
 
-    def append(self, seq_ids, num_new_tokens) -> AppendResult:
+    def append(self, seq_ids, num_new_tokens, token_ids=None) -> AppendResult:
         """Extend sequences (see :meth:`PageTable.append`) and do the copy-on-write copies.
 
         The page copies reported in ``copy_src`` / ``copy_dst`` are performed on the
         device (every layer, K and V, one launch) before this returns, so the caller can
         write the new tokens through ``slot_mapping`` at once.
         """
-        result = self.table.append(seq_ids, num_new_tokens)
+        result = self.table.append(seq_ids, num_new_tokens, token_ids)
         if result.copy_src.size:
             self._copy_pages_unchecked(result.copy_src, result.copy_dst)
         return result
@@ -167,6 +169,24 @@ class KVCache:
     def check_invariants(self) -> None:
         """Check the bookkeeping's invariants (raises :class:`KVCoreError`)."""
         self.table.check_invariants()
+
+    @property
+    def prefix_stats(self):
+        """Prefix-cache counters (see :attr:`PageTable.prefix_stats`); None when off."""
+        return self.table.prefix_stats
+
+    @property
+    def num_cached_pages(self) -> int:
+        """Pages in the prefix index."""
+        return self.table.num_cached_pages
+
+    def take_events(self):
+        """Prefix-cache events since the last call; see :meth:`PageTable.take_events`."""
+        return self.table.take_events()
+
+    def clear_prefix_cache(self) -> None:
+        """Forget every cached prefix; see :meth:`PageTable.clear_prefix_cache`."""
+        self.table.clear_prefix_cache()
 
     # -- the pool -------------------------------------------------------------------------------
 

@@ -65,6 +65,9 @@ class KVCacheConfig:
         Sequence slots of the page table.
     max_pages_per_seq : int or None
         Longest sequence in pages; ``None`` means ``num_pages``.
+    enable_prefix_cache : bool
+        Reuse full pages across sequences with equal token prefixes (see
+        :meth:`PageTable.add_sequence`).
 
     Notes
     -----
@@ -88,6 +91,7 @@ class KVCacheConfig:
     layout: str = "NHD"
     max_seqs: int = 256
     max_pages_per_seq: int | None = None
+    enable_prefix_cache: bool = False
 
     def __post_init__(self):
         for name in ("num_layers", "num_kv_heads", "head_dim", "page_size", "num_pages",
@@ -107,6 +111,10 @@ class KVCacheConfig:
         if layout not in LAYOUTS:
             raise ValueError(f"layout must be one of {LAYOUTS}, got {self.layout!r}")
         object.__setattr__(self, "layout", layout)
+        if not isinstance(self.enable_prefix_cache, (bool, np.bool_)):
+            raise TypeError(f"enable_prefix_cache must be a bool, got "
+                            f"{type(self.enable_prefix_cache).__name__}")
+        object.__setattr__(self, "enable_prefix_cache", bool(self.enable_prefix_cache))
 
     @property
     def itemsize(self) -> int:
