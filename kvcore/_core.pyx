@@ -170,9 +170,21 @@ cdef int32_t _positive_int32(object value, str name) except -1:
 
 cdef cnp.ndarray _token_array(object tokens, str name):
     """``tokens`` as a contiguous int32 array of ids in ``[0, 2**31 - 1]``."""
+    cdef Py_ssize_t i, n
+    cdef const int32_t* p32
+    if (type(tokens) is cnp.ndarray and cnp.PyArray_TYPE(<cnp.ndarray>tokens) == cnp.NPY_INT32
+            and cnp.PyArray_NDIM(<cnp.ndarray>tokens) == 1
+            and cnp.PyArray_IS_C_CONTIGUOUS(<cnp.ndarray>tokens)):
+        p32 = <const int32_t*>cnp.PyArray_DATA(<cnp.ndarray>tokens)
+        n = cnp.PyArray_DIM(<cnp.ndarray>tokens, 0)
+        for i in range(n):
+            if p32[i] < 0:
+                raise ValueError(f"{name}[{i}] is {p32[i]}, token ids must be in "
+                                 f"[0, {INT32_MAX}]")
+        return <cnp.ndarray>tokens
     cdef cnp.ndarray arr = _int64_array(tokens, name)
     cdef const int64_t* p = <const int64_t*>cnp.PyArray_DATA(arr)
-    cdef Py_ssize_t i, n = cnp.PyArray_DIM(arr, 0)
+    n = cnp.PyArray_DIM(arr, 0)
     for i in range(n):
         if p[i] < 0 or p[i] > INT32_MAX:
             raise ValueError(f"{name}[{i}] is {p[i]}, token ids must be in [0, {INT32_MAX}]")
@@ -1338,6 +1350,10 @@ cdef class PageTable:
         if self._prefix is None:
             return (np.empty(0, np.uint8), np.empty(0, np.int32), np.empty(0, np.uint64))
         return self._prefix.take_events()
+
+    def _slot_token(self, page_id, offset):
+        """Token id recorded for slot (page_id, offset) (for tests)."""
+        return self._prefix._slot_tokens[<int64_t>page_id * self._page_size + offset]
 
     def clear_prefix_cache(self):
         """Forget every cached prefix: evictable pages become clean, pages in use stay
