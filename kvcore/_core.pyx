@@ -342,20 +342,22 @@ cdef class PageAllocator:
         # Locals, not attributes, in the loop: stores through int32 pointers could alias
         # self._num_clean, which would stop the compiler from keeping it in a register.
         cdef int32_t i, top = self._num_clean
+        cdef int32_t from_clean = n if n <= top else top
         cdef page_id_t page
         cdef const page_id_t* stack = self._free_stack
         cdef refcount_t* rc = self._refcount
-        for i in range(n):
-            if top > 0:
-                top -= 1
-                page = stack[top]
-            else:   # evict the least recently freed cached page
-                page = self._lru_head
-                self._lru_unlink(page)
-                self._index.remove(page)
+        for i in range(from_clean):
+            top -= 1
+            page = stack[top]
             rc[page] = 1
             out[i] = page
         self._num_clean = top
+        for i in range(from_clean, n):   # then evict the least recently freed cached pages
+            page = self._lru_head
+            self._lru_unlink(page)
+            self._index.remove(page)
+            rc[page] = 1
+            out[i] = page
 
     cdef void _release(self, page_id_t page) noexcept nogil:
         """A page whose refcount just reached 0: evictable if indexed, else clean."""
@@ -522,8 +524,16 @@ cdef class PageAllocator:
             if rc[p[i]] == 0:
                 f[num_freed] = p[i]
                 num_freed += 1
-        for i in range(num_freed):
-            self._release(f[i])
+        cdef int32_t top
+        if self._index is None:   # no prefix cache: every freed page is clean
+            top = self._num_clean
+            for i in range(num_freed):
+                self._free_stack[top] = f[i]
+                top += 1
+            self._num_clean = top
+        else:
+            for i in range(num_freed):
+                self._release(f[i])
         return freed if num_freed == n else freed[:num_freed].copy()
 
     def refcount(self, page_id):

@@ -38,9 +38,9 @@ def test_hit_maps_the_same_pages_and_leaves_one_token():
     assert cached == 8                               # two full pages
     assert table.pages(b)[:2].tolist() == table.pages(a)[:2].tolist()
     assert table.allocator.refcount(int(table.pages(a)[0])) == 2
-    c, cached = prefill(table, prompt[:8])           # exactly two pages: only one is hit
+    _c, cached = prefill(table, prompt[:8])           # exactly two pages: only one is hit
     assert cached == 4
-    d, cached = prefill(table, prompt[:9])           # 9 tokens: both pages, one left over
+    _d, cached = prefill(table, prompt[:9])           # 9 tokens: both pages, one left over
     assert cached == 8
     assert table.prefix_stats["hit_tokens"] == 20
     assert table.prefix_stats["queried_tokens"] == 10 + 10 + 8 + 9
@@ -49,17 +49,17 @@ def test_hit_maps_the_same_pages_and_leaves_one_token():
 
 def test_a_miss_in_the_middle_stops_the_match():
     table = make()
-    prefill(table, list(range(12)) + [99])
-    other = list(range(4)) + [50, 51, 52, 53] + list(range(8, 12)) + [99]
-    seq, cached = prefill(table, other)
+    prefill(table, [*list(range(12)), 99])
+    other = [*list(range(4)), 50, 51, 52, 53, *list(range(8, 12)), 99]
+    _seq, cached = prefill(table, other)
     assert cached == 4     # page 1 differs, so page 2 (same tokens, other parent) misses
 
 
 def test_same_tokens_after_different_prefixes_are_different_pages():
     table = make()
     tail = [7, 7, 7, 7]
-    a, _ = prefill(table, [1, 2, 3, 4] + tail + [0])
-    b, cached = prefill(table, [5, 6, 7, 8] + tail + [0])
+    a, _ = prefill(table, [1, 2, 3, 4, *tail, 0])
+    b, cached = prefill(table, [5, 6, 7, 8, *tail, 0])
     assert cached == 0
     assert table.pages(a)[1] != table.pages(b)[1]
     assert table.num_cached_pages == 4
@@ -214,7 +214,7 @@ def test_events_report_stores_and_evictions_and_drop_when_full():
 def test_clear_prefix_cache():
     table = make()
     a, _ = prefill(table, list(range(9)))
-    b, _ = prefill(table, list(range(100, 109)))
+    _b, _ = prefill(table, list(range(100, 109)))
     table.remove(a)
     table.clear_prefix_cache()
     assert table.num_cached_pages == 0 and table.allocator.num_evictable == 0

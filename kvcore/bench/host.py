@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 
 import kvcore
-from kvcore.bench.pure_python import PyPageAllocator, PyPageTable
+from kvcore.bench.pure_python import PyPageAllocator, PyPageTable, PyPrefixPageTable
 
 
 def timed(fn, repeats: int) -> list[float]:
@@ -148,6 +148,80 @@ def beam_search(lib: str, beams: int = 8, steps: int = 64, prompt: int = 500,
     return timed_run
 
 
+def prefix_lookup(lib: str, tokens: int = 4096, page_size: int = 16, rounds: int = 20):
+    """Look up a cached 4,096-token prompt (256 full pages, all hits); only
+    ``add_sequence`` is timed (the ``remove`` that frees the hit is not)."""
+    num_pages = tokens // page_size + 16
+    prompt = np.random.default_rng(7).integers(0, 32000, size=tokens + 1).astype(np.int32)
+    if lib == "kvcore":
+        table = kvcore.PageTable(kvcore.PageAllocator(num_pages), page_size, 4, num_pages,
+                                 enable_prefix_cache=True)
+        seq = table.add_sequence()
+        table.append([seq], [tokens + 1], token_ids=prompt)
+    else:
+        table = PyPrefixPageTable(PyPageAllocator(num_pages), page_size, 4)
+        prompt = prompt.tolist()
+        seq = table.add_sequence()
+        table.append([seq], [tokens + 1], prompt)
+
+    def run():
+        elapsed = 0
+        for _ in range(rounds):
+            start = time.perf_counter_ns()
+            hit = table.add_sequence(prompt)
+            elapsed += time.perf_counter_ns() - start
+            assert (table.num_tokens(hit) if lib == "kvcore" else table.lens[hit]) == tokens
+            table.remove(hit)
+        return elapsed / rounds
+
+    return run
+
+
+def shared_prompt_workload(lib: str, requests: int = 256, system_len: int = 1024,
+                           user_len: int = 200, decode: int = 32, page_size: int = 16,
+                           batch: int = 32):
+    """Requests that share one of 4 system prompts: lookup + prefill + 32 decode steps in
+    batches of 32, then free. Reports µs per request; hit rate in ``run.hit_rate``."""
+    rng = np.random.default_rng(11)
+    systems = [rng.integers(0, 32000, size=system_len) for _ in range(4)]
+    prompts = [np.concatenate([systems[i % 4], rng.integers(0, 32000, size=user_len)]
+                              ).astype(np.int32) for i in range(requests)]
+    decode_ids = rng.integers(0, 32000, size=(requests, decode)).astype(np.int32)
+    per_seq = -(-(system_len + user_len + decode) // page_size)
+    num_pages = batch * per_seq + 4 * system_len // page_size + 64
+
+    def run():
+        if lib == "kvcore":
+            table = kvcore.PageTable(kvcore.PageAllocator(num_pages), page_size, batch,
+                                     per_seq, enable_prefix_cache=True)
+            reqs = prompts
+        else:
+            table = PyPrefixPageTable(PyPageAllocator(num_pages), page_size, batch)
+            reqs = [p.tolist() for p in prompts]
+        start = time.perf_counter_ns()
+        for first in range(0, requests, batch):
+            seqs = []
+            for r in range(first, first + batch):
+                seq = table.add_sequence(reqs[r])
+                cached = table.lens[seq] if lib != "kvcore" else table.num_tokens(seq)
+                rest = reqs[r][cached:]
+                table.append([seq], [len(rest)], rest)
+                seqs.append(seq)
+            for step in range(decode):
+                ids = decode_ids[first:first + batch, step]
+                table.append(seqs, [1] * batch, ids if lib == "kvcore" else ids.tolist())
+            for seq in seqs:
+                table.remove(seq)
+        elapsed = time.perf_counter_ns() - start
+        if lib == "kvcore":
+            run.hit_rate = table.prefix_stats["hit_rate"]
+        else:
+            run.hit_rate = table.hit / table.queried
+        return elapsed / requests
+
+    return run
+
+
 WORKLOADS = [
     # name, factory, unit, timing kind, target (kvcore, in unit)
     ("allocate+decref 4096 pages", alloc_decref, "ns/page", "per_unit", 5.0),
@@ -155,15 +229,21 @@ WORKLOADS = [
     ("prefill 64 x 2048 tokens (append + metadata)", prefill, "us/call", "self", None),
     ("beam search step, 8 beams (append, metadata, remove, fork)", beam_search, "us/step",
      "self", None),
+    ("prefix lookup, 4,096-token prompt, 256 pages all hit", prefix_lookup,
+     "us/call", "self", 20.0),
+    ("shared system prompts: 256 requests, lookup + prefill + 32 decode", shared_prompt_workload,
+     "us/req", "self", None),
 ]
 
 
-def measure(factory, kind: str, repeats: int) -> list[float]:
+def measure(factory, kind: str, repeats: int) -> tuple[list[float], dict]:
     run = factory()
     run()  # warm up
     if kind == "per_unit":
-        return timed(run, repeats)
-    return [float(run()) for _ in range(repeats)]
+        return timed(run, repeats), {}
+    values = [float(run()) for _ in range(repeats)]
+    extra = {"hit_rate": run.hit_rate} if hasattr(run, "hit_rate") else {}
+    return values, extra
 
 
 def main(argv=None, default_out: Path | None = None) -> int:
@@ -177,24 +257,30 @@ def main(argv=None, default_out: Path | None = None) -> int:
     rows, records = [], []
     for name, factory, unit, kind, target in WORKLOADS:
         scale = 1e-3 if unit.startswith("us") else 1.0
-        fast = [x * scale for x in measure(lambda f=factory: f("kvcore"), kind, repeats)]
-        slow = [x * scale for x in measure(lambda f=factory: f("python"), kind,
-                                           max(3, repeats // 3))]
+        fast, extra = measure(lambda f=factory: f("kvcore"), kind, repeats)
+        slow, extra_py = measure(lambda f=factory: f("python"), kind, max(3, repeats // 3))
+        fast = [x * scale for x in fast]
+        slow = [x * scale for x in slow]
+        if extra:
+            name = f"{name} [hit rate {100 * extra['hit_rate']:.1f}%]"
+            if extra_py and abs(extra_py["hit_rate"] - extra["hit_rate"]) > 1e-9:
+                raise AssertionError(f"hit rates differ: {extra} vs python {extra_py}")
         k_med, p_med = statistics.median(fast), statistics.median(slow)
         ratio = p_med / k_med
         met = None if target is None else k_med <= target
         rows.append((name, unit, k_med, p_med, ratio, target, met))
         records.append({"workload": name, "unit": unit, "kvcore_median": k_med,
                         "python_median": p_med, "speedup": ratio, "target": target,
-                        "target_met": met, "kvcore_repeats": fast, "python_repeats": slow})
+                        "target_met": met, "kvcore_repeats": fast, "python_repeats": slow,
+                        **extra})
     cpu = platform.processor() or platform.machine()
     print(f"\nkvcore {kvcore.__version__} host bookkeeping, {cpu}, {os.cpu_count()} cpus, "
           f"Python {platform.python_version()}, median of repeats")
-    print(f"{'workload':<60} {'unit':>8} {'kvcore':>10} {'python':>10} {'speedup':>8} "
+    print(f"{'workload':<78} {'unit':>8} {'kvcore':>10} {'python':>10} {'speedup':>8} "
           f"{'target':>8}")
     for name, unit, k_med, p_med, ratio, target, met in rows:
         tgt = "-" if target is None else f"<={target:g} {'ok' if met else 'MISS'}"
-        print(f"{name:<60} {unit:>8} {k_med:>10.3f} {p_med:>10.1f} {ratio:>7.0f}x {tgt:>8}")
+        print(f"{name:<78} {unit:>8} {k_med:>10.3f} {p_med:>10.1f} {ratio:>7.0f}x {tgt:>8}")
     if args.out is not None and not args.no_write:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         payload = {"machine": {"platform": platform.platform(), "cpus": os.cpu_count(),

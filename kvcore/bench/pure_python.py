@@ -8,6 +8,8 @@ real core does, so the comparison is like for like.
 
 from __future__ import annotations
 
+from collections import OrderedDict
+
 import numpy as np
 
 
@@ -124,3 +126,93 @@ class PyPageTable:
             last.append(0 if n == 0 else (n - 1) % self.page_size + 1)
         return (np.array(indptr, dtype=np.int32), np.array(indices, dtype=np.int32),
                 np.array(last, dtype=np.int32))
+
+
+class PyPrefixPageTable(PyPageTable):
+    """The baseline with prefix caching the way Python schedulers do it: a dict from
+    (parent page, namespace, token tuple) to page, and an OrderedDict as the LRU of
+    cached pages nobody uses. Keys hold the tokens themselves, so lookups are exact."""
+
+    def __init__(self, allocator: PyPageAllocator, page_size: int, max_seqs: int):
+        super().__init__(allocator, page_size, max_seqs)
+        self.index: dict = {}            # key -> page
+        self.key_of: dict = {}           # page -> key
+        self.evictable: OrderedDict = OrderedDict()
+        self.tokens: dict[int, list[int]] = {}
+        self.ns: dict[int, int] = {}
+        self.queried = self.hit = 0
+
+    def _take_pages(self, n: int) -> list[int]:
+        pages = []
+        for _ in range(n):
+            if self.allocator.free:
+                page = self.allocator.free.pop()
+            else:
+                page, _ = self.evictable.popitem(last=False)
+                del self.index[self.key_of.pop(page)]
+            self.allocator.refcount[page] = 1
+            pages.append(page)
+        return pages
+
+    def add_sequence(self, tokens=None, namespace: int = 0) -> int:
+        seq = super().add_sequence()
+        self.tokens[seq] = []
+        self.ns[seq] = namespace
+        if tokens is None:
+            return seq
+        ps, parent, pages = self.page_size, -1, []
+        for i in range((len(tokens) - 1) // ps):
+            key = (parent, namespace, tuple(tokens[i * ps:(i + 1) * ps]))
+            page = self.index.get(key)
+            if page is None:
+                break
+            pages.append(page)
+            parent = page
+        for page in pages:
+            if self.allocator.refcount[page] == 0:
+                del self.evictable[page]
+            self.allocator.refcount[page] += 1
+        self.pages[seq] = pages
+        self.lens[seq] = len(pages) * ps
+        self.tokens[seq] = list(tokens[:len(pages) * ps])
+        self.queried += len(tokens)
+        self.hit += len(pages) * ps
+        return seq
+
+    def append(self, seq_ids, num_new_tokens, token_ids=None):
+        ps = self.page_size
+        needed = sum(-(-(self.lens[s] + n) // ps) - len(self.pages[s])
+                     for s, n in zip(seq_ids, num_new_tokens, strict=True))
+        if needed > len(self.allocator.free) + len(self.evictable):
+            raise MemoryError("out of pages")
+        slot_mapping, j = [], 0
+        for seq, n in zip(seq_ids, num_new_tokens, strict=True):
+            pages, cur = self.pages[seq], self.lens[seq]
+            pages.extend(self._take_pages(-(-(cur + n) // ps) - len(pages)))
+            for t in range(cur, cur + n):
+                slot_mapping.append(pages[t // ps] * ps + t % ps)
+            self.lens[seq] = cur + n
+            self.tokens[seq].extend(token_ids[j:j + n])
+            j += n
+            toks = self.tokens[seq]
+            parent = -1 if cur // ps == 0 else pages[cur // ps - 1]
+            for i in range(cur // ps, (cur + n) // ps):
+                key = (parent, self.ns[seq], tuple(toks[i * ps:(i + 1) * ps]))
+                found = self.index.get(key)
+                if found is None:
+                    self.index[key] = pages[i]
+                    self.key_of[pages[i]] = key
+                    found = pages[i]
+                parent = found
+        return np.array(slot_mapping, dtype=np.int64)
+
+    def remove(self, seq: int) -> None:
+        for page in reversed(self.pages.pop(seq)):
+            self.allocator.refcount[page] -= 1
+            if self.allocator.refcount[page] == 0:
+                if page in self.key_of:
+                    self.evictable[page] = None
+                else:
+                    self.allocator.free.append(page)
+        del self.lens[seq], self.tokens[seq], self.ns[seq]
+        self.free_ids.append(seq)
