@@ -54,6 +54,10 @@ def _add_simulate(sub) -> None:
     choices = {"dtype": ["float16", "bfloat16", "float32"], "layout": ["NHD", "HND"]}
     for f in fields(SimConfig):
         default = getattr(defaults, f.name)
+        if isinstance(default, bool):
+            p.add_argument("--" + f.name.replace("_", "-"), dest=f.name, default=default,
+                           action=argparse.BooleanOptionalAction, help=f"(default: {default})")
+            continue
         p.add_argument("--" + f.name.replace("_", "-"), dest=f.name, default=default,
                        type=special.get(f.name, types[type(default)]),
                        choices=choices.get(f.name), help=f"(default: {default})")
@@ -75,7 +79,9 @@ def _progress_printer(stream):
 
 
 def _summary_rows(result) -> list[tuple[str, str]]:
-    hit = "-" if result.prefix_hit_rate is None else f"{100 * result.prefix_hit_rate:.1f}%"
+    hit = ("off" if result.prefix_hit_rate is None else
+           f"{100 * result.prefix_hit_rate:.1f}% ({result.prefix_hit_tokens:,} tokens, "
+           f"{result.prefix_evictions:,} pages evicted)")
     return [
         ("device", result.device),
         ("requests", f"{result.requests_done:,} ({result.samples_done:,} samples)"),
@@ -105,15 +111,17 @@ def _plot(result, path: Path) -> None:
     except ImportError:
         raise SystemExit("--plot needs matplotlib: pip install 'kvcore[plot]'") from None
     t = result.timeline
-    fig, (top, bottom) = plt.subplots(2, 1, sharex=True, figsize=(9, 5))
+    fig, (top, middle, bottom) = plt.subplots(3, 1, sharex=True, figsize=(9, 7))
     top.plot(t["step"], t["pages_used"], lw=1)
     top.axhline(result.pool_pages, color="gray", ls="--", lw=1, label="pool")
     top.set_ylabel("pages in use")
     top.legend(loc="lower right")
-    bottom.plot(t["step"], t["running"], lw=1, label="running sequences")
-    bottom.plot(t["step"], t["waiting"], lw=1, label="waiting requests")
+    middle.plot(t["step"], t["running"], lw=1, label="running sequences")
+    middle.plot(t["step"], t["waiting"], lw=1, label="waiting requests")
+    middle.legend(loc="upper right")
+    bottom.plot(t["step"], [100 * x for x in t["hit_rate"]], lw=1)
+    bottom.set_ylabel("prefix hit rate %")
     bottom.set_xlabel("step")
-    bottom.legend(loc="upper right")
     fig.suptitle(f"kvcore simulate: {result.requests_done} requests on {result.device}")
     fig.tight_layout()
     fig.savefig(path, dpi=100)

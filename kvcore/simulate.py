@@ -102,6 +102,7 @@ class SimConfig:
     system_prompt_len: int = 256
     system_prompt_share: float = 0.4
     multi_sample_share: float = 0.15  # requests asking for 2-4 samples
+    prefix_cache: bool = True         # reuse cached prompt pages across requests
     verify_every: int = 25            # steps between spot checks of live sequences
     check_every: int = 10             # steps between invariant checks
 
@@ -143,6 +144,8 @@ class SimResult:
     peak_pages_used: int = 0
     pool_pages: int = 0
     prefix_hit_rate: float | None = None
+    prefix_hit_tokens: int = 0
+    prefix_evictions: int = 0
     cow_copies: int = 0
     preemptions: int = 0
     sequences_verified: int = 0
@@ -189,7 +192,8 @@ class Simulator:
         kv_config = KVCacheConfig(
             num_layers=config.layers, num_kv_heads=config.heads, head_dim=config.head_dim,
             page_size=ps, num_pages=config.pages, dtype=config.dtype, layout=config.layout,
-            max_seqs=config.max_running, max_pages_per_seq=need_pages)
+            max_seqs=config.max_running, max_pages_per_seq=need_pages,
+            enable_prefix_cache=config.prefix_cache)
         self.cache = KVCache(kv_config, device=config.device)
         self.on_step = on_step
         self.rng = np.random.default_rng(config.seed)
@@ -226,19 +230,41 @@ class Simulator:
         return requests
 
     def _keys(self, request: _Request, sample: int, positions: np.ndarray):
-        """Content keys of ``positions`` of one sample: the prompt is shared by every
-        sample (sample key 0), and a system prompt by every request that starts with it
-        (request key ``-1 - system_prompt``)."""
+        """Content keys of ``positions`` of one sample.
+
+        The prompt is shared by every sample (sample key 0), and a system prompt by every
+        request that starts with it (request key ``-1 - system_prompt``). The fourth
+        array is the request's marker token: its first token after the system prompt,
+        whose id is unique to the request (see :meth:`_token_ids`).
+        """
         positions = np.asarray(positions, dtype=np.int64)
         sys_len = self.cfg.system_prompt_len if request.system_prompt >= 0 else 0
         request_key = np.where(positions < sys_len, -1 - request.system_prompt,
                                request.request_id)
         sample_key = np.where(positions < request.prompt_len, 0, sample)
-        return request_key, sample_key, positions
+        marker = np.where(positions == sys_len, request.request_id, -1)
+        return request_key, sample_key, positions, marker
+
+    @staticmethod
+    def _join(per_entry):
+        """Concatenate the key arrays of several (request, sample, positions) entries."""
+        return tuple(np.concatenate([k[i] for k in per_entry]) for i in range(4))
+
+    def _token_ids(self, keys) -> np.ndarray:
+        """Token ids for content keys. System-prompt tokens depend on the system prompt
+        only, and the marker token makes every page that holds a request's own tokens
+        unique to that request (its samples, or its recompute after a preemption)."""
+        request_key, sample_key, positions, marker = keys
+        with np.errstate(over="ignore"):
+            mixed = _mix64(request_key.view(np.uint64) * np.uint64(0x9E3779B97F4A7C15)
+                           + sample_key.astype(np.uint64) * np.uint64(0xC2B2AE3D27D4EB4F)
+                           + positions.astype(np.uint64))
+        ids = (mixed % np.uint64(30000)).astype(np.int32) + 1
+        return np.where(marker >= 0, 1_000_000 + marker, ids).astype(np.int32)
 
     def _content(self, keys, layer: int, which: int) -> np.ndarray:
         """Words ``[T, heads, head_dim]`` of the tokens named by ``keys``."""
-        request_key, sample_key, positions = keys
+        request_key, sample_key, positions, _ = keys
         return token_words(request_key.view(np.uint64), sample_key, positions, layer, which,
                            self.cfg.heads, self.cfg.head_dim, self._itemsize)
 
@@ -247,8 +273,7 @@ class Simulator:
     def _write(self, entries, slot_mapping) -> None:
         """Write every layer's K and V for tokens listed as (request, sample, positions)."""
         xp = self.cache.backend.xp
-        per_entry = [self._keys(*entry) for entry in entries]
-        keys = tuple(np.concatenate([k[i] for k in per_entry]) for i in range(3))
+        keys = self._join([self._keys(*entry) for entry in entries])
         for layer in range(self.cfg.layers):
             k = self._content(keys, layer, 0).view(self._storage)
             v = self._content(keys, layer, 1).view(self._storage)
@@ -260,43 +285,54 @@ class Simulator:
         self.result.tokens_written += int(slot_mapping.size)
 
     def _admit(self, waiting: deque, running: list, step: int, budget: int) -> int:
-        """Admit waiting requests in arrival order while they fit; returns tokens used."""
-        cache, ps = self.cache, self.cfg.page_size
+        """Admit waiting requests in arrival order while they fit; returns tokens used.
+
+        With prefix caching, the lookup comes first and only the uncached rest of the
+        prompt counts against the token budget and the free pages.
+        """
+        cache = self.cache
         used = 0
         pending_forks = 0   # samples of admitted requests that are forked after the prefill
         pending_pages = 0   # pages the admitted prompts will take
-        admitted = []
+        admitted = []       # (request, tokens already cached)
         while waiting and waiting[0].arrival_step <= step:
             request = waiting[0]
             num_samples = len(request.output_lens)
-            prompt_pages = -(-request.prompt_len // ps)
             # a watermark of free pages (1% of the pool, as vLLM keeps) plus a page for
             # each new sample's first decode step; running sequences that outgrow the
             # rest are preempted by the decode step
             reserve = self._watermark + pending_forks + len(admitted) + num_samples
-            if (used + request.prompt_len > budget
-                    or cache.num_seqs + pending_forks + num_samples > self.cfg.max_running
-                    or pending_pages + prompt_pages + reserve > cache.num_free_pages):
+            if cache.num_seqs + pending_forks + num_samples > self.cfg.max_running:
+                break
+            tokens = self._token_ids(self._keys(request, 0, np.arange(request.prompt_len)))
+            t0 = time.perf_counter_ns()
+            seq = cache.add_sequence(tokens if self.cfg.prefix_cache else None)
+            cached = cache.num_tokens(seq)
+            pages = cache.pages_needed([seq], [request.prompt_len - cached])
+            self._host_ns += time.perf_counter_ns() - t0
+            if (used + request.prompt_len - cached > budget
+                    or pending_pages + pages + reserve > cache.num_free_pages):
+                cache.remove(seq)
                 break
             waiting.popleft()
-            seq = cache.add_sequence()
             request.seq_ids = [seq]
             request.generated = [0] * num_samples
             request.admitted_step = step
-            admitted.append(request)
+            admitted.append((request, cached, tokens))
             pending_forks += num_samples - 1
-            pending_pages += prompt_pages
-            used += request.prompt_len
+            pending_pages += pages
+            used += request.prompt_len - cached
         if not admitted:
             return 0
-        seqs = [r.seq_ids[0] for r in admitted]
+        seqs = [r.seq_ids[0] for r, _, _ in admitted]
         t0 = time.perf_counter_ns()
-        step_result = cache.append(seqs, [r.prompt_len for r in admitted])
+        step_result = cache.append(seqs, [r.prompt_len - c for r, c, _ in admitted],
+                                   np.concatenate([t[c:] for _, c, t in admitted]))
         self._host_ns += time.perf_counter_ns() - t0
-        self._write([(r, 0, np.arange(r.prompt_len)) for r in admitted],
+        self._write([(r, 0, np.arange(c, r.prompt_len)) for r, c, _ in admitted],
                     step_result.slot_mapping)
         t0 = time.perf_counter_ns()
-        for request in admitted:
+        for request, _, _ in admitted:
             for _ in range(len(request.output_lens) - 1):
                 request.seq_ids.append(cache.fork(request.seq_ids[0]))
             running.append(request)
@@ -326,18 +362,20 @@ class Simulator:
             if needed <= cache.num_free_pages:
                 break
             self._preempt_newest(running, waiting)
-        t0 = time.perf_counter_ns()
-        step_result = cache.append(seqs, 1)
-        cache.flashinfer_metadata(seqs)   # what the attention kernels would be given
-        self._host_ns += time.perf_counter_ns() - t0
-        self.result.cow_copies += int(step_result.copy_src.size)
         entries = []
         for request in running:
             for sample, seq in enumerate(request.seq_ids):
                 if seq >= 0:
                     position = request.prompt_len + request.generated[sample]
                     entries.append((request, sample, np.array([position])))
-                    request.generated[sample] += 1
+        token_ids = self._token_ids(self._join([self._keys(*entry) for entry in entries]))
+        t0 = time.perf_counter_ns()
+        step_result = cache.append(seqs, 1, token_ids)
+        cache.flashinfer_metadata(seqs)   # what the attention kernels would be given
+        self._host_ns += time.perf_counter_ns() - t0
+        self.result.cow_copies += int(step_result.copy_src.size)
+        for request, sample, _ in entries:
+            request.generated[sample] += 1
         self._write(entries, step_result.slot_mapping)
 
     def _retire(self, running: list) -> None:
@@ -397,7 +435,8 @@ class Simulator:
         waiting: deque = deque(sorted(self.requests, key=lambda r: r.arrival_step))
         running: list = []
         host_us, device_us = [], []
-        timeline = {"step": [], "pages_used": [], "running": [], "waiting": []}
+        timeline = {"step": [], "pages_used": [], "running": [], "waiting": [],
+                    "hit_rate": []}
         start = time.perf_counter()
         step = 0
         total = len(self.requests)
@@ -420,6 +459,8 @@ class Simulator:
             timeline["running"].append(sum(len([s for s in r.seq_ids if s >= 0])
                                            for r in running))
             timeline["waiting"].append(sum(1 for r in waiting if r.arrival_step <= step))
+            stats = self.cache.prefix_stats
+            timeline["hit_rate"].append(stats["hit_rate"] if stats else 0.0)
             if cfg.verify_every and step % cfg.verify_every == 0:
                 self._spot_check(running)
             if cfg.check_every and step % cfg.check_every == 0:
@@ -442,4 +483,9 @@ class Simulator:
             res.device_us_p50, res.device_us_p99 = (float(x) for x in
                                                     np.percentile(device_us, [50, 99]))
         res.timeline = timeline
+        stats = self.cache.prefix_stats
+        if stats is not None:
+            res.prefix_hit_rate = stats["hit_rate"]
+            res.prefix_hit_tokens = stats["hit_tokens"]
+            res.prefix_evictions = stats["evictions"]
         return res

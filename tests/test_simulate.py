@@ -112,3 +112,13 @@ def test_plot(tmp_path):
     proc = run_cli("simulate", *SMALL, "--device", "cpu", "--plot", str(out))
     assert proc.returncode == 0, proc.stderr
     assert out.stat().st_size > 1000
+
+
+def test_prefix_cache_hits_and_can_be_turned_off():
+    cfg = SimConfig(requests=40, pages=1024, max_running=16, device="cpu", seed=4,
+                    system_prompt_share=1.0, system_prompts=1, max_prompt_len=256)
+    on = Simulator(cfg).run()
+    assert on.ok and on.prefix_hit_rate > 0.3 and on.prefix_hit_tokens > 0
+    off = Simulator(SimConfig(**{**cfg.__dict__, "prefix_cache": False})).run()
+    assert off.ok and off.prefix_hit_rate is None
+    assert off.tokens_written > on.tokens_written   # hits are not written again
