@@ -10,6 +10,8 @@ _IntArray = npt.ArrayLike
 CYTHON_VERSION: str
 COMPILER: str
 
+def first_slot_out_of_range(slots: npt.NDArray[np.int64], num_slots: int) -> int | None: ...
+
 class AppendResult(NamedTuple):
     slot_mapping: npt.NDArray[np.int64]
     copy_src: npt.NDArray[np.int32]

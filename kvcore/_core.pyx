@@ -239,6 +239,22 @@ cdef object _readonly_view(cnp.ndarray owner):
     return view
 
 
+def first_slot_out_of_range(cnp.ndarray slots not None, int64_t num_slots):
+    """Return the first entry of int64 ``slots`` outside ``[-1, num_slots)``, or None.
+
+    One C pass; NumPy's ``min()`` and ``max()`` cost a few µs each on decode-size arrays.
+    """
+    if cnp.PyArray_TYPE(slots) != cnp.NPY_INT64 or cnp.PyArray_NDIM(slots) != 1:
+        raise TypeError("slots must be a 1-D int64 array")
+    slots = np.ascontiguousarray(slots)
+    cdef const int64_t* p = <const int64_t*>cnp.PyArray_DATA(slots)
+    cdef Py_ssize_t i, n = cnp.PyArray_DIM(slots, 0)
+    for i in range(n):
+        if p[i] < -1 or p[i] >= num_slots:
+            return p[i]
+    return None
+
+
 # --------------------------------------------------------------------------------------
 # PageAllocator
 # --------------------------------------------------------------------------------------

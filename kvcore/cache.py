@@ -10,7 +10,7 @@ import operator
 
 import numpy as np
 
-from kvcore._core import AppendResult, PageAllocator, PageTable
+from kvcore._core import AppendResult, PageAllocator, PageTable, first_slot_out_of_range
 from kvcore.backends import make_backend
 from kvcore.backends.numpy_ref import storage_dtype
 from kvcore.config import KVCacheConfig
@@ -329,7 +329,12 @@ class KVCache:
 
     def _kv_array(self, array, name: str):
         backend = self.backend
-        if backend.xp is np:
+        if type(array) is backend.array_type:   # the common case, checked cheaply
+            arr = array
+            if backend.xp is not np and backend.device_of(arr) != backend.device_id:
+                raise ShapeError(f"{name} is on cuda:{backend.device_of(arr)} but the cache "
+                                 f"is on {backend.device}")
+        elif backend.xp is np:
             if backend.is_foreign_device_array(array):
                 raise ShapeError(f"{name} is on a CUDA device but the cache is on cpu")
             try:
@@ -345,17 +350,19 @@ class KVCache:
                 raise ShapeError(f"{name} is on cuda:{backend.device_of(arr)} but the cache "
                                  f"is on {backend.device}")
         cfg = self.config
-        if arr.ndim != 3 or arr.shape[1:] != (cfg.num_kv_heads, cfg.head_dim):
+        shape = arr.shape
+        if len(shape) != 3 or shape[1] != cfg.num_kv_heads or shape[2] != cfg.head_dim:
             raise ShapeError(f"{name} must have shape [T, {cfg.num_kv_heads}, {cfg.head_dim}], "
-                             f"got {tuple(arr.shape)}")
-        if arr.dtype != self._dtype:
-            if cfg.dtype == "bfloat16" and (arr.dtype in _RAW_WORDS
-                                            or arr.dtype.name == "bfloat16"):
+                             f"got {tuple(shape)}")
+        dtype = arr.dtype
+        if dtype is not self._dtype and dtype != self._dtype:
+            if cfg.dtype == "bfloat16" and (dtype in _RAW_WORDS or dtype.name == "bfloat16"):
                 arr = arr.view(self._dtype)
             else:
-                raise ShapeError(f"{name} has dtype {arr.dtype}, the cache holds {cfg.dtype}")
-        item = arr.itemsize
-        if arr.strides[2] != item or any(s % item for s in arr.strides):
+                raise ShapeError(f"{name} has dtype {dtype}, the cache holds {cfg.dtype}")
+        item = self._dtype.itemsize
+        strides = arr.strides
+        if strides[2] != item or strides[0] % item or strides[1] % item:
             arr = backend.xp.ascontiguousarray(arr)
         return arr
 
@@ -379,16 +386,16 @@ class KVCache:
         if slots.shape != (num_tokens,):
             raise ShapeError(f"slot_mapping must have shape [{num_tokens}] (one slot per "
                              f"token of k), got {slots.shape}")
-        if slots.size:
-            low, high = int(slots.min()), int(slots.max())
-            if low < -1 or high >= self._num_slots:
-                bad = low if low < -1 else high
-                raise InvalidPageError(f"slot {bad} out of range [0, {self._num_slots}) "
-                                       "(-1 marks padding)")
+        bad = first_slot_out_of_range(slots, self._num_slots)
+        if bad is not None:
+            raise InvalidPageError(f"slot {bad} out of range [0, {self._num_slots}) "
+                                   "(-1 marks padding)")
         return slots   # a CUDA backend uploads it without blocking
 
     @staticmethod
     def _host_int_array(values, name: str) -> np.ndarray:
+        if type(values) is np.ndarray and values.dtype == np.int64 and values.ndim == 1:
+            return values
         try:
             arr = np.asarray(values)
         except (TypeError, ValueError, OverflowError) as exc:

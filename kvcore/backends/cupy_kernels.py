@@ -196,6 +196,7 @@ class CupyBackend:
 
     name = "cupy"
     xp = cupy
+    array_type = cupy.ndarray
 
     def __init__(self, config: KVCacheConfig, device_id: int):
         self.config = config

@@ -33,6 +33,7 @@ class NumpyBackend:
     name = "numpy"
     device = "cpu"
     xp = np
+    array_type = np.ndarray
 
     def __init__(self, config: KVCacheConfig):
         self.config = config
