@@ -12,6 +12,8 @@ echo "== cuda tests"
 timeout 300 python -m pytest -q -m cuda -p no:cacheprovider 2>&1 | tee "$OUT/cuda_tests.log" | tail -25
 echo "== device benchmark"
 timeout 300 python benchmarks/bench_device.py --out "$OUT/h200.json" 2>&1 | tee "$OUT/bench_device.log" | tail -25
+echo "== kvcore simulate (auto: GPU)"
+timeout 240 python -m kvcore simulate --quiet --json "$OUT/simulate_h200.json" 2>&1 | tee "$OUT/simulate_h200.log"
 if [ "${SANITIZE:-1}" = 1 ]; then
   echo "== compute-sanitizer memcheck"
   timeout "${SANITIZER_TIMEOUT:-240}" compute-sanitizer --tool memcheck --error-exitcode 9 \
