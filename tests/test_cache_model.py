@@ -1,0 +1,218 @@
+"""Model-based test of the whole KVCache: bookkeeping, prefix caching and the data.
+
+A hypothesis state machine drives one KVCache (NumPy backend; the CUDA backend too
+when a GPU is present) through add (with prefix hits), fork, append + write, gather,
+copy_pages, remove and eviction pressure, holding a plain model of every sequence's
+tokens. The K/V content of a token is a function of its whole token prefix (as in a
+real model), so whoever wrote a cached page, a sequence that hits it must read exactly
+its own expected bytes. After every step the invariants hold and every live sequence
+gathers exactly what the model says, in every layer.
+
+Profiles: ``KVCORE_HYPOTHESIS_PROFILE=ci`` (default, thousands of steps) or ``long``.
+"""
+
+import functools
+import hashlib
+import json
+import os
+
+import numpy as np
+import pytest
+from hypothesis import strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
+
+from kvcore import (
+    EVENT_EVICTED,
+    EVENT_STORED,
+    CapacityError,
+    KVCache,
+    KVCacheConfig,
+    OutOfPagesError,
+)
+
+LAYERS, HEADS, HEAD_DIM = 2, 1, 4
+NUM_PAGES, MAX_SEQS = 24, 6
+
+
+@functools.cache
+def content(prefix_digest: bytes, layer: int, which: int) -> np.ndarray:
+    """K (which=0) or V of one token: [HEADS, HEAD_DIM] float32 from its prefix digest."""
+    seed = int.from_bytes(hashlib.blake2b(prefix_digest + bytes([layer, which]),
+                                          digest_size=8).digest(), "little")
+    out = (np.random.default_rng(seed).standard_normal((HEADS, HEAD_DIM)) + 5).astype(
+        np.float32)
+    out.flags.writeable = False   # shared through the cache
+    return out
+
+
+STEPS = {"steps": 0, "runs": 0}
+
+
+class CacheMachine(RuleBasedStateMachine):
+    """Set KVCORE_MODEL_REPORT=path to append the number of steps checked (JSON lines)."""
+
+    device = "cpu"
+
+    def __init__(self):
+        super().__init__()
+        self.cache = None
+        STEPS["runs"] += 1
+
+    def teardown(self):
+        report = os.environ.get("KVCORE_MODEL_REPORT")
+        if report and STEPS["runs"] % 50 == 0:
+            with open(report, "a") as f:
+                f.write(json.dumps({"device": self.device, **STEPS}) + "\n")
+
+    @precondition(lambda self: self.cache is None)
+    @rule(page_size=st.sampled_from([1, 2, 4]), layout=st.sampled_from(["NHD", "HND"]))
+    def start(self, page_size, layout):
+        cfg = KVCacheConfig(num_layers=LAYERS, num_kv_heads=HEADS, head_dim=HEAD_DIM,
+                            page_size=page_size, num_pages=NUM_PAGES, dtype="float32",
+                            layout=layout, max_seqs=MAX_SEQS, max_pages_per_seq=NUM_PAGES,
+                            enable_prefix_cache=True)
+        self.cache = KVCache(cfg, device=self.device)
+        self.ps = page_size
+        self.tokens = {}      # seq -> token ids
+        self.digests = {}     # seq -> prefix digest per position
+        self.cached_pages = set()
+
+    # -- helpers ---------------------------------------------------------------------------
+
+    def _extend(self, seq, new_tokens):
+        digests = self.digests[seq]
+        for token in new_tokens:
+            prev = digests[-1] if digests else b"root"
+            digests.append(hashlib.blake2b(prev + int(token).to_bytes(4, "little"),
+                                           digest_size=16).digest())
+            self.tokens[seq].append(int(token))
+
+    def _write(self, seqs, counts, slots):
+        xp = self.cache.backend.xp
+        rows = [(seq, pos) for seq, n in zip(seqs, counts, strict=True)
+                for pos in range(len(self.tokens[seq]) - n, len(self.tokens[seq]))]
+        for layer in range(LAYERS):
+            k = np.stack([content(self.digests[s][p], layer, 0) for s, p in rows]) if rows \
+                else np.zeros((0, HEADS, HEAD_DIM), np.float32)
+            v = np.stack([content(self.digests[s][p], layer, 1) for s, p in rows]) if rows \
+                else np.zeros((0, HEADS, HEAD_DIM), np.float32)
+            self.cache.write(layer, xp.asarray(k), xp.asarray(v), slots)
+
+    def _track_events(self):
+        kinds, pages, _ = self.cache.take_events()
+        for kind, page in zip(kinds.tolist(), pages.tolist(), strict=True):
+            if kind == EVENT_STORED:
+                self.cached_pages.add(page)
+            elif kind == EVENT_EVICTED:
+                self.cached_pages.discard(page)
+
+    # -- rules ------------------------------------------------------------------------------
+
+    @precondition(lambda self: self.cache is not None)
+    @rule(prompt=st.lists(st.integers(0, 3), min_size=1, max_size=12),
+          namespace=st.integers(0, 1))
+    def add(self, prompt, namespace):
+        try:
+            seq = self.cache.add_sequence(prompt, namespace=namespace)
+        except CapacityError:
+            return
+        cached = self.cache.num_tokens(seq)
+        self.tokens[seq], self.digests[seq] = [], []
+        self._extend(seq, prompt[:cached])
+        rest = prompt[cached:]
+        try:
+            step = self.cache.append([seq], [len(rest)], token_ids=rest)
+        except (OutOfPagesError, CapacityError):
+            self.cache.remove(seq)
+            del self.tokens[seq], self.digests[seq]
+            return
+        self._extend(seq, rest)
+        self._write([seq], [len(rest)], step.slot_mapping)
+        self._track_events()
+
+    @precondition(lambda self: self.cache is not None and self.tokens)
+    @rule(data=st.data())
+    def decode(self, data):
+        live = sorted(self.tokens)
+        batch = data.draw(st.lists(st.sampled_from(live), unique=True, min_size=1))
+        counts = data.draw(st.lists(st.integers(0, 3), min_size=len(batch),
+                                    max_size=len(batch)))
+        ids = data.draw(st.lists(st.integers(0, 3), min_size=sum(counts),
+                                 max_size=sum(counts)))
+        try:
+            step = self.cache.append(batch, counts, token_ids=ids)
+        except (OutOfPagesError, CapacityError):
+            return
+        offset = 0
+        for seq, n in zip(batch, counts, strict=True):
+            self._extend(seq, ids[offset:offset + n])
+            offset += n
+        self._write(batch, counts, step.slot_mapping)
+        self._track_events()
+
+    @precondition(lambda self: self.cache is not None and self.tokens)
+    @rule(data=st.data())
+    def fork(self, data):
+        parent = data.draw(st.sampled_from(sorted(self.tokens)))
+        try:
+            child = self.cache.fork(parent)
+        except CapacityError:
+            return
+        self.tokens[child] = list(self.tokens[parent])
+        self.digests[child] = list(self.digests[parent])
+
+    @precondition(lambda self: self.cache is not None and self.tokens)
+    @rule(data=st.data())
+    def remove(self, data):
+        seq = data.draw(st.sampled_from(sorted(self.tokens)))
+        self.cache.remove(seq)
+        del self.tokens[seq], self.digests[seq]
+
+    @precondition(lambda self: self.cache is not None and self.tokens)
+    @rule(data=st.data())
+    def copy_pages(self, data):
+        """Copy live pages into clean free pages (neither mapped nor cached)."""
+        used = {int(p) for s in self.tokens for p in self.cache.pages(s)}
+        clean = sorted(set(range(NUM_PAGES)) - used - self.cached_pages)
+        if not used or not clean:
+            return
+        n = data.draw(st.integers(1, min(3, len(clean), len(used))))
+        src = data.draw(st.lists(st.sampled_from(sorted(used)), min_size=n, max_size=n))
+        dst = data.draw(st.lists(st.sampled_from(clean), min_size=n, max_size=n,
+                                 unique=True))
+        self.cache.copy_pages(src, dst)
+        kv = self.cache.backend.to_host(self.cache.kv)
+        for s, d in zip(src, dst, strict=True):
+            assert np.array_equal(kv[:, :, d], kv[:, :, s])
+
+    # -- invariants ---------------------------------------------------------------------------
+
+    @invariant()
+    def everything_reads_back(self):
+        if self.cache is None:
+            return
+        STEPS["steps"] += 1
+        self.cache.check_invariants()
+        self.cache.synchronize()
+        live = sorted(self.tokens)
+        if not live:
+            return
+        for layer in range(LAYERS):
+            k, v, indptr = self.cache.gather(layer, live)
+            k, v = self.cache.backend.to_host(k), self.cache.backend.to_host(v)
+            for b, seq in enumerate(live):
+                assert indptr[b + 1] - indptr[b] == len(self.tokens[seq])
+                for i, digest in enumerate(self.digests[seq]):
+                    row = indptr[b] + i
+                    assert np.array_equal(k[row], content(digest, layer, 0)), (seq, i, layer)
+                    assert np.array_equal(v[row], content(digest, layer, 1)), (seq, i, layer)
+
+
+TestCacheMachine = CacheMachine.TestCase
+
+
+class CudaCacheMachine(CacheMachine):
+    device = "cuda"
+
+
+TestCudaCacheMachine = pytest.mark.cuda(CudaCacheMachine.TestCase)
