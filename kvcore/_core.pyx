@@ -135,6 +135,8 @@ cdef cnp.ndarray _int64_array(object obj, str name):
             arr = np.array([operator.index(v) for v in arr], dtype=np.int64)
         except OverflowError:
             raise ValueError(f"{name} holds a value outside the int64 range") from None
+        except Exception as exc:   # a user's __index__ may raise anything
+            raise TypeError(f"{name} must hold integers ({exc!r})") from exc
     elif arr.size == 0:
         pass  # np.asarray([]) is float64; an empty batch is still a batch
     else:
@@ -154,11 +156,14 @@ cdef int64_t _int_arg(object value, str name) except? -1:
     if isinstance(value, (bool, np.bool_)):
         raise TypeError(f"{name} must be an integer, got bool")
     try:
-        return operator.index(value)
-    except TypeError:
-        raise TypeError(f"{name} must be an integer, got {type(value).__name__}") from None
+        index = operator.index(value)
+    except Exception as exc:   # TypeError, or whatever a user's __index__ raised
+        raise TypeError(f"{name} must be an integer, got {type(value).__name__}") from exc
+    try:
+        result = index
     except OverflowError:
-        raise ValueError(f"{name} {value} is outside the int64 range") from None
+        raise ValueError(f"{name} {index} is outside the int64 range") from None
+    return result
 
 
 cdef int32_t _positive_int32(object value, str name) except -1:
@@ -862,7 +867,8 @@ cdef class PageTable:
             counts = <cnp.ndarray>num_new_tokens
         elif isinstance(num_new_tokens, (int, np.integer)) and not isinstance(
                 num_new_tokens, (bool, np.bool_)):
-            counts = np.full(cnp.PyArray_DIM(sids, 0), num_new_tokens, dtype=np.int64)
+            counts = np.full(cnp.PyArray_DIM(sids, 0),
+                             _int_arg(num_new_tokens, "num_new_tokens"), dtype=np.int64)
         else:
             counts = _int64_array(num_new_tokens, "num_new_tokens")
         if cnp.PyArray_DIM(sids, 0) != cnp.PyArray_DIM(counts, 0):

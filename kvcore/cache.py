@@ -321,8 +321,8 @@ class KVCache:
             raise TypeError("layer must be an integer, got bool")
         try:
             index = operator.index(layer)
-        except TypeError:
-            raise TypeError(f"layer must be an integer, got {type(layer).__name__}") from None
+        except Exception as exc:   # TypeError, or whatever a user's __index__ raised
+            raise TypeError(f"layer must be an integer, got {type(layer).__name__}") from exc
         if not 0 <= index < self.config.num_layers:
             raise IndexError(f"layer {index} out of range [0, {self.config.num_layers})")
         return index

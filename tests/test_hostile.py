@@ -1,0 +1,120 @@
+"""Every public call against hostile arguments: a typed error, never a crash, and the
+state (bookkeeping, prefix cache, pool bytes) exactly as it was."""
+
+import numpy as np
+import pytest
+
+from kvcore import KVCache, KVCacheConfig, PageAllocator, PageTable
+
+from ._state import assert_same_state, table_state
+from .hostile import ALLOWED_ERRORS, HOSTILE_ARRAYS, HOSTILE_INTS
+
+
+def world():
+    table = PageTable(PageAllocator(16), 4, 4, 8, enable_prefix_cache=True)
+    seq = table.add_sequence([1, 2, 3, 4, 5])
+    table.append([seq], [5], token_ids=[1, 2, 3, 4, 5])
+    return table, seq
+
+
+def snapshot(table):
+    return (table_state(table), table.num_cached_pages, table.prefix_stats,
+            table.allocator.num_evictable)
+
+
+TABLE_CALLS = {
+    "allocate": lambda t, s, x: t.allocator.allocate(x),
+    "refcount": lambda t, s, x: t.allocator.refcount(x),
+    "fork": lambda t, s, x: t.fork(x),
+    "remove": lambda t, s, x: t.remove(x),
+    "num_tokens": lambda t, s, x: t.num_tokens(x),
+    "pages": lambda t, s, x: t.pages(x),
+    "slot(seq)": lambda t, s, x: t.slot(x, 0),
+    "slot(token)": lambda t, s, x: t.slot(s, x),
+    "add_sequence(namespace)": lambda t, s, x: t.add_sequence([1, 2], namespace=x),
+    "is_active": lambda t, s, x: t.is_active(x),
+    "append(count)": lambda t, s, x: t.append([s], x),
+}
+TABLE_ARRAY_CALLS = {
+    "incref": lambda t, s, x: t.allocator.incref(x),
+    "decref": lambda t, s, x: t.allocator.decref(x),
+    "add_sequence(tokens)": lambda t, s, x: t.add_sequence(x),
+    "append(seq_ids)": lambda t, s, x: t.append(x, [1]),
+    "append(counts)": lambda t, s, x: t.append([s], x),
+    "append(token_ids)": lambda t, s, x: t.append([s], [1], token_ids=x),
+    "pages_needed": lambda t, s, x: t.pages_needed(x, 1),
+    "flashinfer_metadata": lambda t, s, x: t.flashinfer_metadata(x),
+    "block_tables": lambda t, s, x: t.block_tables(x),
+}
+CASES = [(n, c, x) for n, c in TABLE_CALLS.items() for x in HOSTILE_INTS] + [
+    (n, c, x) for n, c in TABLE_ARRAY_CALLS.items() for x in HOSTILE_ARRAYS]
+
+
+@pytest.mark.parametrize(("name", "call", "value"), CASES,
+                         ids=[f"{n}-{i}" for i, (n, _, _) in enumerate(CASES)])
+def test_table_calls(name, call, value):
+    table, seq = world()
+    before = snapshot(table)
+    try:
+        call(table, seq, value)
+    except ALLOWED_ERRORS:
+        assert snapshot(table)[0][0].tobytes() == before[0][0].tobytes()
+        assert_same_state(before[0], snapshot(table)[0])
+        assert snapshot(table)[1:] == before[1:]
+        table.check_invariants()
+        return
+    # accepted: then it was a valid value (e.g. Index(0)-like or a legal count); the
+    # bookkeeping must still be consistent unless the call itself was raw allocator use
+    if name not in ("allocate", "incref", "decref"):
+        table.check_invariants()
+
+
+CFG = KVCacheConfig(num_layers=2, num_kv_heads=2, head_dim=4, page_size=4, num_pages=16,
+                    dtype="float16", enable_prefix_cache=True)
+KV = np.ones((3, 2, 4), np.float16)
+EXTRA_KV = [np.ones((3, 2, 4), np.float32), np.ones((3, 2, 4)), np.ones((3, 2, 5), np.float16),
+            np.ones((2, 2, 4), np.float16), np.ones((3, 4), np.float16),
+            [0, 1, 64], [0, 1, -2], [0, 1, 2**63 - 1], np.array([0, 1, 2], np.int32)]
+CACHE_CALLS = {
+    "write(layer)": lambda c, st, s, x: c.write(x, KV, KV, st.slot_mapping),
+    "write(k)": lambda c, st, s, x: c.write(0, x, KV, st.slot_mapping),
+    "write(v)": lambda c, st, s, x: c.write(0, KV, x, st.slot_mapping),
+    "write(slot_mapping)": lambda c, st, s, x: c.write(0, KV, KV, x),
+    "gather(layer)": lambda c, st, s, x: c.gather(x, [s]),
+    "gather(seq_ids)": lambda c, st, s, x: c.gather(0, x),
+    "copy_pages(src)": lambda c, st, s, x: c.copy_pages(x, [5]),
+    "copy_pages(dst)": lambda c, st, s, x: c.copy_pages([0], x),
+    "k_cache": lambda c, st, s, x: c.k_cache(x),
+    "v_cache": lambda c, st, s, x: c.v_cache(x),
+}
+CACHE_CASES = [(n, c, x) for n, c in CACHE_CALLS.items()
+               for x in HOSTILE_INTS + HOSTILE_ARRAYS + EXTRA_KV]
+
+
+@pytest.mark.parametrize(("name", "call", "value"), CACHE_CASES,
+                         ids=[f"{n}-{i}" for i, (n, _, _) in enumerate(CACHE_CASES)])
+def test_cache_calls(name, call, value):
+    cache = KVCache(CFG, device="cpu")
+    seq = cache.add_sequence()
+    step = cache.append([seq], [3])
+    cache.kv[...] = 2.0
+    before_pool = cache.kv.copy()
+    before = snapshot(cache.table)
+    try:
+        call(cache, step, seq, value)
+    except ALLOWED_ERRORS:
+        assert np.array_equal(cache.kv.view(np.uint16), before_pool.view(np.uint16)), name
+        assert_same_state(before[0], snapshot(cache.table)[0])
+        return
+    cache.check_invariants()
+
+
+def test_strided_and_read_only_inputs_are_used_correctly():
+    table = PageTable(PageAllocator(16), 4, 4, 8)
+    ids = [table.add_sequence() for _ in range(3)]
+    seqs = np.array([ids[0], 7, ids[1], 7, ids[2], 7], dtype=np.int64)[::2]
+    counts = np.array([1, 9, 2, 9, 3, 9], dtype=np.int32)[::2]
+    counts.flags.writeable = False
+    result = table.append(seqs, counts)
+    assert table.seq_lens[:3].tolist() == [1, 2, 3]
+    assert result.slot_mapping.size == 6
