@@ -76,6 +76,11 @@ copy_src, copy_dst : numpy.ndarray of int32, shape [num_copies]
 # same object directly, as namedtuple._make does.
 cdef object _new_tuple = tuple.__new__
 
+# The copy_src / copy_dst of an append without copy-on-write: empty, so sharing one
+# read-only array between results is indistinguishable from a fresh one.
+_NO_PAGES = np.empty(0, dtype=np.int32)
+_NO_PAGES.flags.writeable = False
+
 
 # --------------------------------------------------------------------------------------
 # Argument normalisation: one typed helper per kind of argument, naming the argument.
@@ -798,26 +803,22 @@ cdef class PageTable:
 
     cdef int64_t _check_batch(self, const int64_t* seq_ids, const int64_t* counts,
                               Py_ssize_t batch) except -1:
-        """Validate an append batch (active, distinct seq ids; counts >= 0; capacity).
-
-        Returns the total number of new tokens.
-        """
+        """Validate an append batch against the state: active, distinct seq ids, and no
+        sequence past ``max_pages_per_seq * page_size``. Creates no Python object unless
+        it raises (see :meth:`append` for why that matters)."""
         cdef Py_ssize_t i
-        cdef int64_t s, new_len, total = 0
+        cdef int64_t s, new_len
         cdef int64_t max_tokens = <int64_t>self._max_pages_per_seq * self._page_size
         cdef const int32_t* lens = self._seq_lens
         self._check_active(seq_ids, batch, False)
         for i in range(batch):
             s = seq_ids[i]
-            if counts[i] < 0:
-                raise ValueError(f"num_new_tokens[{i}] is {counts[i]}, must be >= 0")
             new_len = lens[s] + counts[i]
-            if counts[i] > max_tokens or new_len > max_tokens:
+            if new_len > max_tokens:
                 raise CapacityError(
                     f"seq_id {s} would hold {new_len} tokens, more than max_pages_per_seq * "
                     f"page_size = {self._max_pages_per_seq} * {self._page_size} = {max_tokens}")
-            total += counts[i]
-        return total
+        return 0
 
     cdef int64_t _count_new_pages(self, const int64_t* seq_ids, const int64_t* counts,
                                   Py_ssize_t batch, int64_t* num_copies) noexcept nogil:
@@ -871,14 +872,25 @@ cdef class PageTable:
                              _int_arg(num_new_tokens, "num_new_tokens"), dtype=np.int64)
         else:
             counts = _int64_array(num_new_tokens, "num_new_tokens")
-        if cnp.PyArray_DIM(sids, 0) != cnp.PyArray_DIM(counts, 0):
-            raise ValueError(
-                f"seq_ids and num_new_tokens differ in length: "
-                f"{cnp.PyArray_DIM(sids, 0)} != {cnp.PyArray_DIM(counts, 0)}")
-        total_tokens = self._check_batch(<const int64_t*>cnp.PyArray_DATA(sids),
-                                         <const int64_t*>cnp.PyArray_DATA(counts),
-                                         cnp.PyArray_DIM(sids, 0))
-        return sids, counts, total_tokens
+        cdef Py_ssize_t i, batch = cnp.PyArray_DIM(sids, 0)
+        if batch != cnp.PyArray_DIM(counts, 0):
+            raise ValueError(f"seq_ids and num_new_tokens differ in length: "
+                             f"{batch} != {cnp.PyArray_DIM(counts, 0)}")
+        # Checks that need no state; each count <= max_tokens (< 2**31) keeps the sum exact.
+        cdef const int64_t* cp = <const int64_t*>cnp.PyArray_DATA(counts)
+        cdef const int64_t* sp = <const int64_t*>cnp.PyArray_DATA(sids)
+        cdef int64_t total = 0
+        cdef int64_t max_tokens = <int64_t>self._max_pages_per_seq * self._page_size
+        for i in range(batch):
+            if cp[i] < 0:
+                raise ValueError(f"num_new_tokens[{i}] is {cp[i]}, must be >= 0")
+            if cp[i] > max_tokens:
+                raise CapacityError(
+                    f"seq_id {sp[i]} would hold over {cp[i]} tokens, more than "
+                    f"max_pages_per_seq * page_size = {self._max_pages_per_seq} * "
+                    f"{self._page_size} = {max_tokens}")
+            total += cp[i]
+        return sids, counts, total
 
     # -- sequences -------------------------------------------------------------------------
 
@@ -1059,6 +1071,8 @@ cdef class PageTable:
         Nothing is changed.
         """
         sids, counts, _ = self._batch_args(seq_ids, num_new_tokens)
+        self._check_batch(<const int64_t*>cnp.PyArray_DATA(sids),
+                          <const int64_t*>cnp.PyArray_DATA(counts), cnp.PyArray_DIM(sids, 0))
         cdef int64_t copies
         return self._count_new_pages(<const int64_t*>cnp.PyArray_DATA(sids),
                                      <const int64_t*>cnp.PyArray_DATA(counts),
@@ -1110,12 +1124,7 @@ cdef class PageTable:
         cdef cnp.ndarray counts = <cnp.ndarray>counts_obj
         cdef const int64_t* sp = <const int64_t*>cnp.PyArray_DATA(sids)
         cdef const int64_t* cp = <const int64_t*>cnp.PyArray_DATA(counts)
-        cdef Py_ssize_t i, batch = cnp.PyArray_DIM(sids, 0)
-        cdef int64_t num_copies
-        cdef int64_t needed = self._count_new_pages(sp, cp, batch, &num_copies)
-        cdef int64_t available = self.allocator._num_clean + self.allocator._num_evictable
-        if needed > available:
-            raise OutOfPagesError(needed, available)
+        cdef Py_ssize_t batch = cnp.PyArray_DIM(sids, 0)
         cdef int64_t total_tokens = total_obj
         cdef cnp.ndarray tok = None
         if token_ids is not None:
@@ -1123,17 +1132,30 @@ cdef class PageTable:
             if cnp.PyArray_DIM(tok, 0) != total_tokens:
                 raise ValueError(f"token_ids holds {cnp.PyArray_DIM(tok, 0)} ids but "
                                  f"num_new_tokens add up to {total_tokens}")
-        # Validation is complete: from here on nothing can fail.
+        # Every Python object is made before the state is read: an allocation can run the
+        # garbage collector, whose finalizers may let another thread in. From the checks
+        # below to the end of the mutation only C runs, so the call is atomic.
         cdef cnp.ndarray slot_mapping = _empty_int64(<Py_ssize_t>total_tokens)
-        cdef cnp.ndarray copy_src = _empty_int32(<Py_ssize_t>num_copies)
-        cdef cnp.ndarray copy_dst = _empty_int32(<Py_ssize_t>num_copies)
+        cdef cnp.ndarray copies = _empty_int32(2 * batch)   # at most one copy per sequence
+        cdef page_id_t* copy_ptr = <page_id_t*>cnp.PyArray_DATA(copies)
         cdef slot_t* slots = <slot_t*>cnp.PyArray_DATA(slot_mapping)
-        self._append_unchecked(sp, cp, batch, slots,
-                               <page_id_t*>cnp.PyArray_DATA(copy_src),
-                               <page_id_t*>cnp.PyArray_DATA(copy_dst))
+        self._check_batch(sp, cp, batch)
+        cdef int64_t num_copies
+        cdef int64_t needed = self._count_new_pages(sp, cp, batch, &num_copies)
+        cdef int64_t available = self.allocator._num_clean + self.allocator._num_evictable
+        if needed > available:
+            raise OutOfPagesError(needed, available)
+        # Validation is complete: from here on nothing can fail.
+        self._append_unchecked(sp, cp, batch, slots, copy_ptr, copy_ptr + batch)
         if self._prefix is not None:
             self._register(sp, cp, batch, slots,
                            NULL if tok is None else <const int32_t*>cnp.PyArray_DATA(tok))
+        if num_copies == 0:   # the common case: shared read-only empty arrays
+            return _new_tuple(AppendResult, (slot_mapping, _NO_PAGES, _NO_PAGES))
+        cdef cnp.ndarray copy_src = _empty_int32(<Py_ssize_t>num_copies)
+        cdef cnp.ndarray copy_dst = _empty_int32(<Py_ssize_t>num_copies)
+        memcpy(cnp.PyArray_DATA(copy_src), copy_ptr, num_copies * sizeof(page_id_t))
+        memcpy(cnp.PyArray_DATA(copy_dst), copy_ptr + batch, num_copies * sizeof(page_id_t))
         return _new_tuple(AppendResult, (slot_mapping, copy_src, copy_dst))
 
     cdef void _register(self, const int64_t* seq_ids, const int64_t* counts, Py_ssize_t batch,
