@@ -27,6 +27,15 @@ def twin_caches(dtype, layout, page_size, head_dim, heads=2, layers=2, tokens=76
     return cpu, gpu
 
 
+def twin_sequence(cpu, gpu, num_tokens):
+    """Start the same sequence in both caches; return its seq id and (host) slots."""
+    seq = cpu.add_sequence()
+    assert gpu.add_sequence() == seq
+    slots = cpu.append([seq], [num_tokens]).slot_mapping
+    np.testing.assert_array_equal(gpu.append([seq], [num_tokens]).slot_mapping, slots)
+    return seq, slots
+
+
 def assert_same_bytes(host_array, device_array):
     got = cupy.asnumpy(device_array)
     assert got.dtype == host_array.dtype and got.shape == host_array.shape
@@ -110,10 +119,7 @@ def test_random_operations_match_numpy(dtype, layout, page_size, head_dim):
 @pytest.mark.parametrize("layout", ["NHD", "HND"])
 def test_strided_and_misaligned_inputs(layout):
     cpu, gpu = twin_caches("float16", layout, 16, 128, heads=4)
-    seq = cpu.add_sequence()
-    gpu.add_sequence()
-    slots = cpu.append([seq], [40]).slot_mapping
-    gpu.append([seq], [40])
+    _, slots = twin_sequence(cpu, gpu, 40)
     rng = np.random.default_rng(3)
     fused = rng.standard_normal((40, 3 * 4 * 128 + 1)).astype(np.float16)  # odd row: misaligned
     k = fused[:, 1:1 + 4 * 128].reshape(40, 4, 128)
@@ -130,10 +136,7 @@ def test_strided_and_misaligned_inputs(layout):
 
 def test_device_slot_mapping_out_of_range_is_skipped_and_reported():
     cpu, gpu = twin_caches("float16", "NHD", 16, 64)
-    seq = cpu.add_sequence()
-    gpu.add_sequence()
-    slots = cpu.append([seq], [4]).slot_mapping
-    gpu.append([seq], [4])
+    _, slots = twin_sequence(cpu, gpu, 4)
     k = random_kv(np.random.default_rng(1), cpu, 4)
     bad = slots.copy()
     bad[2] = cpu.config.num_pages * 16 + 5
@@ -175,10 +178,7 @@ def test_wrong_device_or_type_is_a_shape_error():
 
 def test_write_and_copy_pages_capture_in_a_cuda_graph():
     cpu, gpu = twin_caches("float16", "NHD", 16, 128)
-    seq = cpu.add_sequence()
-    gpu.add_sequence()
-    slots = cpu.append([seq], [16]).slot_mapping
-    gpu.append([seq], [16])
+    _, slots = twin_sequence(cpu, gpu, 16)
     k = random_kv(np.random.default_rng(5), cpu, 16)
     k_dev, slots_dev = cupy.asarray(k), cupy.asarray(slots)
     src = cupy.asarray(np.array([0], np.int32))
@@ -199,10 +199,7 @@ def test_write_and_copy_pages_capture_in_a_cuda_graph():
 def test_torch_interop_zero_copy():
     torch = pytest.importorskip("torch")
     cpu, gpu = twin_caches("bfloat16", "NHD", 16, 128, heads=8)
-    seq = cpu.add_sequence()
-    gpu.add_sequence()
-    slots = cpu.append([seq], [20]).slot_mapping
-    gpu.append([seq], [20])
+    _, slots = twin_sequence(cpu, gpu, 20)
     k = torch.randn(20, 8, 128, device="cuda", dtype=torch.bfloat16)
     v = torch.randn(20, 8, 128, device="cuda", dtype=torch.bfloat16)
     gpu.write(0, k, v, torch.as_tensor(slots, device="cuda"))
