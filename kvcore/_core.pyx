@@ -641,6 +641,16 @@ cdef class PageTable:
         Sequence slots; seq ids are rows ``0 .. max_seqs - 1`` of ``block_table``.
     max_pages_per_seq : int
         Columns of ``block_table``; ``max_pages_per_seq * page_size`` must fit int32.
+    enable_prefix_cache : bool, keyword-only
+        Reuse full pages across sequences with equal token prefixes (see
+        :meth:`add_sequence`). Attaches a prefix index to ``allocator``, which may serve
+        only one prefix-caching table.
+    prefix_hash_bits : int, keyword-only
+        Bits of the 64-bit page hash that are kept. Only for tests: fewer bits make
+        collisions common, which lookups must (and do) survive, since every hit is
+        verified exactly.
+    prefix_event_capacity : int, keyword-only
+        Events kept for :meth:`take_events`; older ones are dropped and counted.
 
     Notes
     -----
