@@ -672,7 +672,7 @@ cdef class PageTable:
     --------
     >>> table = PageTable(PageAllocator(64), page_size=16, max_seqs=8, max_pages_per_seq=8)
     >>> seq = table.add_sequence()
-    >>> table.append([seq], [45]).slot_mapping[-1]
+    >>> int(table.append([seq], [45]).slot_mapping[-1])
     44
     >>> table.flashinfer_metadata([seq])
     (array([0, 3], dtype=int32), array([0, 1, 2], dtype=int32), array([13], dtype=int32))
