@@ -317,6 +317,8 @@ class KVCache:
     # -- validation ---------------------------------------------------------------------------
 
     def _layer(self, layer) -> int:
+        if type(layer) is int and 0 <= layer < self.config.num_layers:   # the common case
+            return layer
         if isinstance(layer, (bool, np.bool_)):
             raise TypeError("layer must be an integer, got bool")
         try:
@@ -368,7 +370,10 @@ class KVCache:
 
     def _slot_array(self, slot_mapping, num_tokens: int):
         backend = self.backend
-        device_slots = self._device_array_or_none(slot_mapping)
+        if type(slot_mapping) is backend.array_type and backend.xp is not np:
+            device_slots = slot_mapping           # the common device case, checked cheaply
+        else:
+            device_slots = self._device_array_or_none(slot_mapping)
         if device_slots is not None:
             slot_mapping = device_slots
             if slot_mapping.dtype != np.int64 or slot_mapping.shape != (num_tokens,):

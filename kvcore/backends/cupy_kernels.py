@@ -80,25 +80,29 @@ class DriverLauncher:
     """Launch one kernel through ``cuLaunchKernel`` with a reusable ctypes argument pack.
 
     CuPy's generic RawKernel call inspects and converts every argument on every launch
-    (about a microsecond each); here the pack is built once and only its values are set,
-    which keeps a decode-size launch within a few microseconds. Arguments are Python
-    ints: device pointers (``array.data.ptr``) for ``p`` and integers for ``q`` / ``i``.
-    The pack is copied by the driver at launch, so reuse is safe, CUDA-graph capture
-    included; a lock keeps two threads from interleaving their values.
+    (about a microsecond each); here the pack is built once, its trailing arguments
+    (``tail``: values fixed for this cache and vector width) are set once, and a call
+    sets only the leading ones. Arguments are Python ints: device pointers
+    (``array.data.ptr``) for ``p`` and integers for ``q`` / ``i``. The driver copies
+    the pack at launch, so reuse is safe, CUDA-graph capture included; a lock keeps two
+    threads from interleaving their values.
     """
 
-    def __init__(self, raw_kernel, signature: str):
+    def __init__(self, raw_kernel, signature: str, tail: tuple = ()):
         self._function = int(raw_kernel.kernel.ptr)
-        self._values = [_CTYPES[kind]() for kind in signature]
+        values = [_CTYPES[kind]() for kind in signature]
         self._params = (ctypes.c_void_p * len(signature))(
-            *[ctypes.addressof(v) for v in self._values])
+            *[ctypes.addressof(v) for v in values])
         self._params_ptr = ctypes.addressof(self._params)
+        self._leading = values[:len(signature) - len(tail)]
+        for holder, value in zip(values[len(self._leading):], tail, strict=True):
+            holder.value = value
         self._lock = threading.Lock()
 
     def __call__(self, grid: int, block: int, args) -> None:
         stream = cupy.cuda.get_current_stream().ptr
         with self._lock:
-            for holder, value in zip(self._values, args, strict=True):
+            for holder, value in zip(self._leading, args, strict=True):
                 holder.value = value
             cupy.cuda.driver.launchKernel(self._function, grid, 1, 1, block, 1, 1, 0, stream,
                                           self._params_ptr, 0)
@@ -108,14 +112,15 @@ class CupyLauncher:
     """The same interface through CuPy's RawKernel call (a fallback if the driver path
     is unavailable in some CuPy build)."""
 
-    def __init__(self, raw_kernel, signature: str):
+    def __init__(self, raw_kernel, signature: str, tail: tuple = ()):
         self._kernel = raw_kernel
         self._kinds = signature
+        self._tail = tuple(tail)
 
     def __call__(self, grid: int, block: int, args) -> None:
         converted = tuple(
             ctypes.c_void_p(a) if kind == "p" else _NUMPY[kind](a)
-            for kind, a in zip(self._kinds, args, strict=True))
+            for kind, a in zip(self._kinds, (*args, *self._tail), strict=True))
         self._kernel((grid,), (block,), converted)
 
 
@@ -253,15 +258,28 @@ class CupyBackend:
     # -- launch helpers ---------------------------------------------------------------------
 
     def _function(self, op: str, width: int):
+        """The launcher of ``kvcore_<op>_w<width>``, its per-cache arguments bound."""
         key = (op, width)
         fn = self._functions.get(key)
         if fn is None:
+            cfg = self.config
+            row_vecs = cfg.head_dim * self.kv.itemsize // width
+            error_word = self.error_word.data.ptr
+            tail = {
+                "scatter": (cfg.num_pages * cfg.page_size, LAYOUT_CODE[cfg.layout],
+                            cfg.page_size, self._page_shift, cfg.num_kv_heads, row_vecs,
+                            error_word),
+                "gather": (cfg.num_pages, LAYOUT_CODE[cfg.layout], cfg.page_size,
+                           cfg.num_kv_heads, row_vecs, error_word),
+                "copy_pages": (cfg.num_layers, cfg.num_pages,
+                               cfg.page_elems * self.kv.itemsize // width, error_word),
+            }[op]
             raw = self.module.get_function(f"kvcore_{op}_w{width}")
             with cupy.cuda.Device(self.device_id):
                 try:
-                    fn = DriverLauncher(raw, SIGNATURES[op])
+                    fn = DriverLauncher(raw, SIGNATURES[op], tail)
                 except (AttributeError, TypeError):  # pragma: no cover - older CuPy
-                    fn = CupyLauncher(raw, SIGNATURES[op])
+                    fn = CupyLauncher(raw, SIGNATURES[op], tail)
             self._functions[key] = fn
         return fn
 
@@ -310,9 +328,7 @@ class CupyBackend:
             grid, block,
             (k.data.ptr, v.data.ptr, k_strides[0] // width, k_strides[1] // width,
              v_strides[0] // width, v_strides[1] // width, slot_mapping.data.ptr,
-             k_pool.data.ptr, v_pool.data.ptr, num_tokens, cfg.num_pages * cfg.page_size,
-             LAYOUT_CODE[cfg.layout], cfg.page_size, self._page_shift, cfg.num_kv_heads,
-             row_vecs, self.error_word.data.ptr))
+             k_pool.data.ptr, v_pool.data.ptr, num_tokens))
 
     def gather(self, layer: int, page_indptr, page_indices, last_page_len, token_indptr,
                total_tokens: int, nnz: int):
@@ -340,9 +356,7 @@ class CupyBackend:
         self._function("gather", width)(
             grid, block,
             (k_pool.data.ptr, v_pool.data.ptr, *(a.data.ptr for a in indexes),
-             k_out.data.ptr, v_out.data.ptr, len(last_page_len), cfg.num_pages,
-             LAYOUT_CODE[cfg.layout], cfg.page_size, cfg.num_kv_heads, row_vecs,
-             self.error_word.data.ptr))
+             k_out.data.ptr, v_out.data.ptr, len(last_page_len)))
         return k_out, v_out
 
     def copy_pages(self, src, dst) -> None:
@@ -360,5 +374,4 @@ class CupyBackend:
         src_dev, dst_dev = self.upload(src), self.upload(dst)
         self._function("copy_pages", width)(
             grid, block,
-            (self.kv.data.ptr, src_dev.data.ptr, dst_dev.data.ptr, num_pairs, cfg.num_layers,
-             cfg.num_pages, page_vecs, self.error_word.data.ptr))
+            (self.kv.data.ptr, src_dev.data.ptr, dst_dev.data.ptr, num_pairs))
