@@ -90,7 +90,8 @@ class DriverLauncher:
 
     def __init__(self, raw_kernel, signature: str, tail: tuple = ()):
         self._function = int(raw_kernel.kernel.ptr)
-        values = [_CTYPES[kind]() for kind in signature]
+        # self._values keeps every holder alive: the pack points into their memory.
+        self._values = values = [_CTYPES[kind]() for kind in signature]
         self._params = (ctypes.c_void_p * len(signature))(
             *[ctypes.addressof(v) for v in values])
         self._params_ptr = ctypes.addressof(self._params)
