@@ -270,10 +270,12 @@ class Simulator:
 
     # -- one step --------------------------------------------------------------------------
 
-    def _write(self, entries, slot_mapping) -> None:
-        """Write every layer's K and V for tokens listed as (request, sample, positions)."""
+    def _write(self, entries, slot_mapping, keys=None) -> None:
+        """Write every layer's K and V for tokens listed as (request, sample, positions)
+        (``keys``: their content keys, when the caller has them already)."""
         xp = self.cache.backend.xp
-        keys = self._join([self._keys(*entry) for entry in entries])
+        if keys is None:
+            keys = self._join([self._keys(*entry) for entry in entries])
         for layer in range(self.cfg.layers):
             k = self._content(keys, layer, 0).view(self._storage)
             v = self._content(keys, layer, 1).view(self._storage)
@@ -368,7 +370,8 @@ class Simulator:
                 if seq >= 0:
                     position = request.prompt_len + request.generated[sample]
                     entries.append((request, sample, np.array([position])))
-        token_ids = self._token_ids(self._join([self._keys(*entry) for entry in entries]))
+        keys = self._join([self._keys(*entry) for entry in entries])
+        token_ids = self._token_ids(keys)
         t0 = time.perf_counter_ns()
         step_result = cache.append(seqs, 1, token_ids)
         cache.flashinfer_metadata(seqs)   # what the attention kernels would be given
@@ -376,7 +379,7 @@ class Simulator:
         self.result.cow_copies += int(step_result.copy_src.size)
         for request, sample, _ in entries:
             request.generated[sample] += 1
-        self._write(entries, step_result.slot_mapping)
+        self._write(entries, step_result.slot_mapping, keys)
 
     def _retire(self, running: list) -> None:
         cache = self.cache
