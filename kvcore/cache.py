@@ -139,7 +139,7 @@ class KVCache:
         """
         result = self.table.append(seq_ids, num_new_tokens, token_ids)
         if result.copy_src.size:
-            self._copy_pages_unchecked(result.copy_src, result.copy_dst)
+            self.backend.copy_pages(result.copy_src, result.copy_dst)
         return result
 
     def pages_needed(self, seq_ids, num_new_tokens) -> int:
@@ -294,7 +294,7 @@ class KVCache:
             src_arr, dst_arr = self._device_index_pair(src_dev, self._device_array_or_none(dst))
         else:
             src_arr, dst_arr = self._host_page_pair(src, dst)
-        self._copy_pages_unchecked(src_arr, dst_arr)
+        self.backend.copy_pages(src_arr, dst_arr)
 
     def synchronize(self) -> None:
         """Wait for the device; raise :class:`InvalidPageError` if a kernel refused an index.
@@ -453,6 +453,3 @@ class KVCache:
             raise ValueError(f"src and dst differ in length: {src.size} != {dst.size}")
         xp = self.backend.xp
         return xp.ascontiguousarray(src), xp.ascontiguousarray(dst)
-
-    def _copy_pages_unchecked(self, src, dst) -> None:
-        self.backend.copy_pages(src, dst)

@@ -223,9 +223,6 @@ class CupyBackend:
 
     # -- arrays in and out ----------------------------------------------------------------
 
-    def is_native(self, array) -> bool:
-        return isinstance(array, cupy.ndarray)
-
     def is_foreign_device_array(self, array) -> bool:
         return False
 

@@ -41,9 +41,6 @@ class NumpyBackend:
 
     # -- arrays in and out ----------------------------------------------------------------
 
-    def is_native(self, array) -> bool:
-        return isinstance(array, np.ndarray)
-
     def is_foreign_device_array(self, array) -> bool:
         """True for arrays that live on a GPU (which this backend cannot read)."""
         if hasattr(array, "__cuda_array_interface__"):
