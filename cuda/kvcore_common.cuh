@@ -11,6 +11,7 @@ typedef long long slot_t;     // page_id * page_size + offset_in_page, or -1 (pa
 // The offending element is skipped, so no input can make a kernel write outside the pool.
 #define KVCORE_ERR_SLOT_OUT_OF_RANGE 1
 #define KVCORE_ERR_PAGE_OUT_OF_RANGE 2
+#define KVCORE_ERR_OUTPUT_TOO_SMALL 4
 
 #define KVCORE_LAYOUT_NHD 0
 #define KVCORE_LAYOUT_HND 1

@@ -2,10 +2,15 @@
 // tensors, copy pages (copy-on-write). Loaded at run time with cupy.RawModule (NVRTC).
 //
 // Shapes use the glossary names: L layers, P num_pages, S page_size, H num_kv_heads,
-// D head_dim, T tokens, B batch. The pool is one allocation:
-//   NHD: kv[L, 2, P, S, H, D]        HND: kv[L, 2, P, H, S, D]
-// Every pointer and stride below is in units of the vector type V (see kvcore_common.cuh);
-// `row` is one (token, head) run of D elements = row_vecs vectors.
+// D head_dim, T tokens, B batch. One layer's K (or V) pool is P pages whose
+// in-page block is contiguous, [S, H, D] (NHD) or [H, S, D] (HND), while the distance
+// between pages (`page_stride`) is free: kvcore's own [L, 2, P, ...] pool, vLLM's
+// per-layer [2, P, ...] and [P, 2, ...] tensors and separate K and V tensors all fit.
+// Every pointer and stride below is in units of the vector type V (see
+// kvcore_common.cuh); `row` is one (token, head) run of D elements = row_vecs vectors.
+//
+// The argument lists of the extern "C" entry points at the bottom are mirrored, name by
+// name, in kvcore/backends/kernel_abi.py; tests/test_kernel_abi.py checks that they agree.
 #include "kvcore_common.cuh"
 
 namespace kvcore {
@@ -14,19 +19,47 @@ namespace kvcore {
 // stores, so one thread has UNROLL independent memory operations outstanding.
 constexpr int UNROLL = 4;
 
-// Offset, in vectors, of row (page, offset_in_page, head) within one layer's K (or V) pool.
-__device__ __forceinline__ long long pool_row(int layout, long long page, long long off,
-                                              long long head, long long page_size,
-                                              long long num_heads, long long row_vecs) {
+// Offset, in vectors, of row (offset_in_page, head) inside one page's block.
+__device__ __forceinline__ long long in_page_row(int layout, long long off, long long head,
+                                                 long long page_size, long long num_heads,
+                                                 long long row_vecs) {
   if (layout == KVCORE_LAYOUT_NHD) {
-    return ((page * page_size + off) * num_heads + head) * row_vecs;
+    return (off * num_heads + head) * row_vecs;
   }
-  return ((page * num_heads + head) * page_size + off) * row_vecs;
+  return (head * page_size + off) * row_vecs;
 }
 
 // page = slot / page_size with a shift when page_size is a power of two (page_shift >= 0).
 __device__ __forceinline__ long long page_of(long long slot, long long page_size, int page_shift) {
   return page_shift >= 0 ? (slot >> page_shift) : slot / page_size;
+}
+
+// Copy n vectors from src_a to dst_a and n from src_b to dst_b (K and V together, so a
+// thread has 2 * UNROLL loads in flight), UNROLL per thread per trip.
+template <typename V>
+__device__ __forceinline__ void block_copy2(V* __restrict__ dst_a, const V* __restrict__ src_a,
+                                            V* __restrict__ dst_b, const V* __restrict__ src_b,
+                                            long long n) {
+  const long long step = (long long)blockDim.x * UNROLL;
+  for (long long base = threadIdx.x; base < n; base += step) {
+    V a[UNROLL], b[UNROLL];
+#pragma unroll
+    for (int u = 0; u < UNROLL; ++u) {
+      const long long j = base + (long long)u * blockDim.x;
+      if (j < n) {
+        a[u] = src_a[j];
+        b[u] = src_b[j];
+      }
+    }
+#pragma unroll
+    for (int u = 0; u < UNROLL; ++u) {
+      const long long j = base + (long long)u * blockDim.x;
+      if (j < n) {
+        dst_a[j] = a[u];
+        dst_b[j] = b[u];
+      }
+    }
+  }
 }
 
 // Copy n vectors from src to dst, UNROLL per thread per trip.
@@ -58,10 +91,10 @@ __device__ void scatter(const V* __restrict__ k,        // [T, H, D] with stride
                         long long k_stride_t, long long k_stride_h,
                         long long v_stride_t, long long v_stride_h,
                         const slot_t* __restrict__ slot_mapping,  // [T], -1 = skip
-                        V* __restrict__ k_pool,         // layer's K pool [P, ...]
-                        V* __restrict__ v_pool,         // layer's V pool [P, ...]
-                        long long num_tokens, long long num_slots, int layout,
-                        long long page_size, int page_shift, long long num_heads,
+                        V* __restrict__ k_pool,         // layer's K pool, page p at p * page_stride
+                        V* __restrict__ v_pool,         // layer's V pool, likewise
+                        long long num_tokens, long long num_slots, long long page_stride,
+                        int layout, long long page_size, int page_shift, long long num_heads,
                         long long row_vecs, int* __restrict__ error_word) {
   const int vecs_per_token = (int)(num_heads * row_vecs);
   const long long stride = (long long)gridDim.x * UNROLL;
@@ -91,8 +124,8 @@ __device__ void scatter(const V* __restrict__ k,        // [T, H, D] with stride
         }
         const long long page = page_of(slot[u], page_size, page_shift);
         const long long off = slot[u] - page * page_size;
-        const long long dst =
-            pool_row(layout, page, off, head, page_size, num_heads, row_vecs) + w;
+        const long long dst = page * page_stride +
+                              in_page_row(layout, off, head, page_size, num_heads, row_vecs) + w;
         k_pool[dst] = kbuf[u];
         v_pool[dst] = vbuf[u];
       }
@@ -103,19 +136,20 @@ __device__ void scatter(const V* __restrict__ k,        // [T, H, D] with stride
 // gather: one block per page entry of the batch (grid-stride); the block finds its
 // sequence by binary search over page_indptr, then copies the page's valid tokens. In
 // NHD those tokens are one contiguous run of the page, so the copy is a straight one.
+// Entries beyond page_indptr[batch] (padding of fixed-size metadata) are never read.
 template <typename V>
 __device__ void gather(const V* __restrict__ k_pool, const V* __restrict__ v_pool,
                        const int* __restrict__ page_indptr,    // [B + 1], first element 0
                        const int* __restrict__ page_indices,   // [page_indptr[B]]
                        const int* __restrict__ last_page_len,  // [B], in [0, S]
                        const long long* __restrict__ token_indptr,  // [B + 1]
-                       V* __restrict__ k_out,                  // [total_tokens, H, D]
-                       V* __restrict__ v_out,                  // [total_tokens, H, D]
-                       int batch, long long num_pages, int layout, long long page_size,
+                       V* __restrict__ k_out,                  // [out_rows, H, D]
+                       V* __restrict__ v_out,                  // [out_rows, H, D]
+                       int batch, long long out_rows, long long num_pages,
+                       long long page_stride, int layout, long long page_size,
                        long long num_heads, long long row_vecs, int* __restrict__ error_word) {
   const int nnz = page_indptr[batch];
   const int vecs_per_token = (int)(num_heads * row_vecs);
-  const long long page_vecs = page_size * vecs_per_token;
   for (long long e = blockIdx.x; e < nnz; e += gridDim.x) {
     int lo = 0, hi = batch - 1;  // last b with page_indptr[b] <= e
     while (lo < hi) {
@@ -131,10 +165,16 @@ __device__ void gather(const V* __restrict__ k_pool, const V* __restrict__ v_poo
     const long long pos = e - page_indptr[b];
     const bool is_last = (e == page_indptr[b + 1] - 1);
     const long long count = is_last ? last_page_len[b] : page_size;
-    const long long out_base = (token_indptr[b] + pos * page_size) * vecs_per_token;
+    const long long first_row = token_indptr[b] + pos * page_size;
+    if (first_row + count > out_rows) {
+      if (threadIdx.x == 0) atomicOr(error_word, KVCORE_ERR_OUTPUT_TOO_SMALL);
+      continue;
+    }
+    const long long out_base = first_row * vecs_per_token;
+    const long long page_base = page * page_stride;
     if (layout == KVCORE_LAYOUT_NHD) {
-      block_copy(k_out + out_base, k_pool + page * page_vecs, count * vecs_per_token);
-      block_copy(v_out + out_base, v_pool + page * page_vecs, count * vecs_per_token);
+      block_copy2(k_out + out_base, k_pool + page_base, v_out + out_base, v_pool + page_base,
+                  count * vecs_per_token);
       continue;
     }
     for (int j = threadIdx.x; j < vecs_per_token; j += blockDim.x) {
@@ -142,7 +182,8 @@ __device__ void gather(const V* __restrict__ k_pool, const V* __restrict__ v_poo
       const int w = j - head * (int)row_vecs;
 #pragma unroll 4
       for (long long off = 0; off < count; ++off) {
-        const long long src = pool_row(layout, page, off, head, page_size, num_heads, row_vecs) + w;
+        const long long src =
+            page_base + in_page_row(layout, off, head, page_size, num_heads, row_vecs) + w;
         const long long dst = out_base + off * vecs_per_token + j;
         k_out[dst] = k_pool[src];
         v_out[dst] = v_pool[src];
@@ -151,55 +192,61 @@ __device__ void gather(const V* __restrict__ k_pool, const V* __restrict__ v_poo
   }
 }
 
-// copy_pages: one block per (pair, layer, K/V) chunk; a page of one layer's K or V is
-// contiguous in both layouts (page_vecs vectors), so this is a straight copy.
+// copy_pages: one block per (pair, layer, K/V) chunk. A page of one layer's K or V is
+// contiguous in both layouts (page_vecs vectors), so each chunk is a straight copy;
+// pools[] holds each (layer, K/V) pool's base address, so the layers may be separate
+// allocations (adopted per-layer tensors).
 template <typename V>
-__device__ void copy_pages(V* __restrict__ kv,                 // the whole pool
+__device__ void copy_pages(const unsigned long long* __restrict__ pools,  // [num_pools] bytes
                            const page_id_t* __restrict__ src,  // [num_pairs]
                            const page_id_t* __restrict__ dst,  // [num_pairs]
-                           long long num_pairs, long long num_layers, long long num_pages,
-                           long long page_vecs, int* __restrict__ error_word) {
-  const long long num_chunks = num_pairs * num_layers * 2;
+                           long long num_pairs, long long num_pools, long long num_pages,
+                           long long page_stride, long long page_vecs,
+                           int* __restrict__ error_word) {
+  const long long num_chunks = num_pairs * num_pools;
   for (long long c = blockIdx.x; c < num_chunks; c += gridDim.x) {
-    const long long pool = c / num_pairs;      // = layer * 2 + (0 for K, 1 for V)
+    const long long pool = c / num_pairs;         // = layer * 2 + (0 for K, 1 for V)
     const long long pair = c - pool * num_pairs;  // pairs fastest: neighbours share a layer
     const long long s = src[pair], d = dst[pair];
     if (s < 0 || s >= num_pages || d < 0 || d >= num_pages) {
       if (threadIdx.x == 0) atomicOr(error_word, KVCORE_ERR_PAGE_OUT_OF_RANGE);
       continue;
     }
-    block_copy(kv + (pool * num_pages + d) * page_vecs, kv + (pool * num_pages + s) * page_vecs,
-               page_vecs);
+    V* base = reinterpret_cast<V*>(pools[pool]);
+    block_copy(base + d * page_stride, base + s * page_stride, page_vecs);
   }
 }
 
 }  // namespace kvcore
 
-// extern "C" entry points, one per vector width: kvcore_<op>_w<bytes>.
-#define KVCORE_INSTANTIATE(V, BYTES)                                                        \
-  extern "C" __global__ void kvcore_scatter_w##BYTES(                                      \
-      const V* k, const V* v, long long k_stride_t, long long k_stride_h,                  \
-      long long v_stride_t, long long v_stride_h, const slot_t* slot_mapping, V* k_pool,    \
-      V* v_pool, long long num_tokens, long long num_slots, int layout, long long page_size, \
-      int page_shift, long long num_heads, long long row_vecs, int* error_word) {          \
-    kvcore::scatter<V>(k, v, k_stride_t, k_stride_h, v_stride_t, v_stride_h, slot_mapping,  \
-                       k_pool, v_pool, num_tokens, num_slots, layout, page_size, page_shift, \
-                       num_heads, row_vecs, error_word);                                    \
-  }                                                                                         \
-  extern "C" __global__ void kvcore_gather_w##BYTES(                                       \
-      const V* k_pool, const V* v_pool, const int* page_indptr, const int* page_indices,    \
-      const int* last_page_len, const long long* token_indptr, V* k_out, V* v_out,          \
-      int batch, long long num_pages, int layout, long long page_size, long long num_heads, \
-      long long row_vecs, int* error_word) {                                               \
-    kvcore::gather<V>(k_pool, v_pool, page_indptr, page_indices, last_page_len,             \
-                      token_indptr, k_out, v_out, batch, num_pages, layout, page_size,      \
-                      num_heads, row_vecs, error_word);                                     \
-  }                                                                                         \
-  extern "C" __global__ void kvcore_copy_pages_w##BYTES(                                   \
-      V* kv, const page_id_t* src, const page_id_t* dst, long long num_pairs,               \
-      long long num_layers, long long num_pages, long long page_vecs, int* error_word) {    \
-    kvcore::copy_pages<V>(kv, src, dst, num_pairs, num_layers, num_pages, page_vecs,        \
-                          error_word);                                                      \
+// extern "C" entry points, one per vector width: kvcore_<op>_w<bytes>. Keep each list in
+// step with kvcore/backends/kernel_abi.py (checked by tests/test_kernel_abi.py).
+#define KVCORE_INSTANTIATE(V, BYTES)                                                         \
+  extern "C" __global__ void kvcore_scatter_w##BYTES(                                       \
+      const V* k, const V* v, long long k_stride_t, long long k_stride_h,                   \
+      long long v_stride_t, long long v_stride_h, const slot_t* slot_mapping, V* k_pool,     \
+      V* v_pool, long long num_tokens, long long num_slots, long long page_stride,           \
+      int layout, long long page_size, int page_shift, long long num_heads,                  \
+      long long row_vecs, int* error_word) {                                                 \
+    kvcore::scatter<V>(k, v, k_stride_t, k_stride_h, v_stride_t, v_stride_h, slot_mapping,   \
+                       k_pool, v_pool, num_tokens, num_slots, page_stride, layout, page_size, \
+                       page_shift, num_heads, row_vecs, error_word);                         \
+  }                                                                                          \
+  extern "C" __global__ void kvcore_gather_w##BYTES(                                        \
+      const V* k_pool, const V* v_pool, const int* page_indptr, const int* page_indices,     \
+      const int* last_page_len, const long long* token_indptr, V* k_out, V* v_out,           \
+      int batch, long long out_rows, long long num_pages, long long page_stride, int layout,  \
+      long long page_size, long long num_heads, long long row_vecs, int* error_word) {       \
+    kvcore::gather<V>(k_pool, v_pool, page_indptr, page_indices, last_page_len,              \
+                      token_indptr, k_out, v_out, batch, out_rows, num_pages, page_stride,   \
+                      layout, page_size, num_heads, row_vecs, error_word);                   \
+  }                                                                                          \
+  extern "C" __global__ void kvcore_copy_pages_w##BYTES(                                    \
+      const unsigned long long* pools, const page_id_t* src, const page_id_t* dst,           \
+      long long num_pairs, long long num_pools, long long num_pages, long long page_stride,  \
+      long long page_vecs, int* error_word) {                                                \
+    kvcore::copy_pages<V>(pools, src, dst, num_pairs, num_pools, num_pages, page_stride,     \
+                          page_vecs, error_word);                                            \
   }
 
 KVCORE_INSTANTIATE(uint4, 16)

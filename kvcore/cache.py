@@ -1,7 +1,9 @@
 """KVCache: the facade that owns the page bookkeeping and the device pool.
 
-It validates every argument (shape, dtype, device, layer, slot and page ranges) before
-anything is written, then hands plain arrays to a backend that only moves bytes.
+It checks the layer and routes each call: bookkeeping to the :class:`PageTable`, data
+movement to a backend (NumPy, or CUDA speaking torch or CuPy) that reads and checks
+its array arguments before anything is written. Every device call runs on the
+caller's stream: the ``stream=`` argument, else the framework's current stream.
 """
 
 from __future__ import annotations
@@ -10,16 +12,13 @@ import operator
 
 import numpy as np
 
-from kvcore._core import AppendResult, PageAllocator, PageTable, first_slot_out_of_range
+from kvcore._core import AppendResult, PageAllocator, PageTable
 from kvcore.backends import make_backend
-from kvcore.backends.numpy_ref import storage_dtype
 from kvcore.config import KVCacheConfig
-from kvcore.errors import InvalidPageError, ShapeError
+from kvcore.errors import InvalidPageError
+from kvcore.metadata import StepMetadata
 
 __all__ = ["KVCache"]
-
-#: dtypes accepted for K/V besides the cache's own: bfloat16 also arrives as raw words.
-_RAW_WORDS = (np.dtype(np.uint16), np.dtype(np.int16))
 
 
 class KVCache:
@@ -32,6 +31,20 @@ class KVCache:
     device : str
         ``"auto"`` (CUDA when CuPy and a GPU are usable, else CPU), ``"cpu"`` (NumPy),
         ``"cuda"`` (the current CUDA device) or ``"cuda:N"``.
+    framework : {"torch", "cupy"} or None
+        CUDA only: who allocates the pool and new outputs (torch tensors, bfloat16 as
+        ``torch.bfloat16``; or CuPy arrays, bfloat16 as uint16 words) and whose current
+        stream device calls use when they are not given ``stream=``. None picks the
+        adopted pool's framework, else ``"torch"`` when the caller has imported torch,
+        else ``"cupy"``. A CuPy program that also imports torch should say
+        ``framework="cupy"``.
+    pool : optional
+        CUDA only: adopt tensors an engine already allocated instead of allocating. A
+        list of ``num_layers`` entries, each a ``[2, P, ...]`` or ``[P, 2, ...]`` tensor
+        (vLLM's per-layer layouts) or a ``(k, v)`` pair of ``[P, ...]`` tensors, where
+        ``...`` is ``[S, H, D]`` (NHD) or ``[H, S, D]`` (HND) and each page block is
+        contiguous; or one ``config.pool_shape`` tensor. Validated once here; kvcore
+        never frees them (keep them alive as long as the cache).
 
     Attributes
     ----------
@@ -39,26 +52,34 @@ class KVCache:
     allocator : PageAllocator
     table : PageTable
         The bookkeeping; the methods below pass through to it.
-    kv : numpy.ndarray or cupy.ndarray
+    kv : numpy.ndarray, torch.Tensor or cupy.ndarray
         The pool, ``config.pool_shape``: NHD ``[L, 2, P, S, H, D]``, HND ``[L, 2, P, H, S, D]``.
-        bfloat16 pools are stored as uint16 words (view them as bfloat16 in torch).
+        bfloat16 pools are uint16 words in NumPy and CuPy (view them as bfloat16 in
+        torch) and ``torch.bfloat16`` with ``framework="torch"``. Absent (an
+        ``AttributeError``) for an adopted pool.
 
     Raises
     ------
     ValueError
-        An unknown ``device``.
+        An unknown ``device`` or ``framework``; ``framework`` / ``pool`` on a CPU cache.
     BackendUnavailableError
-        CUDA asked for where CuPy or a GPU is missing.
+        CUDA asked for where CuPy, torch (for ``framework="torch"``) or a GPU is missing.
+    ShapeError
+        An adopted ``pool`` that does not fit the config.
 
     Notes
     -----
-    Device-side contract: ``write`` and ``copy_pages`` with device-resident index
-    arrays never synchronize with the GPU (so a step can be captured in a CUDA graph);
-    their index arrays are then range-checked by the kernels, which skip an offending
-    element (nothing outside the pool is ever written) and raise a flag that
-    :meth:`synchronize` reports as :class:`InvalidPageError`. Index arrays given as NumPy
-    arrays (what :meth:`append` returns) are checked on the host before any launch, and a
-    bad one means nothing is written at all.
+    Device-side contract: every device operation (``write``, ``gather``,
+    ``copy_pages``, the copy-on-write copies of ``append``, uploads, ``synchronize``)
+    is enqueued on the caller's stream and never waits for the device (``synchronize``
+    excepted). ``write``, ``copy_pages`` with device ids and ``gather`` from a
+    :class:`StepMetadata` into given outputs are capturable in ``torch.cuda.graph`` and
+    CuPy graph capture; calls that would upload host index arrays refuse to run while
+    their stream captures (a replay would not upload them again). Device index arrays
+    are range-checked by the kernels, which skip an offending element (nothing outside
+    the pool is ever written) and raise a flag that :meth:`synchronize` reports as
+    :class:`InvalidPageError`. Host index arrays (what :meth:`append` returns) are
+    checked before any launch, and a bad one means nothing is written at all.
 
     Examples
     --------
@@ -74,17 +95,17 @@ class KVCache:
     (True, [0, 5])
     """
 
-    def __init__(self, config: KVCacheConfig, device: str = "auto"):
+    def __init__(self, config: KVCacheConfig, device: str = "auto", *,
+                 framework: str | None = None, pool=None):
         if not isinstance(config, KVCacheConfig):
             raise TypeError(f"config must be a KVCacheConfig, got {type(config).__name__}")
         self.config = config
-        self.backend = make_backend(config, device)
+        self.backend = make_backend(config, device, framework, pool)
         self.allocator = PageAllocator(config.num_pages)
         self.table = PageTable(self.allocator, config.page_size, config.max_seqs,
                                config.max_pages_per_seq,
                                enable_prefix_cache=config.enable_prefix_cache)
-        self._dtype = storage_dtype(config.dtype)
-        self._num_slots = config.num_pages * config.page_size
+        self._current_stream = self.backend.current_stream
 
     def __repr__(self) -> str:
         c = self.config
@@ -102,8 +123,25 @@ class KVCache:
 
     @property
     def kv(self):
-        """The whole pool (see the class docstring for its shape)."""
+        """The whole pool (see the class docstring for its shape).
+
+        Raises
+        ------
+        AttributeError
+            The pool was adopted (``pool=``): there is no single array; use
+            :meth:`k_cache` / :meth:`v_cache`.
+        """
+        if self.backend.adopted:
+            raise AttributeError("this cache adopted per-layer tensors (pool=...), so it has "
+                                 "no single kv array; use k_cache(layer) and v_cache(layer)")
         return self.backend.kv
+
+    @property
+    def framework(self) -> str:
+        """``"numpy"`` (CPU), ``"torch"`` or ``"cupy"``: the type of the pool and of new
+        outputs, and whose current stream device calls use."""
+        framework = getattr(self.backend, "framework", None)
+        return framework.name if framework is not None else "numpy"
 
     @property
     def num_seqs(self) -> int:
@@ -130,16 +168,26 @@ class KVCache:
         """End ``seq_id`` and release its pages; see :meth:`PageTable.remove`."""
         self.table.remove(seq_id)
 
-    def append(self, seq_ids, num_new_tokens, token_ids=None) -> AppendResult:
+    def append(self, seq_ids, num_new_tokens, token_ids=None, *, stream=None) -> AppendResult:
         """Extend sequences (see :meth:`PageTable.append`) and do the copy-on-write copies.
 
-        The page copies reported in ``copy_src`` / ``copy_dst`` are performed on the
-        device (every layer, K and V, one launch) before this returns, so the caller can
-        write the new tokens through ``slot_mapping`` at once.
+        The page copies reported in ``copy_src`` / ``copy_dst`` are enqueued on the
+        device (every layer, K and V, one launch) on the caller's stream (``stream``, or
+        the framework's current stream) before this returns, so writes of the new tokens
+        queued after it on that stream see the copied pages.
+
+        Raises
+        ------
+        KernelError
+            On CUDA, while ``stream`` captures a CUDA graph (the copies' page ids are
+            host data); nothing changes.
         """
+        handle = self._stream(stream)
+        if handle is not None:
+            self.backend.refuse_capture(handle, "append")
         result = self.table.append(seq_ids, num_new_tokens, token_ids)
         if result.copy_src.size:
-            self.backend.copy_pages(result.copy_src, result.copy_dst)
+            self.backend.copy_pages(result.copy_src, result.copy_dst, handle)
         return result
 
     def pages_needed(self, seq_ids, num_new_tokens) -> int:
@@ -193,16 +241,44 @@ class KVCache:
     def k_cache(self, layer: int):
         """View of layer ``layer``'s K cache: NHD ``[P, S, H, D]``, HND ``[P, H, S, D]``.
 
-        A view, not a copy: writes through it change the pool. FlashInfer's
-        ``(k_cache, v_cache)`` tuple form takes it as is.
+        A view, not a copy (of kvcore's pool or of the adopted tensor): writes through it
+        change the pool. FlashInfer's ``(k_cache, v_cache)`` tuple form takes it as is.
         """
-        return self.backend.kv[self._layer(layer), 0]
+        return self.backend.k_views[self._layer(layer)]
 
     def v_cache(self, layer: int):
         """View of layer ``layer``'s V cache (see :meth:`k_cache`)."""
-        return self.backend.kv[self._layer(layer), 1]
+        return self.backend.v_views[self._layer(layer)]
 
-    def write(self, layer: int, k, v, slot_mapping) -> None:
+    def step_metadata(self, max_tokens: int, *, max_batch: int | None = None,
+                      max_pages: int | None = None, block_tables: bool = True,
+                      max_pages_per_seq: int | None = None) -> StepMetadata:
+        """Persistent device buffers for one step's slot mapping and attention metadata.
+
+        Call :meth:`StepMetadata.update` once per step, then pass the object as the
+        ``slot_mapping`` of every layer's :meth:`write` (and to :meth:`gather`); its
+        device arrays (``page_indptr``, ``page_indices``, ``last_page_len``,
+        ``seq_lens``, ``block_tables``, ``slot_mapping``, ``token_indptr``) feed
+        attention kernels. See :mod:`kvcore.metadata` for the layout and padding.
+
+        Parameters
+        ----------
+        max_tokens : int
+            Most new tokens in one step (an engine's max batched tokens).
+        max_batch : int, optional
+            Most sequences in one step's attention batch; default ``config.max_seqs``.
+        max_pages : int, optional
+            Most page entries over the batch; default
+            ``min(num_pages, max_batch * max_pages_per_seq)``.
+        block_tables : bool
+            Also keep vLLM-style ``block_tables [max_batch, max_pages_per_seq]``.
+        max_pages_per_seq : int, optional
+            Columns of ``block_tables``; default ``config.max_pages_per_seq``.
+        """
+        return StepMetadata(self, max_tokens, max_batch, max_pages, block_tables,
+                            max_pages_per_seq)
+
+    def write(self, layer: int, k, v, slot_mapping, *, stream=None) -> None:
         """Scatter new tokens' keys and values into their slots (one launch for K and V).
 
         Parameters
@@ -211,11 +287,18 @@ class KVCache:
             In ``[0, num_layers)``.
         k, v : array, shape [T, num_kv_heads, head_dim]
             The cache's dtype (bfloat16 also as uint16/int16 words); NumPy for a CPU
-            cache, a CUDA array (CuPy, torch, JAX: zero-copy) for a CUDA cache. Not
-            modified. Any strides; rows that are not contiguous are copied first.
-        slot_mapping : array of int, shape [T]
-            Slot of each token (``-1``: skip it), e.g. ``append(...).slot_mapping``.
-            NumPy (checked on the host) or, on CUDA, a device int64 array.
+            cache, a CUDA array (torch, CuPy, JAX: read in place, never converted) for a
+            CUDA cache. Not modified. Any strides over T and heads; a last axis that is
+            not contiguous is copied first (on ``stream``).
+        slot_mapping : array of int, shape [T], or StepMetadata
+            Slot of each token (``-1``: skip it), e.g. ``append(...).slot_mapping``:
+            NumPy (checked on the host, then uploaded) or, on CUDA, a device int64
+            array. Or this cache's :class:`StepMetadata`: its uploaded slots (``T`` may
+            exceed the step's tokens, up to ``max_tokens``: the rest are -1, so a padded
+            batch writes nothing for its padding).
+        stream : optional
+            A torch or CuPy stream or a ``cudaStream_t`` int; default: the framework's
+            current stream.
 
         Raises
         ------
@@ -233,42 +316,65 @@ class KVCache:
         of them lands there is unspecified on the GPU.
         """
         layer = self._layer(layer)
-        k = self._kv_array(k, "k")
-        v = self._kv_array(v, "v")
-        if k.shape != v.shape:
-            raise ShapeError(f"k and v differ in shape: {k.shape} != {v.shape}")
-        slots = self._slot_array(slot_mapping, k.shape[0])
-        self.backend.write(layer, k, v, slots)
+        handle = self._stream(stream)
+        if type(slot_mapping) is StepMetadata:
+            self._own(slot_mapping)
+            self.backend.write(layer, k, v, None, handle, slot_mapping)
+        else:
+            self.backend.write(layer, k, v, slot_mapping, handle)
 
-    def gather(self, layer: int, seq_ids):
+    def gather(self, layer: int, seq_ids, *, out=None, stream=None):
         """Read a batch of sequences out of the pool into contiguous arrays.
 
         Parameters
         ----------
         layer : int
             In ``[0, num_layers)``.
-        seq_ids : array_like of int, shape [B]
-            Active sequences (repeats allowed).
+        seq_ids : array_like of int, shape [B], or StepMetadata
+            Active sequences (repeats allowed); or this cache's :class:`StepMetadata`,
+            whose uploaded batch is read with nothing going back to the host (the
+            capturable form: give ``out``).
+        out : (k_out, v_out), optional
+            Contiguous ``[rows, num_kv_heads, head_dim]`` arrays of the cache's dtype on
+            its device to fill in place; ``rows`` at least the batch's tokens. Default:
+            new arrays from the cache's framework (on CUDA, allocated on ``stream``).
+        stream : optional
+            As in :meth:`write`.
 
         Returns
         -------
         k, v : array, shape [total_tokens, num_kv_heads, head_dim]
-            New arrays on the cache's device, in its storage dtype; sequence ``b``'s
-            tokens are rows ``token_indptr[b]:token_indptr[b + 1]``.
-        token_indptr : numpy.ndarray of int64, shape [B + 1]
+            ``out`` or new arrays; sequence ``b``'s tokens are rows
+            ``token_indptr[b]:token_indptr[b + 1]``.
+        token_indptr : int64 array, shape [B + 1]
+            NumPy for ``seq_ids``; the StepMetadata's device ``token_indptr`` (padded to
+            ``max_batch + 1``) for a StepMetadata.
+
+        Raises
+        ------
+        ShapeError
+            ``out`` of the wrong shape, dtype, device or too few rows (with a
+            StepMetadata, rows too few are skipped by the kernel and reported by
+            :meth:`synchronize`).
         """
         layer = self._layer(layer)
+        handle = self._stream(stream)
+        if type(seq_ids) is StepMetadata:
+            self._own(seq_ids)
+            k, v = self.backend.gather(layer, seq_ids, out, handle)
+            return k, v, seq_ids.token_indptr
         page_indptr, page_indices, last_page_len = self.table.flashinfer_metadata(seq_ids)
         num_pages = np.diff(page_indptr)
         lengths = np.where(num_pages > 0, (num_pages.astype(np.int64) - 1)
                            * self.config.page_size + last_page_len, 0)
         token_indptr = np.zeros(len(lengths) + 1, dtype=np.int64)
         np.cumsum(lengths, out=token_indptr[1:])
-        k, v = self.backend.gather(layer, page_indptr, page_indices, last_page_len,
-                                   token_indptr, int(token_indptr[-1]), int(page_indptr[-1]))
+        index = (page_indptr, page_indices, last_page_len, token_indptr,
+                 int(token_indptr[-1]), int(page_indptr[-1]))
+        k, v = self.backend.gather(layer, index, out, handle)
         return k, v, token_indptr
 
-    def copy_pages(self, src, dst) -> None:
+    def copy_pages(self, src, dst, *, stream=None) -> None:
         """Copy page ``src[i]`` to page ``dst[i]`` in every layer, K and V (one launch).
 
         Parameters
@@ -276,7 +382,9 @@ class KVCache:
         src, dst : array of int, shape [n]
             Page ids in ``[0, num_pages)``; ``dst`` distinct and disjoint from ``src``.
             Host arrays are checked before anything is copied; CUDA int32 arrays are
-            range-checked by the kernel (see the class Notes).
+            range-checked by the kernel (see the class Notes) and capturable.
+        stream : optional
+            As in :meth:`write`.
 
         Raises
         ------
@@ -289,32 +397,40 @@ class KVCache:
         -----
         This moves bytes only: it does not change refcounts or page tables.
         """
-        src_dev = self._device_array_or_none(src)
-        if src_dev is not None:
-            src_arr, dst_arr = self._device_index_pair(src_dev, self._device_array_or_none(dst))
-        else:
-            src_arr, dst_arr = self._host_page_pair(src, dst)
-        self.backend.copy_pages(src_arr, dst_arr)
+        handle = self._stream(stream)
+        self.backend.copy_pages(src, dst, handle)
 
-    def synchronize(self) -> None:
-        """Wait for the device; raise :class:`InvalidPageError` if a kernel refused an index.
+    def synchronize(self, *, stream=None) -> None:
+        """Wait for the caller's stream; raise :class:`InvalidPageError` if a kernel
+        refused an index.
 
-        Kernels given device-resident index arrays skip out-of-range entries and raise
-        a flag instead of failing; this is where that flag becomes an exception (and is
-        cleared).
+        Kernels given device-resident index arrays skip out-of-range entries (and
+        :meth:`gather` into outputs with too few rows skips those pages) and raise a
+        flag instead of failing; this is where that flag becomes an exception (and is
+        cleared). Work queued on other streams is not waited for.
         """
-        self.backend.synchronize()
-        flags = self.backend.take_error_word()
+        handle = self._stream(stream)
+        flags = self.backend.synchronize(handle)
         if flags:
             what = []
             if flags & 1:
                 what.append("slots outside the pool")
             if flags & 2:
                 what.append("page ids outside the pool")
+            if flags & 4:
+                what.append("pages that did not fit the gather outputs")
             raise InvalidPageError(f"a kernel skipped {' and '.join(what)} given in device "
-                                   "index arrays; those elements were not written")
+                                   "arrays; those elements were not written")
 
     # -- validation ---------------------------------------------------------------------------
+
+    def _stream(self, stream):
+        """The caller's stream: ``stream`` when given, else the framework's current one."""
+        return self._current_stream() if stream is None else self.backend.resolve_stream(stream)
+
+    def _own(self, metadata: StepMetadata) -> None:
+        if metadata.cache is not self:
+            raise ValueError("this StepMetadata belongs to another KVCache")
 
     def _layer(self, layer) -> int:
         if type(layer) is int and 0 <= layer < self.config.num_layers:   # the common case
@@ -328,128 +444,3 @@ class KVCache:
         if not 0 <= index < self.config.num_layers:
             raise IndexError(f"layer {index} out of range [0, {self.config.num_layers})")
         return index
-
-    def _kv_array(self, array, name: str):
-        backend = self.backend
-        if type(array) is backend.array_type:   # the common case, checked cheaply
-            arr = array
-            if backend.xp is not np and backend.device_of(arr) != backend.device_id:
-                raise ShapeError(f"{name} is on cuda:{backend.device_of(arr)} but the cache "
-                                 f"is on {backend.device}")
-        elif backend.xp is np:
-            if backend.is_foreign_device_array(array):
-                raise ShapeError(f"{name} is on a CUDA device but the cache is on cpu")
-            try:
-                arr = backend.asarray(array)
-            except (TypeError, ValueError) as exc:
-                raise ShapeError(f"{name} cannot be read as an array: {exc}") from None
-        else:
-            arr = backend.asarray(array)
-            if arr is None:
-                raise ShapeError(f"{name} must be a CUDA array (CuPy, torch, JAX, ...) on "
-                                 f"{backend.device}, got {type(array).__name__}")
-            if backend.device_of(arr) != backend.device_id:
-                raise ShapeError(f"{name} is on cuda:{backend.device_of(arr)} but the cache "
-                                 f"is on {backend.device}")
-        cfg = self.config
-        shape = arr.shape
-        if len(shape) != 3 or shape[1] != cfg.num_kv_heads or shape[2] != cfg.head_dim:
-            raise ShapeError(f"{name} must have shape [T, {cfg.num_kv_heads}, {cfg.head_dim}], "
-                             f"got {tuple(shape)}")
-        dtype = arr.dtype
-        if dtype is not self._dtype and dtype != self._dtype:
-            if cfg.dtype == "bfloat16" and (dtype in _RAW_WORDS or dtype.name == "bfloat16"):
-                arr = arr.view(self._dtype)
-            else:
-                raise ShapeError(f"{name} has dtype {dtype}, the cache holds {cfg.dtype}")
-        item = self._dtype.itemsize
-        strides = arr.strides
-        if strides[2] != item or strides[0] % item or strides[1] % item:
-            arr = backend.xp.ascontiguousarray(arr)
-        return arr
-
-    def _slot_array(self, slot_mapping, num_tokens: int):
-        backend = self.backend
-        if type(slot_mapping) is backend.array_type and backend.xp is not np:
-            device_slots = slot_mapping           # the common device case, checked cheaply
-        else:
-            device_slots = self._device_array_or_none(slot_mapping)
-        if device_slots is not None:
-            slot_mapping = device_slots
-            if slot_mapping.dtype != np.int64 or slot_mapping.shape != (num_tokens,):
-                raise ShapeError(f"a device slot_mapping must be int64 [{num_tokens}], got "
-                                 f"{slot_mapping.dtype} {tuple(slot_mapping.shape)}")
-            if backend.device_of(slot_mapping) != backend.device_id:
-                raise ShapeError(f"slot_mapping is on cuda:{backend.device_of(slot_mapping)} "
-                                 f"but the cache is on {backend.device}")
-            if not slot_mapping.flags.c_contiguous:
-                slot_mapping = backend.xp.ascontiguousarray(slot_mapping)
-            return slot_mapping
-        if backend.is_foreign_device_array(slot_mapping):
-            raise ShapeError("slot_mapping is on a CUDA device but the cache is on cpu")
-        slots = self._host_int_array(slot_mapping, "slot_mapping")
-        if slots.shape != (num_tokens,):
-            raise ShapeError(f"slot_mapping must have shape [{num_tokens}] (one slot per "
-                             f"token of k), got {slots.shape}")
-        bad = first_slot_out_of_range(slots, self._num_slots)
-        if bad is not None:
-            raise InvalidPageError(f"slot {bad} out of range [0, {self._num_slots}) "
-                                   "(-1 marks padding)")
-        return slots   # a CUDA backend uploads it without blocking
-
-    @staticmethod
-    def _host_int_array(values, name: str) -> np.ndarray:
-        if type(values) is np.ndarray and values.dtype == np.int64 and values.ndim == 1:
-            return values
-        try:
-            arr = np.asarray(values)
-        except (TypeError, ValueError, OverflowError) as exc:
-            raise ValueError(f"{name} must be a 1-D array of integers ({exc})") from None
-        if arr.size == 0 and arr.dtype.kind not in "iu":
-            arr = arr.astype(np.int64)
-        if arr.dtype.kind not in "iu":
-            raise TypeError(f"{name} must hold integers, got dtype {arr.dtype}")
-        if arr.ndim != 1:
-            raise ShapeError(f"{name} must be 1-D, got shape {arr.shape}")
-        if arr.dtype.kind == "u" and arr.size and int(arr.max()) > np.iinfo(np.int64).max:
-            raise InvalidPageError(f"{name} holds a value above the int64 range")
-        return arr.astype(np.int64, copy=False)
-
-    def _host_page_pair(self, src, dst):
-        src_arr = self._host_int_array(src, "src")
-        dst_arr = self._host_int_array(dst, "dst")
-        if src_arr.shape != dst_arr.shape:
-            raise ValueError(f"src and dst differ in length: {src_arr.size} != {dst_arr.size}")
-        num_pages = self.config.num_pages
-        for name, arr in (("src", src_arr), ("dst", dst_arr)):
-            if arr.size and (arr.min() < 0 or arr.max() >= num_pages):
-                bad = int(arr.min()) if arr.min() < 0 else int(arr.max())
-                raise InvalidPageError(f"{name} page {bad} out of range [0, {num_pages})")
-        if dst_arr.size:
-            dst_count = np.bincount(dst_arr, minlength=num_pages)
-            if dst_count.max() > 1:
-                raise ValueError(f"dst repeats page {int(dst_count.argmax())}")
-            overlap = dst_count[src_arr] > 0
-            if overlap.any():
-                raise ValueError(f"page {int(src_arr[overlap.argmax()])} is both a src and a "
-                                 "dst")
-        return src_arr.astype(np.int32), dst_arr.astype(np.int32)
-
-    def _device_array_or_none(self, array):
-        """``array`` as a backend device array when it is one (CuPy, torch, JAX), else None."""
-        if self.backend.xp is np or isinstance(array, (np.ndarray, list, tuple, int)):
-            return None
-        return self.backend.asarray(array)
-
-    def _device_index_pair(self, src, dst):
-        for name, arr in (("src", src), ("dst", dst)):
-            if arr is None or arr.dtype != np.int32 or arr.ndim != 1:
-                raise ShapeError(f"device page ids must be 1-D int32 device arrays; {name} is "
-                                 f"{type(arr).__name__} {getattr(arr, 'dtype', '')}")
-            if self.backend.device_of(arr) != self.backend.device_id:
-                raise ShapeError(f"{name} is on cuda:{self.backend.device_of(arr)} but the "
-                                 f"cache is on {self.backend.device}")
-        if src.shape != dst.shape:
-            raise ValueError(f"src and dst differ in length: {src.size} != {dst.size}")
-        xp = self.backend.xp
-        return xp.ascontiguousarray(src), xp.ascontiguousarray(dst)

@@ -273,14 +273,14 @@ class Simulator:
     def _write(self, entries, slot_mapping, keys=None) -> None:
         """Write every layer's K and V for tokens listed as (request, sample, positions)
         (``keys``: their content keys, when the caller has them already)."""
-        xp = self.cache.backend.xp
+        on_device = self.cache.device != "cpu"
         if keys is None:
             keys = self._join([self._keys(*entry) for entry in entries])
         for layer in range(self.cfg.layers):
             k = self._content(keys, layer, 0).view(self._storage)
             v = self._content(keys, layer, 1).view(self._storage)
-            if xp is not np:   # stands in for the model producing K/V on the device
-                k, v = xp.asarray(k), xp.asarray(v)
+            if on_device:   # stands in for the model producing K/V on the device
+                k, v = self.cache.backend.from_host(k), self.cache.backend.from_host(v)
             t0 = time.perf_counter_ns()
             self.cache.write(layer, k, v, slot_mapping)
             self._device_ns += time.perf_counter_ns() - t0

@@ -88,7 +88,7 @@ class CacheMachine(RuleBasedStateMachine):
             self.tokens[seq].append(int(token))
 
     def _write(self, seqs, counts, slots):
-        xp = self.cache.backend.xp
+        from_host = self.cache.backend.from_host
         rows = [(seq, pos) for seq, n in zip(seqs, counts, strict=True)
                 for pos in range(len(self.tokens[seq]) - n, len(self.tokens[seq]))]
         for layer in range(LAYERS):
@@ -96,7 +96,7 @@ class CacheMachine(RuleBasedStateMachine):
                 else np.zeros((0, HEADS, HEAD_DIM), np.float32)
             v = np.stack([content(self.digests[s][p], layer, 1) for s, p in rows]) if rows \
                 else np.zeros((0, HEADS, HEAD_DIM), np.float32)
-            self.cache.write(layer, xp.asarray(k), xp.asarray(v), slots)
+            self.cache.write(layer, from_host(k), from_host(v), slots)
 
     def _track_events(self):
         kinds, pages, _ = self.cache.take_events()

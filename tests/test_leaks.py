@@ -15,12 +15,11 @@ CFG = KVCacheConfig(num_layers=2, num_kv_heads=2, head_dim=16, page_size=8, num_
 
 def churn(device="cpu"):
     cache = KVCache(CFG, device=device)
-    xp = cache.backend.xp
     seqs = [cache.add_sequence([1, 2, 3, 4, 5, 6, 7, 8, 9]) for _ in range(4)]
     step = cache.append(seqs, [9 - cache.num_tokens(s) for s in seqs],
                         token_ids=np.tile(np.arange(1, 10), 4)[:sum(
                             9 - cache.num_tokens(s) for s in seqs)])
-    kv = xp.ones((step.slot_mapping.size, 2, 16), dtype=xp.float16)
+    kv = cache.backend.from_host(np.ones((step.slot_mapping.size, 2, 16), dtype=np.float16))
     cache.write(0, kv, kv, step.slot_mapping)
     cache.gather(0, seqs)
     cache.fork(seqs[0])

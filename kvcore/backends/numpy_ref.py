@@ -1,16 +1,19 @@
 """The NumPy backend: clear, obviously correct data movement; the oracle for the GPU.
 
-A backend only moves bytes. Everything it is given has been validated by
-:class:`kvcore.KVCache` (shapes, dtypes, layer, slot and page ranges).
-bfloat16 is stored and moved as uint16 words, so NumPy needs no bfloat16 dtype.
+A backend reads and checks its own array arguments (with the shared checkers of
+:mod:`kvcore._checks`, so both backends reject the same mistakes the same way) and
+moves bytes. bfloat16 is stored and moved as uint16 words, so NumPy needs no bfloat16
+dtype. ``stream`` arguments exist for the common interface and are ignored.
 """
 
 from __future__ import annotations
 
 import numpy as np
 
+from kvcore._checks import check_host_slots, check_kv_shape, host_page_pair, kv_dtype_ok
 from kvcore._interop import bfloat16_as_int16
 from kvcore.config import KVCacheConfig
+from kvcore.errors import ShapeError
 
 __all__ = ["NumpyBackend", "storage_dtype"]
 
@@ -32,40 +35,106 @@ class NumpyBackend:
 
     name = "numpy"
     device = "cpu"
-    xp = np
+    adopted = False
     array_type = np.ndarray
 
     def __init__(self, config: KVCacheConfig):
         self.config = config
         self.kv = np.zeros(config.pool_shape, dtype=storage_dtype(config.dtype))
+        self.k_views = tuple(self.kv[layer, 0] for layer in range(config.num_layers))
+        self.v_views = tuple(self.kv[layer, 1] for layer in range(config.num_layers))
+        self._dtype = self.kv.dtype
 
     # -- arrays in and out ----------------------------------------------------------------
 
-    def is_foreign_device_array(self, array) -> bool:
+    def current_stream(self) -> None:
+        return None
+
+    def is_device_array(self, array) -> bool:
         """True for arrays that live on a GPU (which this backend cannot read)."""
         if hasattr(array, "__cuda_array_interface__"):
             return True
         device = getattr(array, "device", None)
         return getattr(device, "type", None) == "cuda"
 
-    def asarray(self, array):
-        return np.asarray(bfloat16_as_int16(array))
+    def _kv_input(self, array, name: str) -> np.ndarray:
+        if type(array) is not np.ndarray:
+            if self.is_device_array(array):
+                raise ShapeError(f"{name} is on a CUDA device but the cache is on cpu")
+            try:
+                array = np.asarray(bfloat16_as_int16(array))
+            except (TypeError, ValueError) as exc:
+                raise ShapeError(f"{name} cannot be read as an array: {exc}") from None
+        check_kv_shape(array.shape, self.config, name)
+        if array.dtype != self._dtype:
+            if array.dtype.byteorder == ">" or not kv_dtype_ok(self.config.dtype,
+                                                                array.dtype.name):
+                raise ShapeError(f"{name} has dtype {array.dtype}, the cache holds "
+                                 f"{self.config.dtype}")
+            array = array.view(self._dtype)
+        return array
 
     def to_host(self, array) -> np.ndarray:
         return np.asarray(array)
 
-    def synchronize(self) -> None:
-        """Nothing to wait for."""
+    def from_host(self, array: np.ndarray) -> np.ndarray:
+        """``array`` as an array of this backend (here: itself)."""
+        return np.asarray(array)
 
-    def take_error_word(self) -> int:
-        return 0  # host inputs are validated before they get here
+    def synchronize(self, stream=None) -> int:
+        """Nothing to wait for; host inputs were checked, so no error word."""
+        return 0
+
+    # -- step metadata buffers (kvcore.metadata): host memory is the "device" ------------
+
+    def resolve_stream(self, stream) -> None:
+        return None
+
+    def refuse_capture(self, stream, what: str) -> None:
+        """Nothing is ever captured on the CPU."""
+
+    def metadata_storage(self, nbytes: int, count: int):
+        """One host buffer that is both the staging and the "device" copy."""
+        device = np.zeros(nbytes, dtype=np.uint8)
+        return device, [device]
+
+    @staticmethod
+    def address(array) -> int:
+        return array.ctypes.data
+
+    @staticmethod
+    def typed_view(buffer: np.ndarray, offset: int, dtype: str, shape):
+        count = int(np.prod(shape)) * np.dtype(dtype).itemsize
+        return buffer[offset:offset + count].view(dtype).reshape(shape)
+
+    def record_event(self, stream, event=None) -> None:
+        return None
+
+    def wait_event(self, event) -> None:
+        """Host work is done when it returns."""
+
+    def destroy_event(self, event) -> None:
+        """No events on the CPU."""
+
+    def upload_bytes(self, dst_ptr: int, staging: np.ndarray, nbytes: int, stream) -> None:
+        """The staging buffer is the device buffer here: nothing to copy."""
 
     # -- data movement ----------------------------------------------------------------------
 
-    def write(self, layer: int, k: np.ndarray, v: np.ndarray, slot_mapping: np.ndarray) -> None:
+    def write(self, layer: int, k, v, slot_mapping, stream=None, metadata=None) -> None:
         """Scatter ``k``, ``v`` ``[T, H, D]`` to the slots in ``slot_mapping`` (-1 skipped)."""
+        k = self._kv_input(k, "k")
+        v = self._kv_input(v, "v")
+        if k.shape != v.shape:
+            raise ShapeError(f"k and v differ in shape: {k.shape} != {v.shape}")
+        if metadata is not None:
+            slots = metadata.slot_mapping_view(k.shape[0])
+        else:
+            if self.is_device_array(slot_mapping):
+                raise ShapeError("slot_mapping is on a CUDA device but the cache is on cpu")
+            slots = check_host_slots(slot_mapping, k.shape[0],
+                                     self.config.num_pages * self.config.page_size)
         ps = self.config.page_size
-        slots = np.asarray(slot_mapping, dtype=np.int64)
         keep = slots >= 0
         pages, offsets = np.divmod(slots[keep], ps)
         for which, src in ((0, k), (1, v)):
@@ -75,24 +144,43 @@ class NumpyBackend:
             else:
                 pool[pages, :, offsets] = src[keep]       # pool [P, H, S, D] -> [n, H, D]
 
-    def gather(self, layer: int, page_indptr, page_indices, last_page_len, token_indptr,
-               total_tokens: int, nnz: int):
-        """Return K and V of every token of a batch, contiguous ``[total_tokens, H, D]``."""
+    def gather(self, layer: int, index, out=None, stream=None):
+        """K and V of every token of a batch into ``out`` or new ``[total, H, D]`` arrays.
+
+        ``index``: ``(page_indptr, page_indices, last_page_len, token_indptr, total, nnz)``
+        host arrays, or a StepMetadata (its live batch).
+        """
         cfg = self.config
-        total = total_tokens
-        k_out = np.empty((total, cfg.num_kv_heads, cfg.head_dim), dtype=self.kv.dtype)
-        v_out = np.empty_like(k_out)
+        if not isinstance(index, tuple):
+            index = index.host_gather_index()
+        page_indptr, page_indices, last_page_len, token_indptr, total, _ = index
+        if out is None:
+            k_out = np.empty((total, cfg.num_kv_heads, cfg.head_dim), dtype=self._dtype)
+            out = (k_out, np.empty_like(k_out))
+        for name, array in zip(("k_out", "v_out"), out, strict=True):
+            if type(array) is not np.ndarray:
+                raise ShapeError(f"{name} must be a NumPy array on a cpu cache")
+            check_kv_shape(array.shape, cfg, name)
+            if array.shape[0] < total:
+                raise ShapeError(f"{name} has {array.shape[0]} rows, the batch holds {total} "
+                                 "tokens")
+            if array.dtype != self._dtype and not kv_dtype_ok(cfg.dtype, array.dtype.name):
+                raise ShapeError(f"{name} has dtype {array.dtype}, the cache holds {cfg.dtype}")
+        k_out, v_out = (a.view(self._dtype) for a in out)
         for b in range(len(last_page_len)):
             pages = page_indices[page_indptr[b]:page_indptr[b + 1]]
             start, stop = int(token_indptr[b]), int(token_indptr[b + 1])
-            for which, out in ((0, k_out), (1, v_out)):
+            for which, dst in ((0, k_out), (1, v_out)):
                 chunk = self.kv[layer, which][pages]              # [n, S, H, D] or [n, H, S, D]
                 if cfg.layout == "HND":
                     chunk = chunk.transpose(0, 2, 1, 3)           # -> [n, S, H, D]
-                out[start:stop] = chunk.reshape(-1, cfg.num_kv_heads, cfg.head_dim)[
+                dst[start:stop] = chunk.reshape(-1, cfg.num_kv_heads, cfg.head_dim)[
                     : stop - start]
-        return k_out, v_out
+        return out
 
-    def copy_pages(self, src: np.ndarray, dst: np.ndarray) -> None:
-        """Copy page ``src[i]`` to ``dst[i]`` in every layer, K and V."""
+    def copy_pages(self, src, dst, stream=None) -> None:
+        """Copy page ``src[i]`` to ``dst[i]`` in every layer, K and V (host ids, checked)."""
+        if self.is_device_array(src) or self.is_device_array(dst):
+            raise ShapeError("page ids are on a CUDA device but the cache is on cpu")
+        src, dst = host_page_pair(src, dst, self.config.num_pages)
         self.kv[:, :, dst] = self.kv[:, :, src]

@@ -1,0 +1,91 @@
+"""Argument checkers shared by the facade and both backends: one per kind of argument,
+so the same mistake gets the same error type and message everywhere."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from kvcore._core import first_slot_out_of_range
+from kvcore.config import KVCacheConfig
+from kvcore.errors import InvalidPageError, ShapeError
+
+__all__ = ["check_host_slots", "check_kv_shape", "host_index_array", "host_page_pair",
+           "kv_dtype_ok"]
+
+#: dtypes accepted for K/V besides the cache's own: bfloat16 also arrives as raw words.
+_BFLOAT16_WORDS = ("bfloat16", "uint16", "int16")
+
+
+def kv_dtype_ok(cache_dtype: str, dtype_name: str) -> bool:
+    """Whether K/V of ``dtype_name`` can be moved into a pool of ``cache_dtype``."""
+    if cache_dtype == "bfloat16":
+        return dtype_name in _BFLOAT16_WORDS
+    return dtype_name == cache_dtype
+
+
+def check_kv_shape(shape, config: KVCacheConfig, name: str, rows: int | None = None) -> None:
+    """``shape`` must be ``[T, num_kv_heads, head_dim]`` (``T == rows`` when given)."""
+    if (len(shape) != 3 or shape[1] != config.num_kv_heads or shape[2] != config.head_dim
+            or (rows is not None and shape[0] != rows)):
+        first = "T" if rows is None else str(rows)
+        raise ShapeError(f"{name} must have shape [{first}, {config.num_kv_heads}, "
+                         f"{config.head_dim}], got {tuple(shape)}")
+
+
+def host_index_array(values, name: str) -> np.ndarray:
+    """``values`` (list, tuple or NumPy integer array, any byte order) as 1-D native int64.
+
+    Raises
+    ------
+    ValueError / TypeError / ShapeError / InvalidPageError
+        Not integers, not 1-D, or a value beyond int64.
+    """
+    if type(values) is np.ndarray and values.dtype == np.int64 and values.ndim == 1:
+        return values
+    try:
+        arr = np.asarray(values)
+    except (TypeError, ValueError, OverflowError) as exc:
+        raise ValueError(f"{name} must be a 1-D array of integers ({exc})") from None
+    if arr.size == 0 and arr.dtype.kind not in "iu":
+        arr = arr.astype(np.int64)
+    if arr.dtype.kind not in "iu":
+        raise TypeError(f"{name} must hold integers, got dtype {arr.dtype}")
+    if arr.ndim != 1:
+        raise ShapeError(f"{name} must be 1-D, got shape {arr.shape}")
+    if arr.dtype.kind == "u" and arr.size and int(arr.max()) > np.iinfo(np.int64).max:
+        raise InvalidPageError(f"{name} holds a value above the int64 range")
+    return arr.astype(np.int64, copy=False)   # also converts a non-native byte order
+
+
+def check_host_slots(slot_mapping, num_tokens: int | None, num_slots: int) -> np.ndarray:
+    """A host ``slot_mapping`` of ``num_tokens`` entries (any number for None), each -1
+    or in ``[0, num_slots)``."""
+    slots = host_index_array(slot_mapping, "slot_mapping")
+    if num_tokens is not None and slots.shape != (num_tokens,):
+        raise ShapeError(f"slot_mapping must have shape [{num_tokens}] (one slot per "
+                         f"token of k), got {slots.shape}")
+    bad = first_slot_out_of_range(slots, num_slots)
+    if bad is not None:
+        raise InvalidPageError(f"slot {bad} out of range [0, {num_slots}) (-1 marks padding)")
+    return slots
+
+
+def host_page_pair(src, dst, num_pages: int) -> tuple[np.ndarray, np.ndarray]:
+    """``src``, ``dst`` page ids as int32: equal lengths, in range, ``dst`` distinct and
+    disjoint from ``src``."""
+    src_arr = host_index_array(src, "src")
+    dst_arr = host_index_array(dst, "dst")
+    if src_arr.shape != dst_arr.shape:
+        raise ValueError(f"src and dst differ in length: {src_arr.size} != {dst_arr.size}")
+    for name, arr in (("src", src_arr), ("dst", dst_arr)):
+        if arr.size and (arr.min() < 0 or arr.max() >= num_pages):
+            bad = int(arr.min()) if arr.min() < 0 else int(arr.max())
+            raise InvalidPageError(f"{name} page {bad} out of range [0, {num_pages})")
+    if dst_arr.size:
+        dst_count = np.bincount(dst_arr, minlength=num_pages)
+        if dst_count.max() > 1:
+            raise ValueError(f"dst repeats page {int(dst_count.argmax())}")
+        overlap = dst_count[src_arr] > 0
+        if overlap.any():
+            raise ValueError(f"page {int(src_arr[overlap.argmax()])} is both a src and a dst")
+    return src_arr.astype(np.int32), dst_arr.astype(np.int32)

@@ -1,0 +1,9 @@
+from collections.abc import Callable
+
+class KernelLauncher:
+    kinds: str
+    def __init__(self, launch_kernel: int, function: int, kinds: str, bound: tuple[int, ...],
+                 on_error: Callable[[int], None]) -> None: ...
+    @property
+    def num_leading(self) -> int: ...
+    def __call__(self, grid: int, block: int, stream: int, *args: int) -> None: ...

@@ -1,0 +1,416 @@
+"""The CUDA backend: the pool in device memory, moved by kvcore's kernels.
+
+Every operation takes the stream to run on (a ``cudaStream_t`` int, already resolved
+by :class:`kvcore.KVCache` from the call's ``stream=`` or the framework's current
+stream) and only enqueues work there: nothing here waits for the device except
+:meth:`synchronize`, so a step with device-resident index arrays can be captured in a
+CUDA graph (torch's or CuPy's).
+
+Arrays come in as whatever the caller has (torch, CuPy, anything with
+``__cuda_array_interface__`` or DLPack) and are read, not converted: a torch tensor
+costs a handful of attribute reads. Temporaries (contiguous copies, large uploads,
+``gather`` outputs) come from the framework's stream-ordered allocator on the stream of
+the call, so their reuse is ordered after the kernels that read them.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from kvcore._checks import check_host_slots, check_kv_shape, host_page_pair, kv_dtype_ok
+from kvcore.backends.arrays import CupyFramework, TorchFramework, describe, stream_handle
+from kvcore.backends.cuda_kernels import cupy, launcher, load_module
+from kvcore.backends.kernel_abi import VECTOR_WIDTHS
+from kvcore.backends.pool_layout import adopt_layers
+from kvcore.backends.uploads import PinnedRing, refuse_capture
+from kvcore.config import KVCacheConfig
+from kvcore.errors import ShapeError
+
+__all__ = ["CudaBackend"]
+
+LAYOUT_CODE = {"NHD": 0, "HND": 1}
+_MAX_BLOCK = 256
+_UNROLL = 4     # tokens per block trip in the scatter kernel (kvcore::UNROLL)
+_D2H = 2        # cudaMemcpyDeviceToHost
+
+
+def _round_up(n: int, m: int) -> int:
+    return (n + m - 1) // m * m
+
+
+class CudaBackend:
+    """Pool in device memory, data movement as single kernel launches.
+
+    Parameters
+    ----------
+    config : KVCacheConfig
+        Shape of the pool.
+    device_id : int
+        CUDA ordinal.
+    framework : {"torch", "cupy"}
+        Who allocates the pool, outputs and kvcore's device buffers, and whose current
+        stream calls run on by default.
+    pool : optional
+        Per-layer tensors to adopt instead of allocating (see
+        :func:`kvcore.backends.pool_layout.adopt_layers`); kvcore never frees them.
+    """
+
+    name = "cuda"
+
+    def __init__(self, config: KVCacheConfig, device_id: int, framework: str, pool=None):
+        self.config = config
+        self.device_id = device_id
+        self.device = f"cuda:{device_id}"
+        self.framework = fw = (TorchFramework if framework == "torch" else CupyFramework)(
+            device_id)
+        self.array_type = fw.tensor_type
+        with cupy.cuda.Device(device_id):
+            load_module(device_id)
+            self.num_sms = cupy.cuda.Device(device_id).attributes["MultiProcessorCount"]
+        if pool is None:
+            self.kv = fw.zeros(config.pool_shape, config.dtype)
+            layers = adopt_layers(config, self.kv)
+        else:
+            self.kv = None
+            layers = adopt_layers(config, pool)
+            if layers.device != device_id:
+                raise ShapeError(f"the adopted pool is on device {layers.device}, the cache "
+                                 f"on {self.device}")
+        self.adopted = pool is not None
+        self._layers = layers
+        self.k_views, self.v_views = layers.k_views, layers.v_views
+        self._k_ptrs, self._v_ptrs = layers.k_ptrs, layers.v_ptrs
+        self._item = config.itemsize
+        self._row_bytes = config.head_dim * self._item
+        self._page_stride_bytes = layers.page_stride * self._item
+        # Alignment every pool address and the page stride share, folded in once.
+        self._pool_align = self._page_stride_bytes
+        for ptr in (*layers.k_ptrs, *layers.v_ptrs):
+            self._pool_align |= ptr
+        self.error_word = fw.zeros((1,), "int32")
+        self._error_ptr = describe(self.error_word).ptr
+        pools = np.array([p for pair in zip(layers.k_ptrs, layers.v_ptrs, strict=True)
+                          for p in pair], dtype=np.uint64)
+        self._pool_table = fw.empty((pools.size,), "int64")
+        cupy.cuda.runtime.memcpy(describe(self._pool_table).ptr, pools.ctypes.data,
+                                 pools.nbytes, 1)
+        self.uploader = PinnedRing(fw)
+        ps = config.page_size
+        self._page_shift = ps.bit_length() - 1 if ps & (ps - 1) == 0 else -1
+        self._launchers: dict = {}
+        self._kv_vecs_cache: dict = {}
+
+    # -- streams and launches -------------------------------------------------------------
+
+    def current_stream(self) -> int:
+        return self.framework.current_stream()
+
+    def _launcher(self, op: str, width: int):
+        key = (op, width)
+        fn = self._launchers.get(key)
+        if fn is None:
+            cfg = self.config
+            row_vecs = self._row_bytes // width
+            page_stride = self._page_stride_bytes // width
+            common = {"page_stride": page_stride, "error_word": self._error_ptr}
+            bound = {
+                "scatter": dict(common, num_slots=cfg.num_pages * cfg.page_size,
+                                layout=LAYOUT_CODE[cfg.layout], page_size=cfg.page_size,
+                                page_shift=self._page_shift, num_heads=cfg.num_kv_heads,
+                                row_vecs=row_vecs),
+                "gather": dict(common, num_pages=cfg.num_pages,
+                               layout=LAYOUT_CODE[cfg.layout], page_size=cfg.page_size,
+                               num_heads=cfg.num_kv_heads, row_vecs=row_vecs),
+                "copy_pages": dict(common, num_pools=2 * cfg.num_layers,
+                                   num_pages=cfg.num_pages,
+                                   page_vecs=cfg.page_elems * self._item // width),
+            }[op]
+            with cupy.cuda.Device(self.device_id):
+                fn = launcher(self.device_id, op, width, bound)
+            self._launchers[key] = fn
+        return fn
+
+    def _vector_width(self, combined: int) -> int:
+        """Widest vector (bytes) dividing ``combined`` (rows, pointers, strides OR-ed)."""
+        combined |= self._row_bytes | self._pool_align
+        for width in VECTOR_WIDTHS:
+            if width < self._item:
+                break
+            if combined % width == 0:
+                return width
+        return self._item
+
+    # -- arrays in ------------------------------------------------------------------------
+
+    def _kv_input(self, array, name: str, stream: int):
+        """``(ptr, rows, stride_t, stride_h, keepalive)`` of a K or V ``[T, H, D]`` input;
+        strides in elements. Rows must be contiguous: a copy is made (on ``stream``)
+        otherwise."""
+        view = describe(array, name)
+        if view.device != self.device_id:
+            where = "host memory" if view.device < 0 else f"cuda:{view.device}"
+            raise ShapeError(f"{name} must be a CUDA array on {self.device}, got an array in "
+                             f"{where} ({type(array).__name__})")
+        check_kv_shape(view.shape, self.config, name)
+        if not kv_dtype_ok(self.config.dtype, view.dtype):
+            raise ShapeError(f"{name} has dtype {view.dtype}, the cache holds "
+                             f"{self.config.dtype}")
+        if view.strides[2] != 1 and view.shape[2] > 1:
+            array = self._contiguous(array, name, stream)
+            view = describe(array, name)
+        return view.ptr, view.shape[0], view.strides[0], view.strides[1], array
+
+    def _contiguous(self, array, name: str, stream: int):
+        module = type(array).__module__
+        if module.startswith("torch") or module.startswith("cupy"):
+            fw = (self.framework if self.framework.tensor_type is type(array) else
+                  (TorchFramework if module.startswith("torch") else CupyFramework)(
+                      self.device_id))
+            return fw.contiguous(array, stream)
+        raise ShapeError(f"{name} has a non-contiguous last axis; make it contiguous first")
+
+    def _device_index(self, array, name: str, dtype: str, length: int | None, stream: int):
+        """``(ptr, length, keepalive)`` of a 1-D device index array of ``dtype``."""
+        view = describe(array, name)
+        if view.device != self.device_id:
+            raise ShapeError(f"{name} is on cuda:{view.device} but the cache is on "
+                             f"{self.device}")
+        if view.dtype != dtype or len(view.shape) != 1 or (
+                length is not None and view.shape[0] != length):
+            want = f"[{length}]" if length is not None else "1-D"
+            raise ShapeError(f"a device {name} must be {dtype} {want}, got {view.dtype} "
+                             f"{view.shape}")
+        if view.strides[0] != 1 and view.shape[0] > 1:
+            array = self._contiguous(array, name, stream)
+            view = describe(array, name)
+        return view.ptr, view.shape[0], array
+
+    def is_device_array(self, array) -> bool:
+        """Whether ``array`` should be read as a device array (not a host index array)."""
+        if isinstance(array, (np.ndarray, list, tuple, int)):
+            return False
+        try:
+            return describe(array).device >= 0
+        except ShapeError:
+            return False
+
+    # -- data movement ----------------------------------------------------------------------
+
+    def write(self, layer: int, k, v, slot_mapping, stream: int, metadata=None) -> None:
+        """Scatter ``k``, ``v`` ``[T, H, D]`` to their slots on ``stream``; one launch.
+
+        ``slot_mapping``: a device int64 ``[T]`` array, a host array (checked, then
+        uploaded), or None with ``metadata`` (a StepMetadata: its slot buffer, whose
+        entries past the step's tokens are -1).
+        """
+        k_ptr, rows, k_st, k_sh, k_keep = self._kv_input(k, "k", stream)
+        v_ptr, v_rows, v_st, v_sh, v_keep = self._kv_input(v, "v", stream)
+        if v_rows != rows:
+            raise ShapeError(f"k and v differ in shape: {rows} != {v_rows} tokens")
+        keep = None
+        if metadata is not None:
+            slots_ptr = metadata.slot_mapping_ptr(rows)
+        elif self.is_device_array(slot_mapping):
+            slots_ptr, _, keep = self._device_index(slot_mapping, "slot_mapping", "int64", rows,
+                                                    stream)
+        else:
+            slots = check_host_slots(slot_mapping, rows, self.config.num_pages *
+                                     self.config.page_size)
+            if rows == 0:
+                return
+            (slots_ptr,), keep = self.uploader.upload([np.ascontiguousarray(slots)], stream)
+        if rows == 0:
+            return
+        item = self._item
+        width = self._vector_width(k_ptr | v_ptr | (k_st * item) | (k_sh * item)
+                                   | (v_st * item) | (v_sh * item))
+        scale = item / width
+        cfg = self.config
+        vecs_per_token = cfg.num_kv_heads * (self._row_bytes // width)
+        block = min(_MAX_BLOCK, _round_up(vecs_per_token, 32))
+        grid = max(1, min(-(-rows // _UNROLL), self.num_sms * 32))
+        self._launcher("scatter", width)(
+            grid, block, stream, k_ptr, v_ptr, int(k_st * scale), int(k_sh * scale),
+            int(v_st * scale), int(v_sh * scale), slots_ptr, self._k_ptrs[layer],
+            self._v_ptrs[layer], rows)
+        del k_keep, v_keep, keep
+
+    def gather(self, layer: int, index, out, stream: int):
+        """K and V of a batch into ``out`` (or new ``[total_tokens, H, D]`` arrays).
+
+        ``index`` is either ``(page_indptr, page_indices, last_page_len, token_indptr,
+        total_tokens, nnz)`` of host arrays (uploaded in one copy) or a StepMetadata
+        (device buffers at their padded capacity; nothing is read back).
+        """
+        cfg = self.config
+        keep = None
+        if isinstance(index, tuple):
+            page_indptr, page_indices, last_page_len, token_indptr, total, nnz = index
+            batch = len(last_page_len)
+            max_entries = nnz
+        else:
+            total, batch, max_entries = None, index.max_batch, index.max_pages
+        if out is None:
+            shape = (total, cfg.num_kv_heads, cfg.head_dim)
+            out = (self.framework.empty(shape, cfg.dtype, stream),
+                   self.framework.empty(shape, cfg.dtype, stream))
+        k_out, v_out = out
+        k_ptr, rows = self._out_array(k_out, "k_out", total)
+        v_ptr, v_rows = self._out_array(v_out, "v_out", total)
+        if rows != v_rows:
+            raise ShapeError(f"k_out and v_out differ in rows: {rows} != {v_rows}")
+        if max_entries == 0 or batch == 0 or (total is not None and total == 0):
+            return out
+        if isinstance(index, tuple):
+            (indptr_p, indices_p, last_p, tok_p), keep = self.uploader.upload(
+                [np.ascontiguousarray(page_indptr, dtype=np.int32),
+                 np.ascontiguousarray(page_indices, dtype=np.int32),
+                 np.ascontiguousarray(last_page_len, dtype=np.int32),
+                 np.ascontiguousarray(token_indptr, dtype=np.int64)], stream)
+        else:
+            indptr_p, indices_p, last_p, tok_p = index.gather_pointers()
+        width = self._vector_width(k_ptr | v_ptr)
+        block = min(_MAX_BLOCK, _round_up(cfg.num_kv_heads * (self._row_bytes // width), 32))
+        grid = max(1, min(max_entries, self.num_sms * 32))
+        self._launcher("gather", width)(
+            grid, block, stream, self._k_ptrs[layer], self._v_ptrs[layer], indptr_p,
+            indices_p, last_p, tok_p, k_ptr, v_ptr, batch, rows)
+        del keep
+        return out
+
+    def _out_array(self, array, name: str, rows: int | None):
+        view = describe(array, name)
+        if view.device != self.device_id:
+            raise ShapeError(f"{name} must be on {self.device}, got device {view.device}")
+        check_kv_shape(view.shape, self.config, name)
+        if rows is not None and view.shape[0] < rows:
+            raise ShapeError(f"{name} has {view.shape[0]} rows, the batch holds {rows} tokens")
+        if not kv_dtype_ok(self.config.dtype, view.dtype):
+            raise ShapeError(f"{name} has dtype {view.dtype}, the cache holds "
+                             f"{self.config.dtype}")
+        if not view.is_contiguous():
+            raise ShapeError(f"{name} must be contiguous, got strides {view.strides}")
+        return view.ptr, view.shape[0]
+
+    def copy_pages(self, src, dst, stream: int) -> None:
+        """Copy page ``src[i]`` to ``dst[i]`` in every layer, K and V, on ``stream``.
+
+        Host ids are checked (nothing is copied on error); device int32 ids are
+        range-checked by the kernel.
+        """
+        keep = None
+        if self.is_device_array(src) or self.is_device_array(dst):
+            src_ptr, n, keep_s = self._device_index(src, "src", "int32", None, stream)
+            dst_ptr, n_dst, keep_d = self._device_index(dst, "dst", "int32", None, stream)
+            if n != n_dst:
+                raise ValueError(f"src and dst differ in length: {n} != {n_dst}")
+            keep = (keep_s, keep_d)
+        else:
+            src_arr, dst_arr = host_page_pair(src, dst, self.config.num_pages)
+            n = src_arr.size
+            if n == 0:
+                return
+            (src_ptr, dst_ptr), keep = self.uploader.upload([src_arr, dst_arr], stream)
+        if n == 0:
+            return
+        cfg = self.config
+        page_bytes = cfg.page_elems * self._item
+        width = self._vector_width(page_bytes)
+        page_vecs = page_bytes // width
+        chunks = n * cfg.num_layers * 2
+        block = min(_MAX_BLOCK, _round_up(-(-page_vecs // _UNROLL), 32))
+        grid = max(1, min(chunks, self.num_sms * 16))
+        self._launcher("copy_pages", width)(
+            grid, block, stream, describe(self._pool_table).ptr, src_ptr, dst_ptr, n)
+        del keep
+
+    # -- waiting and errors ---------------------------------------------------------------
+
+    def synchronize(self, stream: int) -> int:
+        """Wait for ``stream``; return and clear the device error word."""
+        runtime = cupy.cuda.runtime
+        runtime.streamSynchronize(stream)
+        word = np.zeros(1, dtype=np.int32)
+        runtime.memcpyAsync(word.ctypes.data, self._error_ptr, 4, _D2H, stream)
+        runtime.streamSynchronize(stream)
+        value = int(word[0])
+        if value:
+            runtime.memsetAsync(self._error_ptr, 0, 4, stream)
+            runtime.streamSynchronize(stream)
+        return value
+
+    # -- step metadata buffers (kvcore.metadata) -----------------------------------------
+
+    def resolve_stream(self, stream) -> int:
+        handle = stream_handle(stream)
+        return self.framework.current_stream() if handle is None else handle
+
+    def refuse_capture(self, stream: int, what: str) -> None:
+        refuse_capture(cupy.cuda.runtime, stream, what)
+
+    def metadata_storage(self, nbytes: int, count: int):
+        """A device buffer and ``count`` pinned host staging buffers of ``nbytes``."""
+        device = self.framework.empty((nbytes,), "uint8")
+        staging = [np.frombuffer(cupy.cuda.alloc_pinned_memory(nbytes), dtype=np.uint8,
+                                 count=nbytes) for _ in range(count)]
+        return device, staging
+
+    @staticmethod
+    def address(array) -> int:
+        return describe(array).ptr
+
+    def typed_view(self, buffer, offset: int, dtype: str, shape):
+        return self.framework.view_as(buffer, offset, dtype, shape)
+
+    def record_event(self, stream: int, event=None) -> int:
+        """Record ``event`` (a new one when None) on ``stream``; return it."""
+        runtime = cupy.cuda.runtime
+        if event is None:
+            event = runtime.eventCreateWithFlags(2)     # cudaEventDisableTiming
+        runtime.eventRecord(event, stream)
+        return event
+
+    def wait_event(self, event) -> None:
+        if event is not None:
+            cupy.cuda.runtime.eventSynchronize(event)
+
+    def destroy_event(self, event) -> None:
+        if event is not None:
+            cupy.cuda.runtime.eventDestroy(event)
+
+    def upload_bytes(self, dst_ptr: int, staging: np.ndarray, nbytes: int, stream: int) -> None:
+        cupy.cuda.runtime.memcpyAsync(dst_ptr, staging.ctypes.data, nbytes, 1, stream)
+
+    # -- arrays out -------------------------------------------------------------------------
+
+    def to_host(self, array) -> np.ndarray:
+        """A NumPy copy (bfloat16 as uint16 words) of a device array of this cache."""
+        if self.framework.name == "torch" and isinstance(array, self.framework.tensor_type):
+            torch = self.framework.torch
+            if array.dtype == torch.bfloat16:
+                return array.view(torch.int16).cpu().numpy().view(np.uint16)
+            return array.cpu().numpy()
+        return cupy.asnumpy(array)
+
+    def from_host(self, array: np.ndarray):
+        """A device copy of a NumPy array in this cache's framework (uint16 words become
+        ``torch.bfloat16`` in a torch bfloat16 cache). Synchronous; for tests and tools."""
+        array = np.ascontiguousarray(array)
+        if self.framework.name == "torch":
+            torch = self.framework.torch
+            words = array.dtype == np.uint16
+            tensor = torch.from_numpy(array.view(np.int16) if words else array)
+            tensor = tensor.to(self.framework.device)
+            if words and self.config.dtype == "bfloat16":
+                tensor = tensor.view(torch.bfloat16)
+            return tensor
+        with cupy.cuda.Device(self.device_id):
+            return cupy.asarray(array)
+
+    def fill_bytes(self, array, host: np.ndarray) -> None:
+        """Overwrite a device array of this cache with ``host``'s bytes (tests, tools)."""
+        view = describe(array)
+        if not view.is_contiguous():
+            raise ShapeError("fill_bytes needs a contiguous array")
+        cupy.cuda.runtime.memcpy(view.ptr, np.ascontiguousarray(host).ctypes.data,
+                                 host.nbytes, 1)

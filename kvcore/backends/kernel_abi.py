@@ -1,0 +1,69 @@
+"""The kernels' argument lists, written once.
+
+Each entry mirrors an ``extern "C"`` entry point ``kvcore_<op>_w<bytes>`` of
+``cuda/kvcore_kernels.cu`` name by name; ``tests/test_kernel_abi.py`` parses the CUDA
+source and fails if the two disagree. Kinds: ``p`` a device pointer, ``q`` a 64-bit
+integer (``long long``), ``i`` a 32-bit integer (``int``).
+
+Arguments are split in two: the *leading* ones change with every call (array pointers,
+strides, counts); the *bound* ones are fixed for one cache and one vector width, so a
+launcher stores them once (see :class:`kvcore._launch.KernelLauncher`).
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+__all__ = ["KERNELS", "KernelABI"]
+
+
+class KernelABI(NamedTuple):
+    """Argument list of one kernel: ``leading`` per call, then ``bound`` per cache."""
+
+    leading: tuple[tuple[str, str], ...]
+    bound: tuple[tuple[str, str], ...]
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        return tuple(name for name, _ in self.leading + self.bound)
+
+    @property
+    def kinds(self) -> str:
+        """One letter per argument, in order (``p`` / ``q`` / ``i``)."""
+        return "".join(kind for _, kind in self.leading + self.bound)
+
+    @property
+    def bound_names(self) -> tuple[str, ...]:
+        return tuple(name for name, _ in self.bound)
+
+
+KERNELS: dict[str, KernelABI] = {
+    "scatter": KernelABI(
+        leading=(("k", "p"), ("v", "p"), ("k_stride_t", "q"), ("k_stride_h", "q"),
+                 ("v_stride_t", "q"), ("v_stride_h", "q"), ("slot_mapping", "p"),
+                 ("k_pool", "p"), ("v_pool", "p"), ("num_tokens", "q")),
+        bound=(("num_slots", "q"), ("page_stride", "q"), ("layout", "i"), ("page_size", "q"),
+               ("page_shift", "i"), ("num_heads", "q"), ("row_vecs", "q"),
+               ("error_word", "p")),
+    ),
+    "gather": KernelABI(
+        leading=(("k_pool", "p"), ("v_pool", "p"), ("page_indptr", "p"), ("page_indices", "p"),
+                 ("last_page_len", "p"), ("token_indptr", "p"), ("k_out", "p"), ("v_out", "p"),
+                 ("batch", "i"), ("out_rows", "q")),
+        bound=(("num_pages", "q"), ("page_stride", "q"), ("layout", "i"), ("page_size", "q"),
+               ("num_heads", "q"), ("row_vecs", "q"), ("error_word", "p")),
+    ),
+    "copy_pages": KernelABI(
+        leading=(("pools", "p"), ("src", "p"), ("dst", "p"), ("num_pairs", "q")),
+        bound=(("num_pools", "q"), ("num_pages", "q"), ("page_stride", "q"), ("page_vecs", "q"),
+               ("error_word", "p")),
+    ),
+}
+
+#: Vector widths in bytes, one entry point per width (``kvcore_<op>_w<bytes>``).
+VECTOR_WIDTHS = (16, 8, 4, 2)
+
+#: Bits of the device error word (cuda/kvcore_common.cuh).
+ERR_SLOT_OUT_OF_RANGE = 1
+ERR_PAGE_OUT_OF_RANGE = 2
+ERR_OUTPUT_TOO_SMALL = 4
