@@ -6,104 +6,19 @@ Every test here is marked `cuda` and skipped without CuPy and a GPU (conftest.py
 import numpy as np
 import pytest
 
-from kvcore import InvalidPageError, KVCache, KVCacheConfig, ShapeError
+from kvcore import InvalidPageError, ShapeError
 
 pytestmark = pytest.mark.cuda
 
 cupy = pytest.importorskip("cupy")
 
-
-def twin_caches(dtype, layout, page_size, head_dim, heads=2, layers=2, tokens=768, seed=0):
-    num_pages = max(8, tokens // page_size + 8)
-    cfg = KVCacheConfig(num_layers=layers, num_kv_heads=heads, head_dim=head_dim,
-                        page_size=page_size, num_pages=num_pages, dtype=dtype, layout=layout,
-                        max_seqs=16)
-    cpu, gpu = KVCache(cfg, device="cpu"), KVCache(cfg, device="cuda")
-    # Poison both pools with the same random bits, so a stray or missing write shows.
-    rng = np.random.default_rng(seed)
-    bits = rng.integers(1, 255, size=cpu.kv.nbytes, dtype=np.uint8)
-    cpu.kv.view(np.uint8).reshape(-1)[:] = bits
-    gpu.kv[...] = cupy.asarray(cpu.kv)
-    return cpu, gpu
-
-
-def twin_sequence(cpu, gpu, num_tokens):
-    """Start the same sequence in both caches; return its seq id and (host) slots."""
-    seq = cpu.add_sequence()
-    assert gpu.add_sequence() == seq
-    slots = cpu.append([seq], [num_tokens]).slot_mapping
-    np.testing.assert_array_equal(gpu.append([seq], [num_tokens]).slot_mapping, slots)
-    return seq, slots
-
-
-def assert_same_bytes(host_array, device_array):
-    got = cupy.asnumpy(device_array)
-    assert got.dtype == host_array.dtype and got.shape == host_array.shape
-    assert np.array_equal(got.view(np.uint8), host_array.view(np.uint8))
-
-
-def random_kv(rng, cache, n):
-    cfg = cache.config
-    shape = (n, cfg.num_kv_heads, cfg.head_dim)
-    words = {"float16": np.uint16, "bfloat16": np.uint16, "float32": np.uint32}[cfg.dtype]
-    # random finite values, never zeros: build from normal floats, reinterpret as words
-    values = rng.standard_normal(shape).astype(np.float32) + 3.0
-    if cfg.dtype == "float16":
-        arr = values.astype(np.float16)
-    elif cfg.dtype == "bfloat16":
-        arr = (values.view(np.uint32) >> 16).astype(np.uint16)
-    else:
-        arr = values
-    return arr.view(words).view(cache.kv.dtype) if cfg.dtype != "float32" else arr
-
-
-def run_random_ops(cpu, gpu, rng, steps=25):
-    """Apply the same random operations to both caches; compare everything."""
-    live = []
-    for _ in range(steps):
-        op = rng.random()
-        if (op < 0.2 and cpu.num_seqs < 16) or not live:
-            seq = cpu.add_sequence()
-            assert gpu.add_sequence() == seq
-            live.append(seq)
-        elif op < 0.3 and cpu.num_seqs < 16:
-            parent = live[rng.integers(len(live))]
-            child = cpu.fork(parent)
-            assert gpu.fork(parent) == child
-            live.append(child)
-        elif op < 0.4 and len(live) > 1:
-            seq = live.pop(rng.integers(len(live)))
-            cpu.remove(seq)
-            gpu.remove(seq)
-        elif op < 0.5:
-            n = int(rng.integers(0, 4))
-            pages = rng.choice(cpu.config.num_pages, size=2 * n, replace=False)
-            cpu.copy_pages(pages[:n], pages[n:])
-            gpu.copy_pages(pages[:n], pages[n:])
-        else:
-            batch = list(rng.permutation(live)[: rng.integers(1, len(live) + 1)])
-            counts = rng.integers(0, 3 * cpu.config.page_size, size=len(batch))
-            if cpu.pages_needed(batch, counts) > cpu.num_free_pages:
-                continue
-            step = cpu.append(batch, counts)
-            step_gpu = gpu.append(batch, counts)
-            np.testing.assert_array_equal(step.slot_mapping, step_gpu.slot_mapping)
-            slots = step.slot_mapping.copy()
-            slots[rng.random(slots.size) < 0.1] = -1      # padding is skipped
-            for layer in range(cpu.config.num_layers):
-                k = random_kv(rng, cpu, slots.size)
-                v = random_kv(rng, cpu, slots.size)
-                cpu.write(layer, k, v, slots)
-                gpu.write(layer, cupy.asarray(k), cupy.asarray(v), slots)
-        if live and rng.random() < 0.3:
-            layer = int(rng.integers(cpu.config.num_layers))
-            k, v, indptr = cpu.gather(layer, live)
-            kg, vg, indptr_g = gpu.gather(layer, live)
-            np.testing.assert_array_equal(indptr, indptr_g)
-            assert_same_bytes(k, kg)
-            assert_same_bytes(v, vg)
-    gpu.synchronize()
-    assert_same_bytes(cpu.kv, gpu.kv)
+from ._twins import (  # noqa: E402
+    assert_same_bytes,
+    random_kv,
+    run_random_ops,
+    twin_caches,
+    twin_sequence,
+)
 
 
 @pytest.mark.parametrize("head_dim", [64, 80, 96, 128, 256, 7, 33])
@@ -113,6 +28,17 @@ def run_random_ops(cpu, gpu, rng, steps=25):
 def test_random_operations_match_numpy(dtype, layout, page_size, head_dim):
     cpu, gpu = twin_caches(dtype, layout, page_size, head_dim)
     rng = np.random.default_rng([page_size, head_dim, len(dtype), len(layout)])
+    run_random_ops(cpu, gpu, rng)
+
+
+@pytest.mark.parametrize("head_dim", [128, 7])
+@pytest.mark.parametrize("page_size", [1, 16])
+@pytest.mark.parametrize("layout", ["NHD", "HND"])
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16", "float32"])
+def test_random_operations_match_numpy_torch_pool(dtype, layout, page_size, head_dim):
+    """The same with a torch-owned pool and torch tensors in."""
+    cpu, gpu = twin_caches(dtype, layout, page_size, head_dim, framework="torch")
+    rng = np.random.default_rng([page_size, head_dim, len(dtype), len(layout), 1])
     run_random_ops(cpu, gpu, rng)
 
 
@@ -165,7 +91,7 @@ def test_wrong_device_or_type_is_a_shape_error():
     _, gpu = twin_caches("float16", "NHD", 16, 64)
     seq = gpu.add_sequence()
     slots = gpu.append([seq], [2]).slot_mapping
-    with pytest.raises(ShapeError, match="must be a CUDA array"):
+    with pytest.raises(ShapeError, match="must be a CUDA array on cuda:0"):
         gpu.write(0, np.zeros((2, 2, 64), np.float16), cupy.zeros((2, 2, 64), cupy.float16),
                   slots)
     with pytest.raises(ShapeError, match="dtype float32"):
@@ -198,7 +124,7 @@ def test_write_and_copy_pages_capture_in_a_cuda_graph():
 
 def test_torch_interop_zero_copy():
     torch = pytest.importorskip("torch")
-    cpu, gpu = twin_caches("bfloat16", "NHD", 16, 128, heads=8)
+    cpu, gpu = twin_caches("bfloat16", "NHD", 16, 128, heads=8, framework="cupy")
     _, slots = twin_sequence(cpu, gpu, 20)
     k = torch.randn(20, 8, 128, device="cuda", dtype=torch.bfloat16)
     v = torch.randn(20, 8, 128, device="cuda", dtype=torch.bfloat16)
@@ -215,6 +141,6 @@ def test_torch_interop_zero_copy():
 
 
 def test_modules_are_memoized_per_device():
-    from kvcore.backends.cupy_kernels import load_module
+    from kvcore.backends.cuda_kernels import load_module
 
     assert load_module(0) is load_module(0)

@@ -224,14 +224,13 @@ class CudaBackend:
         item = self._item
         width = self._vector_width(k_ptr | v_ptr | (k_st * item) | (k_sh * item)
                                    | (v_st * item) | (v_sh * item))
-        scale = item / width
         cfg = self.config
         vecs_per_token = cfg.num_kv_heads * (self._row_bytes // width)
         block = min(_MAX_BLOCK, _round_up(vecs_per_token, 32))
         grid = max(1, min(-(-rows // _UNROLL), self.num_sms * 32))
         self._launcher("scatter", width)(
-            grid, block, stream, k_ptr, v_ptr, int(k_st * scale), int(k_sh * scale),
-            int(v_st * scale), int(v_sh * scale), slots_ptr, self._k_ptrs[layer],
+            grid, block, stream, k_ptr, v_ptr, k_st * item // width, k_sh * item // width,
+            v_st * item // width, v_sh * item // width, slots_ptr, self._k_ptrs[layer],
             self._v_ptrs[layer], rows)
         del k_keep, v_keep, keep
 

@@ -1,0 +1,126 @@
+"""Shared by the CUDA tests: a CPU cache and a GPU cache driven in lockstep, compared
+byte for byte (the NumPy backend is the oracle)."""
+
+import numpy as np
+import pytest
+
+from kvcore import KVCache, KVCacheConfig
+
+cupy = pytest.importorskip("cupy")
+
+
+def twin_caches(dtype, layout, page_size, head_dim, heads=2, layers=2, tokens=768, seed=0,
+                framework="cupy"):
+    num_pages = max(8, tokens // page_size + 8)
+    cfg = KVCacheConfig(num_layers=layers, num_kv_heads=heads, head_dim=head_dim,
+                        page_size=page_size, num_pages=num_pages, dtype=dtype, layout=layout,
+                        max_seqs=16)
+    if framework == "torch":
+        pytest.importorskip("torch")
+    cpu, gpu = KVCache(cfg, device="cpu"), KVCache(cfg, device="cuda", framework=framework)
+    # Poison both pools with the same random bits, so a stray or missing write shows.
+    rng = np.random.default_rng(seed)
+    bits = rng.integers(1, 255, size=cpu.kv.nbytes, dtype=np.uint8)
+    cpu.kv.view(np.uint8).reshape(-1)[:] = bits
+    gpu.backend.fill_bytes(gpu.kv, cpu.kv)
+    return cpu, gpu
+
+
+def twin_sequence(cpu, gpu, num_tokens):
+    """Start the same sequence in both caches; return its seq id and (host) slots."""
+    seq = cpu.add_sequence()
+    assert gpu.add_sequence() == seq
+    slots = cpu.append([seq], [num_tokens]).slot_mapping
+    np.testing.assert_array_equal(gpu.append([seq], [num_tokens]).slot_mapping, slots)
+    return seq, slots
+
+
+def to_host(device_array):
+    """NumPy copy of a CuPy array or torch tensor (bfloat16 as uint16 words)."""
+    if isinstance(device_array, cupy.ndarray):
+        return cupy.asnumpy(device_array)
+    import torch
+
+    if device_array.dtype == torch.bfloat16:
+        return device_array.view(torch.int16).cpu().numpy().view(np.uint16)
+    return device_array.cpu().numpy()
+
+
+def assert_same_bytes(host_array, device_array):
+    got = to_host(device_array)
+    assert got.shape == host_array.shape and got.dtype.itemsize == host_array.dtype.itemsize
+    assert np.array_equal(got.view(np.uint8), host_array.view(np.uint8))
+
+
+def random_kv(rng, cache, n):
+    cfg = cache.config
+    shape = (n, cfg.num_kv_heads, cfg.head_dim)
+    words = {"float16": np.uint16, "bfloat16": np.uint16, "float32": np.uint32}[cfg.dtype]
+    # random finite values, never zeros: build from normal floats, reinterpret as words
+    values = rng.standard_normal(shape).astype(np.float32) + 3.0
+    if cfg.dtype == "float16":
+        arr = values.astype(np.float16)
+    elif cfg.dtype == "bfloat16":
+        arr = (values.view(np.uint32) >> 16).astype(np.uint16)
+    else:
+        arr = values
+    return arr.view(words).view(cache.kv.dtype) if cfg.dtype != "float32" else arr
+
+
+def run_random_ops(cpu, gpu, rng, steps=25):
+    """Apply the same random operations to both caches; compare everything."""
+    live = []
+    for _ in range(steps):
+        op = rng.random()
+        if (op < 0.2 and cpu.num_seqs < 16) or not live:
+            seq = cpu.add_sequence()
+            assert gpu.add_sequence() == seq
+            live.append(seq)
+        elif op < 0.3 and cpu.num_seqs < 16:
+            parent = live[rng.integers(len(live))]
+            child = cpu.fork(parent)
+            assert gpu.fork(parent) == child
+            live.append(child)
+        elif op < 0.4 and len(live) > 1:
+            seq = live.pop(rng.integers(len(live)))
+            cpu.remove(seq)
+            gpu.remove(seq)
+        elif op < 0.5:
+            n = int(rng.integers(0, 4))
+            pages = rng.choice(cpu.config.num_pages, size=2 * n, replace=False)
+            cpu.copy_pages(pages[:n], pages[n:])
+            gpu.copy_pages(pages[:n], pages[n:])
+        else:
+            batch = list(rng.permutation(live)[: rng.integers(1, len(live) + 1)])
+            counts = rng.integers(0, 3 * cpu.config.page_size, size=len(batch))
+            if cpu.pages_needed(batch, counts) > cpu.num_free_pages:
+                continue
+            step = cpu.append(batch, counts)
+            step_gpu = gpu.append(batch, counts)
+            np.testing.assert_array_equal(step.slot_mapping, step_gpu.slot_mapping)
+            slots = step.slot_mapping.copy()
+            slots[rng.random(slots.size) < 0.1] = -1      # padding is skipped
+            for layer in range(cpu.config.num_layers):
+                k = random_kv(rng, cpu, slots.size)
+                v = random_kv(rng, cpu, slots.size)
+                cpu.write(layer, k, v, slots)
+                gpu.write(layer, gpu.backend.from_host(k), gpu.backend.from_host(v), slots)
+        if live and rng.random() < 0.3:
+            layer = int(rng.integers(cpu.config.num_layers))
+            k, v, indptr = cpu.gather(layer, live)
+            kg, vg, indptr_g = gpu.gather(layer, live)
+            np.testing.assert_array_equal(indptr, indptr_g)
+            assert_same_bytes(k, kg)
+            assert_same_bytes(v, vg)
+    gpu.synchronize()
+    assert_same_pools(cpu, gpu)
+
+
+def assert_same_pools(cpu, gpu):
+    """Every layer's K and V pages equal, byte for byte (adopted pools included)."""
+    if not gpu.backend.adopted:
+        assert_same_bytes(cpu.kv, gpu.kv)
+        return
+    for layer in range(cpu.config.num_layers):
+        assert_same_bytes(cpu.k_cache(layer), gpu.k_cache(layer))
+        assert_same_bytes(cpu.v_cache(layer), gpu.v_cache(layer))

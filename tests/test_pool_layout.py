@@ -1,0 +1,82 @@
+"""Adopting pools an engine owns: layout detection and validation (NumPy arrays stand in
+for device tensors; the addresses and strides are what matter)."""
+
+import numpy as np
+import pytest
+
+from kvcore import KVCacheConfig, ShapeError
+from kvcore.backends.pool_layout import adopt_layers
+
+CFG = KVCacheConfig(num_layers=3, num_kv_heads=2, head_dim=8, page_size=4, num_pages=5,
+                    dtype="float16")
+PAGE = (4, 2, 8)
+
+
+def address(array):
+    return array.__array_interface__["data"][0]
+
+
+def test_kvcore_block_pool():
+    kv = np.zeros(CFG.pool_shape, np.float16)
+    layers = adopt_layers(CFG, kv)
+    assert layers.page_stride == CFG.page_elems
+    for layer in range(3):
+        assert layers.k_ptrs[layer] == address(kv[layer, 0])
+        assert layers.v_ptrs[layer] == address(kv[layer, 1])
+        assert layers.k_views[layer].shape == (5, *PAGE)
+
+
+def test_vllm_kv_first_and_page_first_layouts():
+    kv_first = [np.zeros((2, 5, *PAGE), np.float16) for _ in range(3)]
+    layers = adopt_layers(CFG, kv_first)
+    assert layers.page_stride == CFG.page_elems
+    assert layers.v_ptrs[1] == address(kv_first[1][1])
+    page_first = [np.zeros((5, 2, *PAGE), np.float16) for _ in range(3)]
+    layers = adopt_layers(CFG, page_first)
+    assert layers.page_stride == 2 * CFG.page_elems
+    assert layers.k_ptrs[2] == address(page_first[2])
+    assert layers.v_ptrs[2] == address(page_first[2][:, 1])
+    np.testing.assert_array_equal(layers.v_views[2], page_first[2][:, 1])
+
+
+def test_k_v_pairs_and_hnd():
+    cfg = KVCacheConfig(num_layers=2, num_kv_heads=2, head_dim=8, page_size=4, num_pages=5,
+                        dtype="bfloat16", layout="HND")
+    pairs = [(np.zeros((5, 2, 4, 8), np.uint16), np.zeros((5, 2, 4, 8), np.uint16))
+             for _ in range(2)]
+    layers = adopt_layers(cfg, pairs)
+    assert layers.k_ptrs == tuple(address(k) for k, _ in pairs)
+    with pytest.raises(ShapeError, match=r"\[5, 2, 4, 8\] \(HND\)"):
+        adopt_layers(cfg, [(np.zeros((5, 4, 2, 8), np.uint16),) * 2] * 2)
+
+
+def test_rejections():
+    good = [np.zeros((2, 5, *PAGE), np.float16) for _ in range(3)]
+    cases = [
+        ("3 layers", good[:2]),
+        ("dtype float32", [np.zeros((2, 5, *PAGE), np.float32) for _ in range(3)]),
+        ("must have shape", [np.zeros((3, 5, *PAGE), np.float16) for _ in range(3)]),
+        ("contiguous", [np.zeros((2, 5, 4, 2, 16), np.float16)[..., :8] for _ in range(3)]),
+        ("same page stride", [*good[:2], np.zeros((5, 2, *PAGE), np.float16)]),
+        ("same address", [good[0], good[0], good[1]]),
+        (r"\(k, v\) pair", [(good[0][0],)] * 3),
+        ("ambiguous", None),
+    ]
+    for message, pool in cases:
+        if pool is None:
+            cfg = KVCacheConfig(num_layers=1, num_kv_heads=2, head_dim=8, page_size=4,
+                                num_pages=2, dtype="float16")
+            with pytest.raises(ShapeError, match=message):
+                adopt_layers(cfg, [np.zeros((2, 2, *PAGE), np.float16)])
+            continue
+        with pytest.raises(ShapeError, match=message):
+            adopt_layers(CFG, pool)
+
+
+def test_pages_that_overlap_are_refused():
+    block = np.zeros((5 * CFG.page_elems // 2 + CFG.page_elems,), np.float16)
+    # a page stride of half a page (strides in bytes: page_elems bytes = half a page)
+    k = np.lib.stride_tricks.as_strided(block, (5, *PAGE), (CFG.page_elems, 32, 16, 2))
+    v = np.lib.stride_tricks.as_strided(block.copy(), (5, *PAGE), (CFG.page_elems, 32, 16, 2))
+    with pytest.raises(ShapeError, match="smaller than a page"):
+        adopt_layers(CFG, [(k, v)] * 3)
