@@ -207,9 +207,11 @@ def test_metadata_of_another_cache_or_too_many_rows_is_refused():
     mine = one.step_metadata(max_tokens=4)
     with pytest.raises(ShapeError, match="max_tokens 4"):
         one.write(0, k, k, mine)
+    class FakeDevice:
+        def __init__(self):
+            self.__cuda_array_interface__ = {}
+
     with pytest.raises(ShapeError, match="device array"):
-        class FakeDevice:
-            __cuda_array_interface__ = {}
         mine.update([], FakeDevice())
 
 
