@@ -272,8 +272,24 @@ class CupyFramework:
         if stream is None or stream == self.current_stream():
             yield
             return
-        with self.cupy.cuda.ExternalStream(stream, self.device_id):
+        with self._external(stream):
             yield
+
+    def _external(self, handle: int):
+        from_external = getattr(self.cupy.cuda.Stream, "from_external", None)
+        if from_external is not None:    # CuPy >= 14: the CUDA stream protocol
+            return from_external(_StreamProtocol(handle))
+        return self.cupy.cuda.ExternalStream(handle, self.device_id)
+
+
+class _StreamProtocol:
+    """A raw ``cudaStream_t`` behind the CUDA stream protocol (``__cuda_stream__``)."""
+
+    def __init__(self, handle: int):
+        self._handle = handle
+
+    def __cuda_stream__(self):
+        return (0, self._handle)
 
     def contiguous(self, array, stream: int | None):
         with self.on_stream(stream):
