@@ -44,8 +44,9 @@ def torch_ordering_trials(mode: str) -> int:
     consumer reading the pool on ``s``; returns how many trials read stale data.
 
     mode: ``current`` (write inside ``torch.cuda.stream(s)``), ``explicit`` (write
-    outside it with ``stream=s``), ``raw`` (``stream=`` the ``cudaStream_t`` int), ``other`` (negative control: ``stream=`` another
-    stream, so nothing orders the write after the producer).
+    outside it with ``stream=s``), ``raw`` (``stream=`` the ``cudaStream_t`` int),
+    ``other`` (negative control: ``stream=`` another stream, so nothing orders the write
+    after the producer).
     """
     cache = KVCache(config(), device="cuda", framework="torch")
     seq = cache.add_sequence()
