@@ -32,7 +32,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from kvcore._checks import check_host_slots
+from kvcore._checks import check_host_slots, host_index_array
+from kvcore._step import fill_step
 from kvcore.errors import CapacityError, ShapeError
 
 __all__ = ["StepMetadata"]
@@ -104,6 +105,8 @@ class StepMetadata:
         self._last_region = regions[-1][0]
         self._device, self._staging = backend.metadata_storage(self._nbytes, self.NUM_STAGING)
         self._device_ptr = backend.address(self._device)
+        #: Device address of ``slot_mapping`` (what a write reads).
+        self.slot_ptr = self._device_ptr + self._offsets["slot_mapping"]
         for name, dtype, _ in _REGIONS:
             view = (backend.typed_view(self._device, self._offsets[name], dtype, shapes[name])
                     if name in self._offsets else None)
@@ -115,8 +118,7 @@ class StepMetadata:
                       for stage in self._staging]
         # How far each staging buffer holds non-padding (slot_mapping, page_indices,
         # block_tables rows and columns); everything past it is padding already.
-        self._high = [dict(slot_mapping=0, page_indices=0, rows=0, cols=0)
-                      for _ in self._staging]
+        self._high = [np.zeros(4, dtype=np.int64) for _ in self._staging]
         for host in self._host:
             for name, _, pad in regions:
                 host[name][...] = 0 if pad is None else pad
@@ -162,73 +164,42 @@ class StepMetadata:
         buffers and the live counts as they were.
         """
         cfg = self._cache.config
-        if seq_ids is None:
-            seq_ids = ()
-        indptr, indices, last_page_len = self._table.flashinfer_metadata(seq_ids)
+        seq_arr = _seq_id_array(seq_ids)
+        indptr, indices, last_page_len = self._table.flashinfer_metadata(seq_arr)
         batch, nnz = len(last_page_len), int(indptr[-1])
-        seq_arr = np.asarray(seq_ids, dtype=np.int64).reshape(-1)
-        seq_lens = self._table.seq_lens[seq_arr] if batch else np.zeros(0, np.int32)
         if slot_mapping is None:
-            slots = np.zeros(0, np.int64)
+            slots = _NO_SLOTS
         else:
             slots = getattr(slot_mapping, "slot_mapping", slot_mapping)
             if self._backend.is_device_array(slots):
                 raise ShapeError("StepMetadata.update takes the step's slot_mapping on the "
                                  "host (what append returns), not a device array")
-            slots = check_host_slots(slots, None, cfg.num_pages * cfg.page_size)
+            slots = np.ascontiguousarray(check_host_slots(slots, None,
+                                                          cfg.num_pages * cfg.page_size))
         if batch > self.max_batch:
             raise CapacityError(f"batch of {batch} sequences exceeds max_batch {self.max_batch}")
         if nnz > self.max_pages:
             raise CapacityError(f"the batch maps {nnz} pages, above max_pages {self.max_pages}")
         if slots.size > self.max_tokens:
             raise CapacityError(f"{slots.size} tokens exceed max_tokens {self.max_tokens}")
-        tables = None
-        if self.block_tables is not None and batch:
-            tables = self._table.block_tables(seq_ids)
-            if tables.shape[1] > self.max_pages_per_seq:
-                raise CapacityError(f"a sequence maps {tables.shape[1]} pages, above "
-                                    f"max_pages_per_seq {self.max_pages_per_seq}")
         handle = self._backend.resolve_stream(stream)
         self._backend.refuse_capture(handle, "StepMetadata.update")
-        # -- validated; from here on nothing raises for the caller's input
         previous = self._current
-        self._events[previous] = self._backend.record_event(handle, self._events[previous])
         current = (previous + 1) % len(self._staging)
         self._backend.wait_event(self._events[current])
-        host, high = self._host[current], self._high[current]
-        host["page_indptr"][:batch + 1] = indptr
-        host["page_indptr"][batch + 1:] = nnz
-        host["last_page_len"][:batch] = last_page_len
-        host["last_page_len"][batch:] = 0
-        host["seq_lens"][:batch] = seq_lens
-        host["seq_lens"][batch:] = 0
-        token_indptr = host["token_indptr"]
-        token_indptr[0] = 0
-        np.cumsum(seq_lens, out=token_indptr[1:batch + 1])
-        total = int(token_indptr[batch])
-        token_indptr[batch + 1:] = total
-        n = slots.size
-        host["slot_mapping"][:n] = slots
-        host["slot_mapping"][n:high["slot_mapping"]] = -1
-        high["slot_mapping"] = n
-        host["page_indices"][:nnz] = indices
-        host["page_indices"][nnz:high["page_indices"]] = -1
-        high["page_indices"] = nnz
+        # fill_step checks the block-table width before it writes anything
+        total = fill_step(indptr, indices, last_page_len, slots, cfg.page_size,
+                          self._host[current], self._high[current])
+        # -- from here on nothing raises for the caller's input
+        self._events[previous] = self._backend.record_event(handle, self._events[previous])
         span = self._nbytes
         if self.block_tables is not None:
-            bt = host["block_tables"]
-            width = tables.shape[1] if tables is not None else 0
-            if tables is not None:
-                bt[:batch, :width] = tables
-            bt[:batch, width:high["cols"]] = -1
-            bt[batch:high["rows"], :high["cols"]] = -1
-            high["rows"], high["cols"] = batch, width
             rows = max(batch, self._device_rows)
             span = self._offsets["block_tables"] + rows * self.max_pages_per_seq * 4
             self._device_rows = batch
         self._upload(current, span, handle)
         self._current = current
-        self.batch_size, self.num_tokens, self.num_page_entries = batch, n, nnz
+        self.batch_size, self.num_tokens, self.num_page_entries = batch, slots.size, nnz
         self._total_tokens = total
 
     def _upload(self, which: int, nbytes: int, stream) -> None:
@@ -283,6 +254,20 @@ class StepMetadata:
         return (f"StepMetadata(batch={self.batch_size}/{self.max_batch}, tokens="
                 f"{self.num_tokens}/{self.max_tokens}, pages={self.num_page_entries}/"
                 f"{self.max_pages}, block_tables={self.block_tables is not None})")
+
+
+_NO_SLOTS = np.zeros(0, dtype=np.int64)
+
+
+def _seq_id_array(seq_ids) -> np.ndarray:
+    """``seq_ids`` as a 1-D int64 array, converted once (list conversion is the costly
+    part of a step with a Python list of ids)."""
+    if seq_ids is None:
+        return _NO_SLOTS
+    if type(seq_ids) is np.ndarray and seq_ids.ndim == 1 and seq_ids.dtype.kind == "i" \
+            and seq_ids.dtype.isnative:
+        return seq_ids
+    return host_index_array(seq_ids, "seq_ids")
 
 
 def _capacity(value, name: str) -> int:

@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 
 from kvcore import KVCache, KVCacheConfig
+from kvcore.backends.numpy_ref import storage_dtype
 
 cupy = pytest.importorskip("cupy")
 
@@ -55,7 +56,6 @@ def assert_same_bytes(host_array, device_array):
 def random_kv(rng, cache, n):
     cfg = cache.config
     shape = (n, cfg.num_kv_heads, cfg.head_dim)
-    words = {"float16": np.uint16, "bfloat16": np.uint16, "float32": np.uint32}[cfg.dtype]
     # random finite values, never zeros: build from normal floats, reinterpret as words
     values = rng.standard_normal(shape).astype(np.float32) + 3.0
     if cfg.dtype == "float16":
@@ -64,7 +64,7 @@ def random_kv(rng, cache, n):
         arr = (values.view(np.uint32) >> 16).astype(np.uint16)
     else:
         arr = values
-    return arr.view(words).view(cache.kv.dtype) if cfg.dtype != "float32" else arr
+    return arr.view(storage_dtype(cfg.dtype))
 
 
 def run_random_ops(cpu, gpu, rng, steps=25):

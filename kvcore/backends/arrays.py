@@ -13,6 +13,7 @@ framework's current stream unless the call names a stream.
 
 from __future__ import annotations
 
+import functools
 import sys
 from contextlib import contextmanager
 
@@ -64,6 +65,8 @@ class ArrayView:
         self.owner = owner
 
     def is_contiguous(self) -> bool:
+        if 0 in self.shape:
+            return True
         expected = 1
         for size, stride in zip(reversed(self.shape), reversed(self.strides), strict=True):
             if size != 1 and stride != expected:
@@ -203,7 +206,7 @@ class TorchFramework:
         self.tensor_type = torch.Tensor
         raw = getattr(torch._C, "_cuda_getCurrentRawStream", None)
         if raw is not None:
-            self.current_stream = lambda: raw(device_id)
+            self.current_stream = functools.partial(raw, device_id)
         else:   # pragma: no cover - older torch
             self.current_stream = lambda: torch.cuda.current_stream(self.device).cuda_stream
         self._dtypes = {"bfloat16": torch.bfloat16, "float16": torch.float16,
@@ -281,6 +284,10 @@ class CupyFramework:
             return from_external(_StreamProtocol(handle))
         return self.cupy.cuda.ExternalStream(handle, self.device_id)
 
+    def contiguous(self, array, stream: int | None):
+        with self.on_stream(stream):
+            return self.cupy.ascontiguousarray(array)
+
 
 class _StreamProtocol:
     """A raw ``cudaStream_t`` behind the CUDA stream protocol (``__cuda_stream__``)."""
@@ -290,7 +297,3 @@ class _StreamProtocol:
 
     def __cuda_stream__(self):
         return (0, self._handle)
-
-    def contiguous(self, array, stream: int | None):
-        with self.on_stream(stream):
-            return self.cupy.ascontiguousarray(array)

@@ -18,6 +18,7 @@ from __future__ import annotations
 import numpy as np
 
 from kvcore._checks import check_host_slots, check_kv_shape, host_page_pair, kv_dtype_ok
+from kvcore._launch import TorchScatter
 from kvcore.backends.arrays import CupyFramework, TorchFramework, describe, stream_handle
 from kvcore.backends.cuda_kernels import cupy, launcher, load_module
 from kvcore.backends.kernel_abi import VECTOR_WIDTHS
@@ -98,12 +99,23 @@ class CudaBackend:
         ps = config.page_size
         self._page_shift = ps.bit_length() - 1 if ps & (ps - 1) == 0 else -1
         self._launchers: dict = {}
-        self._kv_vecs_cache: dict = {}
+        # The framework's current-stream reader itself: one call per lookup.
+        self.current_stream = fw.current_stream
+        self._torch_scatter = self._make_torch_scatter() if fw.name == "torch" else None
 
     # -- streams and launches -------------------------------------------------------------
 
-    def current_stream(self) -> int:
-        return self.framework.current_stream()
+    def _make_torch_scatter(self):
+        """The C hot path of ``write`` for torch tensors (see :class:`TorchScatter`)."""
+        torch = self.framework.torch
+        launchers = tuple(self._launcher("scatter", w) if w >= self._item else None
+                          for w in VECTOR_WIDTHS)
+        dtype = {"bfloat16": torch.bfloat16, "float16": torch.float16,
+                 "float32": torch.float32}[self.config.dtype]
+        return TorchScatter(torch.Tensor, dtype, torch.int64, self.device_id,
+                            self.config.num_kv_heads, self.config.head_dim, self._item,
+                            self._pool_align, tuple(self._k_ptrs), tuple(self._v_ptrs),
+                            launchers, self.num_sms * 32)
 
     def _launcher(self, op: str, width: int):
         key = (op, width)
@@ -203,6 +215,15 @@ class CudaBackend:
         uploaded), or None with ``metadata`` (a StepMetadata: its slot buffer, whose
         entries past the step's tokens are -1).
         """
+        fast = self._torch_scatter
+        if fast is not None:     # plain torch tensors: checked and launched in C
+            if metadata is not None:
+                if fast.write(layer, k, v, None, metadata.slot_ptr, metadata.max_tokens,
+                              stream):
+                    return
+            elif type(slot_mapping) is self.array_type and fast.write(
+                    layer, k, v, slot_mapping, 0, 0, stream):
+                return
         k_ptr, rows, k_st, k_sh, k_keep = self._kv_input(k, "k", stream)
         v_ptr, v_rows, v_st, v_sh, v_keep = self._kv_input(v, "v", stream)
         if v_rows != rows:
