@@ -17,7 +17,21 @@ namespace kvcore {
 
 // Vectors each thread keeps in flight per loop trip: loads are issued together, then
 // stores, so one thread has UNROLL independent memory operations outstanding.
-constexpr int UNROLL = 4;
+#ifndef KVCORE_UNROLL
+#define KVCORE_UNROLL 4
+#endif
+constexpr int UNROLL = KVCORE_UNROLL;
+
+// Loads and stores of data that is touched once. KVCORE_STREAMING selects the
+// evict-first cache hints (__ldcs / __stcs), so streamed K/V does not push reused data
+// (index arrays, other kernels' working sets) out of L2.
+#ifdef KVCORE_STREAMING
+#define KVCORE_LOAD(p) __ldcs(p)
+#define KVCORE_STORE(p, x) __stcs((p), (x))
+#else
+#define KVCORE_LOAD(p) (*(p))
+#define KVCORE_STORE(p, x) (*(p) = (x))
+#endif
 
 // Offset, in vectors, of row (offset_in_page, head) inside one page's block.
 __device__ __forceinline__ long long in_page_row(int layout, long long off, long long head,
@@ -47,16 +61,16 @@ __device__ __forceinline__ void block_copy2(V* __restrict__ dst_a, const V* __re
     for (int u = 0; u < UNROLL; ++u) {
       const long long j = base + (long long)u * blockDim.x;
       if (j < n) {
-        a[u] = src_a[j];
-        b[u] = src_b[j];
+        a[u] = KVCORE_LOAD(src_a + j);
+        b[u] = KVCORE_LOAD(src_b + j);
       }
     }
 #pragma unroll
     for (int u = 0; u < UNROLL; ++u) {
       const long long j = base + (long long)u * blockDim.x;
       if (j < n) {
-        dst_a[j] = a[u];
-        dst_b[j] = b[u];
+        KVCORE_STORE(dst_a + j, a[u]);
+        KVCORE_STORE(dst_b + j, b[u]);
       }
     }
   }
@@ -72,12 +86,12 @@ __device__ __forceinline__ void block_copy(V* __restrict__ dst, const V* __restr
 #pragma unroll
     for (int u = 0; u < UNROLL; ++u) {
       const long long j = base + (long long)u * blockDim.x;
-      if (j < n) buf[u] = src[j];
+      if (j < n) buf[u] = KVCORE_LOAD(src + j);
     }
 #pragma unroll
     for (int u = 0; u < UNROLL; ++u) {
       const long long j = base + (long long)u * blockDim.x;
-      if (j < n) dst[j] = buf[u];
+      if (j < n) KVCORE_STORE(dst + j, buf[u]);
     }
   }
 }
@@ -111,8 +125,8 @@ __device__ void scatter(const V* __restrict__ k,        // [T, H, D] with stride
         const long long t = t0 + u;
         slot[u] = t < num_tokens ? slot_mapping[t] : KVCORE_PADDING_SLOT;
         if (slot[u] != KVCORE_PADDING_SLOT) {
-          kbuf[u] = k[t * k_stride_t + k_src];
-          vbuf[u] = v[t * v_stride_t + v_src];
+          kbuf[u] = KVCORE_LOAD(k + t * k_stride_t + k_src);
+          vbuf[u] = KVCORE_LOAD(v + t * v_stride_t + v_src);
         }
       }
 #pragma unroll
@@ -126,8 +140,8 @@ __device__ void scatter(const V* __restrict__ k,        // [T, H, D] with stride
         const long long off = slot[u] - page * page_size;
         const long long dst = page * page_stride +
                               in_page_row(layout, off, head, page_size, num_heads, row_vecs) + w;
-        k_pool[dst] = kbuf[u];
-        v_pool[dst] = vbuf[u];
+        KVCORE_STORE(k_pool + dst, kbuf[u]);
+        KVCORE_STORE(v_pool + dst, vbuf[u]);
       }
     }
   }

@@ -183,6 +183,8 @@ cdef class TorchScatter:
         cdef object tensor_type = self._tensor_type
         if type(k) is not tensor_type or type(v) is not tensor_type:
             return False
+        if layer < 0 or layer >= len(self._k_pools):
+            return False
         if k.dtype is not self._dtype or v.dtype is not self._dtype:
             return False
         cdef tuple ks = tuple(k.shape)

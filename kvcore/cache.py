@@ -106,6 +106,7 @@ class KVCache:
                                config.max_pages_per_seq,
                                enable_prefix_cache=config.enable_prefix_cache)
         self._current_stream = self.backend.current_stream
+        self._torch_scatter = getattr(self.backend, "_torch_scatter", None)
 
     def __repr__(self) -> str:
         c = self.config
@@ -315,6 +316,12 @@ class KVCache:
         Slots should be distinct (apart from -1): if two tokens name one slot, which
         of them lands there is unspecified on the GPU.
         """
+        fast = self._torch_scatter
+        if (fast is not None and type(slot_mapping) is StepMetadata and stream is None
+                and type(layer) is int and slot_mapping.cache is self
+                and fast.write(layer, k, v, None, slot_mapping.slot_ptr,
+                               slot_mapping.max_tokens, self._current_stream())):
+            return   # a decode step's plain case, checked and launched in C
         layer = self._layer(layer)
         handle = self._stream(stream)
         if type(slot_mapping) is StepMetadata:
