@@ -15,23 +15,12 @@
 
 namespace kvcore {
 
-// Vectors each thread keeps in flight per loop trip: loads are issued together, then
-// stores, so one thread has UNROLL independent memory operations outstanding.
-#ifndef KVCORE_UNROLL
-#define KVCORE_UNROLL 4
-#endif
-constexpr int UNROLL = KVCORE_UNROLL;
-
-// Loads and stores of data that is touched once. KVCORE_STREAMING selects the
-// evict-first cache hints (__ldcs / __stcs), so streamed K/V does not push reused data
-// (index arrays, other kernels' working sets) out of L2.
-#ifdef KVCORE_STREAMING
-#define KVCORE_LOAD(p) __ldcs(p)
-#define KVCORE_STORE(p, x) __stcs((p), (x))
-#else
-#define KVCORE_LOAD(p) (*(p))
-#define KVCORE_STORE(p, x) (*(p) = (x))
-#endif
+// Memory operations each thread keeps in flight per loop trip: loads are issued
+// together, then stores. Measured on the H200 (bf16, 8 x 128, 64 x 1,024 tokens):
+// scatter is fastest at 4 tokens per trip (8 went from 3.9 to 3.5 TB/s); the page
+// copies of gather and copy_pages gain about 3% at 8 vectors per trip.
+constexpr int UNROLL = 4;        // scatter: tokens per block trip (the host sizes grids by it)
+constexpr int COPY_UNROLL = 8;   // gather, copy_pages: vectors per thread per trip
 
 // Offset, in vectors, of row (offset_in_page, head) inside one page's block.
 __device__ __forceinline__ long long in_page_row(int layout, long long off, long long head,
@@ -49,49 +38,49 @@ __device__ __forceinline__ long long page_of(long long slot, long long page_size
 }
 
 // Copy n vectors from src_a to dst_a and n from src_b to dst_b (K and V together, so a
-// thread has 2 * UNROLL loads in flight), UNROLL per thread per trip.
+// thread has 2 * COPY_UNROLL loads in flight), COPY_UNROLL per thread per trip.
 template <typename V>
 __device__ __forceinline__ void block_copy2(V* __restrict__ dst_a, const V* __restrict__ src_a,
                                             V* __restrict__ dst_b, const V* __restrict__ src_b,
                                             long long n) {
-  const long long step = (long long)blockDim.x * UNROLL;
+  const long long step = (long long)blockDim.x * COPY_UNROLL;
   for (long long base = threadIdx.x; base < n; base += step) {
-    V a[UNROLL], b[UNROLL];
+    V a[COPY_UNROLL], b[COPY_UNROLL];
 #pragma unroll
-    for (int u = 0; u < UNROLL; ++u) {
+    for (int u = 0; u < COPY_UNROLL; ++u) {
       const long long j = base + (long long)u * blockDim.x;
       if (j < n) {
-        a[u] = KVCORE_LOAD(src_a + j);
-        b[u] = KVCORE_LOAD(src_b + j);
+        a[u] = src_a[j];
+        b[u] = src_b[j];
       }
     }
 #pragma unroll
-    for (int u = 0; u < UNROLL; ++u) {
+    for (int u = 0; u < COPY_UNROLL; ++u) {
       const long long j = base + (long long)u * blockDim.x;
       if (j < n) {
-        KVCORE_STORE(dst_a + j, a[u]);
-        KVCORE_STORE(dst_b + j, b[u]);
+        dst_a[j] = a[u];
+        dst_b[j] = b[u];
       }
     }
   }
 }
 
-// Copy n vectors from src to dst, UNROLL per thread per trip.
+// Copy n vectors from src to dst, COPY_UNROLL per thread per trip.
 template <typename V>
 __device__ __forceinline__ void block_copy(V* __restrict__ dst, const V* __restrict__ src,
                                            long long n) {
-  const long long step = (long long)blockDim.x * UNROLL;
+  const long long step = (long long)blockDim.x * COPY_UNROLL;
   for (long long base = threadIdx.x; base < n; base += step) {
-    V buf[UNROLL];
+    V buf[COPY_UNROLL];
 #pragma unroll
-    for (int u = 0; u < UNROLL; ++u) {
+    for (int u = 0; u < COPY_UNROLL; ++u) {
       const long long j = base + (long long)u * blockDim.x;
-      if (j < n) buf[u] = KVCORE_LOAD(src + j);
+      if (j < n) buf[u] = src[j];
     }
 #pragma unroll
-    for (int u = 0; u < UNROLL; ++u) {
+    for (int u = 0; u < COPY_UNROLL; ++u) {
       const long long j = base + (long long)u * blockDim.x;
-      if (j < n) KVCORE_STORE(dst + j, buf[u]);
+      if (j < n) dst[j] = buf[u];
     }
   }
 }
@@ -125,8 +114,8 @@ __device__ void scatter(const V* __restrict__ k,        // [T, H, D] with stride
         const long long t = t0 + u;
         slot[u] = t < num_tokens ? slot_mapping[t] : KVCORE_PADDING_SLOT;
         if (slot[u] != KVCORE_PADDING_SLOT) {
-          kbuf[u] = KVCORE_LOAD(k + t * k_stride_t + k_src);
-          vbuf[u] = KVCORE_LOAD(v + t * v_stride_t + v_src);
+          kbuf[u] = k[t * k_stride_t + k_src];
+          vbuf[u] = v[t * v_stride_t + v_src];
         }
       }
 #pragma unroll
@@ -140,8 +129,8 @@ __device__ void scatter(const V* __restrict__ k,        // [T, H, D] with stride
         const long long off = slot[u] - page * page_size;
         const long long dst = page * page_stride +
                               in_page_row(layout, off, head, page_size, num_heads, row_vecs) + w;
-        KVCORE_STORE(k_pool + dst, kbuf[u]);
-        KVCORE_STORE(v_pool + dst, vbuf[u]);
+        k_pool[dst] = kbuf[u];
+        v_pool[dst] = vbuf[u];
       }
     }
   }

@@ -241,3 +241,33 @@ def test_importing_kvcore_does_not_import_cupy():
     code = ("import sys, kvcore; kvcore.KVCache(kvcore.KVCacheConfig(1, 1, 8, 4, 4), "
             "device='cpu'); assert 'cupy' not in sys.modules")
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_import_needs_neither_torch_nor_cupy():
+    import subprocess
+    import sys
+
+    code = ("import sys, kvcore; c = kvcore.KVCache(kvcore.KVCacheConfig(1, 1, 4, 4, 8), "
+            "device='cpu'); s = c.step_metadata(max_tokens=4); "
+            "assert 'torch' not in sys.modules and 'cupy' not in sys.modules, "
+            "[m for m in sys.modules if m.split('.')[0] in ('torch', 'cupy')]")
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_framework_and_pool_are_for_cuda_caches():
+    cfg = KVCacheConfig(num_layers=1, num_kv_heads=1, head_dim=4, page_size=4, num_pages=8)
+    with pytest.raises(ValueError, match="framework and pool are for CUDA caches"):
+        KVCache(cfg, device="cpu", framework="torch")
+    with pytest.raises(ValueError, match="framework and pool are for CUDA caches"):
+        KVCache(cfg, device="cpu", pool=[np.zeros((2, 8, 4, 1, 4), np.float16)])
+    assert KVCache(cfg, device="cpu").framework == "numpy"
+    assert KVCache(cfg, device="cpu", framework="numpy").framework == "numpy"
+
+
+def test_unknown_framework_is_refused():
+    from kvcore.backends import resolve_framework
+
+    with pytest.raises(ValueError, match="framework must be"):
+        resolve_framework("jax")
+    assert resolve_framework("cupy") == "cupy"
+    assert resolve_framework(None, pool=[(np.zeros(1), np.zeros(1))]) == "cupy"

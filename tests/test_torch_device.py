@@ -439,3 +439,16 @@ def test_flashinfer_decode_reads_a_kvcore_pool(captured):
             want = torch.cat(history[layer, s][0])
             assert torch.equal(k_pool[int(indptr[b]):int(indptr[b + 1])], want)
     assert to_host(cache.k_cache(0)).dtype == np.uint16
+
+
+# -- the README's torch example ---------------------------------------------------------------------
+
+def test_readme_torch_decode_loop_runs_as_written():
+    import re
+    from pathlib import Path
+
+    readme = Path(__file__).resolve().parent.parent / "README.md"
+    blocks = re.findall(r"^```python torch\n(.*?)^```", readme.read_text(), flags=re.S | re.M)
+    assert blocks
+    for block in blocks:
+        exec(compile(block, str(readme), "exec"), {})
