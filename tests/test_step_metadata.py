@@ -225,3 +225,18 @@ def test_gather_into_outputs_checks_them():
     wrong = (np.zeros((6, 2, 4), np.float16), np.zeros((6, 2, 4), np.float16))
     with pytest.raises(ShapeError, match="dtype float16"):
         cache.gather(0, [seq], out=wrong)
+
+
+def test_gather_from_metadata_without_outputs_sizes_them_by_the_live_step():
+    cache = make_cache(True)
+    seqs = [cache.add_sequence() for _ in range(2)]
+    step = cache.append(seqs, [5, 3])
+    k = np.arange(8 * 2 * 4, dtype=np.float32).reshape(8, 2, 4)
+    cache.write(0, k, -k, step.slot_mapping)
+    meta = cache.step_metadata(max_tokens=8, max_batch=4)
+    meta.update(seqs, step)
+    k_out, v_out, indptr = cache.gather(0, meta)
+    assert k_out.shape == (8, 2, 4) and meta.num_live_tokens == 8
+    np.testing.assert_array_equal(k_out, k)
+    np.testing.assert_array_equal(v_out, -k)
+    np.testing.assert_array_equal(indptr, [0, 5, 8, 8, 8])

@@ -245,6 +245,11 @@ def test_torch_owned_pool_is_torch_and_zero_copy():
     assert torch.equal(k_out, k) and torch.equal(v_out, -k)
     page = int(slots[0]) // S
     assert torch.equal(cache.k_cache(1)[page, 0], k[0])
+    meta = cache.step_metadata(max_tokens=4, max_batch=2)
+    meta.update([seq])
+    k_meta, v_meta, token_indptr = cache.gather(1, meta)     # outputs sized by the step
+    assert torch.equal(k_meta, k) and torch.equal(v_meta, -k)
+    assert token_indptr.tolist() == [0, 20, 20]
 
 
 def adopted_pools(cfg, kind):
@@ -441,7 +446,7 @@ def test_flashinfer_decode_reads_a_kvcore_pool(captured):
     assert to_host(cache.k_cache(0)).dtype == np.uint16
 
 
-# -- the README's torch example ---------------------------------------------------------------------
+# -- the README's torch example ------------------------------------------------------------------
 
 def test_readme_torch_decode_loop_runs_as_written():
     import re

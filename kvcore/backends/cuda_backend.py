@@ -271,7 +271,9 @@ class CudaBackend:
         else:
             total, batch, max_entries = None, index.max_batch, index.max_pages
         if out is None:
-            shape = (total, cfg.num_kv_heads, cfg.head_dim)
+            # with a StepMetadata, sized by its live step (known on the host)
+            rows = total if total is not None else index.num_live_tokens
+            shape = (rows, cfg.num_kv_heads, cfg.head_dim)
             out = (self.framework.empty(shape, cfg.dtype, stream),
                    self.framework.empty(shape, cfg.dtype, stream))
         k_out, v_out = out
