@@ -137,7 +137,8 @@ cdef class TorchScatter:
     ``[T, H, D]`` with a contiguous last axis, a contiguous int64 ``slot_mapping`` of
     ``T`` entries); the caller then takes the general path, which converts what it can
     and raises the typed error otherwise. The plain case costs a dozen attribute reads
-    and one ``cuLaunchKernel``, with no Python object made.
+    and one ``cuLaunchKernel``; the only Python objects made are the shape and stride
+    tuples torch returns.
 
     Parameters
     ----------
@@ -161,6 +162,16 @@ cdef class TorchScatter:
     def __init__(self, tensor_type, dtype, int64_dtype, int64_t device, int64_t num_heads,
                  int64_t head_dim, int64_t itemsize, int64_t pool_align, tuple k_pools,
                  tuple v_pools, tuple launchers, int64_t max_grid):
+        if len(launchers) != 4 or not all(l is None or isinstance(l, KernelLauncher)
+                                          for l in launchers):
+            raise TypeError("launchers must be 4 KernelLauncher or None (widths 16, 8, 4, 2)")
+        if any(l is not None and (<KernelLauncher>l)._num_leading != 10 for l in launchers):
+            raise ValueError("launchers must be scatter kernels (10 leading arguments)")
+        if len(v_pools) != len(k_pools) or not all(isinstance(p, int)
+                                                   for p in k_pools + v_pools):
+            raise ValueError("k_pools and v_pools must be equally long tuples of addresses")
+        if itemsize not in (1, 2, 4, 8, 16) or max_grid < 1:
+            raise ValueError("bad itemsize or max_grid")
         self._tensor_type = tensor_type
         self._dtype = dtype
         self._int64 = int64_dtype
@@ -212,6 +223,9 @@ cdef class TorchScatter:
         leading[0] = <int64_t>(<uintptr_t>k.data_ptr())
         leading[1] = <int64_t>(<uintptr_t>v.data_ptr())
         cdef int64_t item = self._item
+        if ((leading[0] | leading[1] | <int64_t>slots_ptr) & (item - 1)) != 0 or \
+                (<int64_t>slots_ptr & 7) != 0:
+            return False     # misaligned: the general path says why
         cdef int64_t k_st = kst[0] * item, k_sh = kst[1] * item
         cdef int64_t v_st = vst[0] * item, v_sh = vst[1] * item
         cdef int64_t combined = (self._row_bytes | self._pool_align | leading[0] | leading[1]

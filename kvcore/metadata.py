@@ -127,7 +127,11 @@ class StepMetadata:
         self._current = 0
         self.batch_size = self.num_tokens = self.num_page_entries = 0
         self._total_tokens = 0
-        self._upload(self._current, self._nbytes, backend.current_stream())
+        stream = backend.current_stream()
+        self._upload(self._current, self._nbytes, stream)
+        self._events[self._current] = backend.record_event(stream, None)
+        # The buffers are ready before first use, on whatever stream that is.
+        backend.wait_event(self._events[self._current])
 
     # -- update -------------------------------------------------------------------------------
 
@@ -149,8 +153,9 @@ class StepMetadata:
 
         Raises
         ------
-        UnknownSequenceError, ValueError
-            ``seq_ids`` names an inactive sequence or repeats one.
+        UnknownSequenceError
+            ``seq_ids`` names an inactive sequence (repeats are allowed, as in
+            :meth:`PageTable.flashinfer_metadata`).
         CapacityError
             The step exceeds a capacity.
         InvalidPageError, ShapeError
@@ -184,20 +189,22 @@ class StepMetadata:
             raise CapacityError(f"{slots.size} tokens exceed max_tokens {self.max_tokens}")
         handle = self._backend.resolve_stream(stream)
         self._backend.refuse_capture(handle, "StepMetadata.update")
-        previous = self._current
-        current = (previous + 1) % len(self._staging)
+        current = (self._current + 1) % len(self._staging)
         self._backend.wait_event(self._events[current])
         # fill_step checks the block-table width before it writes anything
         total = fill_step(indptr, indices, last_page_len, slots, cfg.page_size,
                           self._host[current], self._high[current])
         # -- from here on nothing raises for the caller's input
-        self._events[previous] = self._backend.record_event(handle, self._events[previous])
         span = self._nbytes
         if self.block_tables is not None:
             rows = max(batch, self._device_rows)
             span = self._offsets["block_tables"] + rows * self.max_pages_per_seq * 4
-            self._device_rows = batch
         self._upload(current, span, handle)
+        # Guard this staging copy with an event on the stream of its copy: it is
+        # rewritten (NUM_STAGING updates later) only once that copy has run.
+        self._events[current] = self._backend.record_event(handle, self._events[current])
+        if self.block_tables is not None:
+            self._device_rows = batch
         self._current = current
         self.batch_size, self.num_tokens, self.num_page_entries = batch, slots.size, nnz
         self._total_tokens = total

@@ -61,7 +61,37 @@ def test_stream_handles():
 
     assert stream_handle(TorchLike()) == 77
     assert stream_handle(Protocol()) == 99
-    with pytest.raises(ValueError, match=">= 0"):
+    with pytest.raises(ValueError, match=r"\[0, 2\*\*64\)"):
         stream_handle(-1)
+    with pytest.raises(ValueError, match=r"\[0, 2\*\*64\)"):
+        stream_handle(2**70)
     with pytest.raises(TypeError, match="cudaStream_t"):
         stream_handle("stream")
+
+    class BadTorchLike:
+        cuda_stream = "abc"
+
+    class NegativeTorchLike:
+        cuda_stream = -5
+
+    class BadProtocol:
+        def __cuda_stream__(self):
+            return 5
+
+    with pytest.raises(TypeError, match="cudaStream_t"):
+        stream_handle(BadTorchLike())
+    with pytest.raises(ValueError, match="2\\*\\*64"):
+        stream_handle(NegativeTorchLike())
+    with pytest.raises(TypeError, match="version, handle"):
+        stream_handle(BadProtocol())
+
+
+def test_malformed_cuda_array_interfaces_are_shape_errors():
+    class Fake:
+        def __init__(self, **interface):
+            self.__cuda_array_interface__ = interface
+
+    with pytest.raises(ShapeError, match="malformed"):
+        describe(Fake(typestr="<i2", shape=(3,)))
+    with pytest.raises(ShapeError, match="whole elements"):
+        describe(Fake(typestr="<i2", shape=(3,), data=(0, False), strides=(3,)))

@@ -58,7 +58,7 @@ def test_rejections():
         ("must have shape", [np.zeros((3, 5, *PAGE), np.float16) for _ in range(3)]),
         ("contiguous", [np.zeros((2, 5, 4, 2, 16), np.float16)[..., :8] for _ in range(3)]),
         ("same page stride", [*good[:2], np.zeros((5, 2, *PAGE), np.float16)]),
-        ("same address", [good[0], good[0], good[1]]),
+        ("overlap", [good[0], good[0], good[1]]),
         (r"\(k, v\) pair", [(good[0][0],)] * 3),
         ("ambiguous", None),
     ]
@@ -80,3 +80,32 @@ def test_pages_that_overlap_are_refused():
     v = np.lib.stride_tricks.as_strided(block.copy(), (5, *PAGE), (CFG.page_elems, 32, 16, 2))
     with pytest.raises(ShapeError, match="smaller than a page"):
         adopt_layers(CFG, [(k, v)] * 3)
+
+
+def test_overlapping_or_misaligned_pools_are_refused():
+    pe = CFG.page_elems
+    big = np.zeros((6 * pe,), np.float16)
+    k = big[:5 * pe].reshape(5, *PAGE)
+    v = big[pe:6 * pe].reshape(5, *PAGE)           # V page p is K page p + 1
+    others = [(np.zeros((5, *PAGE), np.float16), np.zeros((5, *PAGE), np.float16))
+              for _ in range(2)]
+    with pytest.raises(ShapeError, match="layer 0's K and layer 0's V overlap"):
+        adopt_layers(CFG, [(k, v), *others])
+    # a [P, 2, ...] tensor whose K/V axis steps by one element: K and V overlap
+    block = np.zeros((5 * 2 * pe + 1,), np.float16)
+    t = np.lib.stride_tricks.as_strided(block, (5, 2, *PAGE),
+                                        (2 * pe * 2, 2, 32, 16, 2))
+    with pytest.raises(ShapeError, match="overlap"):
+        adopt_layers(CFG, [t, *[np.zeros((5, 2, *PAGE), np.float16) for _ in range(2)]])
+    # two layers sharing pages
+    shared = np.zeros((2, 6, *PAGE), np.float16)
+    with pytest.raises(ShapeError, match="layer 0's K and layer 1's K overlap"):
+        adopt_layers(CFG, [(shared[0, :5], shared[1, :5]), (shared[0, 1:], shared[1, 1:]),
+                           others[0]])
+    # an odd address
+    raw = np.zeros(5 * 2 * pe * 4 + 8, np.uint8)
+    odd = [raw[1:1 + 5 * 2 * pe * 2].view(np.float16).reshape(2, 5, *PAGE)]
+    cfg1 = KVCacheConfig(num_layers=1, num_kv_heads=2, head_dim=8, page_size=4, num_pages=5,
+                         dtype="float16")
+    with pytest.raises(ShapeError, match="not a multiple"):
+        adopt_layers(cfg1, odd)

@@ -139,24 +139,33 @@ def _describe_numpy_like(array, ptr, device, name) -> ArrayView:
 
 
 def _describe_interface(array, interface, name) -> ArrayView:
-    typestr = interface["typestr"]
-    dtype = _TYPESTR.get(typestr[1:])
+    try:
+        typestr = interface["typestr"]
+        shape = tuple(int(n) for n in interface["shape"])
+        ptr = int(interface["data"][0])
+        byte_strides = interface.get("strides")
+    except (KeyError, TypeError, ValueError, IndexError) as exc:
+        raise ShapeError(f"{name} has a malformed __cuda_array_interface__ ({exc!r})") from None
+    dtype = _TYPESTR.get(typestr[1:]) if isinstance(typestr, str) else None
     if dtype is None or typestr[0] == ">":
         raise ShapeError(f"{name} has typestr {typestr}, which kvcore does not move")
-    shape = tuple(interface["shape"])
     item = ITEMSIZE[dtype]
-    if interface.get("strides") is None:
+    if byte_strides is None:
         strides, acc = [], 1
         for size in reversed(shape):
             strides.append(acc)
             acc *= size
         strides = tuple(reversed(strides))
     else:
-        strides = tuple(s // item for s in interface["strides"])
-    ptr = interface["data"][0]
-    import cupy
+        if len(byte_strides) != len(shape) or any(int(s) % item for s in byte_strides):
+            raise ShapeError(f"{name} has strides {tuple(byte_strides)} that are not whole "
+                             "elements")
+        strides = tuple(int(s) // item for s in byte_strides)
+    device = -1
+    if ptr:
+        import cupy
 
-    device = cupy.cuda.runtime.pointerGetAttributes(ptr).device if ptr else -1
+        device = cupy.cuda.runtime.pointerGetAttributes(ptr).device
     return ArrayView(ptr, shape, strides, dtype, device, array)
 
 
@@ -168,22 +177,30 @@ def stream_handle(stream) -> int | None:
     ------
     TypeError
         ``stream`` is none of those.
+    ValueError
+        A handle outside ``[0, 2**64)``.
     """
     if stream is None:
         return None
     if type(stream) is int:
-        if stream < 0:
-            raise ValueError(f"stream handle must be >= 0, got {stream}")
-        return stream
-    handle = getattr(stream, "cuda_stream", None)      # torch.cuda.Stream / ExternalStream
-    if handle is None and type(stream).__module__.startswith("cupy"):
-        handle = getattr(stream, "ptr", None)           # cupy.cuda.Stream
-    if handle is None and hasattr(stream, "__cuda_stream__"):
-        handle = stream.__cuda_stream__()[1]            # the CUDA stream protocol
-    if handle is None:
-        raise TypeError(f"stream must be a torch or CuPy stream, an object with "
-                        f"__cuda_stream__, or a cudaStream_t int; got {type(stream).__name__}")
-    return int(handle)
+        handle = stream
+    else:
+        handle = getattr(stream, "cuda_stream", None)      # torch.cuda.Stream / ExternalStream
+        if handle is None and type(stream).__module__.startswith("cupy"):
+            handle = getattr(stream, "ptr", None)           # cupy.cuda.Stream
+        if handle is None and hasattr(stream, "__cuda_stream__"):
+            protocol = stream.__cuda_stream__()             # the CUDA stream protocol
+            if not (isinstance(protocol, tuple) and len(protocol) == 2):
+                raise TypeError(f"__cuda_stream__ must return (version, handle), got "
+                                f"{protocol!r}")
+            handle = protocol[1]
+        if handle is None or isinstance(handle, bool) or not isinstance(handle, int):
+            raise TypeError(f"stream must be a torch or CuPy stream, an object with "
+                            f"__cuda_stream__, or a cudaStream_t int; got "
+                            f"{type(stream).__name__}")
+    if not 0 <= handle < 2**64:
+        raise ValueError(f"stream handle must be in [0, 2**64), got {handle}")
+    return handle
 
 
 # -- frameworks --------------------------------------------------------------------------------

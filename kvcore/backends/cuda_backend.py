@@ -2,9 +2,10 @@
 
 Every operation takes the stream to run on (a ``cudaStream_t`` int, already resolved
 by :class:`kvcore.KVCache` from the call's ``stream=`` or the framework's current
-stream) and only enqueues work there: nothing here waits for the device except
-:meth:`synchronize`, so a step with device-resident index arrays can be captured in a
-CUDA graph (torch's or CuPy's).
+stream) and only enqueues work there. Nothing on a call's path waits for the device,
+apart from :meth:`synchronize` and the rare wait for a staging buffer's earlier copy
+(the pinned ring, StepMetadata); construction waits once. So a step with
+device-resident index arrays can be captured in a CUDA graph (torch's or CuPy's).
 
 Arrays come in as whatever the caller has (torch, CuPy, anything with
 ``__cuda_array_interface__`` or DLPack) and are read, not converted: a torch tensor
@@ -37,6 +38,14 @@ _D2H = 2        # cudaMemcpyDeviceToHost
 
 def _round_up(n: int, m: int) -> int:
     return (n + m - 1) // m * m
+
+
+def _check_aligned(view, name: str) -> None:
+    """Kernels read whole elements: an address that is not a multiple of the element
+    size would fault (and take the CUDA context with it)."""
+    if view.ptr % view.itemsize:
+        raise ShapeError(f"{name} starts at address {view.ptr:#x}, not a multiple of its "
+                         f"{view.itemsize}-byte element")
 
 
 class CudaBackend:
@@ -96,6 +105,9 @@ class CudaBackend:
         cupy.cuda.runtime.memcpy(describe(self._pool_table).ptr, pools.ctypes.data,
                                  pools.nbytes, 1)
         self.uploader = PinnedRing(fw)
+        # The pool's zero fill and the buffers above were enqueued on the stream current
+        # now; wait once, so first use on any other stream cannot race them.
+        cupy.cuda.runtime.deviceSynchronize()
         ps = config.page_size
         self._page_shift = ps.bit_length() - 1 if ps & (ps - 1) == 0 else -1
         self._launchers: dict = {}
@@ -167,6 +179,7 @@ class CudaBackend:
         if not kv_dtype_ok(self.config.dtype, view.dtype):
             raise ShapeError(f"{name} has dtype {view.dtype}, the cache holds "
                              f"{self.config.dtype}")
+        _check_aligned(view, name)
         if view.strides[2] != 1 and view.shape[2] > 1:
             array = self._contiguous(array, name, stream)
             view = describe(array, name)
@@ -192,6 +205,7 @@ class CudaBackend:
             want = f"[{length}]" if length is not None else "1-D"
             raise ShapeError(f"a device {name} must be {dtype} {want}, got {view.dtype} "
                              f"{view.shape}")
+        _check_aligned(view, name)
         if view.strides[0] != 1 and view.shape[0] > 1:
             array = self._contiguous(array, name, stream)
             view = describe(array, name)
@@ -312,6 +326,7 @@ class CudaBackend:
                              f"{self.config.dtype}")
         if not view.is_contiguous():
             raise ShapeError(f"{name} must be contiguous, got strides {view.strides}")
+        _check_aligned(view, name)
         return view.ptr, view.shape[0]
 
     def copy_pages(self, src, dst, stream: int) -> None:

@@ -12,6 +12,7 @@ import numpy as np
 
 from kvcore._checks import check_host_slots, check_kv_shape, host_page_pair, kv_dtype_ok
 from kvcore._interop import bfloat16_as_int16
+from kvcore.backends.arrays import stream_handle
 from kvcore.config import KVCacheConfig
 from kvcore.errors import ShapeError
 
@@ -88,6 +89,9 @@ class NumpyBackend:
     # -- step metadata buffers (kvcore.metadata): host memory is the "device" ------------
 
     def resolve_stream(self, stream) -> None:
+        """Checks ``stream`` as a CUDA cache would (so code moves between them), then
+        drops it: the CPU has no streams."""
+        stream_handle(stream)
         return None
 
     def refuse_capture(self, stream, what: str) -> None:
@@ -164,8 +168,11 @@ class NumpyBackend:
             if array.shape[0] < total:
                 raise ShapeError(f"{name} has {array.shape[0]} rows, the batch holds {total} "
                                  "tokens")
-            if array.dtype != self._dtype and not kv_dtype_ok(cfg.dtype, array.dtype.name):
+            if array.dtype.byteorder == ">" or (
+                    array.dtype != self._dtype and not kv_dtype_ok(cfg.dtype, array.dtype.name)):
                 raise ShapeError(f"{name} has dtype {array.dtype}, the cache holds {cfg.dtype}")
+            if not array.flags.writeable:
+                raise ShapeError(f"{name} is read-only")
         k_out, v_out = (a.view(self._dtype) for a in out)
         for b in range(len(last_page_len)):
             pages = page_indices[page_indptr[b]:page_indptr[b + 1]]

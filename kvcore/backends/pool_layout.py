@@ -109,8 +109,6 @@ def adopt_layers(config: KVCacheConfig, pool) -> LayerPools:
             v_ptr = view.ptr + st[kv_axis] * view.itemsize
             page_strides = (st[page_axis],)
             views = (entry[0], entry[1]) if kv_first else (entry[:, 0], entry[:, 1])
-        if k_ptr == v_ptr:
-            raise ShapeError(f"{name}: K and V are at the same address")
         strides.update(page_strides)
         devices.update(v.device for v in kv_views)
         k_ptrs.append(k_ptr)
@@ -127,8 +125,18 @@ def adopt_layers(config: KVCacheConfig, pool) -> LayerPools:
                          f"({page_elems} elements): pages would overlap")
     if len(devices) != 1:
         raise ShapeError(f"pool arrays are on different devices: {sorted(devices)}")
-    if len(set(k_ptrs) | set(v_ptrs)) != 2 * config.num_layers:
-        raise ShapeError("two layers' pools start at the same address")
+    item = config.itemsize
+    for name, ptr in zip(_pool_names(config.num_layers), _interleave(k_ptrs, v_ptrs),
+                         strict=True):
+        if ptr % item:
+            raise ShapeError(f"{name} starts at address {ptr:#x}, not a multiple of its "
+                             f"{item}-byte element")
+    clash = _first_overlap(_interleave(k_ptrs, v_ptrs), page_stride * item,
+                           page_elems * item, config.num_pages)
+    if clash is not None:
+        names = _pool_names(config.num_layers)
+        raise ShapeError(f"the pages of {names[clash[0]]} and {names[clash[1]]} overlap in "
+                         "memory: every layer's K and V need pages of their own")
     return LayerPools(tuple(k_ptrs), tuple(v_ptrs), page_stride, tuple(k_views),
                       tuple(v_views), tuple(owners), devices.pop())
 
@@ -147,3 +155,32 @@ def _check_pages(view: ArrayView, config, page_shape, shape, strides, name) -> N
         raise ShapeError(f"{name}: each page must be one contiguous [{config.layout}] block "
                          f"(strides {inner} inside a page, a positive page stride); got "
                          f"strides {tuple(strides)}")
+
+
+def _interleave(k_ptrs, v_ptrs) -> list[int]:
+    return [p for pair in zip(k_ptrs, v_ptrs, strict=True) for p in pair]
+
+
+def _pool_names(num_layers: int) -> list[str]:
+    return [f"layer {layer}'s {kv}" for layer in range(num_layers) for kv in ("K", "V")]
+
+
+def _first_overlap(ptrs, stride: int, page_bytes: int, num_pages: int):
+    """Indexes of the first two pools with a shared byte, or None.
+
+    Pool ``a``'s page ``i`` spans ``[ptr_a + i * stride, + page_bytes)``. Two pools at
+    distance ``d = ptr_b - ptr_a`` share a byte iff some ``k = j - i`` in
+    ``[-(P - 1), P - 1]`` has ``|d + k * stride| < page_bytes``; the closest ``k`` is
+    ``-d / stride`` rounded, so checking it and its neighbours suffices. Worked example:
+    vLLM's ``[P, 2, S, H, D]`` has K and V at ``d = page_bytes`` with ``stride = 2 *
+    page_bytes``: ``k = 0`` gives ``page_bytes``, ``k = -1`` gives ``page_bytes``; never
+    less, so they interleave without overlap.
+    """
+    for a in range(len(ptrs)):
+        for b in range(a + 1, len(ptrs)):
+            d = ptrs[b] - ptrs[a]
+            nearest = -round(d / stride)
+            for k in (nearest - 1, nearest, nearest + 1):
+                if -(num_pages - 1) <= k <= num_pages - 1 and abs(d + k * stride) < page_bytes:
+                    return a, b
+    return None
