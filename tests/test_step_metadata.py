@@ -240,3 +240,52 @@ def test_gather_from_metadata_without_outputs_sizes_them_by_the_live_step():
     np.testing.assert_array_equal(k_out, k)
     np.testing.assert_array_equal(v_out, -k)
     np.testing.assert_array_equal(indptr, [0, 5, 8, 8, 8])
+
+
+def test_a_staging_buffer_is_not_rewritten_before_its_copy_ran():
+    """Streams simulated on the host: a copy reads its staging bytes only when its
+    stream runs. Updates alternate between a stalled stream and a running one; every
+    copy must still send exactly the bytes its update prepared."""
+    cache = make_cache(False)
+    backend = cache.backend
+    queues = {1: [], 2: []}
+    done = {1: 0, 2: 0}
+    sent = []
+
+    def run(stream, upto=None):
+        queue = queues[stream]
+        upto = len(queue) if upto is None else upto
+        while done[stream] < upto:
+            op = queue[done[stream]]
+            done[stream] += 1
+            if op[0] == "copy":
+                _, device, staging, nbytes, expected = op
+                assert np.array_equal(staging[:nbytes], expected), "staging rewritten early"
+                device[:nbytes] = staging[:nbytes]
+                sent.append(nbytes)
+
+    def metadata_storage(nbytes, count):
+        backend._sim_device = np.zeros(nbytes, np.uint8)
+        return backend._sim_device, [np.zeros(nbytes, np.uint8) for _ in range(count)]
+
+    backend.metadata_storage = metadata_storage
+    backend.resolve_stream = lambda stream: 1 if stream is None else stream
+    backend.current_stream = lambda: 1
+    backend.upload_bytes = lambda ptr, staging, nbytes, stream: queues[stream].append(
+        ("copy", backend._sim_device, staging, nbytes, staging[:nbytes].copy()))
+    backend.record_event = lambda stream, event=None: (stream, len(queues[stream]))
+    backend.wait_event = lambda event: event is not None and run(*event)
+    seqs = [cache.add_sequence() for _ in range(4)]
+    step = cache.append(seqs, [3, 5, 7, 9])
+    meta = cache.step_metadata(max_tokens=32, max_batch=4)
+    run(1)
+    rng = np.random.default_rng(0)
+    for i in range(40):
+        stream = 1 if i % 5 == 0 else 2          # stream 1 stalls; stream 2 runs
+        batch = list(rng.permutation(seqs)[:rng.integers(0, 5)])
+        meta.update(batch, step.slot_mapping[:rng.integers(0, 24)], stream=stream)
+        if stream == 2:
+            run(2)
+    run(1)
+    run(2)
+    assert len(sent) == 41
