@@ -72,7 +72,8 @@ class StepMetadata:
     must run on that stream, or the caller orders them after it. An update overwrites
     buffers that kernels queued earlier on the same stream still read in queue order,
     which is safe. ``update`` refuses to run while its stream captures a CUDA graph:
-    run it eagerly before each replay.
+    run it eagerly before each replay. A captured graph holds the buffers' addresses,
+    not the object: keep the StepMetadata (and its cache) alive as long as the graph.
     """
 
     NUM_STAGING = 3
