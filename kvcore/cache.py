@@ -106,7 +106,7 @@ class KVCache:
                                config.max_pages_per_seq,
                                enable_prefix_cache=config.enable_prefix_cache)
         self._current_stream = self.backend.current_stream
-        self._torch_scatter = getattr(self.backend, "_torch_scatter", None)
+        self._torch_scatter = self.backend.scatter_fast_path
 
     def __repr__(self) -> str:
         c = self.config
@@ -141,8 +141,7 @@ class KVCache:
     def framework(self) -> str:
         """``"numpy"`` (CPU), ``"torch"`` or ``"cupy"``: the type of the pool and of new
         outputs, and whose current stream device calls use."""
-        framework = getattr(self.backend, "framework", None)
-        return framework.name if framework is not None else "numpy"
+        return self.backend.framework_name
 
     @property
     def num_seqs(self) -> int:
@@ -184,8 +183,7 @@ class KVCache:
             host data); nothing changes.
         """
         handle = self._stream(stream)
-        if handle is not None:
-            self.backend.refuse_capture(handle, "append")
+        self.backend.refuse_capture(handle, "append")
         result = self.table.append(seq_ids, num_new_tokens, token_ids)
         if result.copy_src.size:
             self.backend.copy_pages(result.copy_src, result.copy_dst, handle)
@@ -238,6 +236,18 @@ class KVCache:
         self.table.clear_prefix_cache()
 
     # -- the pool -------------------------------------------------------------------------------
+
+    def to_host(self, array) -> np.ndarray:
+        """A NumPy copy of an array of this cache's device and framework (a pool view, a
+        ``gather`` output); bfloat16 comes back as uint16 words. Synchronous: for tests,
+        tools and checks, not for a serving loop."""
+        return self.backend.to_host(array)
+
+    def from_host(self, array: np.ndarray):
+        """``array`` as an array of this cache's device and framework (NumPy on the CPU;
+        a torch tensor or CuPy array on CUDA, uint16 words as ``torch.bfloat16`` in a
+        torch bfloat16 cache). Synchronous: for tests, tools and checks."""
+        return self.backend.from_host(np.asarray(array))
 
     def k_cache(self, layer: int):
         """View of layer ``layer``'s K cache: NHD ``[P, S, H, D]``, HND ``[P, H, S, D]``.

@@ -122,6 +122,12 @@ class KVCacheConfig:
         return DTYPES[self.dtype]
 
     @property
+    def storage_dtype(self) -> np.dtype:
+        """NumPy dtype a NumPy or CuPy pool stores (bfloat16 as its raw uint16 words)."""
+        return np.dtype({"float16": np.float16, "float32": np.float32,
+                         "bfloat16": np.uint16}[self.dtype])
+
+    @property
     def page_elems(self) -> int:
         """Elements of one page of one layer's K (or V) cache: ``page_size * H * D``."""
         return self.page_size * self.num_kv_heads * self.head_dim

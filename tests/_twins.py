@@ -5,7 +5,6 @@ import numpy as np
 import pytest
 
 from kvcore import KVCache, KVCacheConfig
-from kvcore.backends.numpy_ref import storage_dtype
 
 cupy = pytest.importorskip("cupy")
 
@@ -64,7 +63,7 @@ def random_kv(rng, cache, n):
         arr = (values.view(np.uint32) >> 16).astype(np.uint16)
     else:
         arr = values
-    return arr.view(storage_dtype(cfg.dtype))
+    return arr.view(cfg.storage_dtype)
 
 
 def run_random_ops(cpu, gpu, rng, steps=25):

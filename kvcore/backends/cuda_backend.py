@@ -113,7 +113,8 @@ class CudaBackend:
         self._launchers: dict = {}
         # The framework's current-stream reader itself: one call per lookup.
         self.current_stream = fw.current_stream
-        self._torch_scatter = self._make_torch_scatter() if fw.name == "torch" else None
+        self.framework_name = fw.name
+        self.scatter_fast_path = self._make_torch_scatter() if fw.name == "torch" else None
 
     # -- streams and launches -------------------------------------------------------------
 
@@ -229,7 +230,7 @@ class CudaBackend:
         uploaded), or None with ``metadata`` (a StepMetadata: its slot buffer, whose
         entries past the step's tokens are -1).
         """
-        fast = self._torch_scatter
+        fast = self.scatter_fast_path
         if fast is not None:     # plain torch tensors: checked and launched in C
             if metadata is not None:
                 if fast.write(layer, k, v, None, metadata.slot_ptr, metadata.max_tokens,

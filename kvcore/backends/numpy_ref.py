@@ -20,7 +20,8 @@ __all__ = ["NumpyBackend", "storage_dtype"]
 
 
 def storage_dtype(dtype_name: str) -> np.dtype:
-    """NumPy dtype that stores ``dtype_name`` (bfloat16 as its raw uint16 words)."""
+    """NumPy dtype that stores ``dtype_name`` (bfloat16 as its raw uint16 words); the
+    same as :attr:`KVCacheConfig.storage_dtype`."""
     return np.dtype({"float16": np.float16, "float32": np.float32,
                      "bfloat16": np.uint16}[dtype_name])
 
@@ -36,12 +37,14 @@ class NumpyBackend:
 
     name = "numpy"
     device = "cpu"
+    framework_name = "numpy"
     adopted = False
+    scatter_fast_path = None
     array_type = np.ndarray
 
     def __init__(self, config: KVCacheConfig):
         self.config = config
-        self.kv = np.zeros(config.pool_shape, dtype=storage_dtype(config.dtype))
+        self.kv = np.zeros(config.pool_shape, dtype=config.storage_dtype)
         self.k_views = tuple(self.kv[layer, 0] for layer in range(config.num_layers))
         self.v_views = tuple(self.kv[layer, 1] for layer in range(config.num_layers))
         self._dtype = self.kv.dtype

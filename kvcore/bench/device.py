@@ -432,7 +432,7 @@ def bench_write_breakdown():
     meta.update(seqs, step)
     k_all = torch.randn(2, 256, HEADS, HEAD_DIM, device="cuda").to(BF16)
     backend = cache.backend
-    fast = backend._torch_scatter
+    fast = backend.scatter_fast_path
     stream = backend.current_stream()
     scatter = backend._launcher("scatter", 16)
     k0 = k_all[0]

@@ -1,0 +1,78 @@
+"""The backend interface: what :class:`kvcore.KVCache` and :class:`kvcore.StepMetadata`
+ask of a backend, and nothing else.
+
+A backend owns the pool and moves bytes. It reads and checks its own array arguments
+(with the shared checkers of :mod:`kvcore._checks`), so the facade never branches on
+which backend it holds. Two implement it: :class:`~kvcore.backends.numpy_ref.NumpyBackend`
+(host memory, the oracle) and ``kvcore.backends.cuda_backend.CudaBackend`` (device
+memory; torch or CuPy). ``tests/test_backend_interface.py`` checks both against this
+Protocol.
+
+Streams: ``stream`` arguments are the value :meth:`Backend.resolve_stream` returned
+(a ``cudaStream_t`` int on CUDA, None on the CPU).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Protocol, runtime_checkable
+
+import numpy as np
+
+__all__ = ["Backend"]
+
+
+@runtime_checkable
+class Backend(Protocol):
+    """What a KVCache backend provides.
+
+    Attributes
+    ----------
+    name : str
+        ``"numpy"`` or ``"cuda"``.
+    device : str
+        ``"cpu"`` or ``"cuda:N"``.
+    framework_name : str
+        ``"numpy"``, ``"torch"`` or ``"cupy"``: the type of the pool and new outputs.
+    adopted : bool
+        The pool belongs to the caller (then ``kv`` is None).
+    kv : array or None
+        The whole pool, ``config.pool_shape``.
+    k_views, v_views : tuple of arrays
+        Each layer's K and V pool, ``[P, S, H, D]`` (NHD) or ``[P, H, S, D]`` (HND).
+    scatter_fast_path : object or None
+        A C hot path for ``write`` (``TorchScatter``), or None.
+    """
+
+    name: str
+    device: str
+    framework_name: str
+    adopted: bool
+    kv: Any
+    k_views: tuple
+    v_views: tuple
+    scatter_fast_path: Any
+
+    # -- streams --------------------------------------------------------------------------
+    def current_stream(self) -> int | None: ...
+    def resolve_stream(self, stream) -> int | None: ...
+    def refuse_capture(self, stream, what: str) -> None: ...
+
+    # -- arrays ---------------------------------------------------------------------------
+    def is_device_array(self, array) -> bool: ...
+    def to_host(self, array) -> np.ndarray: ...
+    def from_host(self, array: np.ndarray): ...
+
+    # -- data movement ----------------------------------------------------------------------
+    def write(self, layer: int, k, v, slot_mapping, stream, metadata=None) -> None: ...
+    def gather(self, layer: int, index, out, stream): ...
+    def copy_pages(self, src, dst, stream) -> None: ...
+    def synchronize(self, stream) -> int: ...
+
+    # -- step metadata buffers -------------------------------------------------------------
+    def metadata_storage(self, nbytes: int, count: int): ...
+    def address(self, array) -> int: ...
+    def typed_view(self, buffer, offset: int, dtype: str, shape): ...
+    def record_event(self, stream, event=None): ...
+    def wait_event(self, event) -> None: ...
+    def destroy_event(self, event) -> None: ...
+    def upload_bytes(self, dst_ptr: int, staging: np.ndarray, nbytes: int, stream) -> None: ...
