@@ -17,7 +17,9 @@ from kvcore.errors import BackendUnavailableError
 __all__ = ["NumpyBackend", "cuda_available", "make_backend", "resolve_framework"]
 
 _CUDA_DEVICE = re.compile(r"^cuda(?::(\d+))?$")
-_INSTALL_HINT = "pip install 'kvcore[cuda12]' or 'kvcore[cuda13]' (matching your CUDA driver)"
+_INSTALL_HINT = ("install CuPy for your CUDA driver: pip install 'kvcore[cuda12]' or "
+                 "'kvcore[cuda13]' (from a checkout: '.[cuda12]' / '.[cuda13]'), or "
+                 "cupy-cuda12x / cupy-cuda13x directly")
 FRAMEWORKS = ("torch", "cupy")
 
 

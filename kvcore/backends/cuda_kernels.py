@@ -21,7 +21,8 @@ try:
     import cupy
 except ImportError as exc:  # pragma: no cover - depends on the machine
     raise BackendUnavailableError(
-        "the CUDA backend needs CuPy: pip install 'kvcore[cuda12]' or 'kvcore[cuda13]'"
+        "the CUDA backend needs CuPy: pip install 'kvcore[cuda12]' or 'kvcore[cuda13]' "
+        "(from a checkout: '.[cuda12]' / '.[cuda13]')"
     ) from exc
 
 __all__ = ["cuda_device_count", "launcher", "load_module"]
