@@ -90,23 +90,14 @@ cdef class KernelLauncher:
 
         ``args`` are the leading arguments: Python ints (device pointers as addresses).
         """
-        cdef int64_t values[MAX_ARGS]
-        cdef void* params[MAX_ARGS]
-        cdef int i, status
+        cdef int64_t leading[MAX_ARGS]
+        cdef int i
         cdef int n = self._num_leading
         if len(args) != n:
             raise TypeError(f"kernel takes {n} leading arguments, got {len(args)}")
         for i in range(n):
-            _pack(&values[i], self._kinds[i], args[i])
-            params[i] = &values[i]
-        for i in range(n, self._num_args):
-            values[i] = self._bound[i]
-            params[i] = &values[i]
-        with nogil:
-            status = self._launch(self._function, grid, 1, 1, block, 1, 1, 0,
-                                  <void*>stream, params, NULL)
-        if status != 0:
-            self._on_error(status)
+            _pack(&leading[i], self._kinds[i], args[i])
+        self.launch_packed(grid, block, stream, leading)
 
     cdef int launch_packed(self, unsigned int grid, unsigned int block, uintptr_t stream,
                            const int64_t* leading) except -1:

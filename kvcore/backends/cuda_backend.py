@@ -171,20 +171,31 @@ class CudaBackend:
         """``(ptr, rows, stride_t, stride_h, keepalive)`` of a K or V ``[T, H, D]`` input;
         strides in elements. Rows must be contiguous: a copy is made (on ``stream``)
         otherwise."""
+        view = self._on_device(array, name)
+        check_kv_shape(view.shape, self.config, name)
+        if not kv_dtype_ok(self.config.dtype, view.dtype):
+            raise ShapeError(f"{name} has dtype {view.dtype}, the cache holds "
+                             f"{self.config.dtype}")
+        array, view = self._last_axis_contiguous(array, view, name, stream)
+        return view.ptr, view.shape[0], view.strides[0], view.strides[1], array
+
+    def _on_device(self, array, name: str):
+        """``array``'s ArrayView, which must be on this cache's device."""
         view = describe(array, name)
         if view.device != self.device_id:
             where = "host memory" if view.device < 0 else f"cuda:{view.device}"
             raise ShapeError(f"{name} must be a CUDA array on {self.device}, got an array in "
                              f"{where} ({type(array).__name__})")
-        check_kv_shape(view.shape, self.config, name)
-        if not kv_dtype_ok(self.config.dtype, view.dtype):
-            raise ShapeError(f"{name} has dtype {view.dtype}, the cache holds "
-                             f"{self.config.dtype}")
+        return view
+
+    def _last_axis_contiguous(self, array, view, name: str, stream: int):
+        """``(array, view)`` with an aligned start and a contiguous last axis (a copy,
+        made on ``stream``, when the last axis is strided)."""
         _check_aligned(view, name)
-        if view.strides[2] != 1 and view.shape[2] > 1:
+        if view.strides[-1] != 1 and view.shape[-1] > 1:
             array = self._contiguous(array, name, stream)
             view = describe(array, name)
-        return view.ptr, view.shape[0], view.strides[0], view.strides[1], array
+        return array, view
 
     def _contiguous(self, array, name: str, stream: int):
         module = type(array).__module__
@@ -197,19 +208,13 @@ class CudaBackend:
 
     def _device_index(self, array, name: str, dtype: str, length: int | None, stream: int):
         """``(ptr, length, keepalive)`` of a 1-D device index array of ``dtype``."""
-        view = describe(array, name)
-        if view.device != self.device_id:
-            raise ShapeError(f"{name} is on cuda:{view.device} but the cache is on "
-                             f"{self.device}")
+        view = self._on_device(array, name)
         if view.dtype != dtype or len(view.shape) != 1 or (
                 length is not None and view.shape[0] != length):
             want = f"[{length}]" if length is not None else "1-D"
             raise ShapeError(f"a device {name} must be {dtype} {want}, got {view.dtype} "
                              f"{view.shape}")
-        _check_aligned(view, name)
-        if view.strides[0] != 1 and view.shape[0] > 1:
-            array = self._contiguous(array, name, stream)
-            view = describe(array, name)
+        array, view = self._last_axis_contiguous(array, view, name, stream)
         return view.ptr, view.shape[0], array
 
     def is_device_array(self, array) -> bool:
@@ -316,9 +321,7 @@ class CudaBackend:
         return out
 
     def _out_array(self, array, name: str, rows: int | None):
-        view = describe(array, name)
-        if view.device != self.device_id:
-            raise ShapeError(f"{name} must be on {self.device}, got device {view.device}")
+        view = self._on_device(array, name)
         check_kv_shape(view.shape, self.config, name)
         if rows is not None and view.shape[0] < rows:
             raise ShapeError(f"{name} has {view.shape[0]} rows, the batch holds {rows} tokens")
