@@ -1,5 +1,6 @@
-"""``python -m kvcore`` is the ``kvcore`` command."""
+"""``python -m kvcore`` is the ``kvcore`` command (see :mod:`kvcore.cli`)."""
 
 from kvcore.cli import main
 
-raise SystemExit(main())
+if __name__ == "__main__":
+    raise SystemExit(main())

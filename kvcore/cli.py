@@ -1,71 +1,247 @@
-"""The ``kvcore`` command: ``simulate`` (the main job), ``bench`` and ``info``."""
+"""The ``kvcore`` command: ``simulate`` (the main job), ``bench`` and ``info``.
+
+Bad input never gets a traceback: every invalid value or combination (including a pool
+that would not fit in memory, a run that could never finish, and an output path that
+cannot be written) is reported before the run as one line,
+``kvcore COMMAND: error: ...``, with exit status 2.
+"""
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
+import os
+import re
 import sys
+import tempfile
 from dataclasses import asdict, fields
 from pathlib import Path
 
+from kvcore.simulate import MAX_SAMPLES
+
 __all__ = ["main"]
+
+#: Help of each ``kvcore simulate`` option (a SimConfig field), with units.
+SIMULATE_HELP = {
+    "requests": "requests to simulate",
+    "layers": "model layers (each has its own K and V pool)",
+    "heads": "KV heads per layer",
+    "head_dim": "elements per head",
+    "page_size": "tokens per page",
+    "pages": "pages in the pool; a page holds --page-size tokens of every layer, K and V",
+    "dtype": "element type of the pool",
+    "layout": "pool layout: NHD = [page, token, head, dim], HND = [page, head, token, dim]",
+    "arrival_rate": "mean request arrivals per step (Poisson; 0.5 = one every 2 steps on "
+                    "average); stretches with nothing to run are skipped, not stepped "
+                    "through",
+    "seed": "random seed: the same seed gives the same workload and integrity figures",
+    "device": "auto (CUDA when CuPy sees a GPU, else cpu), cpu, cuda or cuda:N",
+    "max_running": "sequence slots: most sequences decoding at once; a request with N "
+                   f"samples takes N, so this must be >= {MAX_SAMPLES} unless "
+                   "--multi-sample-share is 0",
+    "max_step_tokens": "token budget per step: prompt (prefill) tokens plus one per "
+                       "decoding sequence; must be >= --system-prompt-len + --max-prompt-len",
+    "prompt_median": "median prompt length in tokens (lognormal, clipped to "
+                     "--max-prompt-len; a system prompt comes on top)",
+    "output_median": "median output length per sample in tokens (lognormal, clipped to "
+                     "--max-output-len)",
+    "max_prompt_len": "longest prompt in tokens, system prompt not included",
+    "max_output_len": "longest output per sample in tokens",
+    "system_prompts": "distinct common system prompts that requests may start with",
+    "system_prompt_len": "tokens of each system prompt",
+    "system_prompt_share": "fraction of requests (0 to 1) that start with a system prompt",
+    "multi_sample_share": f"fraction of requests (0 to 1) that ask for 2-{MAX_SAMPLES} "
+                          "samples (the prompt is prefilled once, then forked with "
+                          "copy-on-write)",
+    "prefix_cache": "reuse cached prompt pages across requests",
+    "verify_every": "steps between spot checks, which read back up to 4 live sequences; "
+                    "0 = no spot checks (finished samples are verified either way)",
+    "check_every": "steps between bookkeeping invariant checks; 0 = only at the end",
+}
+
+# formats matplotlib writes (used when matplotlib is missing, for the extension check)
+_PLOT_FORMATS = ("eps", "jpeg", "jpg", "pdf", "pgf", "png", "ps", "raw", "rgba", "svg",
+                 "svgz", "tif", "tiff", "webp")
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, with one-line errors that name the option (``PROG: error: ...``)."""
+
+    def error(self, message: str):
+        match = re.match(r"argument ([^:]+): (.*)$", message, re.DOTALL)
+        if match:
+            option, rest = match.group(1).split("/")[0], match.group(2)
+            message = f"{option} {rest}" if rest.startswith("must ") else f"{option}: {rest}"
+        if message.startswith(("unrecognized arguments", "the following arguments")):
+            message += f" (see '{self.prog} --help')"
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def _number(text: str, kind, what: str):
+    try:
+        value = kind(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be {what}, got {text!r}") from None
+    return value
+
+
+_INT_MAX = 2**63 - 1   # the workload is drawn with 64-bit NumPy integers
 
 
 def _positive_int(text: str) -> int:
-    value = int(text)
+    value = _number(text, int, "a positive integer")
     if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}")
+    if value > _INT_MAX:
+        raise argparse.ArgumentTypeError(f"must be at most 2**63 - 1, got {text!r}")
     return value
 
 
 def _non_negative_int(text: str) -> int:
-    value = int(text)
+    value = _number(text, int, "an integer >= 0")
     if value < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
+        raise argparse.ArgumentTypeError(f"must be an integer >= 0, got {text!r}")
+    if value > _INT_MAX:
+        raise argparse.ArgumentTypeError(f"must be at most 2**63 - 1, got {text!r}")
+    return value
+
+
+def _seed(text: str) -> int:   # NumPy takes seeds of any size
+    value = _number(text, int, "an integer >= 0")
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 0, got {text!r}")
     return value
 
 
 def _positive_float(text: str) -> float:
-    value = float(text)
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
+    value = _number(text, float, "a positive number")
+    if not (value > 0 and math.isfinite(value)):
+        raise argparse.ArgumentTypeError(f"must be a positive number, got {text!r}")
     return value
 
 
 def _share(text: str) -> float:
-    value = float(text)
+    value = _number(text, float, "a number from 0 to 1")
     if not 0.0 <= value <= 1.0:
-        raise argparse.ArgumentTypeError(f"must be in [0, 1], got {text}")
+        raise argparse.ArgumentTypeError(f"must be a number from 0 to 1, got {text!r}")
     return value
+
+
+def _one_of(*choices: str):
+    def parse(text: str) -> str:
+        if text not in choices:
+            raise argparse.ArgumentTypeError(f"must be one of {', '.join(choices)}, got "
+                                             f"{text!r}")
+        return text
+    return parse
+
+
+def _device(text: str) -> str:
+    if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", text.strip().lower()):
+        raise argparse.ArgumentTypeError(f"must be auto, cpu, cuda or cuda:N, got {text!r}")
+    return text
 
 
 def _add_simulate(sub) -> None:
     from kvcore.simulate import SimConfig
 
     defaults = SimConfig()
-    p = sub.add_parser("simulate", help="run a continuous-batching workload and verify it",
-                       description="Drive a KVCache the way a continuous-batching scheduler "
-                       "does and verify every byte it wrote.")
+    p = sub.add_parser(
+        "simulate", help="run a continuous-batching workload and verify it",
+        description="Drive a KVCache the way a continuous-batching scheduler does and "
+        "verify every byte it wrote. A step is one scheduler iteration: admit waiting "
+        "requests (prefill), then decode one token for every running sequence. Invalid "
+        "options, and configs that could not be allocated or would never finish, are "
+        "rejected before the run (exit status 2); the run exits 1 if verification finds "
+        "a mismatch or an invariant failure.")
     types = {int: _positive_int, float: _positive_float, str: str}
     special = {"system_prompt_share": _share, "multi_sample_share": _share,
                "verify_every": _non_negative_int, "check_every": _non_negative_int,
-               "seed": _non_negative_int, "system_prompts": _non_negative_int,
-               "system_prompt_len": _non_negative_int}
-    choices = {"dtype": ["float16", "bfloat16", "float32"], "layout": ["NHD", "HND"]}
+               "seed": _seed, "system_prompts": _non_negative_int,
+               "system_prompt_len": _non_negative_int,
+               "dtype": _one_of("float16", "bfloat16", "float32"),
+               "layout": _one_of("NHD", "HND"), "device": _device}
+    metavars = {"dtype": "{float16,bfloat16,float32}", "layout": "{NHD,HND}",
+                "device": "DEVICE", "arrival_rate": "RATE", "system_prompt_share": "FRACTION",
+                "multi_sample_share": "FRACTION", "verify_every": "STEPS",
+                "check_every": "STEPS"}
     for f in fields(SimConfig):
         default = getattr(defaults, f.name)
+        text = SIMULATE_HELP[f.name] + " (default: %(default)s)"
         if isinstance(default, bool):
             p.add_argument("--" + f.name.replace("_", "-"), dest=f.name, default=default,
-                           action=argparse.BooleanOptionalAction, help=f"(default: {default})")
+                           action=argparse.BooleanOptionalAction, help=text)
             continue
         p.add_argument("--" + f.name.replace("_", "-"), dest=f.name, default=default,
                        type=special.get(f.name, types[type(default)]),
-                       choices=choices.get(f.name), help=f"(default: {default})")
-    p.add_argument("--json", type=Path, help="write the summary (and timeline) as JSON")
-    p.add_argument("--plot", type=Path, help="draw pages in use and running requests "
-                   "over time (needs matplotlib: pip install 'kvcore[plot]')")
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
+                       metavar=metavars.get(f.name, "N"), help=text)
+    p.add_argument("--json", type=Path, metavar="PATH",
+                   help="write the summary (and the per-step timeline) as JSON to PATH "
+                   "(parent folders are created); '-' writes it to stdout, and the human "
+                   "summary then goes to stderr")
+    p.add_argument("--plot", type=Path, metavar="PATH",
+                   help="draw pages in use, running requests and the prefix hit rate over "
+                   "time; the format follows PATH's extension (.png, .pdf, .svg, ...); needs "
+                   "matplotlib: pip install 'kvcore[plot]'")
+    p.add_argument("--quiet", action="store_true",
+                   help="no progress bar (it is drawn on stderr only when that is a terminal)")
     p.add_argument("--corrupt-at-step", type=int, default=None, help=argparse.SUPPRESS)
+
+
+def _writable(path: Path, option: str) -> str | None:
+    """Why ``path`` cannot be written (a one-line message), or None if it can."""
+    try:
+        if path.is_dir():
+            return f"{option} {path}: is a directory"
+        if path.exists():
+            with open(path, "ab"):   # neither truncates nor changes it
+                pass
+            return None
+        folder = path.parent
+        while not folder.exists():
+            folder = folder.parent
+        if not folder.is_dir():
+            return f"{option} {path}: {folder} is not a directory"
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as exc:
+        return f"{option} {path}: cannot write there ({exc.strerror or exc})"
+    return None
+
+
+def _plot_formats() -> tuple[list[str], bool]:
+    """The formats --plot can write, and whether matplotlib imports."""
+    try:
+        from matplotlib.backend_bases import FigureCanvasBase
+    except ImportError:
+        return list(_PLOT_FORMATS), False
+    return sorted(FigureCanvasBase.get_supported_filetypes()), True
+
+
+def _check_outputs(args) -> str | None:
+    """Why --json / --plot cannot be written, checked before the run; or None."""
+    if args.json is not None and str(args.json) != "-":
+        problem = _writable(args.json, "--json")
+        if problem:
+            return problem
+    if args.plot is not None:
+        if str(args.plot) == "-":
+            return "--plot needs a file name (it cannot write to stdout)"
+        formats, have_matplotlib = _plot_formats()
+        suffix = args.plot.suffix.lower().lstrip(".")
+        if suffix not in formats:
+            what = f"unsupported format '.{suffix}'" if suffix else "no file extension"
+            return (f"--plot {args.plot}: {what}; use one of "
+                    f"{', '.join('.' + f for f in formats)}")
+        if not have_matplotlib:
+            return "--plot needs matplotlib: pip install 'kvcore[plot]'"
+        if args.json is not None and args.plot.resolve() == args.json.resolve():
+            return f"--json and --plot both name {args.plot}"
+        problem = _writable(args.plot, "--plot")
+        if problem:
+            return problem
+    return None
 
 
 def _progress_printer(stream):
@@ -82,11 +258,14 @@ def _summary_rows(result) -> list[tuple[str, str]]:
     hit = ("off" if result.prefix_hit_rate is None else
            f"{100 * result.prefix_hit_rate:.1f}% ({result.prefix_hit_tokens:,} tokens, "
            f"{result.prefix_evictions:,} pages evicted)")
+    steps = f"{result.steps:,}"
+    if result.idle_steps:
+        steps += f" ({result.idle_steps:,} idle, skipped)"
     return [
         ("device", result.device),
         ("requests", f"{result.requests_done:,} ({result.samples_done:,} samples)"),
         ("tokens written", f"{result.tokens_written:,}"),
-        ("steps", f"{result.steps:,}"),
+        ("steps", steps),
         ("steps/s", f"{result.steps_per_s:,.1f}"),
         ("host bookkeeping us/step p50 / p99",
          f"{result.host_us_p50:,.1f} / {result.host_us_p99:,.1f}"),
@@ -102,14 +281,25 @@ def _summary_rows(result) -> list[tuple[str, str]]:
     ]
 
 
-def _plot(result, path: Path) -> None:
-    try:
-        import matplotlib
+def _integrity_line(result) -> str:
+    """What verification counted: a read-back compares a whole sequence with what was
+    written (every finished sample, plus live ones at spot checks), so a token counts at
+    every read-back that covers it: a prompt shared by samples or by a prefix hit is
+    written once but read back in every sequence, and spot-checked sequences again."""
+    at_finish = result.sequences_verified - result.spot_checks
+    return (f"integrity: {result.sequences_verified:,} sequence read-backs ({at_finish:,} "
+            f"finished samples + {result.spot_checks:,} spot checks of live ones), "
+            f"{result.tokens_verified:,} tokens compared (per read-back: shared prompts and "
+            f"spot-checked tokens count again), {result.mismatches:,} mismatches, "
+            f"{result.invariant_failures} invariant failures")
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        raise SystemExit("--plot needs matplotlib: pip install 'kvcore[plot]'") from None
+
+def _plot(result, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
     t = result.timeline
     fig, (top, middle, bottom) = plt.subplots(3, 1, sharex=True, figsize=(9, 7))
     top.plot(t["step"], t["pages_used"], lw=1)
@@ -124,13 +314,22 @@ def _plot(result, path: Path) -> None:
     bottom.set_xlabel("step")
     fig.suptitle(f"kvcore simulate: {result.requests_done} requests on {result.device}")
     fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=100)
+
+
+def _error(command: str, message: str) -> int:
+    print(f"kvcore {command}: error: {message}", file=sys.stderr)
+    return 2
 
 
 def _run_simulate(args) -> int:
     from kvcore.errors import BackendUnavailableError
     from kvcore.simulate import ConfigurationError, SimConfig, Simulator
 
+    problem = _check_outputs(args)
+    if problem:
+        return _error("simulate", problem)
     config = SimConfig(**{f.name: getattr(args, f.name) for f in fields(SimConfig)})
     on_step = None
     if args.corrupt_at_step is not None:   # test hook: flip a live page behind kvcore's back
@@ -142,25 +341,46 @@ def _run_simulate(args) -> int:
                     sim.cache.k_cache(0)[page] = sim.cache.k_cache(0)[page] + 1
     try:
         sim = Simulator(config, on_step=on_step)
-    except (ConfigurationError, BackendUnavailableError, ValueError) as exc:
-        print(f"kvcore simulate: error: {exc}", file=sys.stderr)
-        return 2
+    except (ConfigurationError, BackendUnavailableError, ValueError, OverflowError) as exc:
+        return _error("simulate", str(exc))
+    except MemoryError:
+        return _error("simulate", "out of memory allocating the simulation; lower --pages, "
+                      "--layers, --heads, --head-dim or --requests")
+    json_to_stdout = args.json is not None and str(args.json) == "-"
+    table = sys.stderr if json_to_stdout else sys.stdout
     show = None if args.quiet or not sys.stderr.isatty() else _progress_printer(sys.stderr)
-    result = sim.run(progress=show)
-    if show is not None:
-        sys.stderr.write("\n")
+    try:
+        result = sim.run(progress=show)
+    except ConfigurationError as exc:   # a run that would never finish (checked up front)
+        return _error("simulate", str(exc))
+    except MemoryError:
+        return _error("simulate", "out of memory during the run; lower --max-step-tokens, "
+                      "--heads, --head-dim or --requests")
+    finally:
+        if show is not None:
+            sys.stderr.write("\n")
     for name, value in _summary_rows(result):
-        print(f"{name:<38} {value}")
-    print(f"integrity: {result.sequences_verified:,} sequences, {result.tokens_verified:,} "
-          f"tokens verified, {result.mismatches:,} mismatches, "
-          f"{result.invariant_failures} invariant failures")
-    if args.json:
+        print(f"{name:<38} {value}", file=table)
+    print(_integrity_line(result), file=table)
+    if args.json is not None:
         payload = asdict(result)
         payload["ok"] = result.ok
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(payload, indent=1) + "\n")
-    if args.plot:
-        _plot(result, args.plot)
+        text = json.dumps(payload, indent=1) + "\n"
+        if json_to_stdout:
+            sys.stdout.write(text)
+            sys.stdout.flush()
+        else:
+            try:
+                args.json.parent.mkdir(parents=True, exist_ok=True)
+                args.json.write_text(text)
+            except OSError as exc:
+                return _error("simulate", f"--json {args.json}: cannot write there "
+                              f"({exc.strerror or exc})")
+    if args.plot is not None:
+        try:
+            _plot(result, args.plot)
+        except (OSError, ValueError) as exc:
+            return _error("simulate", f"--plot {args.plot}: could not draw the plot ({exc})")
     return 0 if result.ok else 1
 
 
@@ -168,8 +388,13 @@ def _run_bench(args) -> int:
     from kvcore.backends import cuda_available
     from kvcore.bench import host
 
-    argv = ["--quick"] if args.quick else []
     out_dir = args.out_dir
+    if out_dir is not None:
+        for name in ("cpu.json", "gpu.json"):
+            problem = _writable(out_dir / name, "--out-dir")
+            if problem:
+                return _error("bench", problem)
+    argv = ["--quick"] if args.quick else []
     code = host.main(argv + (["--out", str(out_dir / "cpu.json")] if out_dir else []))
     if cuda_available():
         from kvcore.bench import device
@@ -215,17 +440,36 @@ def _run_info(args) -> int:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="kvcore", description="kvcore: a paged KV-cache "
-                                     "manager for LLM serving.")
-    sub = parser.add_subparsers(dest="command", required=True)
+    import kvcore
+
+    parser = _Parser(prog="kvcore", description="kvcore: a paged KV-cache manager for LLM "
+                     "serving.")
+    parser.add_argument("--version", action="version", version=f"kvcore {kvcore.__version__}",
+                        help="print 'kvcore VERSION' and exit")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _add_simulate(sub)
-    bench = sub.add_parser("bench", help="host benchmark, plus the device one with a GPU")
+    bench = sub.add_parser("bench", help="host benchmark, plus the device one with a GPU",
+                           description="Run the host benchmark, and the device one when a "
+                           "CUDA device is present.")
     bench.add_argument("--quick", action="store_true", help="fewer repeats")
-    bench.add_argument("--out-dir", type=Path, help="write cpu.json / gpu.json here")
-    sub.add_parser("info", help="version, build, backend and device")
-    args = parser.parse_args(argv)
+    bench.add_argument("--out-dir", type=Path, metavar="DIR",
+                       help="write cpu.json / gpu.json here (created if needed)")
+    sub.add_parser("info", help="version, build, backend and device",
+                   description="Print the version, how the extension was built, and the "
+                   "backend and device kvcore finds.")
+    args, extra = parser.parse_known_args(argv)
+    if extra:   # name the subcommand whose options these are not
+        sub.choices[args.command].error(f"unrecognized arguments: {' '.join(extra)}")
     handler = {"simulate": _run_simulate, "bench": _run_bench, "info": _run_info}
-    return handler[args.command](args)
+    try:
+        return handler[args.command](args)
+    except KeyboardInterrupt:
+        print(f"\nkvcore {args.command}: interrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:   # e.g. `kvcore simulate --json - | head`: stop quietly
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 1
 
 
 if __name__ == "__main__":

@@ -4,7 +4,8 @@ The simulator plays the scheduler of an LLM server, step by step:
 
 - requests arrive over time (Poisson), with long-tailed (lognormal) prompt and output
   lengths; a share starts with one of a few common system prompts, and a share asks for
-  several samples (the prompt is prefilled once, then forked: copy-on-write);
+  several samples (the prompt is prefilled once, then forked: copy-on-write); stretches
+  with nothing to run are skipped to the next arrival;
 - a request is admitted only when its prompt fits in the free pages (``pages_needed``
   logic) and the step's token budget; when decoding runs out of pages the newest
   request is preempted (its sequences removed, the request requeued to recompute);
@@ -15,23 +16,33 @@ The simulator plays the scheduler of an LLM server, step by step:
   still live at the end are gathered and compared with the recomputed content; the
   bookkeeping invariants are checked as it goes.
 
-Any mismatch or invariant failure is counted and makes the CLI exit non-zero.
+Any mismatch or invariant failure is counted and makes the CLI exit non-zero. A config
+that could not be allocated or would never finish (a request that cannot be admitted, or
+does not fit the pool even alone) raises :class:`ConfigurationError` before the pool is
+allocated.
 """
 
 from __future__ import annotations
 
+import os
+import re
 import time
 from collections import deque
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
-from kvcore.backends.numpy_ref import storage_dtype
 from kvcore.cache import KVCache
-from kvcore.config import KVCacheConfig
+from kvcore.config import DTYPES, KVCacheConfig
 from kvcore.errors import KVCoreError
 
-__all__ = ["SimConfig", "SimResult", "Simulator", "token_words"]
+__all__ = ["ConfigurationError", "SimConfig", "SimResult", "Simulator", "estimate_host_bytes",
+           "token_words"]
+
+#: Samples a multi-sample request asks for: 2 to MAX_SAMPLES (see ``multi_sample_share``).
+MAX_SAMPLES = 4
+_INT32_MAX = 2**31 - 1
+_DEVICE = re.compile(r"^(auto|cpu|cuda(:\d+)?)$")
 
 _MASK64 = np.uint64(0xFFFFFFFFFFFFFFFF)
 
@@ -109,6 +120,10 @@ class SimConfig:
     def max_request_tokens(self) -> int:
         return self.system_prompt_len + self.max_prompt_len + self.max_output_len
 
+    def max_samples(self) -> int:
+        """The most samples one request can ask for (each is a sequence of its own)."""
+        return MAX_SAMPLES if self.multi_sample_share > 0 else 1
+
 
 @dataclass
 class _Request:
@@ -148,11 +163,16 @@ class SimResult:
     prefix_evictions: int = 0
     cow_copies: int = 0
     preemptions: int = 0
+    idle_steps: int = 0               # steps with nothing to run, skipped (in ``steps``)
+    # read-backs: every finished sample, plus live sequences at spot checks (whose tokens
+    # are read again when they finish); a token counts once per read-back that covers it
     sequences_verified: int = 0
     tokens_verified: int = 0
+    spot_checks: int = 0              # the read-backs of live sequences among the above
+    spot_check_tokens: int = 0
     mismatches: int = 0
     invariant_failures: int = 0
-    timeline: dict = field(default_factory=dict)
+    timeline: dict = field(default_factory=dict)   # one entry per step run (not skipped)
 
     @property
     def ok(self) -> bool:
@@ -160,7 +180,147 @@ class SimResult:
 
 
 class ConfigurationError(ValueError):
-    """A simulation that cannot run as configured (e.g. a request longer than the pool)."""
+    """A simulation that cannot run as configured (e.g. a request longer than the pool).
+
+    Messages name the ``kvcore simulate`` options (``--pages``) to change.
+    """
+
+
+def _fmt_bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB", "PiB"):
+        if n < 1024 or unit == "PiB":
+            return f"{n:,.0f} {unit}" if unit == "B" else f"{n:,.1f} {unit}"
+        n /= 1024
+    raise AssertionError   # pragma: no cover
+
+
+def _available_memory() -> int | None:
+    """Bytes this process can still allocate: MemAvailable, capped by a cgroup limit."""
+    available = None
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    available = int(line.split()[1]) * 1024
+                    break
+    except (OSError, ValueError):
+        pass
+    if available is None:
+        try:
+            available = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+        except (AttributeError, OSError, ValueError):
+            return None
+    for limit_path, usage_path in (
+            ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory.current"),
+            ("/sys/fs/cgroup/memory/memory.limit_in_bytes",
+             "/sys/fs/cgroup/memory/memory.usage_in_bytes")):
+        try:
+            with open(limit_path) as f:
+                limit = f.read().strip()
+            with open(usage_path) as f:
+                usage = int(f.read().strip())
+        except (OSError, ValueError):
+            continue
+        if limit.isdigit() and int(limit) < 2**60:
+            available = min(available, max(int(limit) - usage, 0))
+        break
+    return available
+
+
+def _pool_on_host(device: str) -> bool:
+    name = device.strip().lower()
+    if name == "auto":
+        from kvcore.backends import cuda_available
+
+        return not cuda_available()
+    return name == "cpu"
+
+
+def estimate_host_bytes(config: SimConfig, pool_on_host: bool = True) -> dict[str, int]:
+    """Rough host memory of a run, by part, from the config alone (nothing allocated).
+
+    The KV pool (when it lives on the host), the page table and prefix index, the
+    buffers of one step (content is generated as 64-bit words, then compared) and the
+    request list.
+    """
+    itemsize = DTYPES.get(config.dtype, 4)
+    lanes = config.heads * config.head_dim
+    ps = config.page_size
+    need_pages = -(-config.max_request_tokens() // ps)
+    prefill = min(config.max_step_tokens,   # admission takes at most max_running prompts
+                  config.max_running * (config.system_prompt_len + config.max_prompt_len))
+    step_tokens = max(prefill + config.max_running, config.max_request_tokens())
+    per_page = 16 + (4 * ps + 48 if config.prefix_cache else 0)
+    return {
+        "KV pool": (2 * config.layers * config.pages * ps * lanes * itemsize
+                    if pool_on_host else 0),
+        "page table": 4 * config.max_running * need_pages + per_page * config.pages,
+        "per-step buffers": step_tokens * lanes * (32 + 4 * itemsize),
+        "requests": 1024 * config.requests,
+    }
+
+
+_LOWER = {"KV pool": "--pages, --page-size, --layers, --heads or --head-dim",
+          "page table": "--max-running, --max-prompt-len or --max-output-len",
+          "per-step buffers": "--max-step-tokens, --max-prompt-len, --heads or --head-dim",
+          "requests": "--requests"}
+
+
+def _check_config(cfg: SimConfig) -> None:
+    """Reject, before anything is allocated, a config that cannot run or never ends."""
+    ps = cfg.page_size
+    need_pages = -(-cfg.max_request_tokens() // ps)
+    if need_pages > cfg.pages:
+        raise ConfigurationError(
+            f"a request of up to {cfg.max_request_tokens()} tokens (system prompt "
+            f"{cfg.system_prompt_len} + prompt {cfg.max_prompt_len} + output "
+            f"{cfg.max_output_len}) needs {need_pages} pages of {ps} tokens, but the "
+            f"pool has {cfg.pages}; raise --pages or lower --max-prompt-len / "
+            f"--max-output-len / --system-prompt-len")
+    if cfg.max_step_tokens < cfg.system_prompt_len + cfg.max_prompt_len:
+        raise ConfigurationError(
+            f"--max-step-tokens {cfg.max_step_tokens} is below the longest prompt "
+            f"({cfg.system_prompt_len + cfg.max_prompt_len} tokens), which could "
+            f"then never be admitted")
+    if cfg.pages > _INT32_MAX:
+        raise ConfigurationError(f"--pages {cfg.pages:,} is too many: a pool holds fewer "
+                                 f"than 2**31 pages")
+    if cfg.max_running > _INT32_MAX:
+        raise ConfigurationError(f"--max-running {cfg.max_running:,} is too many: at most "
+                                 f"2**31 - 1 sequences")
+    if need_pages * ps > _INT32_MAX:
+        raise ConfigurationError(
+            f"a request of up to {cfg.max_request_tokens():,} tokens is longer than a "
+            f"sequence can be (2**31 - 1 tokens); lower --max-prompt-len / --max-output-len "
+            f"/ --system-prompt-len")
+    if cfg.max_running < cfg.max_samples():
+        raise ConfigurationError(
+            f"--max-running {cfg.max_running} is below the {cfg.max_samples()} samples a "
+            f"request can ask for (with --multi-sample-share {cfg.multi_sample_share}, "
+            f"requests ask for 2-{MAX_SAMPLES} samples, one sequence each), so such a "
+            f"request could never be admitted; raise --max-running to at least "
+            f"{cfg.max_samples()} or set --multi-sample-share 0")
+    if cfg.system_prompt_share > 0 and cfg.system_prompts < 1:
+        raise ConfigurationError(
+            f"--system-prompt-share {cfg.system_prompt_share} needs at least one system "
+            f"prompt; raise --system-prompts or set --system-prompt-share 0")
+    if not isinstance(cfg.device, str) or not _DEVICE.match(cfg.device.strip().lower()):
+        raise ConfigurationError(f"--device must be auto, cpu, cuda or cuda:N, got "
+                                 f"{cfg.device!r}")
+    parts = estimate_host_bytes(cfg, _pool_on_host(cfg.device))
+    available = _available_memory()
+    if available is not None and sum(parts.values()) > available:
+        biggest = max(parts, key=parts.get)
+        detail = ", ".join(f"{name} {_fmt_bytes(n)}" for name, n in parts.items() if n)
+        raise ConfigurationError(
+            f"this run needs about {_fmt_bytes(sum(parts.values()))} of host memory "
+            f"({detail}), but only {_fmt_bytes(available)} is available; lower "
+            f"{_LOWER[biggest]}")
+
+
+def _is_out_of_memory(exc: BaseException) -> bool:
+    """MemoryError, or a GPU framework's out-of-memory error (not all derive from it)."""
+    return isinstance(exc, MemoryError) or "OutOfMemory" in type(exc).__name__
 
 
 class Simulator:
@@ -171,37 +331,46 @@ class Simulator:
     config : SimConfig
     on_step : callable, optional
         ``on_step(simulator, step)`` after each step; tests use it to tamper with the pool.
+
+    Raises
+    ------
+    ConfigurationError
+        A run that cannot be allocated, or could never finish (a request that does not
+        fit the pool, even alone, or cannot be admitted); checked before the pool is
+        allocated.
     """
 
     def __init__(self, config: SimConfig, on_step=None):
         self.cfg = config
         ps = config.page_size
+        _check_config(config)
         need_pages = -(-config.max_request_tokens() // ps)
-        if need_pages > config.pages:
-            raise ConfigurationError(
-                f"a request of up to {config.max_request_tokens()} tokens (system prompt "
-                f"{config.system_prompt_len} + prompt {config.max_prompt_len} + output "
-                f"{config.max_output_len}) needs {need_pages} pages of {ps} tokens, but the "
-                f"pool has {config.pages}; raise --pages or lower --max-prompt-len / "
-                f"--max-output-len")
-        if config.max_step_tokens < config.system_prompt_len + config.max_prompt_len:
-            raise ConfigurationError(
-                f"--max-step-tokens {config.max_step_tokens} is below the longest prompt "
-                f"({config.system_prompt_len + config.max_prompt_len} tokens), which could "
-                f"then never be admitted")
+        self.on_step = on_step
+        self.rng = np.random.default_rng(config.seed)
+        self._watermark = max(1, config.pages // 100)
+        try:
+            self.requests = self._make_requests()
+        except MemoryError as exc:
+            raise ConfigurationError(f"out of memory generating {config.requests:,} "
+                                     f"requests; lower --requests") from exc
+        self._check_workload()
         kv_config = KVCacheConfig(
             num_layers=config.layers, num_kv_heads=config.heads, head_dim=config.head_dim,
             page_size=ps, num_pages=config.pages, dtype=config.dtype, layout=config.layout,
             max_seqs=config.max_running, max_pages_per_seq=need_pages,
             enable_prefix_cache=config.prefix_cache)
-        self.cache = KVCache(kv_config, device=config.device)
-        self.on_step = on_step
-        self.rng = np.random.default_rng(config.seed)
+        try:
+            self.cache = KVCache(kv_config, device=config.device)
+        except Exception as exc:
+            if not _is_out_of_memory(exc):
+                raise
+            raise ConfigurationError(
+                f"could not allocate the KV pool ({_fmt_bytes(kv_config.total_bytes)} for "
+                f"{config.pages:,} pages) on {config.device}: out of memory; lower --pages, "
+                f"--layers, --heads or --head-dim") from exc
         self._itemsize = kv_config.itemsize
         self._words = np.uint16 if self._itemsize == 2 else np.uint32
-        self._storage = storage_dtype(kv_config.dtype)   # words viewed as the pool's dtype
-        self._watermark = max(1, config.pages // 100)
-        self.requests = self._make_requests()
+        self._storage = kv_config.storage_dtype   # words viewed as the pool's dtype
         self.result = SimResult(config=asdict(config), device=self.cache.device,
                                 pool_pages=config.pages)
 
@@ -214,7 +383,13 @@ class Simulator:
     def _make_requests(self) -> list[_Request]:
         cfg = self.cfg
         n = cfg.requests
-        arrivals = np.cumsum(self.rng.exponential(1.0 / cfg.arrival_rate, size=n)).astype(int)
+        arrivals = np.cumsum(self.rng.exponential(1.0 / cfg.arrival_rate, size=n))
+        if n and not arrivals[-1] < 2**53:   # also catches inf
+            raise ConfigurationError(
+                f"--arrival-rate {cfg.arrival_rate:g} requests per step is too low: the last "
+                f"of {n:,} requests would arrive after about {arrivals[-1]:.3g} steps "
+                f"(more than 2**53)")
+        arrivals = arrivals.astype(int)
         prompts = self._lognormal(cfg.prompt_median, 0.9, n, cfg.max_prompt_len)
         system = np.where(self.rng.random(n) < cfg.system_prompt_share,
                           self.rng.integers(0, max(cfg.system_prompts, 1), size=n), -1)
@@ -228,6 +403,34 @@ class Simulator:
             requests.append(_Request(i, int(arrivals[i]), int(prompts[i]) + sys_len, outputs,
                                      int(system[i])))
         return requests
+
+    def _check_workload(self) -> None:
+        """Every request must be admissible into an empty pool and finish there alone:
+        otherwise the run would loop forever (admitting it, or preempting it, again)."""
+        cfg, ps = self.cfg, self.cfg.page_size
+        for request in self.requests:
+            prompt, samples = request.prompt_len, len(request.output_lens)
+            prompt_pages = -(-prompt // ps)
+            admit = prompt_pages + self._watermark + samples
+            if admit > cfg.pages:
+                raise ConfigurationError(
+                    f"request {request.request_id} ({prompt:,}-token prompt, {samples} "
+                    f"sample(s)) could never be admitted: its prompt takes {prompt_pages:,} "
+                    f"pages of {ps} tokens and admission keeps {self._watermark:,} pages "
+                    f"free plus one per sample ({admit:,} in all), but the pool has "
+                    f"{cfg.pages:,}; raise --pages or lower --max-prompt-len")
+            # pages once ``t`` tokens are generated: the prompt's full pages are shared,
+            # each live sample has its own copy of the partial one plus its output
+            peak = max(prompt // ps + sum(1 for o in request.output_lens if o >= t)
+                       * (-(-(prompt % ps + t) // ps)) for t in set(request.output_lens))
+            if peak > cfg.pages:
+                raise ConfigurationError(
+                    f"request {request.request_id} ({prompt:,}-token prompt, {samples} "
+                    f"sample(s) of up to {max(request.output_lens):,} output tokens) needs "
+                    f"{peak:,} pages of {ps} tokens at its peak even when running alone, "
+                    f"but the pool has {cfg.pages:,}, so it could never finish; raise "
+                    f"--pages, or lower --max-output-len / --max-prompt-len / "
+                    f"--multi-sample-share")
 
     def _keys(self, request: _Request, sample: int, positions: np.ndarray):
         """Content keys of ``positions`` of one sample.
@@ -280,7 +483,7 @@ class Simulator:
             k = self._content(keys, layer, 0).view(self._storage)
             v = self._content(keys, layer, 1).view(self._storage)
             if on_device:   # stands in for the model producing K/V on the device
-                k, v = self.cache.backend.from_host(k), self.cache.backend.from_host(v)
+                k, v = self.cache.from_host(k), self.cache.from_host(v)
             t0 = time.perf_counter_ns()
             self.cache.write(layer, k, v, slot_mapping)
             self._device_ns += time.perf_counter_ns() - t0
@@ -343,6 +546,10 @@ class Simulator:
 
     def _preempt_newest(self, running: list, waiting: deque) -> None:
         victim = max(running, key=lambda r: (r.admitted_step, r.request_id))
+        if len(running) == 1:   # it cannot go on even alone: it would be recomputed forever
+            raise ConfigurationError(
+                f"request {victim.request_id} does not fit the pool of {self.cfg.pages:,} "
+                f"pages even when running alone; raise --pages")
         running.remove(victim)
         for seq in victim.seq_ids:
             if seq >= 0:
@@ -398,7 +605,7 @@ class Simulator:
 
     # -- verification ----------------------------------------------------------------------
 
-    def _verify(self, request: _Request, sample: int) -> None:
+    def _verify(self, request: _Request, sample: int, spot: bool = False) -> None:
         seq = request.seq_ids[sample]
         length = self.cache.num_tokens(seq)
         expected_len = request.prompt_len + request.generated[sample]
@@ -408,13 +615,16 @@ class Simulator:
         keys = self._keys(request, sample, np.arange(length))
         for layer in range(self.cfg.layers):
             k, v, _ = self.cache.gather(layer, [seq])
-            k, v = self.cache.backend.to_host(k), self.cache.backend.to_host(v)
+            k, v = self.cache.to_host(k), self.cache.to_host(v)
             for which, got in ((0, k), (1, v)):
                 want = self._content(keys, layer, which)
                 bad = ~(got.view(self._words) == want).reshape(length, -1).all(axis=1)
                 self.result.mismatches += int(bad.sum())
         self.result.sequences_verified += 1
         self.result.tokens_verified += length
+        if spot:
+            self.result.spot_checks += 1
+            self.result.spot_check_tokens += length
 
     def _spot_check(self, running: list) -> None:
         live = [(r, s) for r in running for s, seq in enumerate(r.seq_ids) if seq >= 0]
@@ -422,7 +632,7 @@ class Simulator:
             return
         picks = self.rng.choice(len(live), size=min(4, len(live)), replace=False)
         for i in picks:
-            self._verify(*live[i])
+            self._verify(*live[i], spot=True)
 
     def _check_invariants(self) -> None:
         try:
@@ -444,10 +654,18 @@ class Simulator:
         step = 0
         total = len(self.requests)
         while waiting or running:
+            if not running and waiting[0].arrival_step > step:
+                # nothing to run until the next arrival: skip there, nothing would change
+                res.idle_steps += waiting[0].arrival_step - step
+                step = waiting[0].arrival_step
             self._host_ns = self._device_ns = 0
             budget = cfg.max_step_tokens - sum(
                 len([s for s in r.seq_ids if s >= 0]) for r in running)
             self._admit(waiting, running, step, max(budget, 0))
+            if not running and waiting and waiting[0].arrival_step <= step:
+                raise ConfigurationError(   # the checks up front should make this unreachable
+                    f"request {waiting[0].request_id} cannot be admitted even into an empty "
+                    f"pool; raise --pages, --max-running or --max-step-tokens")
             self._decode(running, waiting)
             t0 = time.perf_counter_ns()
             self.cache.synchronize()
@@ -480,7 +698,7 @@ class Simulator:
         self._check_invariants()
         res.steps = step
         res.wall_s = time.perf_counter() - start
-        res.steps_per_s = step / res.wall_s if res.wall_s else 0.0
+        res.steps_per_s = (step - res.idle_steps) / res.wall_s if res.wall_s else 0.0
         if host_us:
             res.host_us_p50, res.host_us_p99 = (float(x) for x in np.percentile(host_us, [50, 99]))
             res.device_us_p50, res.device_us_p99 = (float(x) for x in

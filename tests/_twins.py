@@ -103,7 +103,7 @@ def run_random_ops(cpu, gpu, rng, steps=25):
                 k = random_kv(rng, cpu, slots.size)
                 v = random_kv(rng, cpu, slots.size)
                 cpu.write(layer, k, v, slots)
-                gpu.write(layer, gpu.backend.from_host(k), gpu.backend.from_host(v), slots)
+                gpu.write(layer, gpu.from_host(k), gpu.from_host(v), slots)
         if live and rng.random() < 0.3:
             layer = int(rng.integers(cpu.config.num_layers))
             k, v, indptr = cpu.gather(layer, live)

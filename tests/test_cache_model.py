@@ -88,7 +88,7 @@ class CacheMachine(RuleBasedStateMachine):
             self.tokens[seq].append(int(token))
 
     def _write(self, seqs, counts, slots):
-        from_host = self.cache.backend.from_host
+        from_host = self.cache.from_host
         rows = [(seq, pos) for seq, n in zip(seqs, counts, strict=True)
                 for pos in range(len(self.tokens[seq]) - n, len(self.tokens[seq]))]
         for layer in range(LAYERS):
@@ -181,7 +181,7 @@ class CacheMachine(RuleBasedStateMachine):
         dst = data.draw(st.lists(st.sampled_from(clean), min_size=n, max_size=n,
                                  unique=True))
         self.cache.copy_pages(src, dst)
-        kv = self.cache.backend.to_host(self.cache.kv)
+        kv = self.cache.to_host(self.cache.kv)
         for s, d in zip(src, dst, strict=True):
             assert np.array_equal(kv[:, :, d], kv[:, :, s])
 
@@ -199,7 +199,7 @@ class CacheMachine(RuleBasedStateMachine):
             return
         for layer in range(LAYERS):
             k, v, indptr = self.cache.gather(layer, live)
-            k, v = self.cache.backend.to_host(k), self.cache.backend.to_host(v)
+            k, v = self.cache.to_host(k), self.cache.to_host(v)
             for b, seq in enumerate(live):
                 assert indptr[b + 1] - indptr[b] == len(self.tokens[seq])
                 for i, digest in enumerate(self.digests[seq]):

@@ -19,7 +19,7 @@ def churn(device="cpu"):
     step = cache.append(seqs, [9 - cache.num_tokens(s) for s in seqs],
                         token_ids=np.tile(np.arange(1, 10), 4)[:sum(
                             9 - cache.num_tokens(s) for s in seqs)])
-    kv = cache.backend.from_host(np.ones((step.slot_mapping.size, 2, 16), dtype=np.float16))
+    kv = cache.from_host(np.ones((step.slot_mapping.size, 2, 16), dtype=np.float16))
     cache.write(0, kv, kv, step.slot_mapping)
     cache.gather(0, seqs)
     cache.fork(seqs[0])

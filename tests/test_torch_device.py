@@ -309,7 +309,7 @@ def test_a_dropped_cache_releases_its_pool(framework):
         cache = KVCache(config(num_pages=512, layers=4), device="cuda", framework=framework)
         seq = cache.add_sequence()
         step = cache.append([seq], [40])
-        k = cache.backend.from_host(random_kv(np.random.default_rng(0), cache, 40))
+        k = cache.from_host(random_kv(np.random.default_rng(0), cache, 40))
         cache.write(0, k, k, step.slot_mapping)
         meta = cache.step_metadata(max_tokens=64)
         meta.update([seq], step)
