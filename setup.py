@@ -49,7 +49,10 @@ extensions = [
         extra_compile_args=compile_args,
         extra_link_args=link_args,
     )
-    for name in ("kvcore._prefix", "kvcore._core", "kvcore._launch", "kvcore._step")
+    for name in (
+        "kvcore._args", "kvcore._allocator", "kvcore._prefix", "kvcore._core",
+        "kvcore._launch", "kvcore._step",
+    )
 ]
 
 setup(

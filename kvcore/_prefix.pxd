@@ -1,14 +1,22 @@
 # cython: language_level=3
-"""C-level declarations of the prefix-cache index (see _prefix.pyx for the invariants)."""
+"""C-level declarations of the prefix cache (see _prefix.pyx for the invariants).
+
+Two walls meet here. ``PrefixIndex`` is the hash index of full pages; its cdef methods
+are the doors ``PrefixCache`` uses. ``PrefixHooks`` is what the page table sees of the
+prefix cache: the cdef methods listed on it are the page table's only doors into any
+prefix-cache state. The base class is prefix caching switched off (every door a no-op),
+``PrefixCache`` the real one, so the page table never branches on whether caching is on.
+"""
 
 cimport cython
 from libc.stdint cimport int32_t, int64_t, uint8_t, uint32_t, uint64_t
 
-from kvcore._typedefs cimport page_id_t
+from kvcore._allocator cimport Evictor, PageAllocator
+from kvcore._typedefs cimport page_id_t, slot_t
 
 
 @cython.final
-cdef class PrefixIndex:
+cdef class PrefixIndex(Evictor):
     cdef int32_t _num_pages
     cdef int32_t _page_size
     cdef uint64_t _hash_mask          # all ones, or fewer bits for collision tests
@@ -29,8 +37,8 @@ cdef class PrefixIndex:
     cdef page_id_t* _ev_page
     cdef uint64_t* _ev_hash
     cdef int64_t _ev_capacity, _ev_start, _ev_count, _ev_dropped
-    # statistics
-    cdef int64_t _queries, _queried_tokens, _hit_tokens, _evictions, _stored
+    # statistics of the index itself (query statistics live in PrefixCache)
+    cdef int64_t _evictions, _stored
     cdef object _owners
 
     cdef uint64_t chain_hash(self, uint64_t parent_hash, int64_t namespace,
@@ -41,3 +49,64 @@ cdef class PrefixIndex:
                      int64_t namespace) noexcept nogil
     cdef void remove(self, page_id_t page) noexcept nogil
     cdef void _event(self, uint8_t kind, page_id_t page, uint64_t h) noexcept nogil
+
+    cdef inline int32_t size(self) noexcept nogil:
+        """Pages in the index."""
+        return self._num_indexed
+
+    cdef inline bint in_index(self, page_id_t page) noexcept nogil:
+        return self._in_index[page] != 0
+
+    cdef inline uint32_t gen_of(self, page_id_t page) noexcept nogil:
+        return self._gen[page]
+
+    cdef inline uint64_t hash_of(self, page_id_t page) noexcept nogil:
+        return self._page_hash[page]
+
+    cdef inline const int32_t* tokens_of(self, page_id_t page) noexcept nogil:
+        """The ``page_size`` recorded token ids of ``page``."""
+        return self._slot_tokens + <int64_t>page * self._page_size
+
+    cdef inline void record_token(self, slot_t slot, int32_t token) noexcept nogil:
+        self._slot_tokens[slot] = token
+
+    cdef inline int32_t token_at(self, slot_t slot) noexcept nogil:
+        return self._slot_tokens[slot]
+
+
+cdef class PrefixHooks:
+    """The page table's doors into the prefix cache; this base is caching switched off."""
+    cdef bint enabled(self) noexcept
+    cdef int64_t lookup(self, const int32_t* tokens, int64_t max_pages, int64_t namespace,
+                        page_id_t* hits) noexcept nogil
+    cdef void seq_started(self, int64_t seq_id, int64_t namespace, const page_id_t* hits,
+                          int64_t num_hits) noexcept nogil
+    cdef void count_query(self, int64_t num_tokens, int64_t num_hit_tokens) noexcept nogil
+    cdef void seq_forked(self, int64_t child, int64_t parent) noexcept nogil
+    cdef void page_copied(self, page_id_t src, page_id_t dst) noexcept nogil
+    cdef void appended(self, const int64_t* seq_ids, const int64_t* counts, Py_ssize_t batch,
+                       const slot_t* slots, const int32_t* tokens, const page_id_t* block_table,
+                       int64_t width, const int32_t* seq_lens) noexcept nogil
+    cdef void clear(self) noexcept nogil
+    cdef int32_t num_cached(self) noexcept nogil
+    cdef object stats(self)
+    cdef tuple take_events(self)
+    cdef int check(self) except -1
+    cdef int32_t slot_token(self, slot_t slot) noexcept nogil
+
+
+@cython.final
+cdef class PrefixCache(PrefixHooks):
+    cdef PrefixIndex _index
+    cdef PageAllocator _alloc
+    cdef int32_t _page_size
+    # per sequence [max_seqs]: the chain of its leading full pages
+    cdef int64_t* _seq_ns             # namespace of each sequence
+    cdef uint8_t* _chain_ok           # every token id so far is known
+    cdef int32_t* _num_chained        # leading full pages already registered
+    cdef page_id_t* _chain_page       # indexed page of the last registered one (-1: none)
+    cdef uint32_t* _chain_gen         # its generation then
+    cdef uint64_t* _chain_hash        # its chained hash (0 at the root)
+    # query statistics
+    cdef int64_t _queries, _queried_tokens, _hit_tokens
+    cdef object _owners

@@ -1,6 +1,12 @@
 # cython: language_level=3, boundscheck=False, wraparound=False, cdivision=True
 # cython: initializedcheck=False, embedsignature=True
-"""The prefix-cache index: which full pages hold which token chains.
+"""The prefix cache: which full pages hold which token chains, and every piece of
+prefix-cache state (index, per-sequence chains, statistics, events).
+
+``PrefixIndex`` is the index. ``PrefixCache`` owns one index plus the per-sequence chain
+state and the query statistics, and is the only prefix-cache object the page table
+holds, through the doors of ``PrefixHooks`` (declared in ``_prefix.pxd``). A table
+without prefix caching holds a plain ``PrefixHooks``, whose doors do nothing.
 
 A page's identity is its tokens, the page before it in the chain (by id *and*
 generation, so a reused page id never matches a stale child), and a namespace. The
@@ -21,17 +27,22 @@ Memory representation (all C arrays owned by NumPy arrays made at construction):
   there are no tombstones. Example with capacity 8: a page whose hash ends in 0b101
   lives at slot 5, or the first free slot after it (6, 7, 0, ...).
 
-Invariants (``check``): ``num_indexed`` pages have ``in_index`` set and each is found
-by probing from its home slot; the table holds exactly those pages, each once.
+Invariants (``PrefixIndex.check``): ``num_indexed`` pages have ``in_index`` set and each
+is found by probing from its home slot; the table holds exactly those pages, each once.
+``PrefixCache.check`` adds: a page is indexed if and only if the allocator marks it
+cached.
 """
 
 import numpy as np
 
 cimport numpy as cnp
+cimport cython
 from libc.stdint cimport int32_t, int64_t, uint8_t, uint32_t, uint64_t
-from libc.string cimport memcmp
+from libc.string cimport memcmp, memcpy
 
-from kvcore._typedefs cimport NO_PAGE, page_id_t
+from kvcore._allocator cimport Evictor, PageAllocator
+from kvcore._args cimport int_arg, page_arg, positive_int32
+from kvcore._typedefs cimport NO_PAGE, page_id_t, slot_t
 
 from kvcore.errors import KVCoreError
 
@@ -58,7 +69,8 @@ cdef inline uint64_t _mix(uint64_t x) noexcept nogil:
     return x
 
 
-cdef class PrefixIndex:
+@cython.final
+cdef class PrefixIndex(Evictor):
     """Hash index of full pages keyed by (token chain, namespace); see the module doc.
 
     Parameters
@@ -72,23 +84,25 @@ cdef class PrefixIndex:
         Events kept until ``take_events``; older ones are dropped (and counted).
     """
 
-    def __cinit__(self, int32_t num_pages, int32_t page_size, int hash_bits=64,
-                  int64_t event_capacity=65536):
+    def __cinit__(self, num_pages, page_size, hash_bits=64, event_capacity=65536):
+        self._num_pages = positive_int32(num_pages, "num_pages")
+        self._page_size = positive_int32(page_size, "page_size")
+        hash_bits = int_arg(hash_bits, "prefix_hash_bits")
+        event_capacity = int_arg(event_capacity, "prefix_event_capacity")
         if not 1 <= hash_bits <= 64:
             raise ValueError(f"prefix_hash_bits must be in [1, 64], got {hash_bits}")
         if event_capacity < 1:
             raise ValueError(f"event_capacity must be >= 1, got {event_capacity}")
-        self._num_pages = num_pages
-        self._page_size = page_size
+        num_pages, page_size = self._num_pages, self._page_size
         self._hash_mask = 0xFFFFFFFFFFFFFFFFULL if hash_bits == 64 else ((1ULL << hash_bits) - 1)
         cdef int64_t capacity = 1
-        while capacity < 2 * <int64_t>num_pages:
+        while capacity < 2 * <int64_t>self._num_pages:
             capacity *= 2
         owners = dict(
             page_hash=np.zeros(num_pages, np.uint64), parent=np.full(num_pages, -1, np.int32),
             parent_gen=np.zeros(num_pages, np.uint32), gen=np.zeros(num_pages, np.uint32),
             namespace=np.zeros(num_pages, np.int64), in_index=np.zeros(num_pages, np.uint8),
-            slot_tokens=np.zeros(<int64_t>num_pages * page_size, np.int32),
+            slot_tokens=np.zeros(int(num_pages) * int(page_size), np.int32),
             table=np.full(capacity, -1, np.int32),
             ev_kind=np.zeros(event_capacity, np.uint8),
             ev_page=np.zeros(event_capacity, np.int32),
@@ -108,7 +122,11 @@ cdef class PrefixIndex:
         self._ev_hash = <uint64_t*>cnp.PyArray_DATA(owners["ev_hash"])
         self._ev_capacity = event_capacity
 
-    # -- C-level operations (callers validated everything) ------------------------------
+    # -- doors (declared in _prefix.pxd); callers validated everything -------------------
+
+    cdef void evict(self, page_id_t page) noexcept nogil:
+        """The allocator reuses ``page``, free and cached: it leaves the index."""
+        self.remove(page)
 
     cdef uint64_t chain_hash(self, uint64_t parent_hash, int64_t namespace,
                              const int32_t* tokens) noexcept nogil:
@@ -201,10 +219,9 @@ cdef class PrefixIndex:
         return self._num_indexed
 
     def stats(self):
-        """dict of counters: queries, queried_tokens, hit_tokens, stored, evictions, events_dropped."""
-        return {"queries": self._queries, "queried_tokens": self._queried_tokens,
-                "hit_tokens": self._hit_tokens, "stored": self._stored,
-                "evictions": self._evictions, "events_dropped": self._ev_dropped}
+        """dict of the index's counters: stored, evictions, events_dropped."""
+        return {"stored": self._stored, "evictions": self._evictions,
+                "events_dropped": self._ev_dropped}
 
     def take_events(self):
         """Return and clear the events since the last call, oldest first.
@@ -223,9 +240,6 @@ cdef class PrefixIndex:
         self._ev_start = 0
         self._ev_count = 0
         return out
-
-    def is_indexed(self, page_id):
-        return bool(self._in_index[page_id])
 
     def check(self):
         """Raise KVCoreError unless the table and the per-page flags agree."""
@@ -253,3 +267,275 @@ cdef class PrefixIndex:
                 if self._table[probe] == NO_PAGE:
                     raise KVCoreError(f"indexed page {page} is not reachable from its hash")
                 probe = (probe + 1) & self._table_mask
+
+
+def _is_indexed_py(PrefixIndex index not None, page_id):
+    """Test entry point: whether ``page_id`` is in ``index``.
+
+    Raises
+    ------
+    InvalidPageError
+        ``page_id`` outside ``[0, num_pages)``.
+    TypeError, ValueError
+        ``page_id`` not an integer, or outside int64.
+    """
+    return index.in_index(page_arg(page_id, "page_id", index._num_pages))
+
+
+# --------------------------------------------------------------------------------------
+# What the page table sees: PrefixHooks (caching off) and PrefixCache
+# --------------------------------------------------------------------------------------
+
+cdef tuple _NO_EVENTS():
+    return (np.empty(0, np.uint8), np.empty(0, np.int32), np.empty(0, np.uint64))
+
+
+cdef class PrefixHooks:
+    """The page table's doors into the prefix cache, as no-ops: prefix caching off.
+
+    Every door of the page table into prefix-cache state is a cdef method of this class
+    (declared in ``_prefix.pxd``). A table without prefix caching holds an instance of
+    this base, so its hot paths call the same doors and find nothing: ``lookup`` hits
+    nothing, registration records nothing, ``stats`` is None and there are no events.
+    """
+
+    cdef bint enabled(self) noexcept:
+        """Whether this is a real prefix cache."""
+        return False
+
+    cdef int64_t lookup(self, const int32_t* tokens, int64_t max_pages, int64_t namespace,
+                        page_id_t* hits) noexcept nogil:
+        """Leading full pages of ``tokens`` (``max_pages * page_size`` of them are read)
+        found in the cache, in order, written to ``hits`` (unless NULL); changes nothing."""
+        return 0
+
+    cdef void seq_started(self, int64_t seq_id, int64_t namespace, const page_id_t* hits,
+                          int64_t num_hits) noexcept nogil:
+        """``seq_id`` starts in ``namespace`` with the ``num_hits`` pages of ``hits``."""
+        pass
+
+    cdef void count_query(self, int64_t num_tokens, int64_t num_hit_tokens) noexcept nogil:
+        """Count one lookup of ``num_tokens`` tokens that hit ``num_hit_tokens``."""
+        pass
+
+    cdef void seq_forked(self, int64_t child, int64_t parent) noexcept nogil:
+        """``child`` shares every page of ``parent``: it continues the same chain."""
+        pass
+
+    cdef void page_copied(self, page_id_t src, page_id_t dst) noexcept nogil:
+        """Copy-on-write: ``dst`` now holds what ``src`` held."""
+        pass
+
+    cdef void appended(self, const int64_t* seq_ids, const int64_t* counts, Py_ssize_t batch,
+                       const slot_t* slots, const int32_t* tokens, const page_id_t* block_table,
+                       int64_t width, const int32_t* seq_lens) noexcept nogil:
+        """An append is done: record ``tokens`` (NULL: ids unknown) and register full pages.
+
+        ``block_table`` is the table's ``[max_seqs, width]`` array and ``seq_lens`` its
+        lengths after the append, both read only during the call.
+        """
+        pass
+
+    cdef void clear(self) noexcept nogil:
+        """Forget every cached prefix."""
+        pass
+
+    cdef int32_t num_cached(self) noexcept nogil:
+        """Pages in the index."""
+        return 0
+
+    cdef object stats(self):
+        """The counters of ``PageTable.prefix_stats`` (a new dict), or None."""
+        return None
+
+    cdef tuple take_events(self):
+        """Return and clear the events (see ``PageTable.take_events``)."""
+        return _NO_EVENTS()
+
+    cdef int check(self) except -1:
+        """Raise KVCoreError unless the cache's invariants hold."""
+        return 0
+
+    cdef int32_t slot_token(self, slot_t slot) noexcept nogil:
+        """Token id recorded for ``slot`` (-1 when nothing is recorded)."""
+        return -1
+
+
+@cython.final
+cdef class PrefixCache(PrefixHooks):
+    """The prefix cache of one PageTable: its index, per-sequence chains and statistics.
+
+    Parameters
+    ----------
+    allocator : PageAllocator
+        The table's allocator; the cache attaches its index as the allocator's evictor
+        (``ValueError`` if another cache is attached already).
+    page_size, max_seqs : int
+        Those of the table (validated by it).
+    hash_bits, event_capacity : int
+        See ``PrefixIndex``.
+
+    Notes
+    -----
+    Per sequence (int arrays ``[max_seqs]``): ``seq_ns`` its namespace, ``chain_ok``
+    whether every token id so far is known, ``num_chained`` its leading full pages
+    already looked up or registered, and ``chain_page`` / ``chain_gen`` / ``chain_hash``
+    the last of those pages (as indexed: another sequence's page when the same prefix
+    was computed twice), its generation then and its chained hash. A sequence of 10
+    tokens with page size 4, all ids known, has ``num_chained`` 2 and ``chain_page`` its
+    second page's indexed twin; its third page is registered when it fills up.
+
+    Invariants (``check``): those of the index, and a page is indexed if and only if
+    the allocator marks it cached (so an evictable page is always findable, and a
+    clean one never).
+    """
+
+    def __cinit__(self, PageAllocator allocator not None, int32_t page_size, int32_t max_seqs,
+                  hash_bits, event_capacity):
+        allocator.ensure_unattached()
+        self._index = PrefixIndex(allocator.page_count(), page_size,
+                                  int_arg(hash_bits, "prefix_hash_bits"),
+                                  int_arg(event_capacity, "prefix_event_capacity"))
+        self._page_size = page_size
+        owners = (np.zeros(max_seqs, np.int64), np.zeros(max_seqs, np.uint8),
+                  np.zeros(max_seqs, np.int32), np.full(max_seqs, NO_PAGE, np.int32),
+                  np.zeros(max_seqs, np.uint32), np.zeros(max_seqs, np.uint64))
+        self._owners = owners
+        self._seq_ns = <int64_t*>cnp.PyArray_DATA(owners[0])
+        self._chain_ok = <uint8_t*>cnp.PyArray_DATA(owners[1])
+        self._num_chained = <int32_t*>cnp.PyArray_DATA(owners[2])
+        self._chain_page = <page_id_t*>cnp.PyArray_DATA(owners[3])
+        self._chain_gen = <uint32_t*>cnp.PyArray_DATA(owners[4])
+        self._chain_hash = <uint64_t*>cnp.PyArray_DATA(owners[5])
+        allocator.attach(self._index)
+        self._alloc = allocator
+
+    cdef bint enabled(self) noexcept:
+        return True
+
+    cdef int64_t lookup(self, const int32_t* tokens, int64_t max_pages, int64_t namespace,
+                        page_id_t* hits) noexcept nogil:
+        cdef int64_t i, ps = self._page_size
+        cdef page_id_t parent = NO_PAGE, page
+        cdef uint32_t parent_gen = 0
+        cdef uint64_t h = 0, hh
+        for i in range(max_pages):
+            hh = self._index.chain_hash(h, namespace, tokens + i * ps)
+            page = self._index.find(hh, parent, parent_gen, namespace, tokens + i * ps)
+            if page == NO_PAGE:
+                return i
+            if hits != NULL:
+                hits[i] = page
+            parent, parent_gen, h = page, self._index.gen_of(page), hh
+        return max_pages
+
+    cdef void seq_started(self, int64_t seq_id, int64_t namespace, const page_id_t* hits,
+                          int64_t num_hits) noexcept nogil:
+        cdef page_id_t last = hits[num_hits - 1] if num_hits > 0 else NO_PAGE
+        self._seq_ns[seq_id] = namespace
+        self._chain_ok[seq_id] = 1
+        self._num_chained[seq_id] = <int32_t>num_hits
+        self._chain_page[seq_id] = last
+        # A hit's hash is the one the lookup computed (find compares it exactly).
+        self._chain_gen[seq_id] = self._index.gen_of(last) if last != NO_PAGE else 0
+        self._chain_hash[seq_id] = self._index.hash_of(last) if last != NO_PAGE else 0
+
+    cdef void count_query(self, int64_t num_tokens, int64_t num_hit_tokens) noexcept nogil:
+        self._queries += 1
+        self._queried_tokens += num_tokens
+        self._hit_tokens += num_hit_tokens
+
+    cdef void seq_forked(self, int64_t child, int64_t parent) noexcept nogil:
+        self._seq_ns[child] = self._seq_ns[parent]
+        self._chain_ok[child] = self._chain_ok[parent]
+        self._num_chained[child] = self._num_chained[parent]
+        self._chain_page[child] = self._chain_page[parent]
+        self._chain_gen[child] = self._chain_gen[parent]
+        self._chain_hash[child] = self._chain_hash[parent]
+
+    cdef void page_copied(self, page_id_t src, page_id_t dst) noexcept nogil:
+        cdef int64_t ps = self._page_size, t
+        cdef const int32_t* from_tokens = self._index.tokens_of(src)
+        for t in range(ps):
+            self._index.record_token(<slot_t>dst * ps + t, from_tokens[t])
+
+    cdef void appended(self, const int64_t* seq_ids, const int64_t* counts, Py_ssize_t batch,
+                       const slot_t* slots, const int32_t* tokens, const page_id_t* block_table,
+                       int64_t width, const int32_t* seq_lens) noexcept nogil:
+        """Record the new token ids and index every page that just became full.
+
+        A full page whose chain link and tokens are already indexed (another sequence
+        computed the same prefix) is not indexed twice: the sequence's chain continues
+        from the indexed page, so its later pages still link to what lookups will find.
+        """
+        cdef Py_ssize_t i
+        cdef int64_t s, t, j = 0, page_idx, full, ps = self._page_size
+        cdef page_id_t page, found
+        cdef const int32_t* page_tokens
+        cdef uint64_t h
+        for i in range(batch):
+            if counts[i] == 0:
+                continue
+            s = seq_ids[i]
+            if tokens == NULL:
+                self._chain_ok[s] = 0
+                j += counts[i]
+                continue
+            for t in range(counts[i]):
+                self._index.record_token(slots[j + t], tokens[j + t])
+            j += counts[i]
+            if not self._chain_ok[s]:
+                continue
+            full = seq_lens[s] // ps
+            for page_idx in range(self._num_chained[s], full):
+                page = block_table[s * width + page_idx]
+                page_tokens = self._index.tokens_of(page)
+                h = self._index.chain_hash(self._chain_hash[s], self._seq_ns[s], page_tokens)
+                found = self._index.find(h, self._chain_page[s], self._chain_gen[s],
+                                   self._seq_ns[s], page_tokens)
+                if found == NO_PAGE:
+                    self._index.insert(page, h, self._chain_page[s], self._chain_gen[s],
+                                 self._seq_ns[s])
+                    self._alloc.retain(page)
+                    found = page
+                self._chain_page[s] = found
+                self._chain_gen[s] = self._index.gen_of(found)
+                self._chain_hash[s] = h
+            self._num_chained[s] = <int32_t>full
+
+    cdef void clear(self) noexcept nogil:
+        cdef page_id_t page
+        for page in range(self._alloc.page_count()):
+            if self._index.in_index(page):
+                self._index.remove(page)
+                self._alloc.forget(page)
+
+    cdef int32_t num_cached(self) noexcept nogil:
+        return self._index.size()
+
+    cdef object stats(self):
+        stats = {"queries": self._queries, "queried_tokens": self._queried_tokens,
+                 "hit_tokens": self._hit_tokens, **self._index.stats()}
+        stats["num_cached_pages"] = self._index.size()
+        # Python division of the two counts, as the stats are Python ints (cdivision
+        # would truncate C integers).
+        stats["hit_rate"] = (stats["hit_tokens"] / stats["queried_tokens"]
+                             if stats["queried_tokens"] else 0.0)
+        return stats
+
+    cdef tuple take_events(self):
+        return self._index.take_events()
+
+    cdef int check(self) except -1:
+        self._index.check()
+        cdef page_id_t page
+        for page in range(self._alloc.page_count()):
+            if self._alloc.is_cached(page) != self._index.in_index(page):
+                raise KVCoreError(
+                    f"page {page} is {'' if self._index.in_index(page) else 'not '}indexed "
+                    f"but the allocator {'' if self._alloc.is_cached(page) else 'does not '}"
+                    "mark it cached")
+        return 0
+
+    cdef int32_t slot_token(self, slot_t slot) noexcept nogil:
+        return self._index.token_at(slot)

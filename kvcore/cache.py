@@ -160,6 +160,11 @@ class KVCache:
         ``tokens`` are given); see :meth:`PageTable.add_sequence`."""
         return self.table.add_sequence(tokens, namespace=namespace)
 
+    def match_prefix(self, tokens, *, namespace: int = 0) -> int:
+        """Leading tokens of ``tokens`` that :meth:`add_sequence` would map from the prefix
+        cache (0 when caching is off), changing nothing; see :meth:`PageTable.match_prefix`."""
+        return self.table.match_prefix(tokens, namespace=namespace)
+
     def fork(self, seq_id: int) -> int:
         """Share every page of ``seq_id`` with a new sequence; see :meth:`PageTable.fork`."""
         return self.table.fork(seq_id)

@@ -17,9 +17,9 @@ python3 -m venv venv
 # shellcheck disable=SC1091
 source venv/bin/activate
 python -m pip install -q --upgrade pip
-python -m pip install -q "cython>=3" "numpy>=1.25" "setuptools>=64" pytest hypothesis
+python -m pip install -q "cython>=3" "numpy>=1.25" "setuptools>=77" pytest hypothesis
 KVCORE_ASAN=1 KVCORE_DEBUG_BUILD=1 python setup.py -q build_ext --inplace 2>&1 | grep -v -i warning || true
-for so in kvcore/_core.*.so kvcore/_prefix.*.so; do
+for so in kvcore/_*.so; do
   count=$(nm -D "$so" | grep -c __asan_report || true)
   echo "$so: $count AddressSanitizer checks linked"
   [ "$count" -gt 0 ] || { echo "not instrumented: $so"; exit 1; }

@@ -4,10 +4,29 @@ state (bookkeeping, prefix cache, pool bytes) exactly as it was."""
 import numpy as np
 import pytest
 
-from kvcore import KVCache, KVCacheConfig, PageAllocator, PageTable
+from kvcore import (
+    CapacityError,
+    InvalidPageError,
+    KVCache,
+    KVCacheConfig,
+    OutOfPagesError,
+    PageAllocator,
+    PageTable,
+    RefcountError,
+    UnknownSequenceError,
+)
 
 from ._state import assert_same_state, table_state
-from .hostile import ALLOWED_ERRORS, HOSTILE_ARRAYS, HOSTILE_INTS
+from .hostile import (
+    ALLOWED_ERRORS,
+    BEYOND_INT64,
+    BEYOND_INT64_ARRAYS,
+    HOSTILE_ARRAYS,
+    HOSTILE_INTS,
+    NOT_1D,
+    NOT_INT_ARRAYS,
+    NOT_INTS,
+)
 
 
 def world():
@@ -32,6 +51,7 @@ TABLE_CALLS = {
     "slot(seq)": lambda t, s, x: t.slot(x, 0),
     "slot(token)": lambda t, s, x: t.slot(s, x),
     "add_sequence(namespace)": lambda t, s, x: t.add_sequence([1, 2], namespace=x),
+    "match_prefix(namespace)": lambda t, s, x: t.match_prefix([1, 2], namespace=x),
     "is_active": lambda t, s, x: t.is_active(x),
     "append(count)": lambda t, s, x: t.append([s], x),
 }
@@ -39,6 +59,7 @@ TABLE_ARRAY_CALLS = {
     "incref": lambda t, s, x: t.allocator.incref(x),
     "decref": lambda t, s, x: t.allocator.decref(x),
     "add_sequence(tokens)": lambda t, s, x: t.add_sequence(x),
+    "match_prefix(tokens)": lambda t, s, x: t.match_prefix(x),
     "append(seq_ids)": lambda t, s, x: t.append(x, [1]),
     "append(counts)": lambda t, s, x: t.append([s], x),
     "append(token_ids)": lambda t, s, x: t.append([s], [1], token_ids=x),
@@ -50,23 +71,87 @@ CASES = [(n, c, x) for n, c in TABLE_CALLS.items() for x in HOSTILE_INTS] + [
     (n, c, x) for n, c in TABLE_ARRAY_CALLS.items() for x in HOSTILE_ARRAYS]
 
 
+def _is_in(value, values):
+    return any(value is v for v in values)
+
+
+#: The int64 values 2**31, -1 and -2**31 per call: (error for 2**31, error for negatives);
+#: None means the value is accepted.
+EDGE_INT_ERRORS = {
+    "allocate": (OutOfPagesError, ValueError),
+    "refcount": (InvalidPageError, InvalidPageError),
+    "fork": (UnknownSequenceError, UnknownSequenceError),
+    "remove": (UnknownSequenceError, UnknownSequenceError),
+    "num_tokens": (UnknownSequenceError, UnknownSequenceError),
+    "pages": (UnknownSequenceError, UnknownSequenceError),
+    "slot(seq)": (UnknownSequenceError, UnknownSequenceError),
+    "slot(token)": (IndexError, IndexError),
+    "add_sequence(namespace)": (None, None),
+    "match_prefix(namespace)": (None, None),
+    "is_active": (None, None),
+    "append(count)": (CapacityError, ValueError),
+}
+#: The array arguments per call: errors for [2**31], np.array([0], dtype=object) and
+#: [0] * 9 (nine times page 0, seq 0 or token 0), and for something not 1-D.
+EDGE_ARRAY_ERRORS = {
+    "incref": (InvalidPageError, None, None, ValueError),
+    "decref": (InvalidPageError, None, RefcountError, ValueError),
+    "add_sequence(tokens)": (ValueError, None, None, ValueError),
+    "match_prefix(tokens)": (ValueError, None, None, ValueError),
+    "append(seq_ids)": (UnknownSequenceError, None, ValueError, ValueError),
+    "append(counts)": (CapacityError, None, ValueError, ValueError),
+    "append(token_ids)": (ValueError, None, ValueError, ValueError),
+    "pages_needed": (UnknownSequenceError, None, ValueError, ValueError),
+    "flashinfer_metadata": (UnknownSequenceError, None, None, ValueError),
+    "block_tables": (UnknownSequenceError, None, None, ValueError),
+}
+
+
+def expected_error(name, value):
+    """The one error type a table call must raise for ``value`` (None: accepted)."""
+    if name in EDGE_INT_ERRORS:
+        if _is_in(value, NOT_INTS):
+            return TypeError
+        if _is_in(value, BEYOND_INT64):
+            return ValueError
+        big, negative = EDGE_INT_ERRORS[name]
+        return big if value == 2**31 else negative
+    big, object_zero, nine_zeros, not_1d = EDGE_ARRAY_ERRORS[name]
+    if _is_in(value, NOT_INT_ARRAYS):
+        return TypeError
+    if _is_in(value, BEYOND_INT64_ARRAYS):
+        return ValueError
+    if _is_in(value, NOT_1D):
+        if value is None and name in ("add_sequence(tokens)", "append(token_ids)"):
+            return None   # "no token ids" is a valid value there
+        if name == "append(counts)" and np.ndim(value) == 0:
+            return TypeError   # a single count for every sequence, and not an integer
+        return not_1d
+    if isinstance(value, np.ndarray):
+        return object_zero
+    return big if len(value) == 1 else nine_zeros
+
+
 @pytest.mark.parametrize(("name", "call", "value"), CASES,
                          ids=[f"{n}-{i}" for i, (n, _, _) in enumerate(CASES)])
 def test_table_calls(name, call, value):
     table, seq = world()
     before = snapshot(table)
-    try:
+    error = expected_error(name, value)
+    if error is None:
         call(table, seq, value)
-    except ALLOWED_ERRORS:
-        assert snapshot(table)[0][0].tobytes() == before[0][0].tobytes()
-        assert_same_state(before[0], snapshot(table)[0])
-        assert snapshot(table)[1:] == before[1:]
-        table.check_invariants()
+        # accepted: the bookkeeping must still be consistent unless the call itself was
+        # raw allocator use
+        if name not in ("allocate", "incref", "decref"):
+            table.check_invariants()
         return
-    # accepted: then it was a valid value (e.g. Index(0)-like or a legal count); the
-    # bookkeeping must still be consistent unless the call itself was raw allocator use
-    if name not in ("allocate", "incref", "decref"):
-        table.check_invariants()
+    with pytest.raises(error) as info:
+        call(table, seq, value)
+    assert type(info.value) is error, f"{name}({value!r}) raised {info.value!r}"
+    assert snapshot(table)[0][0].tobytes() == before[0][0].tobytes()
+    assert_same_state(before[0], snapshot(table)[0])
+    assert snapshot(table)[1:] == before[1:]
+    table.check_invariants()
 
 
 CFG = KVCacheConfig(num_layers=2, num_kv_heads=2, head_dim=4, page_size=4, num_pages=16,

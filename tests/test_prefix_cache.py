@@ -6,12 +6,15 @@ import pytest
 from kvcore import (
     EVENT_EVICTED,
     EVENT_STORED,
+    InvalidPageError,
     KVCache,
     KVCacheConfig,
     OutOfPagesError,
     PageAllocator,
     PageTable,
 )
+from kvcore._core import _slot_token_py
+from kvcore._prefix import PrefixIndex, _is_indexed_py
 
 from ._state import assert_same_state, table_state
 
@@ -130,7 +133,7 @@ def test_hash_collisions_never_hand_out_other_tokens():
             results.append(cached)
             pages = table.pages(seq)
             for i in range(cached // 4):   # a hit page holds exactly the prompt's tokens
-                tokens = [table._slot_token(int(pages[i]), j) for j in range(4)]
+                tokens = [_slot_token_py(table, int(pages[i]), j) for j in range(4)]
                 assert tokens == prompt[4 * i:4 * i + 4]
         assert results[0] == results[1]
         live.append(seq)
@@ -280,3 +283,43 @@ def test_kvcache_prefix_hit_reads_the_original_kv():
         np.testing.assert_array_equal(v_out, -kv)
     assert cache.prefix_stats["hit_rate"] == pytest.approx(8 / 22)
     cache.check_invariants()
+
+
+def test_test_entry_points_check_their_arguments():
+    """The test-only entry points raise typed errors for bad input (they used to crash)."""
+    index = PrefixIndex(4, 4)
+    assert _is_indexed_py(index, 3) is False
+    with pytest.raises(InvalidPageError, match=r"page 1000000000 out of range \[0, 4\)"):
+        _is_indexed_py(index, 10**9)
+    with pytest.raises(InvalidPageError, match=r"page -1 out of range \[0, 4\)"):
+        _is_indexed_py(index, -1)
+    with pytest.raises(TypeError, match="page_id must be an integer, got float"):
+        _is_indexed_py(index, 1.5)
+    plain = PageTable(PageAllocator(8), 4, 2, 2)
+    with pytest.raises(ValueError, match="prefix caching is off for this table"):
+        _slot_token_py(plain, 0, 0)
+    table = make()
+    seq, _ = prefill(table, [1, 2, 3, 4, 5])
+    page = int(table.pages(seq)[0])
+    assert [_slot_token_py(table, page, j) for j in range(4)] == [1, 2, 3, 4]
+    with pytest.raises(InvalidPageError, match=r"page 32 out of range \[0, 32\)"):
+        _slot_token_py(table, 32, 0)
+    with pytest.raises(IndexError, match=r"offset 4 out of range \[0, 4\)"):
+        _slot_token_py(table, page, 4)
+    with pytest.raises(IndexError, match=r"offset -1 out of range \[0, 4\)"):
+        _slot_token_py(table, page, -1)
+    with pytest.raises(TypeError, match="offset must be an integer, got bool"):
+        _slot_token_py(table, page, True)
+
+
+@pytest.mark.parametrize(("args", "error", "message"), [
+    ((0, 4), ValueError, r"num_pages must be in \[1, 2147483647\], got 0"),
+    ((4, 2**31), ValueError, r"page_size must be in \[1, 2147483647\], got 2147483648"),
+    ((4, 4.0), TypeError, "page_size must be an integer, got float"),
+    ((4, 4, 65), ValueError, r"prefix_hash_bits must be in \[1, 64\], got 65"),
+    ((4, 4, 2**40), ValueError, r"prefix_hash_bits must be in \[1, 64\], got 1099511627776"),
+    ((4, 4, 64, 0), ValueError, "event_capacity must be >= 1, got 0"),
+])
+def test_prefix_index_constructor_uses_the_shared_checkers(args, error, message):
+    with pytest.raises(error, match=message):
+        PrefixIndex(*args)
