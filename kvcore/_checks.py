@@ -3,6 +3,8 @@ so the same mistake gets the same error type and message everywhere."""
 
 from __future__ import annotations
 
+import operator
+
 import numpy as np
 
 from kvcore._core import first_slot_out_of_range
@@ -35,10 +37,9 @@ def check_kv_shape(shape, config: KVCacheConfig, name: str, rows: int | None = N
 def host_index_array(values, name: str) -> np.ndarray:
     """``values`` (list, tuple or NumPy integer array, any byte order) as 1-D native int64.
 
-    Raises
-    ------
-    ValueError / TypeError / ShapeError / InvalidPageError
-        Not integers, not 1-D, or a value beyond int64.
+    Checked in this order: a shape other than 1-D (a scalar included) is a
+    ``ShapeError`` (itself a ``ValueError``); an element that is not an integer is a
+    ``TypeError``; an integer outside int64 is a ``ValueError``.
     """
     if type(values) is np.ndarray and values.dtype == np.int64 and values.ndim == 1:
         return values
@@ -46,15 +47,33 @@ def host_index_array(values, name: str) -> np.ndarray:
         arr = np.asarray(values)
     except (TypeError, ValueError, OverflowError) as exc:
         raise ValueError(f"{name} must be a 1-D array of integers ({exc})") from None
+    if arr.ndim != 1:             # the first mistake checked: a scalar is not an array
+        raise ShapeError(f"{name} must be 1-D, got shape {arr.shape}")
     if arr.size == 0 and arr.dtype.kind not in "iu":
         arr = arr.astype(np.int64)
+    if arr.dtype == object:      # Python ints too big for NumPy, __index__ objects, ...
+        arr = _object_ints(arr, name)
     if arr.dtype.kind not in "iu":
         raise TypeError(f"{name} must hold integers, got dtype {arr.dtype}")
-    if arr.ndim != 1:
-        raise ShapeError(f"{name} must be 1-D, got shape {arr.shape}")
     if arr.dtype.kind == "u" and arr.size and int(arr.max()) > np.iinfo(np.int64).max:
-        raise InvalidPageError(f"{name} holds a value above the int64 range")
+        raise ValueError(f"{name} holds {int(arr.max())}, outside the int64 range")
     return arr.astype(np.int64, copy=False)   # also converts a non-native byte order
+
+
+def _object_ints(arr: np.ndarray, name: str) -> np.ndarray:
+    """An object array of integers (anything with ``__index__``, not bool) as int64."""
+    values = []
+    for item in arr.reshape(-1):
+        if isinstance(item, (bool, np.bool_)):
+            raise TypeError(f"{name} must hold integers, got a bool")
+        try:
+            values.append(operator.index(item))
+        except Exception:   # TypeError, or whatever a user's __index__ raised
+            raise TypeError(f"{name} must hold integers, got {type(item).__name__}") from None
+    for value in values:
+        if not -2**63 <= value < 2**63:
+            raise ValueError(f"{name} holds {value}, outside the int64 range")
+    return np.array(values, dtype=np.int64).reshape(arr.shape)
 
 
 def check_host_slots(slot_mapping, num_tokens: int | None, num_slots: int) -> np.ndarray:

@@ -13,6 +13,7 @@ from kvcore import (
     PageAllocator,
     PageTable,
     RefcountError,
+    ShapeError,
     UnknownSequenceError,
 )
 
@@ -21,6 +22,8 @@ from .hostile import (
     ALLOWED_ERRORS,
     BEYOND_INT64,
     BEYOND_INT64_ARRAYS,
+    EDGE_ARRAYS,
+    EDGE_INTS,
     HOSTILE_ARRAYS,
     HOSTILE_INTS,
     NOT_1D,
@@ -172,25 +175,161 @@ CACHE_CALLS = {
     "k_cache": lambda c, st, s, x: c.k_cache(x),
     "v_cache": lambda c, st, s, x: c.v_cache(x),
 }
-CACHE_CASES = [(n, c, x) for n, c in CACHE_CALLS.items()
-               for x in HOSTILE_INTS + HOSTILE_ARRAYS + EXTRA_KV]
+#: The exact error of each cache call for each group of hostile values (a list where
+#: the values of a group differ; None: the value is valid there). Shapes first: a
+#: scalar where an array is expected is a ShapeError (a ValueError) for the facade's
+#: own array arguments and a ValueError from the bookkeeping (gather's seq_ids).
+
+#: The exact error of each cache call for each group of hostile values (a list where
+#: the values of a group differ; None: the value is valid there). Shapes first: a
+#: scalar where an array is expected is a ShapeError (a ValueError) for the facade's
+#: own array arguments and a ValueError from the bookkeeping (gather's seq_ids).
+EXPECTED_CACHE_ERRORS = {
+    "write(layer)": {
+        "NOT_INTS": TypeError,
+        "BEYOND_INT64": IndexError,
+        "EDGE_INTS": IndexError,
+        "NOT_INT_ARRAYS": TypeError,
+        "BEYOND_INT64_ARRAYS": TypeError,
+        "NOT_1D": TypeError,
+        "EDGE_ARRAYS": TypeError,
+        "EXTRA_KV": TypeError,
+    },
+    "write(k)": {
+        "NOT_INTS": ShapeError,
+        "BEYOND_INT64": ShapeError,
+        "EDGE_INTS": ShapeError,
+        "NOT_INT_ARRAYS": ShapeError,
+        "BEYOND_INT64_ARRAYS": ShapeError,
+        "NOT_1D": ShapeError,
+        "EDGE_ARRAYS": ShapeError,
+        "EXTRA_KV": ShapeError,
+    },
+    "write(v)": {
+        "NOT_INTS": ShapeError,
+        "BEYOND_INT64": ShapeError,
+        "EDGE_INTS": ShapeError,
+        "NOT_INT_ARRAYS": ShapeError,
+        "BEYOND_INT64_ARRAYS": ShapeError,
+        "NOT_1D": ShapeError,
+        "EDGE_ARRAYS": ShapeError,
+        "EXTRA_KV": ShapeError,
+    },
+    "write(slot_mapping)": {
+        "NOT_INTS": ShapeError,
+        "BEYOND_INT64": ShapeError,
+        "EDGE_INTS": ShapeError,
+        "NOT_INT_ARRAYS": TypeError,
+        "BEYOND_INT64_ARRAYS": ValueError,
+        "NOT_1D": ShapeError,
+        "EDGE_ARRAYS": ShapeError,
+        "EXTRA_KV": [
+            ShapeError, ShapeError, ShapeError, ShapeError, ShapeError, InvalidPageError,
+            InvalidPageError, InvalidPageError, None
+        ],
+    },
+    "gather(layer)": {
+        "NOT_INTS": TypeError,
+        "BEYOND_INT64": IndexError,
+        "EDGE_INTS": IndexError,
+        "NOT_INT_ARRAYS": TypeError,
+        "BEYOND_INT64_ARRAYS": TypeError,
+        "NOT_1D": TypeError,
+        "EDGE_ARRAYS": TypeError,
+        "EXTRA_KV": TypeError,
+    },
+    "gather(seq_ids)": {
+        "NOT_INTS": ValueError,
+        "BEYOND_INT64": ValueError,
+        "EDGE_INTS": ValueError,
+        "NOT_INT_ARRAYS": TypeError,
+        "BEYOND_INT64_ARRAYS": ValueError,
+        "NOT_1D": ValueError,
+        "EDGE_ARRAYS": [UnknownSequenceError, None, None],
+        "EXTRA_KV": [
+            ValueError, ValueError, ValueError, ValueError, ValueError, UnknownSequenceError,
+            UnknownSequenceError, UnknownSequenceError, UnknownSequenceError
+        ],
+    },
+    "copy_pages(src)": {
+        "NOT_INTS": ShapeError,
+        "BEYOND_INT64": ShapeError,
+        "EDGE_INTS": ShapeError,
+        "NOT_INT_ARRAYS": TypeError,
+        "BEYOND_INT64_ARRAYS": ValueError,
+        "NOT_1D": ShapeError,
+        "EDGE_ARRAYS": [InvalidPageError, None, ValueError],
+        "EXTRA_KV": [
+            ShapeError, ShapeError, ShapeError, ShapeError, ShapeError, ValueError, ValueError,
+            ValueError, ValueError
+        ],
+    },
+    "copy_pages(dst)": {
+        "NOT_INTS": ShapeError,
+        "BEYOND_INT64": ShapeError,
+        "EDGE_INTS": ShapeError,
+        "NOT_INT_ARRAYS": TypeError,
+        "BEYOND_INT64_ARRAYS": ValueError,
+        "NOT_1D": ShapeError,
+        "EDGE_ARRAYS": [InvalidPageError, ValueError, ValueError],
+        "EXTRA_KV": [
+            ShapeError, ShapeError, ShapeError, ShapeError, ShapeError, ValueError, ValueError,
+            ValueError, ValueError
+        ],
+    },
+    "k_cache": {
+        "NOT_INTS": TypeError,
+        "BEYOND_INT64": IndexError,
+        "EDGE_INTS": IndexError,
+        "NOT_INT_ARRAYS": TypeError,
+        "BEYOND_INT64_ARRAYS": TypeError,
+        "NOT_1D": TypeError,
+        "EDGE_ARRAYS": TypeError,
+        "EXTRA_KV": TypeError,
+    },
+    "v_cache": {
+        "NOT_INTS": TypeError,
+        "BEYOND_INT64": IndexError,
+        "EDGE_INTS": IndexError,
+        "NOT_INT_ARRAYS": TypeError,
+        "BEYOND_INT64_ARRAYS": TypeError,
+        "NOT_1D": TypeError,
+        "EDGE_ARRAYS": TypeError,
+        "EXTRA_KV": TypeError,
+    },
+}
 
 
-@pytest.mark.parametrize(("name", "call", "value"), CACHE_CASES,
-                         ids=[f"{n}-{i}" for i, (n, _, _) in enumerate(CACHE_CASES)])
-def test_cache_calls(name, call, value):
+CACHE_GROUPS = {"NOT_INTS": NOT_INTS, "BEYOND_INT64": BEYOND_INT64, "EDGE_INTS": EDGE_INTS,
+                "NOT_INT_ARRAYS": NOT_INT_ARRAYS, "BEYOND_INT64_ARRAYS": BEYOND_INT64_ARRAYS,
+                "NOT_1D": NOT_1D, "EDGE_ARRAYS": EDGE_ARRAYS, "EXTRA_KV": EXTRA_KV}
+CACHE_CASES = []
+for _name, _call in CACHE_CALLS.items():
+    for _group, _values in CACHE_GROUPS.items():
+        _want = EXPECTED_CACHE_ERRORS[_name][_group]
+        for _i, _value in enumerate(_values):
+            CACHE_CASES.append((_name, _call, _value,
+                                _want[_i] if isinstance(_want, list) else _want))
+
+
+@pytest.mark.parametrize(("name", "call", "value", "error"), CACHE_CASES,
+                         ids=[f"{n}-{i}" for i, (n, _, _, _) in enumerate(CACHE_CASES)])
+def test_cache_calls(name, call, value, error):
     cache = KVCache(CFG, device="cpu")
     seq = cache.add_sequence()
     step = cache.append([seq], [3])
     cache.kv[...] = 2.0
     before_pool = cache.kv.copy()
     before = snapshot(cache.table)
-    try:
+    if error is None:
         call(cache, step, seq, value)
-    except ALLOWED_ERRORS:
-        assert np.array_equal(cache.kv.view(np.uint16), before_pool.view(np.uint16)), name
-        assert_same_state(before[0], snapshot(cache.table)[0])
+        cache.check_invariants()
         return
+    with pytest.raises(ALLOWED_ERRORS) as info:
+        call(cache, step, seq, value)
+    assert type(info.value) is error, f"{name}({value!r}) raised {info.value!r}"
+    assert np.array_equal(cache.kv.view(np.uint16), before_pool.view(np.uint16)), name
+    assert_same_state(before[0], snapshot(cache.table)[0])
     cache.check_invariants()
 
 
