@@ -14,21 +14,13 @@ from kvcore import (
 )
 
 
-def make(layout="NHD", dtype="float32", page_size=4, num_pages=16, heads=2, head_dim=3,
-         layers=2):
-    cfg = KVCacheConfig(num_layers=layers, num_kv_heads=heads, head_dim=head_dim,
-                        page_size=page_size, num_pages=num_pages, dtype=dtype, layout=layout,
-                        max_seqs=8)
-    return KVCache(cfg, device="cpu")
-
-
 def tokens(n, heads=2, head_dim=3, start=1.0, dtype=np.float32):
     return (start + np.arange(n * heads * head_dim)).reshape(n, heads, head_dim).astype(dtype)
 
 
 @pytest.mark.parametrize("layout", ["NHD", "HND"])
-def test_write_lands_where_the_layout_says(layout):
-    cache = make(layout)
+def test_write_lands_where_the_layout_says(make_cache, layout):
+    cache = make_cache(layout)
     seq = cache.add_sequence()
     step = cache.append([seq], [6])          # pages 0 and 1
     k, v = tokens(6), -tokens(6)
@@ -46,8 +38,8 @@ def test_write_lands_where_the_layout_says(layout):
 
 
 @pytest.mark.parametrize("layout", ["NHD", "HND"])
-def test_gather_returns_what_was_written(layout):
-    cache = make(layout)
+def test_gather_returns_what_was_written(make_cache, layout):
+    cache = make_cache(layout)
     a, b = cache.add_sequence(), cache.add_sequence()
     step = cache.append([a, b], [5, 9])
     k = tokens(14)
@@ -58,8 +50,8 @@ def test_gather_returns_what_was_written(layout):
     np.testing.assert_array_equal(v_out, 2 * np.concatenate([k[5:], k[:5]]))
 
 
-def test_padding_slots_are_skipped():
-    cache = make()
+def test_padding_slots_are_skipped(make_cache):
+    cache = make_cache()
     seq = cache.add_sequence()
     step = cache.append([seq], [2])
     slots = np.array([step.slot_mapping[0], -1, step.slot_mapping[1]])
@@ -69,8 +61,8 @@ def test_padding_slots_are_skipped():
     np.testing.assert_array_equal(k_out, k[[0, 2]])
 
 
-def test_copy_on_write_through_append_keeps_both_sequences_intact():
-    cache = make(page_size=4)
+def test_copy_on_write_through_append_keeps_both_sequences_intact(make_cache):
+    cache = make_cache(page_size=4)
     parent = cache.add_sequence()
     step = cache.append([parent], [6])
     k = tokens(6)
@@ -90,8 +82,8 @@ def test_copy_on_write_through_append_keeps_both_sequences_intact():
         np.testing.assert_array_equal(got_parent, np.concatenate([k, new_parent]) + layer)
 
 
-def test_copy_pages_every_layer_k_and_v():
-    cache = make()
+def test_copy_pages_every_layer_k_and_v(make_cache):
+    cache = make_cache()
     rng = np.random.default_rng(0)
     cache.kv[...] = rng.standard_normal(cache.kv.shape)
     before = cache.kv.copy()
@@ -101,8 +93,8 @@ def test_copy_pages_every_layer_k_and_v():
     np.testing.assert_array_equal(cache.kv[:, :, untouched], before[:, :, untouched])
 
 
-def test_bfloat16_moves_as_words():
-    cache = make(dtype="bfloat16")
+def test_bfloat16_moves_as_words(make_cache):
+    cache = make_cache(dtype="bfloat16")
     assert cache.kv.dtype == np.uint16
     seq = cache.add_sequence()
     step = cache.append([seq], [3])
@@ -113,8 +105,8 @@ def test_bfloat16_moves_as_words():
     np.testing.assert_array_equal(v_out, words)
 
 
-def test_strided_input_is_accepted():
-    cache = make()
+def test_strided_input_is_accepted(make_cache):
+    cache = make_cache()
     seq = cache.add_sequence()
     step = cache.append([seq], [4])
     wide = tokens(4, heads=4)                 # e.g. a fused QKV buffer
@@ -125,18 +117,18 @@ def test_strided_input_is_accepted():
     np.testing.assert_array_equal(v_out, v[:, :, ::-1])
 
 
-def test_views_are_views():
-    cache = make()
+def test_views_are_views(make_cache):
+    cache = make_cache()
     cache.k_cache(1)[0, 0, 0, 0] = 7.0
     assert cache.kv[1, 0, 0, 0, 0, 0] == 7.0
     assert cache.k_cache(0).shape == (16, 4, 2, 3)
-    assert make("HND").v_cache(0).shape == (16, 2, 4, 3)
+    assert make_cache("HND").v_cache(0).shape == (16, 2, 4, 3)
 
 
 # -- bad input: typed errors and nothing written ------------------------------------------
 
-def _written_cache():
-    cache = make()
+def _written_cache(make_cache):
+    cache = make_cache()
     seq = cache.add_sequence()
     step = cache.append([seq], [3])
     cache.write(0, tokens(3), tokens(3), step.slot_mapping)
@@ -164,8 +156,8 @@ BAD_WRITES = [
 
 
 @pytest.mark.parametrize(("args", "error", "message"), BAD_WRITES)
-def test_bad_write_writes_nothing(args, error, message):
-    cache, _, step = _written_cache()
+def test_bad_write_writes_nothing(make_cache, args, error, message):
+    cache, _, step = _written_cache(make_cache)
     before = cache.kv.copy()
     with pytest.raises(error, match=message):
         cache.write(*args(step))
@@ -180,16 +172,16 @@ def test_bad_write_writes_nothing(args, error, message):
     ([0, 1], [1, 2], ValueError, "page 1 is both a src and a dst"),
     ([[0]], [[1]], ShapeError, "must be 1-D"),
 ])
-def test_bad_copy_pages_copies_nothing(src, dst, error, message):
-    cache, _, _ = _written_cache()
+def test_bad_copy_pages_copies_nothing(make_cache, src, dst, error, message):
+    cache, _, _ = _written_cache(make_cache)
     before = cache.kv.copy()
     with pytest.raises(error, match=message):
         cache.copy_pages(src, dst)
     np.testing.assert_array_equal(cache.kv, before)
 
 
-def test_failed_append_copies_nothing():
-    cache = make(num_pages=3, page_size=4)
+def test_failed_append_copies_nothing(make_cache):
+    cache = make_cache(num_pages=3, page_size=4)
     a = cache.add_sequence()
     cache.append([a], [6])
     b = cache.fork(a)
@@ -201,8 +193,8 @@ def test_failed_append_copies_nothing():
     assert cache.num_tokens(b) == 6
 
 
-def test_gather_errors():
-    cache, seq, _ = _written_cache()
+def test_gather_errors(make_cache):
+    cache, seq, _ = _written_cache(make_cache)
     with pytest.raises(UnknownSequenceError):
         cache.gather(0, [seq, 5])
     with pytest.raises(IndexError):

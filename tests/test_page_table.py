@@ -12,12 +12,8 @@ from kvcore import (
 from ._state import assert_same_future, assert_same_state, table_state
 
 
-def make(num_pages=64, page_size=16, max_seqs=8, max_pages_per_seq=8):
-    return PageTable(PageAllocator(num_pages), page_size, max_seqs, max_pages_per_seq)
-
-
-def test_worked_example_45_tokens_page_16():
-    table = make()
+def test_worked_example_45_tokens_page_16(make_table):
+    table = make_table()
     seq = table.add_sequence()
     result = table.append([seq], [45])
     assert result.slot_mapping.dtype == np.int64
@@ -31,8 +27,8 @@ def test_worked_example_45_tokens_page_16():
     table.check_invariants()
 
 
-def test_slots_follow_pages_across_sequences():
-    table = make(page_size=4)
+def test_slots_follow_pages_across_sequences(make_table):
+    table = make_table(page_size=4)
     a, b = table.add_sequence(), table.add_sequence()
     r = table.append([a, b], [3, 6])
     # a gets page 0, b gets pages 1 and 2
@@ -46,16 +42,16 @@ def test_slots_follow_pages_across_sequences():
     table.check_invariants()
 
 
-def test_scalar_count_applies_to_all():
-    table = make(page_size=2)
+def test_scalar_count_applies_to_all(make_table):
+    table = make_table(page_size=2)
     seqs = [table.add_sequence() for _ in range(3)]
     assert table.append(seqs, 1).slot_mapping.tolist() == [0, 2, 4]
     assert table.append(np.array(seqs, dtype=np.int32), np.int64(1)).slot_mapping.tolist() == [
         1, 3, 5]
 
 
-def test_zero_tokens_and_empty_batch():
-    table = make()
+def test_zero_tokens_and_empty_batch(make_table):
+    table = make_table()
     seq = table.add_sequence()
     r = table.append([seq], [0])
     assert r.slot_mapping.shape == (0,)
@@ -67,15 +63,15 @@ def test_zero_tokens_and_empty_batch():
     assert table.pages(seq).size == 0
 
 
-def test_last_page_len_full_page_is_page_size():
-    table = make(page_size=16)
+def test_last_page_len_full_page_is_page_size(make_table):
+    table = make_table(page_size=16)
     seq = table.add_sequence()
     table.append([seq], [32])
     assert table.flashinfer_metadata([seq])[2].tolist() == [16]
 
 
-def test_fork_shares_pages_and_copy_on_write():
-    table = make(page_size=4)
+def test_fork_shares_pages_and_copy_on_write(make_table):
+    table = make_table(page_size=4)
     parent = table.add_sequence()
     table.append([parent], [6])  # pages [0, 1], page 1 half full
     child = table.fork(parent)
@@ -93,8 +89,8 @@ def test_fork_shares_pages_and_copy_on_write():
     table.check_invariants()
 
 
-def test_all_sharers_appending_in_one_call_last_writes_in_place():
-    table = make(page_size=4)
+def test_all_sharers_appending_in_one_call_last_writes_in_place(make_table):
+    table = make_table(page_size=4)
     a = table.add_sequence()
     table.append([a], [2])
     b, c = table.fork(a), table.fork(a)
@@ -107,8 +103,8 @@ def test_all_sharers_appending_in_one_call_last_writes_in_place():
     table.check_invariants()
 
 
-def test_full_shared_pages_are_never_copied():
-    table = make(page_size=4)
+def test_full_shared_pages_are_never_copied(make_table):
+    table = make_table(page_size=4)
     a = table.add_sequence()
     table.append([a], [8])
     b = table.fork(a)
@@ -118,8 +114,8 @@ def test_full_shared_pages_are_never_copied():
     table.check_invariants()
 
 
-def test_fork_of_empty_and_remove_returns_pages_tail_first():
-    table = make(page_size=4, num_pages=8)
+def test_fork_of_empty_and_remove_returns_pages_tail_first(make_table):
+    table = make_table(page_size=4, num_pages=8)
     a = table.add_sequence()
     b = table.fork(a)
     assert table.num_tokens(b) == 0
@@ -131,8 +127,8 @@ def test_fork_of_empty_and_remove_returns_pages_tail_first():
     assert not table.is_active(a) and table.is_active(b)
 
 
-def test_pages_needed_matches_append():
-    table = make(page_size=4)
+def test_pages_needed_matches_append(make_table):
+    table = make_table(page_size=4)
     a = table.add_sequence()
     table.append([a], [5])
     b = table.fork(a)
@@ -143,8 +139,8 @@ def test_pages_needed_matches_append():
     assert before - table.allocator.num_free == needed
 
 
-def test_block_tables_padded():
-    table = make(page_size=2)
+def test_block_tables_padded(make_table):
+    table = make_table(page_size=2)
     a, b = table.add_sequence(), table.add_sequence()
     table.append([a, b], [5, 2])
     bt = table.block_tables([b, a, b])
@@ -152,8 +148,8 @@ def test_block_tables_padded():
     assert bt.tolist() == [[3, -1, -1], [0, 1, 2], [3, -1, -1]]
 
 
-def test_block_table_and_seq_lens_are_read_only_views():
-    table = make()
+def test_block_table_and_seq_lens_are_read_only_views(make_table):
+    table = make_table()
     bt, lens = table.block_table, table.seq_lens
     assert bt.shape == (8, 8) and lens.shape == (8,)
     with pytest.raises(ValueError):
@@ -165,8 +161,8 @@ def test_block_table_and_seq_lens_are_read_only_views():
     assert bt[seq, 0] == 0 and lens[seq] == 1
 
 
-def test_seq_ids_are_reused_and_capacity_enforced():
-    table = make(max_seqs=2)
+def test_seq_ids_are_reused_and_capacity_enforced(make_table):
+    table = make_table(max_seqs=2)
     a, b = table.add_sequence(), table.add_sequence()
     assert (a, b) == (0, 1)
     with pytest.raises(CapacityError, match="all 2 sequence slots are in use"):
@@ -180,8 +176,8 @@ def test_seq_ids_are_reused_and_capacity_enforced():
 
 # -- errors leave everything unchanged -----------------------------------------------------
 
-def _scenario():
-    table = make(num_pages=10, page_size=4, max_seqs=4, max_pages_per_seq=8)
+def _scenario(make_table):
+    table = make_table(num_pages=10, page_size=4, max_seqs=4, max_pages_per_seq=8)
     a = table.add_sequence()
     table.append([a], [6])
     b = table.fork(a)
@@ -206,9 +202,9 @@ BAD_APPENDS = [
 
 
 @pytest.mark.parametrize(("args", "error", "message"), BAD_APPENDS)
-def test_bad_append_changes_nothing(args, error, message):
-    table, seqs = _scenario()
-    twin, _ = _scenario()
+def test_bad_append_changes_nothing(make_table, args, error, message):
+    table, seqs = _scenario(make_table)
+    twin, _ = _scenario(make_table)
     before = table_state(table)
     with pytest.raises(error, match=message):
         table.append(*args(seqs))
@@ -222,8 +218,8 @@ def test_bad_append_changes_nothing(args, error, message):
     assert_same_future(table, twin, [seqs[1]])
 
 
-def test_out_of_pages_with_cow_counts_the_copy():
-    table, (a, b, c) = _scenario()
+def test_out_of_pages_with_cow_counts_the_copy(make_table):
+    table, (a, b, c) = _scenario(make_table)
     # 10 pages: a/b share 2, c has 1 -> 7 free. b appending 1 needs its CoW copy.
     assert table.pages_needed([b], [1]) == 1
     assert table.pages_needed([a, b], [1, 1]) == 1
@@ -235,8 +231,8 @@ def test_out_of_pages_with_cow_counts_the_copy():
 
 
 @pytest.mark.parametrize("method", ["remove", "fork", "num_tokens", "pages"])
-def test_unknown_sequence(method):
-    table, _ = _scenario()
+def test_unknown_sequence(make_table, method):
+    table, _ = _scenario(make_table)
     before = table_state(table)
     with pytest.raises(UnknownSequenceError, match="seq_id 3 is not active") as info:
         getattr(table, method)(3)
@@ -245,8 +241,8 @@ def test_unknown_sequence(method):
     assert_same_state(before, table_state(table))
 
 
-def test_slot_errors():
-    table, (a, _, _) = _scenario()
+def test_slot_errors(make_table):
+    table, (a, _, _) = _scenario(make_table)
     with pytest.raises(IndexError, match=r"token_idx 6 out of range \[0, 6\) for seq_id 0"):
         table.slot(a, 6)
     with pytest.raises(UnknownSequenceError):
@@ -255,8 +251,8 @@ def test_slot_errors():
         table.slot("0", 0)
 
 
-def test_metadata_unknown_sequence():
-    table, (a, _, _) = _scenario()
+def test_metadata_unknown_sequence(make_table):
+    table, (a, _, _) = _scenario(make_table)
     with pytest.raises(UnknownSequenceError, match="seq_id 3 is not active"):
         table.flashinfer_metadata([a, 3])
     with pytest.raises(UnknownSequenceError):
@@ -280,8 +276,8 @@ def test_constructor_validates(kwargs, message):
         PageTable(None, 16, 4, 4)
 
 
-def test_state_survives_repeated_fill_and_drain():
-    table = make(num_pages=32, page_size=3, max_seqs=8, max_pages_per_seq=32)
+def test_state_survives_repeated_fill_and_drain(make_table):
+    table = make_table(num_pages=32, page_size=3, max_seqs=8, max_pages_per_seq=32)
     rng = np.random.default_rng(0)
     for _ in range(50):
         seqs = [table.add_sequence() for _ in range(4)]

@@ -19,21 +19,8 @@ from kvcore._prefix import PrefixIndex, _is_indexed_py
 from ._state import assert_same_state, table_state
 
 
-def make(num_pages=32, page_size=4, max_seqs=8, max_pages=16, **kw):
-    return PageTable(PageAllocator(num_pages), page_size, max_seqs, max_pages,
-                     enable_prefix_cache=True, **kw)
-
-
-def prefill(table, tokens, namespace=0):
-    """Add a sequence the way a scheduler does: look up, then append the rest."""
-    seq = table.add_sequence(tokens, namespace=namespace)
-    cached = table.num_tokens(seq)
-    table.append([seq], [len(tokens) - cached], token_ids=tokens[cached:])
-    return seq, cached
-
-
-def test_hit_maps_the_same_pages_and_leaves_one_token():
-    table = make()
+def test_hit_maps_the_same_pages_and_leaves_one_token(make_prefix_table, prefill):
+    table = make_prefix_table()
     prompt = list(range(100, 110))                  # 10 tokens: 2 full pages + 2
     a, cached = prefill(table, prompt)
     assert cached == 0 and table.num_cached_pages == 2
@@ -50,16 +37,16 @@ def test_hit_maps_the_same_pages_and_leaves_one_token():
     table.check_invariants()
 
 
-def test_a_miss_in_the_middle_stops_the_match():
-    table = make()
+def test_a_miss_in_the_middle_stops_the_match(make_prefix_table, prefill):
+    table = make_prefix_table()
     prefill(table, [*list(range(12)), 99])
     other = [*list(range(4)), 50, 51, 52, 53, *list(range(8, 12)), 99]
     _seq, cached = prefill(table, other)
     assert cached == 4     # page 1 differs, so page 2 (same tokens, other parent) misses
 
 
-def test_same_tokens_after_different_prefixes_are_different_pages():
-    table = make()
+def test_same_tokens_after_different_prefixes_are_different_pages(make_prefix_table, prefill):
+    table = make_prefix_table()
     tail = [7, 7, 7, 7]
     a, _ = prefill(table, [1, 2, 3, 4, *tail, 0])
     b, cached = prefill(table, [5, 6, 7, 8, *tail, 0])
@@ -68,8 +55,8 @@ def test_same_tokens_after_different_prefixes_are_different_pages():
     assert table.num_cached_pages == 4
 
 
-def test_namespaces_never_share():
-    table = make()
+def test_namespaces_never_share(make_prefix_table, prefill):
+    table = make_prefix_table()
     prompt = list(range(9))
     prefill(table, prompt, namespace=1)
     _, cached = prefill(table, prompt, namespace=2)
@@ -78,8 +65,8 @@ def test_namespaces_never_share():
     assert cached == 8
 
 
-def test_decode_filled_pages_become_cacheable():
-    table = make()
+def test_decode_filled_pages_become_cacheable(make_prefix_table, prefill):
+    table = make_prefix_table()
     seq, _ = prefill(table, [1, 2])
     for token in [3, 4, 5, 6, 7]:
         table.append([seq], [1], token_ids=[token])
@@ -88,8 +75,8 @@ def test_decode_filled_pages_become_cacheable():
     assert cached == 4
 
 
-def test_append_without_token_ids_stops_registering():
-    table = make()
+def test_append_without_token_ids_stops_registering(make_prefix_table):
+    table = make_prefix_table()
     seq = table.add_sequence()
     table.append([seq], [4], token_ids=[1, 2, 3, 4])
     table.append([seq], [4])                          # ids unknown from here on
@@ -97,8 +84,8 @@ def test_append_without_token_ids_stops_registering():
     assert table.num_cached_pages == 1
 
 
-def test_forked_samples_register_their_own_pages():
-    table = make()
+def test_forked_samples_register_their_own_pages(make_prefix_table, prefill):
+    table = make_prefix_table()
     parent, _ = prefill(table, [1, 2, 3, 4, 5, 6])
     child = table.fork(parent)
     table.append([parent, child], [2, 2], token_ids=[7, 8, 17, 18])
@@ -108,8 +95,8 @@ def test_forked_samples_register_their_own_pages():
     table.check_invariants()
 
 
-def test_identical_prefix_computed_twice_is_indexed_once_and_chains_on():
-    table = make()
+def test_identical_prefix_computed_twice_is_indexed_once_and_chains_on(make_prefix_table, prefill):
+    table = make_prefix_table()
     a = table.add_sequence()
     b = table.add_sequence()
     table.append([a, b], [4, 4], token_ids=[1, 2, 3, 4] * 2)     # both compute page 0
@@ -119,10 +106,10 @@ def test_identical_prefix_computed_twice_is_indexed_once_and_chains_on():
     assert cached == 8
 
 
-def test_hash_collisions_never_hand_out_other_tokens():
+def test_hash_collisions_never_hand_out_other_tokens(make_prefix_table, prefill):
     """With 2 hash bits nearly every page collides; lookups must still be exact."""
-    weak, strong = make(num_pages=256, max_seqs=64, prefix_hash_bits=2), make(
-        num_pages=256, max_seqs=64)
+    weak = make_prefix_table(num_pages=256, max_seqs=64, prefix_hash_bits=2)
+    strong = make_prefix_table(num_pages=256, max_seqs=64)
     rng = np.random.default_rng(0)
     prompts = [rng.integers(0, 3, size=int(rng.integers(1, 20))).tolist() for _ in range(60)]
     live = []
@@ -145,8 +132,8 @@ def test_hash_collisions_never_hand_out_other_tokens():
         strong.check_invariants()
 
 
-def test_eviction_takes_clean_pages_first_then_least_recently_freed():
-    table = make(num_pages=8, page_size=2)
+def test_eviction_takes_clean_pages_first_then_least_recently_freed(make_prefix_table, prefill):
+    table = make_prefix_table(num_pages=8, page_size=2)
     a, _ = prefill(table, [1, 2, 3, 4, 5])     # pages 0, 1 cached, 2 partial
     b, _ = prefill(table, [6, 7, 8, 9, 10])    # pages 3, 4 cached, 5 partial
     table.remove(a)   # tail first: 2 clean; 1 then 0 evictable
@@ -163,8 +150,8 @@ def test_eviction_takes_clean_pages_first_then_least_recently_freed():
     assert kinds.tolist()[-1] == EVENT_EVICTED and pages.tolist()[-1] == 1
 
 
-def test_prefix_outlives_its_tail():
-    table = make(num_pages=6, page_size=2)
+def test_prefix_outlives_its_tail(make_prefix_table, prefill):
+    table = make_prefix_table(num_pages=6, page_size=2)
     a, _ = prefill(table, [1, 2, 3, 4, 5, 6, 7])   # pages 0, 1, 2 cached, 3 partial
     table.remove(a)
     b = table.add_sequence()
@@ -173,8 +160,8 @@ def test_prefix_outlives_its_tail():
     assert cached == 4                              # pages 0 and 1 survived
 
 
-def test_hit_on_an_evictable_page_takes_it_back():
-    table = make()
+def test_hit_on_an_evictable_page_takes_it_back(make_prefix_table, prefill):
+    table = make_prefix_table()
     a, _ = prefill(table, list(range(9)))
     table.remove(a)
     alloc = table.allocator
@@ -185,8 +172,8 @@ def test_hit_on_an_evictable_page_takes_it_back():
     table.check_invariants()
 
 
-def test_out_of_pages_with_evictable_pages_changes_nothing():
-    table = make(num_pages=6, page_size=2)
+def test_out_of_pages_with_evictable_pages_changes_nothing(make_prefix_table, prefill):
+    table = make_prefix_table(num_pages=6, page_size=2)
     a, _ = prefill(table, [1, 2, 3, 4, 5])
     table.remove(a)
     b = table.add_sequence()
@@ -201,8 +188,8 @@ def test_out_of_pages_with_evictable_pages_changes_nothing():
     table.check_invariants()
 
 
-def test_events_report_stores_and_evictions_and_drop_when_full():
-    table = make(num_pages=4, page_size=2, prefix_event_capacity=3)
+def test_events_report_stores_and_evictions_and_drop_when_full(make_prefix_table, prefill):
+    table = make_prefix_table(num_pages=4, page_size=2, prefix_event_capacity=3)
     a, _ = prefill(table, [1, 2, 3, 4, 5])
     kinds, pages, hashes = table.take_events()
     assert kinds.tolist() == [EVENT_STORED] * 2 and pages.tolist() == [0, 1]
@@ -214,8 +201,8 @@ def test_events_report_stores_and_evictions_and_drop_when_full():
     assert len(kinds) == 3 and table.prefix_stats["events_dropped"] == 2
 
 
-def test_clear_prefix_cache():
-    table = make()
+def test_clear_prefix_cache(make_prefix_table, prefill):
+    table = make_prefix_table()
     a, _ = prefill(table, list(range(9)))
     _b, _ = prefill(table, list(range(100, 109)))
     table.remove(a)
@@ -234,8 +221,8 @@ def test_clear_prefix_cache():
      "token_ids holds 1 ids but num_new_tokens add up to 2"),
     (lambda t, s: t.append([s], [1], token_ids=[2**31]), ValueError, "token ids must be in"),
 ])
-def test_bad_prefix_arguments_change_nothing(call, error, message):
-    table = make()
+def test_bad_prefix_arguments_change_nothing(make_prefix_table, prefill, call, error, message):
+    table = make_prefix_table()
     seq, _ = prefill(table, list(range(9)))
     before = table_state(table)
     cached, events = table.num_cached_pages, table.prefix_stats
@@ -285,7 +272,7 @@ def test_kvcache_prefix_hit_reads_the_original_kv():
     cache.check_invariants()
 
 
-def test_test_entry_points_check_their_arguments():
+def test_test_entry_points_check_their_arguments(make_prefix_table, prefill):
     """The test-only entry points raise typed errors for bad input (they used to crash)."""
     index = PrefixIndex(4, 4)
     assert _is_indexed_py(index, 3) is False
@@ -298,7 +285,7 @@ def test_test_entry_points_check_their_arguments():
     plain = PageTable(PageAllocator(8), 4, 2, 2)
     with pytest.raises(ValueError, match="prefix caching is off for this table"):
         _slot_token_py(plain, 0, 0)
-    table = make()
+    table = make_prefix_table()
     seq, _ = prefill(table, [1, 2, 3, 4, 5])
     page = int(table.pages(seq)[0])
     assert [_slot_token_py(table, page, j) for j in range(4)] == [1, 2, 3, 4]

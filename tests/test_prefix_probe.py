@@ -9,18 +9,6 @@ from kvcore import CapacityError, KVCache, KVCacheConfig, PageAllocator, PageTab
 from ._state import assert_same_future, assert_same_state, table_state
 
 
-def make(num_pages=32, page_size=4, max_seqs=8, max_pages=16, **kw):
-    return PageTable(PageAllocator(num_pages), page_size, max_seqs, max_pages,
-                     enable_prefix_cache=True, **kw)
-
-
-def prefill(table, tokens, namespace=0):
-    seq = table.add_sequence(tokens, namespace=namespace)
-    cached = table.num_tokens(seq)
-    table.append([seq], [len(tokens) - cached], token_ids=tokens[cached:])
-    return seq
-
-
 def observe(table):
     """Every observable of the table short of the events (drained separately)."""
     alloc = table.allocator
@@ -41,8 +29,8 @@ def probe_changes_nothing(table, tokens, namespace=0):
     return answer
 
 
-def test_the_rule_whole_pages_and_one_token_left():
-    table = make()
+def test_the_rule_whole_pages_and_one_token_left(make_prefix_table, prefill):
+    table = make_prefix_table()
     prefill(table, [5, 6, 7, 8, 9, 10, 11, 12, 13])     # pages [5..8] and [9..12] cached
     assert probe_changes_nothing(table, [5, 6, 7, 8, 9, 10, 11, 12, 13]) == 8
     assert probe_changes_nothing(table, [5, 6, 7, 8, 9, 10, 11, 12, 99, 98]) == 8
@@ -56,31 +44,31 @@ def test_the_rule_whole_pages_and_one_token_left():
     assert probe_changes_nothing(table, [5, 6, 7, 8, 9, 10, 11, 12, 13], namespace=1) == 0
 
 
-def test_capped_by_max_pages_per_seq_like_add_sequence():
-    table = make(max_pages=3)
+def test_capped_by_max_pages_per_seq_like_add_sequence(make_prefix_table):
+    table = make_prefix_table(max_pages=3)
     seq = table.add_sequence()
     table.append([seq], [12], token_ids=list(range(12)))     # 3 full pages cached
     prompt = [*range(12), 50]
     table.remove(seq)
     assert probe_changes_nothing(table, prompt) == 12
-    table2 = make(max_pages=2)
+    table2 = make_prefix_table(max_pages=2)
     seq = table2.add_sequence()
     table2.append([seq], [8], token_ids=list(range(8)))
     assert probe_changes_nothing(table2, [*range(8), 1, 2, 3, 4, 5]) == 8   # 2 pages at most
     assert table2.num_tokens(table2.add_sequence([*range(8), 1, 2, 3, 4, 5])) == 8
 
 
-def test_evictable_pages_count_and_stay_evictable():
-    table = make()
-    seq = prefill(table, list(range(9)))
+def test_evictable_pages_count_and_stay_evictable(make_prefix_table, prefill):
+    table = make_prefix_table()
+    seq, _ = prefill(table, list(range(9)))
     table.remove(seq)
     assert table.allocator.num_evictable == 2
     assert probe_changes_nothing(table, list(range(9))) == 8
     assert table.allocator.num_evictable == 2
 
 
-def test_needs_no_free_sequence_slot():
-    table = make(max_seqs=2)
+def test_needs_no_free_sequence_slot(make_prefix_table, prefill):
+    table = make_prefix_table(max_seqs=2)
     prefill(table, list(range(9)))
     table.add_sequence()
     with pytest.raises(CapacityError):
@@ -88,8 +76,8 @@ def test_needs_no_free_sequence_slot():
     assert probe_changes_nothing(table, list(range(9))) == 8
 
 
-def test_after_clear_nothing_matches():
-    table = make()
+def test_after_clear_nothing_matches(make_prefix_table, prefill):
+    table = make_prefix_table()
     prefill(table, list(range(9)))
     table.clear_prefix_cache()
     assert probe_changes_nothing(table, list(range(9))) == 0
@@ -120,8 +108,9 @@ def test_off_returns_zero_but_still_checks_arguments():
     ([1], True, TypeError, "namespace must be an integer, got bool"),
     ([1], 2**63, ValueError, "namespace 9223372036854775808 is outside the int64 range"),
 ])
-def test_bad_arguments_raise_the_errors_of_add_sequence(tokens, namespace, error, message):
-    table = make()
+def test_bad_arguments_raise_the_errors_of_add_sequence(make_prefix_table, prefill, tokens,
+                                                         namespace, error, message):
+    table = make_prefix_table()
     prefill(table, list(range(9)))
     before = observe(table)
     with pytest.raises(error, match=message):
@@ -134,8 +123,8 @@ def test_bad_arguments_raise_the_errors_of_add_sequence(tokens, namespace, error
     assert before[1:] == after[1:]
 
 
-def test_accepts_every_token_array_add_sequence_accepts():
-    table = make()
+def test_accepts_every_token_array_add_sequence_accepts(make_prefix_table, prefill):
+    table = make_prefix_table()
     prefill(table, list(range(9)))
     for tokens in (list(range(9)), tuple(range(9)), np.arange(9, dtype=np.int32),
                    np.arange(9, dtype=np.int64), np.arange(9, dtype=np.uint8),
@@ -145,12 +134,12 @@ def test_accepts_every_token_array_add_sequence_accepts():
 
 @pytest.mark.parametrize("hash_bits", [64, 2])
 @pytest.mark.parametrize("seed", range(4))
-def test_agrees_with_add_sequence_and_changes_nothing(hash_bits, seed):
+def test_agrees_with_add_sequence_and_changes_nothing(make_prefix_table, hash_bits, seed):
     """A random workload over a small pool (so pages are evicted and reused) on a table
     and an untouched twin: probing never changes the table, and what it reports is what
     add_sequence then maps. With 2 hash bits nearly every page collides in the index."""
     rng = np.random.default_rng(seed)
-    table, twin = (make(num_pages=24, page_size=2, max_seqs=6, max_pages=12,
+    table, twin = (make_prefix_table(num_pages=24, page_size=2, max_seqs=6, max_pages=12,
                         prefix_hash_bits=hash_bits) for _ in range(2))
     live = []
     num_evictions = 0
