@@ -184,60 +184,41 @@ CACHE_CALLS = {
 #: the values of a group differ; None: the value is valid there). Shapes first: a
 #: scalar where an array is expected is a ShapeError (a ValueError) for the facade's
 #: own array arguments and a ValueError from the bookkeeping (gather's seq_ids).
+#: A layer index: integers out of range are IndexError, everything else TypeError.
+LAYER_ERRORS = {
+    "NOT_INTS": TypeError,
+    "BEYOND_INT64": IndexError,
+    "EDGE_INTS": IndexError,
+    "NOT_INT_ARRAYS": TypeError,
+    "BEYOND_INT64_ARRAYS": TypeError,
+    "NOT_1D": TypeError,
+    "EDGE_ARRAYS": TypeError,
+    "EXTRA_KV": TypeError,
+}
+#: A K or V array: every hostile value is a ShapeError.
+KV_ERRORS = dict.fromkeys(LAYER_ERRORS, ShapeError)
+#: Host index arrays of the facade (slot_mapping, copy_pages ids): shape first.
+HOST_INDEX_ERRORS = {
+    "NOT_INTS": ShapeError,
+    "BEYOND_INT64": ShapeError,
+    "EDGE_INTS": ShapeError,
+    "NOT_INT_ARRAYS": TypeError,
+    "BEYOND_INT64_ARRAYS": ValueError,
+    "NOT_1D": ShapeError,
+}
 EXPECTED_CACHE_ERRORS = {
-    "write(layer)": {
-        "NOT_INTS": TypeError,
-        "BEYOND_INT64": IndexError,
-        "EDGE_INTS": IndexError,
-        "NOT_INT_ARRAYS": TypeError,
-        "BEYOND_INT64_ARRAYS": TypeError,
-        "NOT_1D": TypeError,
-        "EDGE_ARRAYS": TypeError,
-        "EXTRA_KV": TypeError,
-    },
-    "write(k)": {
-        "NOT_INTS": ShapeError,
-        "BEYOND_INT64": ShapeError,
-        "EDGE_INTS": ShapeError,
-        "NOT_INT_ARRAYS": ShapeError,
-        "BEYOND_INT64_ARRAYS": ShapeError,
-        "NOT_1D": ShapeError,
-        "EDGE_ARRAYS": ShapeError,
-        "EXTRA_KV": ShapeError,
-    },
-    "write(v)": {
-        "NOT_INTS": ShapeError,
-        "BEYOND_INT64": ShapeError,
-        "EDGE_INTS": ShapeError,
-        "NOT_INT_ARRAYS": ShapeError,
-        "BEYOND_INT64_ARRAYS": ShapeError,
-        "NOT_1D": ShapeError,
-        "EDGE_ARRAYS": ShapeError,
-        "EXTRA_KV": ShapeError,
-    },
+    "write(layer)": LAYER_ERRORS,
+    "write(k)": KV_ERRORS,
+    "write(v)": KV_ERRORS,
     "write(slot_mapping)": {
-        "NOT_INTS": ShapeError,
-        "BEYOND_INT64": ShapeError,
-        "EDGE_INTS": ShapeError,
-        "NOT_INT_ARRAYS": TypeError,
-        "BEYOND_INT64_ARRAYS": ValueError,
-        "NOT_1D": ShapeError,
+        **HOST_INDEX_ERRORS,
         "EDGE_ARRAYS": ShapeError,
         "EXTRA_KV": [
             ShapeError, ShapeError, ShapeError, ShapeError, ShapeError, InvalidPageError,
             InvalidPageError, InvalidPageError, None
         ],
     },
-    "gather(layer)": {
-        "NOT_INTS": TypeError,
-        "BEYOND_INT64": IndexError,
-        "EDGE_INTS": IndexError,
-        "NOT_INT_ARRAYS": TypeError,
-        "BEYOND_INT64_ARRAYS": TypeError,
-        "NOT_1D": TypeError,
-        "EDGE_ARRAYS": TypeError,
-        "EXTRA_KV": TypeError,
-    },
+    "gather(layer)": LAYER_ERRORS,
     "gather(seq_ids)": {
         "NOT_INTS": ValueError,
         "BEYOND_INT64": ValueError,
@@ -252,12 +233,7 @@ EXPECTED_CACHE_ERRORS = {
         ],
     },
     "copy_pages(src)": {
-        "NOT_INTS": ShapeError,
-        "BEYOND_INT64": ShapeError,
-        "EDGE_INTS": ShapeError,
-        "NOT_INT_ARRAYS": TypeError,
-        "BEYOND_INT64_ARRAYS": ValueError,
-        "NOT_1D": ShapeError,
+        **HOST_INDEX_ERRORS,
         "EDGE_ARRAYS": [InvalidPageError, None, ValueError],
         "EXTRA_KV": [
             ShapeError, ShapeError, ShapeError, ShapeError, ShapeError, ValueError, ValueError,
@@ -265,38 +241,15 @@ EXPECTED_CACHE_ERRORS = {
         ],
     },
     "copy_pages(dst)": {
-        "NOT_INTS": ShapeError,
-        "BEYOND_INT64": ShapeError,
-        "EDGE_INTS": ShapeError,
-        "NOT_INT_ARRAYS": TypeError,
-        "BEYOND_INT64_ARRAYS": ValueError,
-        "NOT_1D": ShapeError,
+        **HOST_INDEX_ERRORS,
         "EDGE_ARRAYS": [InvalidPageError, ValueError, ValueError],
         "EXTRA_KV": [
             ShapeError, ShapeError, ShapeError, ShapeError, ShapeError, ValueError, ValueError,
             ValueError, ValueError
         ],
     },
-    "k_cache": {
-        "NOT_INTS": TypeError,
-        "BEYOND_INT64": IndexError,
-        "EDGE_INTS": IndexError,
-        "NOT_INT_ARRAYS": TypeError,
-        "BEYOND_INT64_ARRAYS": TypeError,
-        "NOT_1D": TypeError,
-        "EDGE_ARRAYS": TypeError,
-        "EXTRA_KV": TypeError,
-    },
-    "v_cache": {
-        "NOT_INTS": TypeError,
-        "BEYOND_INT64": IndexError,
-        "EDGE_INTS": IndexError,
-        "NOT_INT_ARRAYS": TypeError,
-        "BEYOND_INT64_ARRAYS": TypeError,
-        "NOT_1D": TypeError,
-        "EDGE_ARRAYS": TypeError,
-        "EXTRA_KV": TypeError,
-    },
+    "k_cache": LAYER_ERRORS,
+    "v_cache": LAYER_ERRORS,
 }
 
 
