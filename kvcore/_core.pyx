@@ -38,7 +38,7 @@ from kvcore._args cimport (
     readonly_view,
     token_array,
 )
-from kvcore._prefix cimport PrefixCache, PrefixHooks
+from kvcore._prefix cimport PrefixCache, PrefixHooks, new_prefix_cache
 from kvcore._typedefs cimport NO_PAGE, page_id_t, seq_id_t, slot_t
 
 from kvcore._args import first_slot_out_of_range
@@ -231,7 +231,8 @@ cdef class PageTable:
         self._seq_lens_view = readonly_view(seq_lens)
         # The one place that decides whether prefix caching is on: every other use of
         # self._prefix goes through its doors, which do nothing on a plain PrefixHooks.
-        self._prefix = (PrefixCache(allocator, ps, ms, prefix_hash_bits, prefix_event_capacity)
+        self._prefix = (new_prefix_cache(allocator, ps, ms, prefix_hash_bits,
+                                         prefix_event_capacity)
                         if enable_prefix_cache else PrefixHooks())
 
     def __repr__(self):

@@ -110,3 +110,7 @@ cdef class PrefixCache(PrefixHooks):
     # query statistics
     cdef int64_t _queries, _queried_tokens, _hit_tokens
     cdef object _owners
+
+
+cdef PrefixCache new_prefix_cache(PageAllocator allocator, int32_t page_size, int32_t max_seqs,
+                                  object hash_bits, object event_capacity)

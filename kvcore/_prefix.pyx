@@ -361,6 +361,20 @@ cdef class PrefixHooks:
         return -1
 
 
+cdef bint _from_factory = False
+
+
+cdef PrefixCache new_prefix_cache(PageAllocator allocator, int32_t page_size, int32_t max_seqs,
+                                  object hash_bits, object event_capacity):
+    """The one way to make a PrefixCache (from Cython: PageTable's constructor)."""
+    global _from_factory
+    _from_factory = True
+    try:
+        return PrefixCache(allocator, page_size, max_seqs, hash_bits, event_capacity)
+    finally:
+        _from_factory = False
+
+
 @cython.final
 cdef class PrefixCache(PrefixHooks):
     """The prefix cache of one PageTable: its index, per-sequence chains and statistics.
@@ -392,6 +406,8 @@ cdef class PrefixCache(PrefixHooks):
 
     def __cinit__(self, PageAllocator allocator not None, int32_t page_size, int32_t max_seqs,
                   hash_bits, event_capacity):
+        if not _from_factory:   # it attaches to the allocator for good: only PageTable may
+            raise TypeError("a PrefixCache is made by PageTable(..., enable_prefix_cache=True)")
         allocator.ensure_unattached()
         self._index = PrefixIndex(allocator.page_count(), page_size,
                                   int_arg(hash_bits, "prefix_hash_bits"),

@@ -190,3 +190,14 @@ def test_kvcache_passthrough():
     off = KVCache(KVCacheConfig(num_layers=1, num_kv_heads=1, head_dim=2, page_size=4,
                                 num_pages=16, dtype="float32"), device="cpu")
     assert off.match_prefix(list(range(9))) == 0
+
+
+def test_a_prefix_cache_cannot_be_made_outside_a_page_table():
+    """It would attach to the allocator for good; only PageTable may make one."""
+    from kvcore._prefix import PrefixCache
+
+    allocator = PageAllocator(8)
+    with pytest.raises(TypeError, match="made by PageTable"):
+        PrefixCache(allocator, 4, 2, 64, 10)
+    table = PageTable(allocator, 4, 2, 4, enable_prefix_cache=True)   # still attachable
+    table.check_invariants()
