@@ -14,12 +14,12 @@ import numpy as np
 
 cimport cython
 cimport numpy as cnp
-from libc.stdint cimport INT32_MAX, int32_t, int64_t, uint8_t
+from libc.stdint cimport INT32_MAX, int32_t, int64_t, uint8_t, uint32_t
 
 from kvcore._args cimport empty_int32, int_arg, page_arg, page_array, positive_int32, readonly_view
 from kvcore._typedefs cimport NO_PAGE, page_id_t, refcount_t
 
-from kvcore.errors import KVCoreError, OutOfPagesError, RefcountError
+from kvcore.errors import InvalidPageError, KVCoreError, OutOfPagesError, RefcountError
 
 cnp.import_array()
 
@@ -253,9 +253,12 @@ cdef class PageAllocator:
         cdef int64_t count = int_arg(n, "n")
         if count < 0:
             raise ValueError(f"n must be >= 0, got {count}")
-        if count > self._num_clean + self._num_evictable:
+        if count > self._num_pages:   # never possible: no NumPy MemoryError for it
             raise OutOfPagesError(count, self._num_clean + self._num_evictable)
         cdef cnp.ndarray out = empty_int32(<Py_ssize_t>count)
+        # Checked after the allocation, which may let another thread take pages.
+        if count > self._num_clean + self._num_evictable:
+            raise OutOfPagesError(count, self._num_clean + self._num_evictable)
         self.take(<page_id_t*>cnp.PyArray_DATA(out), <int32_t>count)
         return out
 
@@ -315,10 +318,15 @@ cdef class PageAllocator:
         # Decrement, undoing everything on the first page that was already free, so a
         # page listed more often than it is referenced is caught before any change. A
         # page reaches 0 at most once in this loop (one more sighting would be the error).
+        # ``pages`` may be the caller's own int32 array, which another thread could have
+        # changed while ``freed`` was allocated: the range is checked again, here.
+        cdef uint32_t num_pages = <uint32_t>self._num_pages
         for i in range(n):
-            if rc[p[i]] == 0:
+            if <uint32_t>p[i] >= num_pages or rc[p[i]] == 0:
                 for j in range(i):
                     rc[p[j]] += 1
+                if <uint32_t>p[i] >= num_pages:
+                    raise InvalidPageError(f"page {p[i]} out of range [0, {self._num_pages})")
                 raise RefcountError(f"decref of free page {p[i]} (double free)")
             rc[p[i]] -= 1
             if rc[p[i]] == 0:

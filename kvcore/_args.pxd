@@ -15,6 +15,16 @@ cdef inline bint is_fast_int64(object obj) noexcept:
     """Whether ``obj`` is already a 1-D C-contiguous int64 ndarray (used as is)."""
     return (type(obj) is cnp.ndarray
             and cnp.PyArray_TYPE(<cnp.ndarray>obj) == cnp.NPY_INT64
+            and cnp.PyArray_ISNOTSWAPPED(<cnp.ndarray>obj)   # >i8 has the same type number
+            and cnp.PyArray_NDIM(<cnp.ndarray>obj) == 1
+            and cnp.PyArray_IS_C_CONTIGUOUS(<cnp.ndarray>obj))
+
+
+cdef inline bint is_fast_int32(object obj) noexcept:
+    """Whether ``obj`` is already a 1-D C-contiguous native int32 ndarray (used as is)."""
+    return (type(obj) is cnp.ndarray
+            and cnp.PyArray_TYPE(<cnp.ndarray>obj) == cnp.NPY_INT32
+            and cnp.PyArray_ISNOTSWAPPED(<cnp.ndarray>obj)   # >i4 has the same type number
             and cnp.PyArray_NDIM(<cnp.ndarray>obj) == 1
             and cnp.PyArray_IS_C_CONTIGUOUS(<cnp.ndarray>obj))
 
@@ -38,3 +48,4 @@ cdef cnp.ndarray token_array(object tokens, str name)
 cdef cnp.ndarray page_array(object pages, str name, int32_t num_pages)
 cdef int32_t page_arg(object page_id, str name, int32_t num_pages) except -1
 cdef object readonly_view(cnp.ndarray owner)
+cdef int check_page_range(const int32_t* pages, Py_ssize_t n, int32_t num_pages) except -1

@@ -22,6 +22,7 @@ import operator
 
 import numpy as np
 
+cimport cython
 cimport numpy as cnp
 from libc.stdint cimport INT32_MAX, int32_t, int64_t, uint32_t
 
@@ -61,6 +62,8 @@ cdef cnp.ndarray int64_array(object obj, str name):
         arr = np.asarray(obj)
     except (OverflowError, ValueError) as exc:
         raise ValueError(f"{name} must be a 1-D sequence of integers ({exc})") from None
+    except Exception as exc:   # a caller's __array__ / __len__ may raise anything
+        raise TypeError(f"{name} could not be read as an array ({exc!r})") from exc
     if arr.ndim != 1:
         raise ValueError(f"{name} must be 1-D, got shape {(<object>arr).shape}")
     kind = arr.dtype.kind
@@ -120,9 +123,7 @@ cdef cnp.ndarray token_array(object tokens, str name):
     """``tokens`` as a contiguous int32 array of ids in ``[0, 2**31 - 1]``."""
     cdef Py_ssize_t i, n
     cdef const int32_t* p32
-    if (type(tokens) is cnp.ndarray and cnp.PyArray_TYPE(<cnp.ndarray>tokens) == cnp.NPY_INT32
-            and cnp.PyArray_NDIM(<cnp.ndarray>tokens) == 1
-            and cnp.PyArray_IS_C_CONTIGUOUS(<cnp.ndarray>tokens)):
+    if is_fast_int32(tokens):
         p32 = <const int32_t*>cnp.PyArray_DATA(<cnp.ndarray>tokens)
         n = cnp.PyArray_DIM(<cnp.ndarray>tokens, 0)
         for i in range(n):
@@ -145,9 +146,7 @@ cdef cnp.ndarray page_array(object pages, str name, int32_t num_pages):
     cdef const int32_t* p32
     cdef const int64_t* p64
     cdef Py_ssize_t i, n
-    if (type(pages) is cnp.ndarray and cnp.PyArray_TYPE(<cnp.ndarray>pages) == cnp.NPY_INT32
-            and cnp.PyArray_NDIM(<cnp.ndarray>pages) == 1
-            and cnp.PyArray_IS_C_CONTIGUOUS(<cnp.ndarray>pages)):
+    if is_fast_int32(pages):
         arr = <cnp.ndarray>pages   # the common case: pages that kvcore handed out
         p32 = <const int32_t*>cnp.PyArray_DATA(arr)
         n = cnp.PyArray_DIM(arr, 0)
@@ -172,10 +171,35 @@ cdef int32_t page_arg(object page_id, str name, int32_t num_pages) except -1:
     return <int32_t>page
 
 
+cdef int check_page_range(const int32_t* pages, Py_ssize_t n, int32_t num_pages) except -1:
+    """InvalidPageError for the first of ``pages[0:n]`` outside ``[0, num_pages)``."""
+    cdef Py_ssize_t i
+    for i in range(n):
+        if <uint32_t>pages[i] >= <uint32_t>num_pages:
+            raise InvalidPageError(f"page {pages[i]} out of range [0, {num_pages})")
+    return 0
+
+
+@cython.final
+cdef class _Keepalive:
+    """The ``.base`` of a read-only view: keeps the owner alive without exposing it.
+
+    It has no attributes and no buffer interface, so neither ``view.base`` leads back to
+    the writable owner nor can NumPy switch the view's write flag back on (NumPy only
+    allows that when the base chain ends in a writable buffer).
+    """
+    cdef object _owner
+
+
 cdef object readonly_view(cnp.ndarray owner):
     """A read-only view of ``owner`` (the owner itself stays writable for the core)."""
-    view = owner.view()
-    view.flags.writeable = False
+    cdef _Keepalive keep = _Keepalive()
+    keep._owner = owner
+    cdef cnp.ndarray view = cnp.PyArray_New(
+        cnp.ndarray, cnp.PyArray_NDIM(owner), cnp.PyArray_DIMS(owner),
+        cnp.PyArray_TYPE(owner), cnp.PyArray_STRIDES(owner), cnp.PyArray_DATA(owner),
+        0, cnp.NPY_ARRAY_C_CONTIGUOUS | cnp.NPY_ARRAY_ALIGNED, None)
+    cnp.set_array_base(view, keep)
     return view
 
 
@@ -184,8 +208,11 @@ def first_slot_out_of_range(cnp.ndarray slots not None, int64_t num_slots):
 
     One C pass; NumPy's ``min()`` and ``max()`` cost a few µs each on decode-size arrays.
     """
-    if cnp.PyArray_TYPE(slots) != cnp.NPY_INT64 or cnp.PyArray_NDIM(slots) != 1:
-        raise TypeError("slots must be a 1-D int64 array")
+    # Any native 8-byte signed integer (int64, and longlong, whose type number differs);
+    # a byte-swapped >i8 has the same type number as int64 and must not pass.
+    if ((<cnp.dtype>cnp.PyArray_DESCR(slots)).kind != b"i" or cnp.PyArray_ITEMSIZE(slots) != 8
+            or not cnp.PyArray_ISNOTSWAPPED(slots) or cnp.PyArray_NDIM(slots) != 1):
+        raise TypeError("slots must be a 1-D native int64 array")
     slots = np.ascontiguousarray(slots)
     cdef const int64_t* p = <const int64_t*>cnp.PyArray_DATA(slots)
     cdef Py_ssize_t i, n = cnp.PyArray_DIM(slots, 0)

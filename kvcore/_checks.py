@@ -47,6 +47,8 @@ def host_index_array(values, name: str) -> np.ndarray:
         arr = np.asarray(values)
     except (TypeError, ValueError, OverflowError) as exc:
         raise ValueError(f"{name} must be a 1-D array of integers ({exc})") from None
+    except Exception as exc:   # a caller's __array__ / __len__ may raise anything
+        raise TypeError(f"{name} could not be read as an array ({exc!r})") from exc
     if arr.ndim != 1:             # the first mistake checked: a scalar is not an array
         raise ShapeError(f"{name} must be 1-D, got shape {arr.shape}")
     if arr.size == 0 and arr.dtype.kind not in "iu":

@@ -7,7 +7,7 @@ the doors declared in ``_allocator.pxd`` and ``_prefix.pxd``.
 """
 
 cimport cython
-from libc.stdint cimport int32_t, int64_t, uint8_t
+from libc.stdint cimport int32_t, int64_t, uint8_t, uint64_t
 
 from kvcore._allocator cimport PageAllocator
 from kvcore._prefix cimport PrefixHooks
@@ -34,12 +34,17 @@ cdef class PageTable:
     cdef PrefixHooks _prefix         # never None: a no-op PrefixHooks when caching is off
     cdef object _block_table_view
     cdef object _seq_lens_view
+    cdef uint64_t _version           # bumped by every call that changes the table
 
     cdef int64_t _seq_arg(self, object seq_id) except -1
+    cdef int64_t _active_arg(self, int64_t s) except -1
+    cdef int64_t _sum_pages(self, const int64_t* seq_ids, Py_ssize_t batch) noexcept
+    cdef int64_t _max_row_pages(self, const int64_t* seq_ids, Py_ssize_t batch) noexcept
     cdef int _check_active(self, const int64_t* seq_ids, Py_ssize_t batch,
                            bint allow_duplicates) except -1
     cdef tuple _batch_args(self, object seq_ids, object num_new_tokens)
     cdef int64_t _new_seq(self)
+    cdef int64_t _recount(self, const int64_t* counts, Py_ssize_t batch) noexcept nogil
     cdef int64_t _max_prefix_pages(self, int64_t num_tokens) noexcept nogil
     cdef void _append_unchecked(self, const int64_t* seq_ids, const int64_t* counts,
                                 Py_ssize_t batch, slot_t* slots, page_id_t* copy_src,

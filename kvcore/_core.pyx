@@ -23,7 +23,7 @@ import numpy as np
 
 cimport cython
 cimport numpy as cnp
-from libc.stdint cimport INT32_MAX, int32_t, int64_t, uint8_t, uint32_t
+from libc.stdint cimport INT32_MAX, int32_t, int64_t, uint8_t, uint32_t, uint64_t
 from libc.string cimport memcpy
 
 from kvcore._allocator cimport PageAllocator
@@ -85,7 +85,10 @@ globals()["PageAllocator"] = PageAllocator
 # PageAllocator lives in _allocator; its docstring examples are run with this module's.
 __test__ = {"PageAllocator": PageAllocator}
 
-AppendResult = namedtuple("AppendResult", ["slot_mapping", "copy_src", "copy_dst"])
+# ``module`` because namedtuple would otherwise record the caller frame's module,
+# which a Cython module does not have: pickle must find the class here.
+AppendResult = namedtuple("AppendResult", ["slot_mapping", "copy_src", "copy_dst"],
+                          module="kvcore._core")
 AppendResult.__doc__ = """What :meth:`PageTable.append` did.
 
 Attributes
@@ -101,10 +104,6 @@ copy_src, copy_dst : numpy.ndarray of int32, shape [num_copies]
 # same object directly, as namedtuple._make does.
 cdef object _new_tuple = tuple.__new__
 
-# The copy_src / copy_dst of an append without copy-on-write: empty, so sharing one
-# read-only array between results is indistinguishable from a fresh one.
-_NO_PAGES = np.empty(0, dtype=np.int32)
-_NO_PAGES.flags.writeable = False
 
 
 # --------------------------------------------------------------------------------------
@@ -144,6 +143,15 @@ cdef int _log2_or_minus_one(int32_t n):
 # --------------------------------------------------------------------------------------
 # PageTable
 # --------------------------------------------------------------------------------------
+
+cdef bint _ndim_is_zero(object obj):
+    """Whether ``obj`` reads as a 0-d value; False when reading it raises (a caller's
+    ``__array__`` may raise anything: ``int64_array`` then reports it as a TypeError)."""
+    try:
+        return np.ndim(obj) == 0
+    except Exception:
+        return False
+
 
 @cython.final
 cdef class PageTable:
@@ -203,6 +211,9 @@ cdef class PageTable:
         cdef int32_t ps = positive_int32(page_size, "page_size")
         cdef int32_t ms = positive_int32(max_seqs, "max_seqs")
         cdef int32_t mp = positive_int32(max_pages_per_seq, "max_pages_per_seq")
+        if not isinstance(enable_prefix_cache, (bool, np.bool_)):   # as KVCacheConfig
+            raise TypeError(f"enable_prefix_cache must be a bool, got "
+                            f"{type(enable_prefix_cache).__name__}")
         if <int64_t>mp * ps > INT32_MAX:
             raise ValueError(
                 f"max_pages_per_seq * page_size = {<int64_t>mp * ps} tokens exceeds {INT32_MAX}")
@@ -233,7 +244,8 @@ cdef class PageTable:
         # self._prefix goes through its doors, which do nothing on a plain PrefixHooks.
         self._prefix = (new_prefix_cache(allocator, ps, ms, prefix_hash_bits,
                                          prefix_event_capacity)
-                        if enable_prefix_cache else PrefixHooks())
+                        if bool(enable_prefix_cache) else PrefixHooks())
+        self._version = 0
 
     def __repr__(self):
         return (f"PageTable(page_size={self._page_size}, max_seqs={self._max_seqs}, "
@@ -275,7 +287,9 @@ cdef class PageTable:
     # -- validation helpers ----------------------------------------------------------------
 
     cdef int64_t _seq_arg(self, object seq_id) except -1:
-        cdef int64_t s = int_arg(seq_id, "seq_id")
+        return self._active_arg(int_arg(seq_id, "seq_id"))
+
+    cdef int64_t _active_arg(self, int64_t s) except -1:
         if s < 0 or s >= self._max_seqs or not self._active[s]:
             raise UnknownSequenceError(f"seq_id {s} is not active")
         return s
@@ -378,11 +392,15 @@ cdef class PageTable:
         if is_fast_int64(num_new_tokens):
             counts = <cnp.ndarray>num_new_tokens
         elif (type(num_new_tokens) is not list and type(num_new_tokens) is not tuple
-                and not isinstance(num_new_tokens, cnp.ndarray) and np.ndim(num_new_tokens) == 0):
+                and (cnp.PyArray_NDIM(<cnp.ndarray>num_new_tokens) == 0
+                     if isinstance(num_new_tokens, cnp.ndarray)
+                     else hasattr(type(num_new_tokens), "__index__")
+                     or _ndim_is_zero(num_new_tokens))):
             # One count for every sequence: checked as an integer, so 1.5 or True is the
             # TypeError of any integer argument, not a complaint about its shape.
             counts = np.full(cnp.PyArray_DIM(sids, 0),
-                             int_arg(num_new_tokens, "num_new_tokens"), dtype=np.int64)
+                             int_arg(num_new_tokens[()] if isinstance(num_new_tokens, cnp.ndarray)
+                                     else num_new_tokens, "num_new_tokens"), dtype=np.int64)
         else:
             counts = int64_array(num_new_tokens, "num_new_tokens")
         cdef Py_ssize_t i, batch = cnp.PyArray_DIM(sids, 0)
@@ -442,22 +460,29 @@ cdef class PageTable:
         ``add_sequence([5, 6, 7, 8, 9, 10, 11, 12])`` maps 1: the last token is always
         left to compute.
         """
+        # Every argument is converted (running whatever user code that takes) and every
+        # Python object made before the first read of the state; from that read to the
+        # return only C runs, so no other thread and no re-entrant call can come between.
         cdef int64_t ns = int_arg(namespace, "namespace")
         cdef cnp.ndarray tok
         cdef int64_t s
-        if self._num_free_seqs == 0:
-            raise CapacityError(f"all {self._max_seqs} sequence slots are in use")
         if tokens is None or not self._prefix.enabled():   # tokens are ignored when off
+            if self._num_free_seqs == 0:
+                raise CapacityError(f"all {self._max_seqs} sequence slots are in use")
             s = self._new_seq()
             self._prefix.seq_started(s, ns, NULL, 0)
             return s
         tok = token_array(tokens, "tokens")
+        if tok is tokens:   # the caller's own array: another thread could write to it
+            tok = cnp.PyArray_NewCopy(tok, cnp.NPY_CORDER)
         cdef const int32_t* tp = <const int32_t*>cnp.PyArray_DATA(tok)
         cdef int64_t n = cnp.PyArray_DIM(tok, 0)
         cdef int64_t max_hits = self._max_prefix_pages(n)
-        # Look up first (nothing changes), then map what was found.
         cdef cnp.ndarray hits_arr = empty_int32(max_hits)
         cdef page_id_t* hits = <page_id_t*>cnp.PyArray_DATA(hits_arr)
+        # The critical part starts here. Look up first (nothing changes), then map.
+        if self._num_free_seqs == 0:
+            raise CapacityError(f"all {self._max_seqs} sequence slots are in use")
         cdef int64_t i, num_hits = self._prefix.lookup(tp, max_hits, ns, hits)
         cdef PageAllocator alloc = self.allocator
         for i in range(num_hits):
@@ -523,6 +548,7 @@ cdef class PageTable:
         return k if k < self._max_pages_per_seq else self._max_pages_per_seq
 
     cdef int64_t _new_seq(self):
+        self._version += 1
         self._num_free_seqs -= 1
         cdef seq_id_t s = self._free_seqs[self._num_free_seqs]
         self._active[s] = 1
@@ -554,6 +580,7 @@ cdef class PageTable:
         for i in range(npages):
             if alloc.refs(src[i]) == INT32_MAX:
                 raise RefcountError(f"refcount of page {src[i]} would overflow int32")
+        self._version += 1
         self._num_free_seqs -= 1
         cdef seq_id_t child = self._free_seqs[self._num_free_seqs]
         cdef page_id_t* dst = self._table + <int64_t>child * self._max_pages_per_seq
@@ -579,6 +606,7 @@ cdef class PageTable:
         cdef page_id_t* row = self._table + s * self._max_pages_per_seq
         # Tail first: the free stack is LIFO, so a sequence's first page is reused last.
         cdef PageAllocator alloc = self.allocator
+        self._version += 1
         for i in range(npages - 1, -1, -1):
             alloc.drop_ref(row[i])
             row[i] = NO_PAGE
@@ -595,7 +623,19 @@ cdef class PageTable:
 
     def active_seq_ids(self):
         """Return the active seq ids in increasing order, int32 [num_seqs] (an owned copy)."""
-        return np.flatnonzero(self._owners[2]).astype(np.int32)
+        cdef cnp.ndarray out = None
+        cdef int32_t* dst
+        cdef int64_t s, k
+        while True:   # the allocation may let another thread in: retry if it changed the table
+            if out is not None and cnp.PyArray_DIM(out, 0) == self._num_seqs:
+                dst = <int32_t*>cnp.PyArray_DATA(out)
+                k = 0
+                for s in range(self._max_seqs):
+                    if self._active[s]:
+                        dst[k] = <int32_t>s
+                        k += 1
+                return out
+            out = empty_int32(self._num_seqs)
 
     # -- the scheduler step ----------------------------------------------------------------
 
@@ -605,7 +645,11 @@ cdef class PageTable:
         Parameters are those of :meth:`append`; the same errors are raised for bad input.
         Nothing is changed.
         """
-        sids, counts, _ = self._batch_args(seq_ids, num_new_tokens)
+        sids, counts, total = self._batch_args(seq_ids, num_new_tokens)
+        if self._recount(<const int64_t*>cnp.PyArray_DATA(counts), cnp.PyArray_DIM(counts, 0)) \
+                != <int64_t>total:
+            raise ValueError("num_new_tokens changed while pages_needed was converting "
+                             "its arguments")
         self._check_batch(<const int64_t*>cnp.PyArray_DATA(sids),
                           <const int64_t*>cnp.PyArray_DATA(counts), cnp.PyArray_DIM(sids, 0))
         cdef int64_t copies
@@ -664,9 +708,17 @@ cdef class PageTable:
         cdef cnp.ndarray tok = None
         if token_ids is not None:
             tok = token_array(token_ids, "token_ids")
+            if tok is token_ids:   # the caller's own array: copy what must not change
+                tok = cnp.PyArray_NewCopy(tok, cnp.NPY_CORDER)
             if cnp.PyArray_DIM(tok, 0) != total_tokens:
                 raise ValueError(f"token_ids holds {cnp.PyArray_DIM(tok, 0)} ids but "
                                  f"num_new_tokens add up to {total_tokens}")
+        # Every new token takes a slot of its own in the pool, so a total above the pool
+        # cannot be met (and must not reach NumPy's MemoryError below).
+        cdef int64_t pool_slots = <int64_t>self.allocator.page_count() * self._page_size
+        if total_tokens > pool_slots:
+            raise OutOfPagesError(_ceil_div(total_tokens, self._page_size),
+                                  self.allocator.free_count())
         # Every Python object is made before the state is read: an allocation can run the
         # garbage collector, whose finalizers may let another thread in. From the checks
         # below to the end of the mutation only C runs, so the call is atomic.
@@ -674,6 +726,12 @@ cdef class PageTable:
         cdef cnp.ndarray copies = empty_int32(2 * batch)   # at most one copy per sequence
         cdef page_id_t* copy_ptr = <page_id_t*>cnp.PyArray_DATA(copies)
         cdef slot_t* slots = <slot_t*>cnp.PyArray_DATA(slot_mapping)
+        # seq_ids and the counts may be the caller's own arrays, changed by another
+        # thread during those allocations: the counts are summed again here, inside the
+        # critical part, and must still fit slot_mapping; seq ids are checked below.
+        if self._recount(cp, batch) != total_tokens:
+            raise ValueError("num_new_tokens changed while append was converting its "
+                             "arguments")
         self._check_batch(sp, cp, batch)
         cdef int64_t num_copies
         cdef int64_t needed = self._count_new_pages(sp, cp, batch, &num_copies)
@@ -681,17 +739,30 @@ cdef class PageTable:
         if needed > available:
             raise OutOfPagesError(needed, available)
         # Validation is complete: from here on nothing can fail.
+        self._version += 1
         self._append_unchecked(sp, cp, batch, slots, copy_ptr, copy_ptr + batch)
         self._prefix.appended(sp, cp, batch, slots,
                               NULL if tok is None else <const int32_t*>cnp.PyArray_DATA(tok),
                               self._table, self._max_pages_per_seq, self._seq_lens)
-        if num_copies == 0:   # the common case: shared read-only empty arrays
-            return _new_tuple(AppendResult, (slot_mapping, _NO_PAGES, _NO_PAGES))
+        # The critical part ends: what follows reads only this call's own buffers.
         cdef cnp.ndarray copy_src = empty_int32(<Py_ssize_t>num_copies)
         cdef cnp.ndarray copy_dst = empty_int32(<Py_ssize_t>num_copies)
-        memcpy(cnp.PyArray_DATA(copy_src), copy_ptr, num_copies * sizeof(page_id_t))
-        memcpy(cnp.PyArray_DATA(copy_dst), copy_ptr + batch, num_copies * sizeof(page_id_t))
+        if num_copies:
+            memcpy(cnp.PyArray_DATA(copy_src), copy_ptr, num_copies * sizeof(page_id_t))
+            memcpy(cnp.PyArray_DATA(copy_dst), copy_ptr + batch,
+                   num_copies * sizeof(page_id_t))
         return _new_tuple(AppendResult, (slot_mapping, copy_src, copy_dst))
+
+    cdef int64_t _recount(self, const int64_t* counts, Py_ssize_t batch) noexcept nogil:
+        """Sum of ``counts``, or -1 if one is negative or above a row's capacity."""
+        cdef Py_ssize_t i
+        cdef int64_t total = 0
+        cdef int64_t max_tokens = <int64_t>self._max_pages_per_seq * self._page_size
+        for i in range(batch):
+            if counts[i] < 0 or counts[i] > max_tokens:
+                return -1
+            total += counts[i]
+        return total
 
     cdef void _append_unchecked(self, const int64_t* seq_ids, const int64_t* counts,
                                 Py_ssize_t batch, slot_t* slots, page_id_t* copy_src,
@@ -752,9 +823,17 @@ cdef class PageTable:
 
     def pages(self, seq_id):
         """Return the pages of ``seq_id`` in order: int32 [ceil(num_tokens / page_size)], a copy."""
-        cdef int64_t s = self._seq_arg(seq_id)
-        cdef int64_t npages = _ceil_div(self._seq_lens[s], self._page_size)
-        return self._block_table_view[s, :npages].copy()
+        cdef int64_t s = int_arg(seq_id, "seq_id")
+        cdef int64_t npages
+        cdef cnp.ndarray out = None
+        while True:   # the allocation may let another thread in: retry if it changed the table
+            s = self._active_arg(s)
+            npages = _ceil_div(self._seq_lens[s], self._page_size)
+            if out is not None and cnp.PyArray_DIM(out, 0) == npages:
+                memcpy(cnp.PyArray_DATA(out), self._table + s * self._max_pages_per_seq,
+                       npages * sizeof(page_id_t))
+                return out
+            out = empty_int32(npages)
 
     def slot(self, seq_id, token_idx):
         """Return the slot of token ``token_idx`` of ``seq_id``.
@@ -766,8 +845,8 @@ cdef class PageTable:
         IndexError
             ``token_idx`` outside ``[0, num_tokens(seq_id))``.
         """
+        cdef int64_t t = int_arg(token_idx, "token_idx")   # user code before any state read
         cdef int64_t s = self._seq_arg(seq_id)
-        cdef int64_t t = int_arg(token_idx, "token_idx")
         if t < 0 or t >= self._seq_lens[s]:
             raise IndexError(
                 f"token_idx {t} out of range [0, {self._seq_lens[s]}) for seq_id {s}")
@@ -798,28 +877,66 @@ cdef class PageTable:
         cdef cnp.ndarray sids = int64_array(seq_ids, "seq_ids")
         cdef const int64_t* sp = <const int64_t*>cnp.PyArray_DATA(sids)
         cdef Py_ssize_t b, batch = cnp.PyArray_DIM(sids, 0)
-        self._check_active(sp, batch, True)
         cdef cnp.ndarray indptr_arr = empty_int32(batch + 1)
         cdef cnp.ndarray last_arr = empty_int32(batch)
         cdef int32_t* indptr = <int32_t*>cnp.PyArray_DATA(indptr_arr)
         cdef int32_t* last = <int32_t*>cnp.PyArray_DATA(last_arr)
-        cdef int64_t nnz = 0
+        cdef int64_t nnz = self._sum_pages(sp, batch)
         cdef uint32_t n, ps = <uint32_t>self._page_size
         cdef int shift = self._page_shift
-        indptr[0] = 0
-        for b in range(batch):
-            n = <uint32_t>self._seq_lens[sp[b]]
-            nnz += _num_pages_for(n, ps, shift)
-            indptr[b + 1] = <int32_t>nnz
-            last[b] = 0 if n == 0 else <int32_t>(_mod(n - 1, ps, shift) + 1)
-        if nnz > INT32_MAX:
-            raise OverflowError("page_indices would exceed int32 indexing")
-        cdef cnp.ndarray indices_arr = empty_int32(<Py_ssize_t>nnz)
-        cdef page_id_t* indices = <page_id_t*>cnp.PyArray_DATA(indices_arr)
+        cdef cnp.ndarray indices_arr
+        cdef page_id_t* indices
+        while True:
+            if nnz > INT32_MAX:
+                raise CapacityError(f"page_indices would hold {nnz} pages, more than int32 "
+                                    f"indexing allows ({INT32_MAX})")
+            indices_arr = empty_int32(<Py_ssize_t>nnz)
+            # Critical part: that allocation may have let another thread change the table
+            # (or seq_ids, when it is the caller's array); everything is read again here
+            # and the pages copied only if they still fit.
+            self._check_active(sp, batch, True)
+            nnz = 0
+            indptr[0] = 0
+            for b in range(batch):
+                n = <uint32_t>self._seq_lens[sp[b]]
+                nnz += _num_pages_for(n, ps, shift)
+                indptr[b + 1] = <int32_t>nnz
+                last[b] = 0 if n == 0 else <int32_t>(_mod(n - 1, ps, shift) + 1)
+            if nnz == cnp.PyArray_DIM(indices_arr, 0):
+                break
+        indices = <page_id_t*>cnp.PyArray_DATA(indices_arr)
         for b in range(batch):
             memcpy(indices + indptr[b], self._table + sp[b] * self._max_pages_per_seq,
                    (indptr[b + 1] - indptr[b]) * sizeof(page_id_t))
         return indptr_arr, indices_arr, last_arr
+
+    cdef int64_t _sum_pages(self, const int64_t* seq_ids, Py_ssize_t batch) noexcept:
+        """Pages mapped by the batch, counting nothing for an invalid id (a size hint
+        only: the critical part checks the ids and counts again)."""
+        cdef Py_ssize_t b
+        cdef int64_t s, nnz = 0, max_seqs = self._max_seqs
+        cdef uint32_t ps = <uint32_t>self._page_size
+        cdef int shift = self._page_shift
+        cdef const int32_t* lens = self._seq_lens
+        for b in range(batch):
+            s = seq_ids[b]
+            if 0 <= s < max_seqs:
+                nnz += _num_pages_for(<uint32_t>lens[s], ps, shift)
+        return nnz
+
+    cdef int64_t _max_row_pages(self, const int64_t* seq_ids, Py_ssize_t batch) noexcept:
+        """Most pages mapped by one sequence of the batch (a size hint, as _sum_pages)."""
+        cdef Py_ssize_t b
+        cdef int64_t s, npages, width = 0, max_seqs = self._max_seqs
+        cdef uint32_t ps = <uint32_t>self._page_size
+        cdef int shift = self._page_shift
+        for b in range(batch):
+            s = seq_ids[b]
+            if 0 <= s < max_seqs:
+                npages = _num_pages_for(<uint32_t>self._seq_lens[s], ps, shift)
+                if npages > width:
+                    width = npages
+        return width
 
     def block_tables(self, seq_ids):
         """Return vLLM-style block tables for a batch: int32 [B, max pages among them], -1 padded.
@@ -832,14 +949,17 @@ cdef class PageTable:
         cdef cnp.ndarray sids = int64_array(seq_ids, "seq_ids")
         cdef const int64_t* sp = <const int64_t*>cnp.PyArray_DATA(sids)
         cdef Py_ssize_t b, batch = cnp.PyArray_DIM(sids, 0)
-        self._check_active(sp, batch, True)
-        cdef int64_t width = 0, npages
-        for b in range(batch):
-            npages = _ceil_div(self._seq_lens[sp[b]], self._page_size)
-            if npages > width:
-                width = npages
-        out = np.full((batch, width), NO_PAGE, dtype=np.int32)
-        cdef page_id_t* dst = <page_id_t*>cnp.PyArray_DATA(out)
+        cdef int64_t width = self._max_row_pages(sp, batch), npages
+        cdef page_id_t* dst
+        while True:
+            out = np.full((batch, width), NO_PAGE, dtype=np.int32)
+            # Critical part: read everything again after the allocation (see
+            # flashinfer_metadata) and copy only if the rows still fit.
+            self._check_active(sp, batch, True)
+            if self._max_row_pages(sp, batch) == width:
+                break
+            width = self._max_row_pages(sp, batch)
+        dst = <page_id_t*>cnp.PyArray_DATA(out)
         for b in range(batch):
             npages = _ceil_div(self._seq_lens[sp[b]], self._page_size)
             memcpy(dst + b * width, self._table + sp[b] * self._max_pages_per_seq,

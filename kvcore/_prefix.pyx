@@ -234,12 +234,31 @@ cdef class PrefixIndex(Evictor):
         page_hash : numpy.ndarray of uint64, shape [n]
             The page's chained hash: equal hashes mean the same prefix to a router.
         """
-        order = (np.arange(self._ev_count) + self._ev_start) % self._ev_capacity
-        owners = self._owners
-        out = (owners["ev_kind"][order], owners["ev_page"][order], owners["ev_hash"][order])
+        cdef cnp.ndarray kind = None, page = None, hashes = None
+        cdef cnp.npy_intp dims[1]
+        cdef int64_t i, at, n
+        while True:
+            # Critical part: sizes checked, events copied and cleared with no Python
+            # object made in between; an allocation (which may let another thread add
+            # or take events) only happens before it, and then everything is re-read.
+            n = self._ev_count
+            if kind is not None and cnp.PyArray_DIM(kind, 0) == n:
+                break
+            dims[0] = n
+            kind = cnp.PyArray_EMPTY(1, dims, cnp.NPY_UINT8, 0)
+            page = cnp.PyArray_EMPTY(1, dims, cnp.NPY_INT32, 0)
+            hashes = cnp.PyArray_EMPTY(1, dims, cnp.NPY_UINT64, 0)
+        cdef uint8_t* k = <uint8_t*>cnp.PyArray_DATA(kind)
+        cdef page_id_t* p = <page_id_t*>cnp.PyArray_DATA(page)
+        cdef uint64_t* h = <uint64_t*>cnp.PyArray_DATA(hashes)
+        for i in range(n):
+            at = (self._ev_start + i) % self._ev_capacity
+            k[i] = self._ev_kind[at]
+            p[i] = self._ev_page[at]
+            h[i] = self._ev_hash[at]
         self._ev_start = 0
         self._ev_count = 0
-        return out
+        return kind, page, hashes
 
     def check(self):
         """Raise KVCoreError unless the table and the per-page flags agree."""

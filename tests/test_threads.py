@@ -3,6 +3,7 @@ threads. Several threads hammer one table (prefix caching on, shared prompts, so
 also share pages) with a switch interval of a microsecond; afterwards the invariants
 hold and every thread's sequences have exactly the lengths and pages it expects."""
 
+import os
 import sys
 import threading
 
@@ -71,3 +72,93 @@ def test_one_table_many_threads():
     for mine in results.values():
         for seq, length in mine.items():
             assert table.num_tokens(seq) == length
+
+
+STRESS_OPS = int(os.environ.get("KVCORE_STRESS_OPS", "1500"))   # longer profile: raise it
+
+
+def stress_worker(table, seed, owned, taken_pages, events, errors):
+    rng = np.random.default_rng(seed)
+    mine = set()
+    try:
+        for _ in range(STRESS_OPS):
+            op = int(rng.integers(12))
+            try:
+                if op == 0 or not mine:
+                    prompt = np.array([1, 2, 3, 4, 5, *rng.integers(0, 3, size=3)], dtype=">i4")
+                    seq = table.add_sequence(prompt)
+                    assert seq not in owned, f"seq {seq} handed out twice"
+                    owned[seq] = seed
+                    mine.add(seq)
+                elif op == 1:
+                    child = table.fork(next(iter(mine)))
+                    assert child not in owned, f"seq {child} handed out twice"
+                    owned[child] = seed
+                    mine.add(child)
+                elif op == 2:
+                    seq = mine.pop()
+                    del owned[seq]
+                    table.remove(seq)
+                elif op == 3:
+                    seqs = np.array(sorted(mine), dtype=np.int64)
+                    table.append(seqs, np.ones(len(seqs), dtype=np.int64),
+                                 token_ids=rng.integers(0, 3, size=len(seqs)).astype(">i8"))
+                elif op == 4:
+                    indptr, indices, _ = table.flashinfer_metadata(list(mine))
+                    assert indptr[-1] == indices.size
+                elif op == 5:
+                    table.block_tables(np.array(list(mine), dtype=np.int32))
+                elif op == 6:
+                    assert set(table.active_seq_ids().tolist()) >= mine
+                elif op == 7:
+                    kind, _, _ = table.take_events()
+                    events.append(kind.size)
+                elif op == 8:
+                    table.pages_needed(list(mine), 2)
+                    table.match_prefix([1, 2, 3, 4, 5])
+                elif op == 9:
+                    seq = next(iter(mine))
+                    table.pages(seq)
+                    if table.num_tokens(seq):
+                        table.slot(seq, 0)
+                elif op == 10:
+                    pages = table.allocator.allocate(2)
+                    for p in pages.tolist():
+                        assert p not in taken_pages, f"page {p} handed out twice"
+                        taken_pages.add(p)
+                    for p in pages.tolist():
+                        taken_pages.discard(p)
+                    table.allocator.decref(pages.astype(">i4"))
+                else:
+                    table.prefix_stats   # noqa: B018
+            except (OutOfPagesError, CapacityError):
+                pass
+    except BaseException as exc:  # surfaced in the main thread
+        errors.append(exc)
+
+
+def test_every_call_many_threads():
+    """Every public table call from 8 threads at once: distinct seq and page ids,
+    invariants hold, and no event is lost without being counted."""
+    table = PageTable(PageAllocator(512), 4, 64, 32, enable_prefix_cache=True,
+                      prefix_event_capacity=64)
+    owned, taken_pages, events, errors = {}, set(), [], []
+    old = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)
+    try:
+        threads = [threading.Thread(target=stress_worker,
+                                    args=(table, seed, owned, taken_pages, events, errors))
+                   for seed in range(8)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    finally:
+        sys.setswitchinterval(old)
+    assert not errors, errors[0]
+    table.check_invariants()
+    assert set(owned) == set(table.active_seq_ids().tolist())
+    kind, _, _ = table.take_events()
+    stats = table.prefix_stats
+    assert sum(events) + kind.size + stats["events_dropped"] == (
+        stats["stored"] + stats["evictions"])

@@ -67,8 +67,8 @@ class NumpyBackend:
                 raise ShapeError(f"{name} is on a CUDA device but the cache is on cpu")
             try:
                 array = np.asarray(bfloat16_as_int16(array))
-            except (TypeError, ValueError) as exc:
-                raise ShapeError(f"{name} cannot be read as an array: {exc}") from None
+            except Exception as exc:   # a caller's __array__ may raise anything
+                raise ShapeError(f"{name} cannot be read as an array: {exc!r}") from None
         check_kv_shape(array.shape, self.config, name)
         if array.dtype != self._dtype:
             if array.dtype.byteorder == ">" or not kv_dtype_ok(self.config.dtype,
