@@ -15,8 +15,9 @@ def make(max_seqs=2):
     return table
 
 
-class Index:
-    """An integer whose ``__index__`` runs ``action`` first."""
+class Fires:
+    """Holds ``value`` and runs ``action`` (a callback into the table) the first time
+    the argument is read."""
 
     def __init__(self, value, action):
         self.value, self.action = value, action
@@ -25,22 +26,18 @@ class Index:
         action, self.action = self.action, None
         if action is not None:
             action()
+
+
+class Index(Fires):
+    """An integer whose ``__index__`` runs ``action`` first."""
 
     def __index__(self):
         self.fire()
         return self.value
 
 
-class Callback:
+class Callback(Fires):
     """An array whose ``__array__`` and ``__len__`` run ``action`` first."""
-
-    def __init__(self, value, action):
-        self.value, self.action = value, action
-
-    def fire(self):   # once: NumPy may ask for the length more than once
-        action, self.action = self.action, None
-        if action is not None:
-            action()
 
     def __array__(self, dtype=None, copy=None):
         self.fire()
@@ -54,16 +51,8 @@ class Callback:
         return self.value[i]
 
 
-class Seq:
+class Seq(Fires):
     """Only ``__len__`` and ``__getitem__``: NumPy converts it as a sequence."""
-
-    def __init__(self, value, action):
-        self.value, self.action = value, action
-
-    def fire(self):   # once: NumPy may ask for the length more than once
-        action, self.action = self.action, None
-        if action is not None:
-            action()
 
     def __len__(self):
         self.fire()
