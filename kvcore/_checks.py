@@ -25,12 +25,10 @@ def kv_dtype_ok(cache_dtype: str, dtype_name: str) -> bool:
     return dtype_name == cache_dtype
 
 
-def check_kv_shape(shape, config: KVCacheConfig, name: str, rows: int | None = None) -> None:
-    """``shape`` must be ``[T, num_kv_heads, head_dim]`` (``T == rows`` when given)."""
-    if (len(shape) != 3 or shape[1] != config.num_kv_heads or shape[2] != config.head_dim
-            or (rows is not None and shape[0] != rows)):
-        first = "T" if rows is None else str(rows)
-        raise ShapeError(f"{name} must have shape [{first}, {config.num_kv_heads}, "
+def check_kv_shape(shape, config: KVCacheConfig, name: str) -> None:
+    """``shape`` must be ``[T, num_kv_heads, head_dim]``."""
+    if len(shape) != 3 or shape[1] != config.num_kv_heads or shape[2] != config.head_dim:
+        raise ShapeError(f"{name} must have shape [T, {config.num_kv_heads}, "
                          f"{config.head_dim}], got {tuple(shape)}")
 
 

@@ -14,11 +14,21 @@ import numpy as np
 
 from kvcore._core import AppendResult, PageAllocator, PageTable
 from kvcore.backends import make_backend
+from kvcore.backends.kernel_abi import (
+    ERR_OUTPUT_TOO_SMALL,
+    ERR_PAGE_OUT_OF_RANGE,
+    ERR_SLOT_OUT_OF_RANGE,
+)
 from kvcore.config import KVCacheConfig
 from kvcore.errors import InvalidPageError
 from kvcore.metadata import StepMetadata
 
 __all__ = ["KVCache"]
+
+#: What each bit of the device error word means (values in kvcore/backends/kernel_abi.py).
+_ERROR_BITS = ((ERR_SLOT_OUT_OF_RANGE, "slots outside the pool"),
+               (ERR_PAGE_OUT_OF_RANGE, "page ids outside the pool"),
+               (ERR_OUTPUT_TOO_SMALL, "pages that did not fit the gather outputs"))
 
 
 class KVCache:
@@ -434,13 +444,7 @@ class KVCache:
         handle = self._stream(stream)
         flags = self.backend.synchronize(handle)
         if flags:
-            what = []
-            if flags & 1:
-                what.append("slots outside the pool")
-            if flags & 2:
-                what.append("page ids outside the pool")
-            if flags & 4:
-                what.append("pages that did not fit the gather outputs")
+            what = [text for bit, text in _ERROR_BITS if flags & bit]
             raise InvalidPageError(f"a kernel skipped {' and '.join(what)} given in device "
                                    "arrays; those elements were not written")
 

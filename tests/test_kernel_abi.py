@@ -48,3 +48,12 @@ def test_every_width_is_instantiated():
     widths = sorted(int(w) for w in re.findall(r"KVCORE_INSTANTIATE\(\w+(?: \w+)?, (\d+)\)",
                                                    text))
     assert widths == sorted(VECTOR_WIDTHS)
+
+
+def test_error_bits_agree_with_the_cuda_header():
+    from kvcore.backends import kernel_abi
+
+    header = (SOURCE.parent / "kvcore_common.cuh").read_text()
+    bits = dict(re.findall(r"#define KVCORE_(ERR_\w+) (\d+)", header))
+    assert bits and {k: int(v) for k, v in bits.items()} == {
+        name: getattr(kernel_abi, name) for name in bits}

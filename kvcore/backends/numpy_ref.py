@@ -16,14 +16,7 @@ from kvcore.backends.arrays import stream_handle
 from kvcore.config import KVCacheConfig
 from kvcore.errors import ShapeError
 
-__all__ = ["NumpyBackend", "storage_dtype"]
-
-
-def storage_dtype(dtype_name: str) -> np.dtype:
-    """NumPy dtype that stores ``dtype_name`` (bfloat16 as its raw uint16 words); the
-    same as :attr:`KVCacheConfig.storage_dtype`."""
-    return np.dtype({"float16": np.float16, "float32": np.float32,
-                     "bfloat16": np.uint16}[dtype_name])
+__all__ = ["NumpyBackend"]
 
 
 class NumpyBackend:
