@@ -11,22 +11,22 @@ cimport numpy as cnp
 from libc.stdint cimport int32_t, int64_t
 
 
-cdef inline bint is_fast_int64(object obj) noexcept:
-    """Whether ``obj`` is already a 1-D C-contiguous int64 ndarray (used as is)."""
+cdef inline bint is_fast_array(object obj, int type_num) noexcept:
+    """Whether ``obj`` is already a 1-D C-contiguous native-order ndarray of ``type_num``
+    (used as is; anything else is converted)."""
     return (type(obj) is cnp.ndarray
-            and cnp.PyArray_TYPE(<cnp.ndarray>obj) == cnp.NPY_INT64
+            and cnp.PyArray_TYPE(<cnp.ndarray>obj) == type_num
             and cnp.PyArray_ISNOTSWAPPED(<cnp.ndarray>obj)   # >i8 has the same type number
             and cnp.PyArray_NDIM(<cnp.ndarray>obj) == 1
             and cnp.PyArray_IS_C_CONTIGUOUS(<cnp.ndarray>obj))
 
 
+cdef inline bint is_fast_int64(object obj) noexcept:
+    return is_fast_array(obj, cnp.NPY_INT64)
+
+
 cdef inline bint is_fast_int32(object obj) noexcept:
-    """Whether ``obj`` is already a 1-D C-contiguous native int32 ndarray (used as is)."""
-    return (type(obj) is cnp.ndarray
-            and cnp.PyArray_TYPE(<cnp.ndarray>obj) == cnp.NPY_INT32
-            and cnp.PyArray_ISNOTSWAPPED(<cnp.ndarray>obj)   # >i4 has the same type number
-            and cnp.PyArray_NDIM(<cnp.ndarray>obj) == 1
-            and cnp.PyArray_IS_C_CONTIGUOUS(<cnp.ndarray>obj))
+    return is_fast_array(obj, cnp.NPY_INT32)
 
 
 cdef inline cnp.ndarray empty_int32(Py_ssize_t n):

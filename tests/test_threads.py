@@ -14,6 +14,21 @@ from kvcore import CapacityError, OutOfPagesError, PageAllocator, PageTable
 THREADS, OPS = 4, 3000
 
 
+def run_threads(target, arguments):
+    """One thread per argument tuple, all at a 1 µs switch interval so they interleave
+    often; returns when every thread has finished."""
+    old = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)
+    try:
+        threads = [threading.Thread(target=target, args=args) for args in arguments]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    finally:
+        sys.setswitchinterval(old)
+
+
 def worker(table, seed, results, errors):
     rng = np.random.default_rng(seed)
     mine = {}   # seq -> expected length
@@ -54,17 +69,7 @@ def worker(table, seed, results, errors):
 def test_one_table_many_threads():
     table = PageTable(PageAllocator(256), 4, 64, 32, enable_prefix_cache=True)
     results, errors = {}, []
-    old = sys.getswitchinterval()
-    sys.setswitchinterval(1e-6)
-    try:
-        threads = [threading.Thread(target=worker, args=(table, seed, results, errors))
-                   for seed in range(THREADS)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
-    finally:
-        sys.setswitchinterval(old)
+    run_threads(worker, [(table, seed, results, errors) for seed in range(THREADS)])
     assert not errors, errors[0]
     table.check_invariants()
     live = {seq for mine in results.values() for seq in mine}
@@ -143,18 +148,8 @@ def test_every_call_many_threads():
     table = PageTable(PageAllocator(512), 4, 64, 32, enable_prefix_cache=True,
                       prefix_event_capacity=64)
     owned, taken_pages, events, errors = {}, set(), [], []
-    old = sys.getswitchinterval()
-    sys.setswitchinterval(1e-6)
-    try:
-        threads = [threading.Thread(target=stress_worker,
-                                    args=(table, seed, owned, taken_pages, events, errors))
-                   for seed in range(8)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
-    finally:
-        sys.setswitchinterval(old)
+    run_threads(stress_worker, [(table, seed, owned, taken_pages, events, errors)
+                                for seed in range(8)])
     assert not errors, errors[0]
     table.check_invariants()
     assert set(owned) == set(table.active_seq_ids().tolist())

@@ -179,9 +179,11 @@ class CudaBackend:
         array, view = self._last_axis_contiguous(array, view, name, stream)
         return view.ptr, view.shape[0], view.strides[0], view.strides[1], array
 
-    def _on_device(self, array, name: str):
-        """``array``'s ArrayView, which must be on this cache's device."""
-        view = describe(array, name)
+    def _on_device(self, array, name: str, view=None):
+        """``array``'s ArrayView (``view`` when already read), which must be on this
+        cache's device."""
+        if view is None:
+            view = describe(array, name)
         if view.device != self.device_id:
             where = "host memory" if view.device < 0 else f"cuda:{view.device}"
             raise ShapeError(f"{name} must be a CUDA array on {self.device}, got an array in "
@@ -206,9 +208,11 @@ class CudaBackend:
             return fw.contiguous(array, stream)
         raise ShapeError(f"{name} has a non-contiguous last axis; make it contiguous first")
 
-    def _device_index(self, array, name: str, dtype: str, length: int | None, stream: int):
-        """``(ptr, length, keepalive)`` of a 1-D device index array of ``dtype``."""
-        view = self._on_device(array, name)
+    def _device_index(self, array, name: str, dtype: str, length: int | None, stream: int,
+                      view=None):
+        """``(ptr, length, keepalive)`` of a 1-D device index array of ``dtype``
+        (``view``: its ArrayView, when the caller has read it already)."""
+        view = self._on_device(array, name, view)
         if view.dtype != dtype or len(view.shape) != 1 or (
                 length is not None and view.shape[0] != length):
             want = f"[{length}]" if length is not None else "1-D"
@@ -217,14 +221,20 @@ class CudaBackend:
         array, view = self._last_axis_contiguous(array, view, name, stream)
         return view.ptr, view.shape[0], array
 
+    def _device_view(self, array):
+        """``array``'s ArrayView when it lives on a device (read once, reused by the
+        caller), else None: lists, NumPy and anything that is not an array are host data."""
+        if isinstance(array, (np.ndarray, list, tuple, int)):
+            return None
+        try:
+            view = describe(array)
+        except ShapeError:
+            return None
+        return view if view.device >= 0 else None
+
     def is_device_array(self, array) -> bool:
         """Whether ``array`` should be read as a device array (not a host index array)."""
-        if isinstance(array, (np.ndarray, list, tuple, int)):
-            return False
-        try:
-            return describe(array).device >= 0
-        except ShapeError:
-            return False
+        return self._device_view(array) is not None
 
     # -- data movement ----------------------------------------------------------------------
 
@@ -251,9 +261,9 @@ class CudaBackend:
         keep = None
         if metadata is not None:
             slots_ptr = metadata.slot_mapping_ptr(rows)
-        elif self.is_device_array(slot_mapping):
+        elif (slots_view := self._device_view(slot_mapping)) is not None:
             slots_ptr, _, keep = self._device_index(slot_mapping, "slot_mapping", "int64", rows,
-                                                    stream)
+                                                    stream, slots_view)
         else:
             slots = check_host_slots(slot_mapping, rows, self.config.num_pages *
                                      self.config.page_size)
@@ -340,9 +350,11 @@ class CudaBackend:
         range-checked by the kernel.
         """
         keep = None
-        if self.is_device_array(src) or self.is_device_array(dst):
-            src_ptr, n, keep_s = self._device_index(src, "src", "int32", None, stream)
-            dst_ptr, n_dst, keep_d = self._device_index(dst, "dst", "int32", None, stream)
+        src_view, dst_view = self._device_view(src), self._device_view(dst)
+        if src_view is not None or dst_view is not None:
+            src_ptr, n, keep_s = self._device_index(src, "src", "int32", None, stream, src_view)
+            dst_ptr, n_dst, keep_d = self._device_index(dst, "dst", "int32", None, stream,
+                                                        dst_view)
             if n != n_dst:
                 raise ValueError(f"src and dst differ in length: {n} != {n_dst}")
             keep = (keep_s, keep_d)
