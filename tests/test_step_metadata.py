@@ -22,7 +22,7 @@ from kvcore import (
 PAGE = 4
 
 
-def make_cache(staged: bool, num_pages=64, max_seqs=8, layout="NHD"):
+def metadata_cache(staged: bool, num_pages=64, max_seqs=8, layout="NHD"):
     cfg = KVCacheConfig(num_layers=2, num_kv_heads=2, head_dim=4, page_size=PAGE,
                         num_pages=num_pages, dtype="float32", layout=layout,
                         max_seqs=max_seqs, max_pages_per_seq=16)
@@ -78,7 +78,7 @@ def assert_buffers(cache, meta, seq_ids, slots):
 @pytest.mark.parametrize("staged", [False, True])
 @pytest.mark.parametrize("block_tables", [True, False])
 def test_random_steps_match_a_from_scratch_model(staged, block_tables):
-    cache = make_cache(staged)
+    cache = metadata_cache(staged)
     meta = cache.step_metadata(max_tokens=64, max_batch=6, max_pages=40,
                                block_tables=block_tables)
     assert_buffers(cache, meta, [], [])
@@ -131,7 +131,7 @@ def snapshot(meta):
 
 @pytest.mark.parametrize("staged", [False, True])
 def test_a_rejected_update_changes_nothing(staged):
-    cache = make_cache(staged)
+    cache = metadata_cache(staged)
     seqs = [cache.add_sequence() for _ in range(4)]
     step = cache.append(seqs, [9, 3, 17, 1])
     meta = cache.step_metadata(max_tokens=16, max_batch=3, max_pages=6, max_pages_per_seq=4)
@@ -158,7 +158,7 @@ def test_a_rejected_update_changes_nothing(staged):
 
 
 def test_capacities_are_validated():
-    cache = make_cache(False)
+    cache = metadata_cache(False)
     for kwargs in (dict(max_tokens=0), dict(max_tokens=4, max_batch=-1),
                    dict(max_tokens=True), dict(max_tokens=4, max_pages=1.5)):
         with pytest.raises(ValueError, match="positive integer"):
@@ -167,7 +167,7 @@ def test_capacities_are_validated():
 
 @pytest.mark.parametrize("layout", ["NHD", "HND"])
 def test_write_and_gather_through_metadata_equal_the_direct_calls(layout):
-    direct, via = make_cache(False, layout=layout), make_cache(True, layout=layout)
+    direct, via = metadata_cache(False, layout=layout), metadata_cache(True, layout=layout)
     rng = np.random.default_rng(1)
     seqs = [direct.add_sequence() for _ in range(3)]
     assert [via.add_sequence() for _ in range(3)] == seqs
@@ -197,7 +197,7 @@ def test_write_and_gather_through_metadata_equal_the_direct_calls(layout):
 
 
 def test_metadata_of_another_cache_or_too_many_rows_is_refused():
-    one, other = make_cache(False), make_cache(False)
+    one, other = metadata_cache(False), metadata_cache(False)
     meta = other.step_metadata(max_tokens=8)
     k = np.zeros((8, 2, 4), np.float32)
     with pytest.raises(ValueError, match="another KVCache"):
@@ -216,7 +216,7 @@ def test_metadata_of_another_cache_or_too_many_rows_is_refused():
 
 
 def test_gather_into_outputs_checks_them():
-    cache = make_cache(False)
+    cache = metadata_cache(False)
     seq = cache.add_sequence()
     cache.append([seq], [6])
     small = (np.zeros((5, 2, 4), np.float32), np.zeros((5, 2, 4), np.float32))
@@ -228,7 +228,7 @@ def test_gather_into_outputs_checks_them():
 
 
 def test_gather_from_metadata_without_outputs_sizes_them_by_the_live_step():
-    cache = make_cache(True)
+    cache = metadata_cache(True)
     seqs = [cache.add_sequence() for _ in range(2)]
     step = cache.append(seqs, [5, 3])
     k = np.arange(8 * 2 * 4, dtype=np.float32).reshape(8, 2, 4)
@@ -246,7 +246,7 @@ def test_a_staging_buffer_is_not_rewritten_before_its_copy_ran():
     """Streams simulated on the host: a copy reads its staging bytes only when its
     stream runs. Updates alternate between a stalled stream and a running one; every
     copy must still send exactly the bytes its update prepared."""
-    cache = make_cache(False)
+    cache = metadata_cache(False)
     backend = cache.backend
     queues = {1: [], 2: []}
     done = {1: 0, 2: 0}
