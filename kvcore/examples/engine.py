@@ -1,0 +1,442 @@
+"""A small continuous-batching engine: a transformers Llama model with its KV in kvcore.
+
+Every step the scheduler
+
+1. moves arrived requests to the waiting queue and admits them first come, first
+   served while their worst-case pages fit (so ``append`` never runs out of pages);
+   admission maps a shared system prompt's cached pages (prefix cache);
+2. packs a ragged batch: one decode token for every running sample, then prefill
+   chunks of admitted prompts up to the step's token budget;
+3. calls ``KVCache.append`` once for the batch (copy-on-write copies after forks are
+   enqueued there) and ``StepMetadata.update`` once (one upload);
+4. runs the model once over the packed tokens: transformers calls kvcore's attention
+   per layer, which writes K and V through the step's slot mapping and attends over
+   each request's pages (see :mod:`kvcore.examples.attention`);
+5. samples greedily from each sample's last row; a request with two samples forks when
+   its prompt is done, the second sample taking the runner-up token; finished samples
+   leave the cache (their full prompt pages stay cached for later requests).
+
+Run ``python -m kvcore.examples.engine --help``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from collections import deque
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from kvcore import KVCache, KVCacheConfig
+from kvcore.examples.attention import FlashInferAttention, StepBatch, TorchPagedAttention
+from kvcore.examples.model import (
+    MEDIUM,
+    TINY,
+    ModelShape,
+    build_model,
+    use_attention,
+    versions,
+)
+
+
+@dataclass(frozen=True)
+class Request:
+    """A generation request.
+
+    Attributes
+    ----------
+    request_id : int
+    prompt : tuple of int
+        Prompt token ids (at least one).
+    max_new_tokens : int
+        Tokens to generate per sample (at least one); no end-of-sequence token.
+    num_samples : int
+        1, or 2: the request forks when its prompt is done; sample 0 continues greedily,
+        sample 1 starts from the runner-up token and then continues greedily.
+    arrival_step : int
+        The engine step at which the request arrives.
+    """
+
+    request_id: int
+    prompt: tuple[int, ...]
+    max_new_tokens: int
+    num_samples: int = 1
+    arrival_step: int = 0
+
+
+@dataclass
+class FinishedSample:
+    """One finished sample and the logits the engine computed for it.
+
+    Attributes
+    ----------
+    request_id, sample_index : int
+    tokens : list of int
+        Prompt and generated tokens.
+    first_position : int
+        Positions before this came from the prefix cache (nothing computed for them).
+    logits : torch.Tensor, float32 [len(tokens) - 1 - first_position, vocab]
+        Row ``i``: the logits at position ``first_position + i`` (predicting token
+        ``first_position + i + 1``); empty when the engine kept no logits. The last
+        token was sampled, never fed, so it has no row.
+    finish_step : int
+        The engine step in which the sample finished.
+    """
+
+    request_id: int
+    sample_index: int
+    tokens: list[int]
+    first_position: int
+    logits: torch.Tensor
+    finish_step: int
+
+
+@dataclass
+class _Sample:
+    """A running sample: one kvcore sequence."""
+
+    request: Request
+    index: int
+    seq_id: int
+    tokens: list[int]
+    num_computed: int               # tokens whose K/V are in the cache
+    first_position: int             # prefix-cache hit length
+    generated: int = 0
+    logits: list = field(default_factory=list)
+
+    @property
+    def prefilling(self) -> bool:
+        return self.num_computed < len(self.request.prompt)
+
+
+@dataclass
+class EngineStats:
+    """What happened in a run (all counts)."""
+
+    steps: int = 0
+    model_steps: int = 0
+    mixed_steps: int = 0            # prefill chunks and decode tokens in one step
+    tokens_computed: int = 0
+    tokens_generated: int = 0
+    prefix_hit_tokens: int = 0
+    forks: int = 0
+    cow_copies: int = 0
+    admission_waits: int = 0        # steps where the head of the queue waited for pages
+    peak_pages_used: int = 0
+    wall_s: float = 0.0
+
+    def as_dict(self) -> dict:
+        return dict(self.__dict__)
+
+
+class Engine:
+    """Continuous batching over a transformers Llama model with its KV in kvcore.
+
+    Parameters
+    ----------
+    model : LlamaForCausalLM
+        From :func:`kvcore.examples.model.build_model`; its config's sizes must match
+        the cache's (layers, KV heads, head_dim).
+    cache : KVCache
+        Empty, with prefix caching on for prompt sharing; CPU (float32 for the check)
+        or CUDA with ``framework="torch"``.
+    attention : TorchPagedAttention or FlashInferAttention
+        Reads the pool; planned once per step.
+    max_tokens_per_step : int
+        Token budget of a step (decode tokens first, then prefill chunks).
+    max_batch : int
+        Sequences per step at most (running samples are capped to it).
+    keep_logits : bool
+        Keep every computed position's logits (for the check); otherwise the head runs
+        only on the rows that sample.
+    """
+
+    def __init__(self, model, cache: KVCache, attention, *, max_tokens_per_step: int = 64,
+                 max_batch: int = 32, keep_logits: bool = True):
+        cfg, mcfg = cache.config, model.config
+        if (cfg.num_layers, cfg.num_kv_heads, cfg.head_dim) != (
+                mcfg.num_hidden_layers, mcfg.num_key_value_heads, mcfg.head_dim):
+            raise ValueError("the cache's layers / KV heads / head_dim differ from the model's")
+        if max_tokens_per_step < max_batch:
+            raise ValueError("max_tokens_per_step must cover one decode token per sequence")
+        self.model, self.cache, self.attention = model, cache, attention
+        self.max_tokens, self.max_batch, self.keep_logits = (
+            max_tokens_per_step, max_batch, keep_logits)
+        # Page entries count shared pages once per sequence that maps them (a system
+        # prompt's pages appear in every request's row), so size them per sequence.
+        self.metadata = cache.step_metadata(max_tokens_per_step, max_batch=max_batch,
+                                            max_pages=max_batch * cfg.max_pages_per_seq)
+        self.device = next(model.parameters()).device
+        self.stats = EngineStats()
+        self._waiting: deque[Request] = deque()
+        self._running: list[_Sample] = []
+        self._finished: list[FinishedSample] = []
+        self._batch: StepBatch | None = None
+
+    # -- admission -------------------------------------------------------------------
+
+    def _worst_pages(self, request: Request) -> int:
+        """Pages a request could ever hold: every sample's full length, plus one
+        copy-on-write page per sample."""
+        length = len(request.prompt) + request.max_new_tokens
+        return request.num_samples * (-(-length // self.cache.config.page_size) + 1)
+
+    def _pages_still_needed(self) -> int:
+        """Allocations the running samples may still make (worst case minus held)."""
+        per_request: dict[int, tuple[Request, int]] = {}
+        for sample in self._running:
+            req, held = per_request.get(sample.request.request_id, (sample.request, 0))
+            per_request[req.request_id] = (req, held + len(self.cache.pages(sample.seq_id)))
+        return sum(self._worst_pages(req) - held for req, held in per_request.values())
+
+    def _admit(self) -> None:
+        """Admit waiting requests first come, first served while their pages fit."""
+        if not self._waiting:
+            return
+        budget = self.cache.num_free_pages - self._pages_still_needed()
+        while self._waiting:
+            request = self._waiting[0]
+            need = self._worst_pages(request)
+            seats = self.max_batch - len(self._running)
+            if need > budget or seats < request.num_samples:
+                self.stats.admission_waits += 1
+                return
+            self._waiting.popleft()
+            seq_id = self.cache.add_sequence(list(request.prompt))
+            cached = self.cache.num_tokens(seq_id)
+            self.stats.prefix_hit_tokens += cached
+            self._running.append(_Sample(request, 0, seq_id, list(request.prompt), cached,
+                                         cached))
+            budget -= need - len(self.cache.pages(seq_id))
+
+    # -- one step --------------------------------------------------------------------
+
+    def _schedule(self) -> list[tuple[_Sample, int]]:
+        """(sample, new tokens) for this step: decode tokens first, then prefill chunks."""
+        decoding = [s for s in self._running if not s.prefilling]
+        prefilling = [s for s in self._running if s.prefilling]
+        chosen, budget = [], self.max_tokens
+        for sample in decoding + prefilling:
+            count = min(len(sample.tokens) - sample.num_computed, budget)
+            if count <= 0 or len(chosen) == self.max_batch:
+                break
+            chosen.append((sample, count))
+            budget -= count
+        return chosen
+
+    def attend(self, layer: int, q, k, v, scaling: float):
+        """Called by transformers per layer: write the step's K/V into their slots, then
+        attend over every sequence's pages. ``q [T, Hq, D]``, ``k``/``v [T, Hkv, D]``."""
+        self.cache.write(layer, k, v, self.metadata)
+        return self.attention.run(layer, q, scaling)
+
+    def step(self) -> bool:
+        """Admit, run one model step, sample, retire. False when nothing could run."""
+        self._admit()
+        chosen = self._schedule()
+        if not chosen:
+            return False
+        seq_ids = np.array([s.seq_id for s, _ in chosen], dtype=np.int32)
+        counts = np.array([n for _, n in chosen], dtype=np.int64)
+        new_tokens = [t for s, n in chosen for t in s.tokens[s.num_computed:s.num_computed + n]]
+        positions = [p for s, n in chosen for p in range(s.num_computed, s.num_computed + n)]
+        appended = self.cache.append(seq_ids, counts, new_tokens)
+        self.stats.cow_copies += len(appended.copy_src)
+        self.metadata.update(seq_ids, appended)
+        indptr = np.zeros(len(chosen) + 1, dtype=np.int64)
+        np.cumsum(counts, out=indptr[1:])
+        seq_lens = np.array([s.num_computed + n for s, n in chosen], dtype=np.int64)
+        self._batch = StepBatch(seq_ids, counts, seq_lens, indptr, self.metadata)
+        self.attention.plan(self._batch)
+
+        sampling_rows = [int(indptr[i + 1]) - 1 for i, (s, n) in enumerate(chosen)
+                         if s.num_computed + n == len(s.tokens)]
+        logits = self._forward(new_tokens, positions, None if self.keep_logits else sampling_rows)
+        self._advance(chosen, indptr, logits, sampling_rows)
+        self.stats.model_steps += 1
+        self.stats.tokens_computed += len(new_tokens)
+        self.stats.mixed_steps += bool(counts.max() > 1 and counts.min() == 1)
+        used = self.cache.config.num_pages - self.cache.num_free_pages
+        self.stats.peak_pages_used = max(self.stats.peak_pages_used, used)
+        return True
+
+    def _forward(self, tokens, positions, rows):
+        """The model over the packed tokens: logits ``[T, V]`` (or ``[len(rows), V]``)."""
+        input_ids = torch.tensor([tokens], dtype=torch.long, device=self.device)
+        position_ids = torch.tensor([positions], dtype=torch.long, device=self.device)
+        keep = 0 if rows is None else torch.tensor(rows, dtype=torch.long, device=self.device)
+        with use_attention(self.model, "kvcore"), torch.inference_mode():
+            out = self.model(input_ids=input_ids, position_ids=position_ids, use_cache=False,
+                             logits_to_keep=keep, kvcore_step=self)
+        return out.logits[0]
+
+    def _advance(self, chosen, indptr, logits, sampling_rows) -> None:
+        """Record logits, sample next tokens (one device read for the step), fork, retire."""
+        samplers = [(s, n, i) for i, (s, n) in enumerate(chosen)
+                    if s.num_computed + n == len(s.tokens)]
+        top2 = None
+        if samplers:
+            rows = logits[[int(indptr[i + 1]) - 1 for _, _, i in samplers]] if self.keep_logits \
+                else logits
+            top2 = rows.topk(2, dim=-1).indices.cpu().tolist()
+        for i, (sample, count) in enumerate(chosen):
+            if self.keep_logits:
+                sample.logits.append(logits[int(indptr[i]):int(indptr[i + 1])])
+            sample.num_computed += count
+        for (sample, _, _), (best, runner_up) in zip(samplers, top2 or [], strict=True):
+            if sample.generated == 0 and sample.request.num_samples == 2:
+                self._fork(sample, runner_up)
+            sample.tokens.append(best)
+            sample.generated += 1
+            self.stats.tokens_generated += 1
+            if sample.generated == sample.request.max_new_tokens:
+                self._retire(sample)
+
+    def _fork(self, parent: _Sample, token: int) -> None:
+        """Second sample of a request: shares the prompt's pages (copy-on-write later)."""
+        child_id = self.cache.fork(parent.seq_id)
+        child = _Sample(parent.request, 1, child_id, [*parent.tokens, token],
+                        parent.num_computed, parent.first_position, generated=1,
+                        logits=list(parent.logits))
+        self.stats.forks += 1
+        self.stats.tokens_generated += 1
+        self._running.append(child)
+        if child.generated == child.request.max_new_tokens:
+            self._retire(child)
+
+    def _retire(self, sample: _Sample) -> None:
+        self._running.remove(sample)
+        self.cache.remove(sample.seq_id)
+        logits = (torch.cat(sample.logits).float() if sample.logits
+                  else torch.empty(0, self.model.config.vocab_size))
+        self._finished.append(FinishedSample(sample.request.request_id, sample.index,
+                                             sample.tokens, sample.first_position, logits,
+                                             self.stats.steps))
+
+    # -- a whole workload --------------------------------------------------------------
+
+    def run(self, requests) -> list[FinishedSample]:
+        """Serve ``requests`` (arriving at their ``arrival_step``) until all finish.
+
+        Returns the finished samples in the order they finished.
+        """
+        pending = deque(sorted(requests, key=lambda r: r.arrival_step))
+        start = time.perf_counter()
+        while pending or self._waiting or self._running:
+            while pending and pending[0].arrival_step <= self.stats.steps:
+                self._waiting.append(pending.popleft())
+            if not self.step() and not pending:
+                raise RuntimeError("engine stalled: a waiting request can never fit the pool "
+                                   f"({self.cache.config.num_pages} pages)")
+            self.stats.steps += 1
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        self.stats.wall_s += time.perf_counter() - start
+        finished, self._finished = self._finished, []
+        return finished
+
+
+def make_workload(shape: ModelShape = TINY, *, num_requests: int = 24, seed: int = 0,
+                  system_prompt_len: int = 40, max_user_len: int = 60,
+                  max_new_tokens: int = 24, arrival_span: int = 30) -> list[Request]:
+    """Requests sharing a system prompt; every fourth asks for two samples.
+
+    User parts are 1..``max_user_len`` tokens, outputs 1..``max_new_tokens``, arrivals
+    spread over the first ``arrival_span`` steps. Deterministic in ``seed``.
+    """
+    rng = np.random.default_rng(seed)
+    system = rng.integers(0, shape.vocab_size, system_prompt_len).tolist()
+    requests = []
+    for rid in range(num_requests):
+        user = rng.integers(0, shape.vocab_size, int(rng.integers(1, max_user_len + 1)))
+        requests.append(Request(
+            request_id=rid, prompt=tuple(system + user.tolist()),
+            max_new_tokens=int(rng.integers(1, max_new_tokens + 1)),
+            num_samples=2 if rid % 4 == 1 else 1,
+            arrival_step=int(rng.integers(0, arrival_span + 1))))
+    return requests
+
+
+def make_engine(shape: ModelShape = TINY, *, device: str = "cpu", attention: str = "torch",
+                dtype: str = "float32", num_pages: int = 64, page_size: int = 16,
+                layout: str = "NHD",
+                max_tokens_per_step: int = 64, max_batch: int = 16, keep_logits: bool = True,
+                seed: int = 0) -> Engine:
+    """A model, a kvcore cache sized ``num_pages`` x ``page_size`` and an engine over them.
+
+    ``layout``: the pool's, ``"NHD"`` or ``"HND"`` (both attention backends read either).
+
+    ``attention``: ``"torch"`` (reference, CPU or CUDA) or ``"flashinfer"`` (CUDA).
+    ``dtype``: the model's and the pool's (``"float32"``, ``"bfloat16"``, ``"float16"``).
+    """
+    torch_dtype = getattr(torch, dtype)
+    model = build_model(shape, seed=seed, dtype=torch_dtype, device=device)
+    config = KVCacheConfig(num_layers=shape.num_layers, num_kv_heads=shape.num_kv_heads,
+                           head_dim=shape.head_dim, page_size=page_size, num_pages=num_pages,
+                           dtype=dtype, layout=layout, max_seqs=max(2 * max_batch, 8),
+                           enable_prefix_cache=True)
+    if device == "cpu":
+        cache = KVCache(config, device="cpu")
+    else:
+        cache = KVCache(config, device=device, framework="torch")
+    if attention == "flashinfer":
+        backend = FlashInferAttention(cache, shape.num_heads)
+    elif attention == "torch":
+        backend = TorchPagedAttention(cache)
+    else:
+        raise ValueError(f"attention must be 'torch' or 'flashinfer', not {attention!r}")
+    return Engine(model, cache, backend, max_tokens_per_step=max_tokens_per_step,
+                  max_batch=max_batch, keep_logits=keep_logits)
+
+
+def main(argv=None) -> int:
+    """``python -m kvcore.examples.engine``: serve a workload, check logits, report."""
+    from kvcore.examples.check import check_against_transformers
+
+    parser = argparse.ArgumentParser(prog="python -m kvcore.examples.engine",
+                                     description=__doc__.split("\n")[0])
+    parser.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
+    parser.add_argument("--attention", default=None, choices=["torch", "flashinfer"],
+                        help="default: torch on cpu, flashinfer on cuda")
+    parser.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
+                        help="default: float32 on cpu, bfloat16 on cuda")
+    parser.add_argument("--shape", default="tiny", choices=["tiny", "medium"])
+    parser.add_argument("--requests", type=int, default=24)
+    parser.add_argument("--pages", type=int, default=64, help="pool pages (of 16 tokens)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--no-check", action="store_true", help="skip the logits check")
+    parser.add_argument("--json", help="write the report here")
+    args = parser.parse_args(argv)
+    on_cpu = args.device == "cpu"
+    attention = args.attention or ("torch" if on_cpu else "flashinfer")
+    dtype = args.dtype or ("float32" if on_cpu else "bfloat16")
+    shape = TINY if args.shape == "tiny" else MEDIUM
+    engine = make_engine(shape, device=args.device, attention=attention, dtype=dtype,
+                         num_pages=args.pages, seed=args.seed, keep_logits=not args.no_check)
+    requests = make_workload(shape, num_requests=args.requests, seed=args.seed)
+    finished = engine.run(requests)
+    report = {"device": args.device, "attention": attention, "dtype": dtype,
+              "shape": args.shape, **versions(), **engine.stats.as_dict(),
+              "tokens_per_s": engine.stats.tokens_generated / engine.stats.wall_s}
+    ok = True
+    if not args.no_check:
+        check = check_against_transformers(engine.model, finished, dtype=dtype)
+        report["check"] = check.as_dict()
+        ok = check.passed
+    for key, value in report.items():
+        if key != "check":
+            print(f"{key:<22}{value:,.3f}" if isinstance(value, float) else f"{key:<22}{value}")
+    if "check" in report:
+        print(report["check"]["summary"])
+    if args.json:
+        with open(args.json, "w") as fh:
+            json.dump(report, fh, indent=2)
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
