@@ -230,10 +230,14 @@ def _cuda_ready():
 @pytest.mark.cuda
 def test_cuda_float32_torch_attention_equals_transformers():
     _cuda_ready()
-    torch.backends.cuda.matmul.allow_tf32 = False
-    engine = make_engine(device="cuda", attention="torch", dtype="float32")
-    finished = engine.run(make_workload())
-    report = check_against_transformers(engine.model, finished, dtype="float32")
+    tf32 = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False     # float32 means float32 here
+    try:
+        engine = make_engine(device="cuda", attention="torch", dtype="float32")
+        finished = engine.run(make_workload())
+        report = check_against_transformers(engine.model, finished, dtype="float32")
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = tf32
     assert report.passed, report.summary()
     assert engine.stats.cow_copies > 0 and engine.stats.prefix_hit_tokens > 0
 

@@ -128,6 +128,7 @@ class EngineStats:
     admission_waits: int = 0        # steps where the head of the queue waited for pages
     peak_pages_used: int = 0
     wall_s: float = 0.0
+    kvcore_host_s: float = 0.0      # in append + metadata update (kvcore's host work)
 
     def as_dict(self) -> dict:
         return dict(self.__dict__)
@@ -244,9 +245,11 @@ class Engine:
         counts = np.array([n for _, n in chosen], dtype=np.int64)
         new_tokens = [t for s, n in chosen for t in s.tokens[s.num_computed:s.num_computed + n]]
         positions = [p for s, n in chosen for p in range(s.num_computed, s.num_computed + n)]
+        start = time.perf_counter()
         appended = self.cache.append(seq_ids, counts, new_tokens)
-        self.stats.cow_copies += len(appended.copy_src)
         self.metadata.update(seq_ids, appended)
+        self.stats.kvcore_host_s += time.perf_counter() - start
+        self.stats.cow_copies += len(appended.copy_src)
         indptr = np.zeros(len(chosen) + 1, dtype=np.int64)
         np.cumsum(counts, out=indptr[1:])
         seq_lens = np.array([s.num_computed + n for s, n in chosen], dtype=np.int64)
