@@ -39,14 +39,16 @@ def samples_of(requests):
     return [(list(r.prompt), r.max_new_tokens) for r in requests for _ in range(r.num_samples)]
 
 
-def generate_static(model, requests, batch_size: int, device: str) -> dict:
-    """Serve the samples with ``model.generate`` in static batches of ``batch_size``."""
+def generate_static(model, requests, batch_size: int, device: str,
+                    prefill_only: bool = False) -> dict:
+    """Serve the samples with ``model.generate`` in static batches of ``batch_size``
+    (``prefill_only``: one new token per row, to split prefill from decode time)."""
     rows = samples_of(requests)
     start = time.perf_counter()
     for first in range(0, len(rows), batch_size):
         batch = rows[first:first + batch_size]
         width = max(len(p) for p, _ in batch)
-        new = max(n for _, n in batch)
+        new = 1 if prefill_only else max(n for _, n in batch)
         ids = torch.zeros(len(batch), width, dtype=torch.long)
         mask = torch.zeros(len(batch), width, dtype=torch.long)
         for row, (prompt, _) in enumerate(batch):
@@ -105,6 +107,8 @@ def main(argv=None) -> int:
     engine_row, model = engine_run(args, shape, requests)
     generate_static(model, requests[:2], 2, args.device)                       # warm-up
     static_row = generate_static(model, requests, args.batch, args.device)
+    static_row["prefill_s"] = generate_static(model, requests, args.batch, args.device,
+                                              prefill_only=True)["wall_s"]
     rows = [engine_row, static_row]
 
     device_name = "cpu" if on_cpu else torch.cuda.get_device_name()
@@ -115,6 +119,8 @@ def main(argv=None) -> int:
         print(f"{row['name']:<58}{row['tokens']:>8,}{row['wall_s']:>9.2f}"
               f"{row['tokens_per_s']:>11,.0f}")
     ratio = engine_row["tokens_per_s"] / static_row["tokens_per_s"]
+    print(f"static generate: {static_row['prefill_s']:.2f} s of its wall time is prefill "
+          "(generate with one new token)")
     print(f"engine / static generate: {ratio:.2f}x; kvcore host time "
           f"{engine_row['kvcore_host_ms_per_step']:.3f} ms per step "
           f"({engine_row['steps']} steps)")

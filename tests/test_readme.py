@@ -38,3 +38,11 @@ def test_quick_start_commands_are_what_ci_runs():
     ci = CI.read_text()
     assert 'pip install -q -e ".[test]" && python -m pytest -q' in ci
     assert "kvcore simulate --quiet" in ci
+
+
+def test_engine_example_command_is_what_ci_runs():
+    engine = [b.strip() for b in blocks("bash") if "kvcore.examples.engine" in b]
+    assert engine == ['pip install -e ".[model]" && python -m kvcore.examples.engine']
+    ci = CI.read_text()
+    assert 'pip install -q -e ".[model]"' in ci
+    assert "\npython -m kvcore.examples.engine\n" in ci
