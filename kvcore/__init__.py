@@ -17,9 +17,11 @@ from kvcore.errors import (
     KVCoreError,
     OutOfPagesError,
     RefcountError,
+    RollbackError,
     ShapeError,
     UnknownSequenceError,
 )
+from kvcore.groups import LayerGroup
 
 __version__ = "0.1.0"
 
@@ -34,10 +36,12 @@ __all__ = [
     "KVCacheConfig",
     "KVCoreError",
     "KernelError",
+    "LayerGroup",
     "OutOfPagesError",
     "PageAllocator",
     "PageTable",
     "RefcountError",
+    "RollbackError",
     "ShapeError",
     "UnknownSequenceError",
     "__version__",

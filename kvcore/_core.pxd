@@ -22,7 +22,21 @@ cdef class PageTable:
     cdef int32_t _max_seqs
     cdef int32_t _max_pages_per_seq
     cdef int32_t _num_seqs
-    cdef page_id_t* _table           # [max_seqs * max_pages_per_seq], NO_PAGE when unmapped
+    cdef page_id_t* _table           # [num_groups, max_seqs, max_pages_per_seq], NO_PAGE
+                                     # when unmapped; group g's rows at g * _group_stride
+    cdef int32_t _num_groups
+    cdef int32_t _anchor             # the group whose pages form the prefix chains
+    cdef int64_t _group_stride       # max_seqs * max_pages_per_seq
+    cdef int32_t* _kind              # [num_groups] GROUP_FULL / GROUP_WINDOW / GROUP_STATE
+    cdef int32_t* _window            # [num_groups] window of a window group, else 0
+    cdef int32_t* _state_pages       # [num_groups] pages per sequence of a state group
+    cdef int32_t* _first_live        # [num_groups, max_seqs] first mapped column (windows)
+    cdef int32_t* _release_pending   # [num_pages] scratch for pages_needed; 0 between calls
+    cdef page_id_t* _touched         # [2 * num_pages] scratch: pages whose scratch is set
+    cdef int64_t _max_copies_per_seq # copy-on-write pairs one sequence can cause in a call
+    cdef bint _has_state, _has_window
+    cdef object _groups              # tuple of LayerGroup
+    cdef object _group_views         # read-only [max_seqs, max_pages_per_seq] view per group
     cdef int32_t* _seq_lens          # [max_seqs]; 0 for inactive rows
     cdef uint8_t* _active            # [max_seqs]
     cdef seq_id_t* _free_seqs        # [max_seqs]; [0, _num_free_seqs) are free, top last
@@ -38,11 +52,13 @@ cdef class PageTable:
 
     cdef int64_t _seq_arg(self, object seq_id) except -1
     cdef int64_t _active_arg(self, int64_t s) except -1
-    cdef int64_t _sum_pages(self, const int64_t* seq_ids, Py_ssize_t batch) noexcept
-    cdef int64_t _max_row_pages(self, const int64_t* seq_ids, Py_ssize_t batch) noexcept
+    cdef int64_t _sum_pages(self, const int64_t* seq_ids, Py_ssize_t batch, int32_t g) noexcept
+    cdef int64_t _max_row_pages(self, const int64_t* seq_ids, Py_ssize_t batch,
+                                int32_t g) noexcept
     cdef int _check_active(self, const int64_t* seq_ids, Py_ssize_t batch,
                            bint allow_duplicates) except -1
-    cdef tuple _batch_args(self, object seq_ids, object num_new_tokens)
+    cdef tuple _batch_args(self, object seq_ids, object num_new_tokens,
+                           str name=*, bint lengths=*)
     cdef int64_t _new_seq(self)
     cdef int64_t _recount(self, const int64_t* counts, Py_ssize_t batch) noexcept nogil
     cdef int64_t _max_prefix_pages(self, int64_t num_tokens) noexcept nogil
@@ -52,4 +68,13 @@ cdef class PageTable:
     cdef int64_t _check_batch(self, const int64_t* seq_ids, const int64_t* counts,
                               Py_ssize_t batch) except -1
     cdef int64_t _count_new_pages(self, const int64_t* seq_ids, const int64_t* counts,
-                                  Py_ssize_t batch, int64_t* num_copies) noexcept nogil
+                                  Py_ssize_t batch, int64_t* num_copies,
+                                  int64_t* num_freed) noexcept nogil
+    cdef void _live_cols(self, int32_t g, int64_t s, int64_t* lo, int64_t* hi) noexcept nogil
+    cdef int32_t _group_arg(self, object group) except -1
+    cdef int64_t _hit_start(self, int32_t g, int64_t num_hits) noexcept nogil
+    cdef int64_t _resolve_hits(self, const int32_t* tokens, int64_t num_hits, int64_t namespace,
+                               const page_id_t* hits, page_id_t* companions,
+                               int64_t stride) noexcept nogil
+    cdef void _release_windows(self, const int64_t* seq_ids, const int64_t* counts,
+                               Py_ssize_t batch) noexcept nogil

@@ -47,8 +47,10 @@ from kvcore.errors import (
     KVCoreError,
     OutOfPagesError,
     RefcountError,
+    RollbackError,
     UnknownSequenceError,
 )
+from kvcore.groups import LayerGroup, group_codes
 
 cnp.import_array()
 
@@ -131,6 +133,21 @@ cdef inline uint32_t _num_pages_for(uint32_t num_tokens, uint32_t ps, int shift)
     return _div(num_tokens + ps - 1, ps, shift)
 
 
+# Group kinds (kvcore.groups.GROUP_*).
+cdef enum:
+    _FULL = 0
+    _WINDOW = 1
+    _STATE = 2
+
+
+cdef inline int64_t _window_start(int64_t length, int64_t window, int64_t ps) noexcept nogil:
+    """First column a window group still needs at ``length`` tokens: the next token
+    attends to the ``window - 1`` before it, so page ``j`` is dead once
+    ``(j + 1) * page_size <= length - window + 1``."""
+    cdef int64_t first_needed = length - window + 1
+    return first_needed // ps if first_needed > 0 else 0
+
+
 cdef int _log2_or_minus_one(int32_t n):
     cdef int shift = 0
     if n & (n - 1):
@@ -207,7 +224,7 @@ cdef class PageTable:
 
     def __cinit__(self, PageAllocator allocator not None, page_size, max_seqs, max_pages_per_seq,
                   *, enable_prefix_cache=False, prefix_hash_bits=64,
-                  prefix_event_capacity=65536):
+                  prefix_event_capacity=65536, groups=None):
         cdef int32_t ps = positive_int32(page_size, "page_size")
         cdef int32_t ms = positive_int32(max_seqs, "max_seqs")
         cdef int32_t mp = positive_int32(max_pages_per_seq, "max_pages_per_seq")
@@ -217,19 +234,47 @@ cdef class PageTable:
         if <int64_t>mp * ps > INT32_MAX:
             raise ValueError(
                 f"max_pages_per_seq * page_size = {<int64_t>mp * ps} tokens exceeds {INT32_MAX}")
+        group_list, kinds, windows, states = group_codes(
+            [LayerGroup()] if groups is None else groups)
+        if int(states.max()) > mp:
+            raise ValueError(f"a state group's state_pages ({int(states.max())}) exceeds "
+                             f"max_pages_per_seq ({mp})")
+        if bool(enable_prefix_cache) and (kinds == _STATE).any():
+            raise ValueError("prefix caching cannot serve a state group: a recurrent state "
+                             "cannot be shared by a prefix hit without a snapshot")
         self.allocator = allocator
         self._page_size = ps
         self._page_shift = _log2_or_minus_one(ps)
         self._max_seqs = ms
         self._max_pages_per_seq = mp
         self._num_seqs = 0
-        table = np.full((ms, mp), NO_PAGE, dtype=np.int32)
+        cdef int32_t ng = <int32_t>len(group_list)
+        table = np.full((ng, ms, mp), NO_PAGE, dtype=np.int32)
         seq_lens = np.zeros(ms, dtype=np.int32)
         active = np.zeros(ms, dtype=np.uint8)
         free_seqs = np.arange(ms - 1, -1, -1, dtype=np.int32)
         seen = np.zeros(ms, dtype=np.int32)
         cow_pending = np.zeros(allocator.page_count(), dtype=np.int32)
-        self._owners = (table, seq_lens, active, free_seqs, seen, cow_pending)
+        release_pending = np.zeros(allocator.page_count(), dtype=np.int32)
+        touched = np.zeros(2 * allocator.page_count(), dtype=np.int32)
+        first_live = np.zeros((ng, ms), dtype=np.int32)
+        self._owners = (table, seq_lens, active, free_seqs, seen, cow_pending, release_pending,
+                        touched, first_live, kinds, windows, states)
+        self._num_groups = ng
+        self._groups = group_list
+        self._kind = <int32_t*>cnp.PyArray_DATA(kinds)
+        self._window = <int32_t*>cnp.PyArray_DATA(windows)
+        self._state_pages = <int32_t*>cnp.PyArray_DATA(states)
+        self._first_live = <int32_t*>cnp.PyArray_DATA(first_live)
+        self._release_pending = <int32_t*>cnp.PyArray_DATA(release_pending)
+        self._touched = <page_id_t*>cnp.PyArray_DATA(touched)
+        self._group_stride = <int64_t>ms * mp
+        self._has_state = bool((kinds == _STATE).any())
+        self._has_window = bool((kinds == _WINDOW).any())
+        # The anchor: the first full-attention group, else group 0 (docs/groups.md).
+        full_groups = np.flatnonzero(kinds == _FULL)
+        self._anchor = int(full_groups[0]) if len(full_groups) else 0
+        self._max_copies_per_seq = int((kinds != _STATE).sum()) + int(states.sum())
         self._table = <page_id_t*>cnp.PyArray_DATA(table)
         self._seq_lens = <int32_t*>cnp.PyArray_DATA(seq_lens)
         self._active = <uint8_t*>cnp.PyArray_DATA(active)
@@ -238,7 +283,8 @@ cdef class PageTable:
         self._seen = <int32_t*>cnp.PyArray_DATA(seen)
         self._stamp = 0
         self._cow_pending = <int32_t*>cnp.PyArray_DATA(cow_pending)
-        self._block_table_view = readonly_view(table)
+        self._group_views = tuple(readonly_view(table[g]) for g in range(ng))
+        self._block_table_view = self._group_views[0]
         self._seq_lens_view = readonly_view(seq_lens)
         # The one place that decides whether prefix caching is on: every other use of
         # self._prefix goes through its doors, which do nothing on a plain PrefixHooks.
@@ -248,9 +294,10 @@ cdef class PageTable:
         self._version = 0
 
     def __repr__(self):
+        groups = "" if self._num_groups == 1 else f"num_groups={self._num_groups}, "
         return (f"PageTable(page_size={self._page_size}, max_seqs={self._max_seqs}, "
                 f"max_pages_per_seq={self._max_pages_per_seq}, num_seqs={self._num_seqs}, "
-                f"allocator={self.allocator!r})")
+                f"{groups}allocator={self.allocator!r})")
 
     # -- properties ------------------------------------------------------------------------
 
@@ -276,8 +323,40 @@ cdef class PageTable:
 
     @property
     def block_table(self):
-        """numpy.ndarray of int32, shape [max_seqs, max_pages_per_seq]: read-only view, -1 unmapped."""
+        """numpy.ndarray of int32, shape [max_seqs, max_pages_per_seq]: read-only view of
+        group 0's table, -1 unmapped."""
         return self._block_table_view
+
+    @property
+    def num_groups(self):
+        """int: layer groups (1 unless made with ``groups``)."""
+        return self._num_groups
+
+    @property
+    def groups(self):
+        """tuple of LayerGroup: the groups (one full-attention group by default)."""
+        return self._groups
+
+    def group_block_table(self, group):
+        """Read-only int32 view ``[max_seqs, max_pages_per_seq]`` of ``group``'s table:
+        -1 unmapped, and before :meth:`first_page` in a window group."""
+        return self._group_views[self._group_arg(group)]
+
+    cdef int32_t _group_arg(self, object group) except -1:
+        cdef int64_t g = int_arg(group, "group")
+        if g < 0 or g >= self._num_groups:
+            raise IndexError(f"group {g} out of range [0, {self._num_groups})")
+        return <int32_t>g
+
+    cdef void _live_cols(self, int32_t g, int64_t s, int64_t* lo, int64_t* hi) noexcept nogil:
+        """Columns ``[lo, hi)`` of ``s``'s row in group ``g`` that map pages."""
+        cdef uint32_t n = <uint32_t>self._seq_lens[s]
+        if self._kind[g] == _STATE:
+            lo[0] = 0
+            hi[0] = self._state_pages[g] if n > 0 else 0
+        else:
+            lo[0] = self._first_live[<int64_t>g * self._max_seqs + s]
+            hi[0] = _num_pages_for(n, <uint32_t>self._page_size, self._page_shift)
 
     @property
     def seq_lens(self):
@@ -347,46 +426,87 @@ cdef class PageTable:
         return 0
 
     cdef int64_t _count_new_pages(self, const int64_t* seq_ids, const int64_t* counts,
-                                  Py_ssize_t batch, int64_t* num_copies) noexcept nogil:
-        """Pages an (already validated) append would allocate, copy-on-write included.
+                                  Py_ssize_t batch, int64_t* num_copies,
+                                  int64_t* num_freed) noexcept nogil:
+        """Pages an (already validated) append would allocate, copy-on-write included, in
+        every group; ``num_freed`` gets the pages its window releases would free first.
 
         Replays the copy-on-write decisions in call order without touching refcounts:
         ``_cow_pending[p]`` counts the sharers of page ``p`` that have already copied
-        away from it earlier in the batch. The scratch array is zeroed again before
-        returning.
+        away from it earlier in the batch, ``_release_pending[p]`` the references to it
+        that window releases drop. Both scratch arrays are zeroed again (through the
+        ``_touched`` list) before returning.
         """
         cdef Py_ssize_t i
-        cdef int64_t s, total = 0, copies = 0
+        cdef int64_t s, total = 0, copies = 0, freed = 0, num_touched = 0, c, lo, hi
+        cdef int32_t g, kind
         cdef uint32_t cur, new_len
         cdef page_id_t page
         cdef uint32_t ps = <uint32_t>self._page_size
         cdef int shift = self._page_shift
         cdef int32_t* pending = self._cow_pending
+        cdef int32_t* released = self._release_pending
+        cdef page_id_t* touched = self._touched
         cdef const int32_t* lens = self._seq_lens
-        cdef const page_id_t* table = self._table
+        cdef const page_id_t* table
         cdef int64_t width = self._max_pages_per_seq
-        for i in range(batch):
-            if counts[i] == 0:
-                continue
-            s = seq_ids[i]
-            cur = <uint32_t>lens[s]
-            new_len = cur + <uint32_t>counts[i]
-            total += _num_pages_for(new_len, ps, shift) - _num_pages_for(cur, ps, shift)
-            if _mod(cur, ps, shift) != 0:
-                page = table[s * width + _div(cur, ps, shift)]
-                if self.allocator.refs(page) - pending[page] > 1:
-                    pending[page] += 1
-                    copies += 1
-        if copies:
+        for g in range(self._num_groups):
+            kind = self._kind[g]
+            table = self._table + g * self._group_stride
             for i in range(batch):
+                if counts[i] == 0:
+                    continue
                 s = seq_ids[i]
                 cur = <uint32_t>lens[s]
-                if counts[i] and _mod(cur, ps, shift) != 0:
-                    pending[table[s * width + _div(cur, ps, shift)]] = 0
+                if kind == _STATE:
+                    if cur == 0:
+                        total += self._state_pages[g]    # the state's pages, once
+                        continue
+                    for c in range(self._state_pages[g]):   # every token rewrites the state
+                        page = table[s * width + c]
+                        if self.allocator.refs(page) - pending[page] > 1:
+                            if pending[page] == 0 and released[page] == 0:
+                                touched[num_touched] = page
+                                num_touched += 1
+                            pending[page] += 1
+                            copies += 1
+                    continue
+                new_len = cur + <uint32_t>counts[i]
+                total += _num_pages_for(new_len, ps, shift) - _num_pages_for(cur, ps, shift)
+                if _mod(cur, ps, shift) != 0:
+                    page = table[s * width + _div(cur, ps, shift)]
+                    if self.allocator.refs(page) - pending[page] > 1:
+                        if pending[page] == 0 and released[page] == 0:
+                            touched[num_touched] = page
+                            num_touched += 1
+                        pending[page] += 1
+                        copies += 1
+                if kind == _WINDOW:
+                    lo = self._first_live[<int64_t>g * self._max_seqs + s]
+                    hi = _window_start(cur, self._window[g], ps)
+                    for c in range(lo, hi):
+                        page = table[s * width + c]
+                        if pending[page] == 0 and released[page] == 0:
+                            touched[num_touched] = page
+                            num_touched += 1
+                        released[page] += 1
+                        if released[page] == self.allocator.refs(page):
+                            freed += 1
+        for c in range(num_touched):
+            pending[touched[c]] = 0
+            released[touched[c]] = 0
         num_copies[0] = copies
+        num_freed[0] = freed
         return total + copies
 
-    cdef tuple _batch_args(self, object seq_ids, object num_new_tokens):
+    cdef tuple _batch_args(self, object seq_ids, object num_new_tokens,
+                           str name="num_new_tokens", bint lengths=False):
+        """(seq ids int64 [B], counts int64 [B], sum of counts), checked without the state.
+
+        ``lengths``: the counts are target lengths (``truncate``), so a value above a
+        row's capacity is a ValueError (it exceeds any current length), not a
+        CapacityError.
+        """
         cdef cnp.ndarray sids = int64_array(seq_ids, "seq_ids")
         cdef cnp.ndarray counts
         if is_fast_int64(num_new_tokens):
@@ -400,12 +520,12 @@ cdef class PageTable:
             # TypeError of any integer argument, not a complaint about its shape.
             counts = np.full(cnp.PyArray_DIM(sids, 0),
                              int_arg(num_new_tokens[()] if isinstance(num_new_tokens, cnp.ndarray)
-                                     else num_new_tokens, "num_new_tokens"), dtype=np.int64)
+                                     else num_new_tokens, name), dtype=np.int64)
         else:
-            counts = int64_array(num_new_tokens, "num_new_tokens")
+            counts = int64_array(num_new_tokens, name)
         cdef Py_ssize_t i, batch = cnp.PyArray_DIM(sids, 0)
         if batch != cnp.PyArray_DIM(counts, 0):
-            raise ValueError(f"seq_ids and num_new_tokens differ in length: "
+            raise ValueError(f"seq_ids and {name} differ in length: "
                              f"{batch} != {cnp.PyArray_DIM(counts, 0)}")
         # Checks that need no state; each count <= max_tokens (< 2**31) keeps the sum exact.
         cdef const int64_t* cp = <const int64_t*>cnp.PyArray_DATA(counts)
@@ -414,7 +534,9 @@ cdef class PageTable:
         cdef int64_t max_tokens = <int64_t>self._max_pages_per_seq * self._page_size
         for i in range(batch):
             if cp[i] < 0:
-                raise ValueError(f"num_new_tokens[{i}] is {cp[i]}, must be >= 0")
+                raise ValueError(f"{name}[{i}] is {cp[i]}, must be >= 0")
+            if cp[i] > max_tokens and lengths:
+                raise ValueError(f"{name}[{i}] is {cp[i]}, longer than any sequence can be")
             if cp[i] > max_tokens:
                 raise CapacityError(
                     f"seq_id {sp[i]} would hold over {cp[i]} tokens, more than "
@@ -478,21 +600,35 @@ cdef class PageTable:
         cdef const int32_t* tp = <const int32_t*>cnp.PyArray_DATA(tok)
         cdef int64_t n = cnp.PyArray_DIM(tok, 0)
         cdef int64_t max_hits = self._max_prefix_pages(n)
-        cdef cnp.ndarray hits_arr = empty_int32(max_hits)
+        # The anchor's hits, then each group's companions: [num_groups + 1, max_hits].
+        cdef cnp.ndarray hits_arr = empty_int32(max_hits * (self._num_groups + 1))
         cdef page_id_t* hits = <page_id_t*>cnp.PyArray_DATA(hits_arr)
+        cdef page_id_t* companions = hits + max_hits
         # The critical part starts here. Look up first (nothing changes), then map.
         if self._num_free_seqs == 0:
             raise CapacityError(f"all {self._max_seqs} sequence slots are in use")
-        cdef int64_t i, num_hits = self._prefix.lookup(tp, max_hits, ns, hits)
+        cdef int64_t i, lo, num_hits = self._prefix.lookup(tp, max_hits, ns, hits)
+        cdef int32_t g
+        cdef page_id_t page
+        cdef page_id_t* row
+        if self._num_groups > 1 and num_hits > 0:
+            num_hits = self._resolve_hits(tp, num_hits, ns, hits, companions, max_hits)
         cdef PageAllocator alloc = self.allocator
-        for i in range(num_hits):
-            if alloc.refs(hits[i]) == INT32_MAX:
-                raise RefcountError(f"refcount of page {hits[i]} would overflow int32")
+        for g in range(self._num_groups):
+            lo = self._hit_start(g, num_hits)
+            for i in range(lo, num_hits):
+                page = hits[i] if g == self._anchor else companions[g * max_hits + i]
+                if alloc.refs(page) == INT32_MAX:
+                    raise RefcountError(f"refcount of page {page} would overflow int32")
         s = self._new_seq()
-        cdef page_id_t* row = self._table + s * self._max_pages_per_seq
-        for i in range(num_hits):
-            row[i] = hits[i]
-            alloc.add_ref(hits[i])
+        for g in range(self._num_groups):
+            row = self._table + g * self._group_stride + s * self._max_pages_per_seq
+            lo = self._hit_start(g, num_hits)
+            self._first_live[<int64_t>g * self._max_seqs + s] = <int32_t>lo
+            for i in range(lo, num_hits):
+                page = hits[i] if g == self._anchor else companions[g * max_hits + i]
+                row[i] = page
+                alloc.add_ref(page)
         self._seq_lens[s] = <int32_t>(num_hits * self._page_size)
         self._prefix.seq_started(s, ns, hits, num_hits)
         self._prefix.count_query(n, num_hits * self._page_size)
@@ -538,8 +674,57 @@ cdef class PageTable:
         cdef int64_t ns = int_arg(namespace, "namespace")
         cdef cnp.ndarray tok = token_array(tokens, "tokens")
         cdef int64_t n = cnp.PyArray_DIM(tok, 0)
-        return self._prefix.lookup(<const int32_t*>cnp.PyArray_DATA(tok),
-                                   self._max_prefix_pages(n), ns, NULL) * self._page_size
+        cdef const int32_t* tp = <const int32_t*>cnp.PyArray_DATA(tok)
+        cdef int64_t max_hits = self._max_prefix_pages(n), num_hits
+        if self._num_groups == 1 or not self._prefix.enabled():
+            return self._prefix.lookup(tp, max_hits, ns, NULL) * self._page_size
+        cdef cnp.ndarray hits_arr = empty_int32(max_hits * (self._num_groups + 1))
+        cdef page_id_t* hits = <page_id_t*>cnp.PyArray_DATA(hits_arr)
+        num_hits = self._prefix.lookup(tp, max_hits, ns, hits)
+        if num_hits > 0:
+            num_hits = self._resolve_hits(tp, num_hits, ns, hits, hits + max_hits, max_hits)
+        return num_hits * self._page_size
+
+    cdef int64_t _hit_start(self, int32_t g, int64_t num_hits) noexcept nogil:
+        """First column group ``g`` maps for a prefix hit of ``num_hits`` pages."""
+        if self._kind[g] == _WINDOW:
+            return _window_start(num_hits * self._page_size, self._window[g], self._page_size)
+        return 0
+
+    cdef int64_t _resolve_hits(self, const int32_t* tokens, int64_t num_hits, int64_t namespace,
+                               const page_id_t* hits, page_id_t* companions,
+                               int64_t stride) noexcept nogil:
+        """The longest hit, at most ``num_hits`` anchor pages, for which every other group
+        has the companion pages its attention needs; they go to
+        ``companions[g * stride + j]``.
+
+        A hit of ``k`` pages needs, in group ``g``, blocks ``[_hit_start(g, k), k)``. A
+        missing block ``b`` rules out every ``k > b`` whose range holds it, so the next
+        candidate is ``k = b``.
+        """
+        cdef int64_t k = num_hits, j, bad
+        cdef int32_t g
+        cdef page_id_t page
+        while k > 0:
+            bad = -1
+            for g in range(self._num_groups):
+                if g == self._anchor:
+                    continue
+                j = k - 1
+                while j >= self._hit_start(g, k):
+                    page = self._prefix.find_companion(g, hits[j], tokens + j * self._page_size,
+                                                       namespace)
+                    if page == NO_PAGE:
+                        bad = j
+                        break
+                    companions[g * stride + j] = page
+                    j -= 1
+                if bad >= 0:
+                    break
+            if bad < 0:
+                return k
+            k = bad
+        return 0
 
     cdef int64_t _max_prefix_pages(self, int64_t num_tokens) noexcept nogil:
         """Most pages a prompt of ``num_tokens`` tokens may hit: whole pages of the first
@@ -574,19 +759,29 @@ cdef class PageTable:
         cdef int64_t parent = self._seq_arg(seq_id)
         if self._num_free_seqs == 0:
             raise CapacityError(f"all {self._max_seqs} sequence slots are in use")
-        cdef int64_t i, npages = _ceil_div(self._seq_lens[parent], self._page_size)
-        cdef page_id_t* src = self._table + parent * self._max_pages_per_seq
+        cdef int64_t i, lo, hi
+        cdef int32_t g
+        cdef page_id_t* src
         cdef PageAllocator alloc = self.allocator
-        for i in range(npages):
-            if alloc.refs(src[i]) == INT32_MAX:
-                raise RefcountError(f"refcount of page {src[i]} would overflow int32")
+        for g in range(self._num_groups):
+            self._live_cols(g, parent, &lo, &hi)
+            src = self._table + g * self._group_stride + parent * self._max_pages_per_seq
+            for i in range(lo, hi):
+                if alloc.refs(src[i]) == INT32_MAX:
+                    raise RefcountError(f"refcount of page {src[i]} would overflow int32")
         self._version += 1
         self._num_free_seqs -= 1
         cdef seq_id_t child = self._free_seqs[self._num_free_seqs]
-        cdef page_id_t* dst = self._table + <int64_t>child * self._max_pages_per_seq
-        memcpy(dst, src, npages * sizeof(page_id_t))
-        for i in range(npages):
-            alloc.add_ref(src[i])
+        cdef page_id_t* dst
+        for g in range(self._num_groups):
+            self._live_cols(g, parent, &lo, &hi)
+            src = self._table + g * self._group_stride + parent * self._max_pages_per_seq
+            dst = self._table + g * self._group_stride + <int64_t>child * self._max_pages_per_seq
+            memcpy(dst + lo, src + lo, (hi - lo) * sizeof(page_id_t))
+            for i in range(lo, hi):
+                alloc.add_ref(src[i])
+            self._first_live[<int64_t>g * self._max_seqs + child] = \
+                self._first_live[<int64_t>g * self._max_seqs + parent]
         self._seq_lens[child] = self._seq_lens[parent]
         self._active[child] = 1
         self._num_seqs += 1
@@ -602,19 +797,139 @@ cdef class PageTable:
             ``seq_id`` is not active.
         """
         cdef int64_t s = self._seq_arg(seq_id)
-        cdef int64_t i, npages = _ceil_div(self._seq_lens[s], self._page_size)
-        cdef page_id_t* row = self._table + s * self._max_pages_per_seq
+        cdef int64_t i, lo, hi
+        cdef int32_t g
+        cdef page_id_t* row
         # Tail first: the free stack is LIFO, so a sequence's first page is reused last.
         cdef PageAllocator alloc = self.allocator
         self._version += 1
-        for i in range(npages - 1, -1, -1):
-            alloc.drop_ref(row[i])
-            row[i] = NO_PAGE
+        for g in range(self._num_groups):
+            self._live_cols(g, s, &lo, &hi)
+            row = self._table + g * self._group_stride + s * self._max_pages_per_seq
+            for i in range(hi - 1, lo - 1, -1):
+                alloc.drop_ref(row[i])
+                row[i] = NO_PAGE
+            self._first_live[<int64_t>g * self._max_seqs + s] = 0
         self._seq_lens[s] = 0
         self._active[s] = 0
         self._free_seqs[self._num_free_seqs] = <seq_id_t>s
         self._num_free_seqs += 1
         self._num_seqs -= 1
+
+    def truncate(self, seq_ids, num_tokens):
+        """Shorten sequences to ``num_tokens`` tokens each (speculative-decoding rollback).
+
+        Parameters
+        ----------
+        seq_ids : array_like of int, shape [B]
+            Distinct active sequences.
+        num_tokens : array_like of int, shape [B], or int
+            New length of each (``0 <= num_tokens[i] <= num_tokens(seq_ids[i])``); an int
+            applies to every sequence.
+
+        Raises
+        ------
+        UnknownSequenceError
+            A seq id is not active.
+        ValueError
+            Duplicate seq ids, unequal lengths, a negative length or one above the
+            sequence's current length.
+        RollbackError
+            A shorter length for a table with a state group (a recurrent state cannot be
+            rolled back), or one a window group can no longer serve: its released pages
+            hold tokens the next token would attend to (``num_tokens - window + 1`` falls
+            before :meth:`first_page`). Truncating back to at least the length before the
+            last ``append`` is always allowed.
+
+        Notes
+        -----
+        In every group, pages past the new length lose this sequence's reference, last
+        first (pages shared with a fork or the prefix cache stay with their other
+        owners). Every page that held a dropped token leaves the prefix index, so a
+        rejected draft token is never served to a later lookup; the sequence's own
+        chain continues from its last whole kept page. A kept, partially filled last
+        page that is shared is copied by the next :meth:`append`, as after :meth:`fork`.
+        On any error nothing is changed.
+
+        Examples
+        --------
+        Speculative decoding: one verified token plus 4 drafts, 2 drafts accepted.
+
+        >>> table = PageTable(PageAllocator(16), 4, 4, 8)
+        >>> seq = table.add_sequence()
+        >>> _ = table.append([seq], [6])
+        >>> _ = table.append([seq], [1 + 4])
+        >>> table.truncate([seq], [6 + 1 + 2])
+        >>> table.num_tokens(seq), len(table.pages(seq))
+        (9, 3)
+        """
+        sids_obj, lens_obj, _ = self._batch_args(seq_ids, num_tokens, "num_tokens", True)
+        cdef cnp.ndarray sids = <cnp.ndarray>sids_obj
+        cdef cnp.ndarray new_lens = <cnp.ndarray>lens_obj
+        # Own copies: the critical part reads them twice (check, then cut), and a caller's
+        # array could change in between under another thread's GIL-free NumPy call.
+        if sids is seq_ids:
+            sids = cnp.PyArray_NewCopy(sids, cnp.NPY_CORDER)
+        if new_lens is num_tokens:
+            new_lens = cnp.PyArray_NewCopy(new_lens, cnp.NPY_CORDER)
+        cdef const int64_t* sp = <const int64_t*>cnp.PyArray_DATA(sids)
+        cdef const int64_t* np_ = <const int64_t*>cnp.PyArray_DATA(new_lens)
+        cdef Py_ssize_t i, batch = cnp.PyArray_DIM(sids, 0)
+        cdef int64_t s, cur, new, c, lo, hi, keep
+        cdef int32_t g
+        cdef page_id_t* row
+        # The critical part: checks, then the cut, C only.
+        self._check_active(sp, batch, False)
+        for i in range(batch):
+            s, new, cur = sp[i], np_[i], self._seq_lens[sp[i]]
+            if new > cur:
+                raise ValueError(f"truncate cannot lengthen seq_id {s} from {cur} to {new} "
+                                 "tokens")
+            if new == cur:
+                continue
+            if self._has_state:
+                raise RollbackError(f"seq_id {s}: a state group's recurrent state cannot be "
+                                    "rolled back")
+            for g in range(self._num_groups):
+                if self._kind[g] == _WINDOW and self._first_live[
+                        <int64_t>g * self._max_seqs + s] > _window_start(
+                            new, self._window[g], self._page_size):
+                    raise RollbackError(
+                        f"seq_id {s} cannot go back to {new} tokens: window group {g} "
+                        f"(window {self._window[g]}) already released the pages before "
+                        f"token {self._first_live[<int64_t>g * self._max_seqs + s] * self._page_size}")
+        self._version += 1
+        cdef PageAllocator alloc = self.allocator
+        for i in range(batch):
+            s, new, cur = sp[i], np_[i], self._seq_lens[sp[i]]
+            if new == cur:
+                continue
+            keep = _ceil_div(new, self._page_size)
+            for g in range(self._num_groups):
+                self._live_cols(g, s, &lo, &hi)
+                row = self._table + g * self._group_stride + s * self._max_pages_per_seq
+                # Pages that held a dropped token leave the index before anything else
+                # (a page freed below must go to the clean stack, not the evictable list).
+                c = new // self._page_size
+                if c < lo:
+                    c = lo
+                while c < hi:
+                    self._prefix.unregister(row[c])
+                    c += 1
+                for c in range(hi - 1, keep - 1, -1):
+                    alloc.drop_ref(row[c])
+                    row[c] = NO_PAGE
+            self._seq_lens[s] = <int32_t>new
+            self._prefix.truncated(s, new, self._table + self._anchor * self._group_stride
+                                   + s * self._max_pages_per_seq)
+
+    def first_page(self, seq_id, *, group=0):
+        """Return the first column of ``seq_id``'s row in ``group`` that maps a page: 0
+        except in a window group, whose earlier pages were released (their entries are
+        -1)."""
+        cdef int32_t g = self._group_arg(group)
+        cdef int64_t s = self._seq_arg(seq_id)
+        return self._first_live[<int64_t>g * self._max_seqs + s]
 
     def is_active(self, seq_id):
         """Return whether ``seq_id`` is an active sequence (never raises for an int)."""
@@ -652,10 +967,10 @@ cdef class PageTable:
                              "its arguments")
         self._check_batch(<const int64_t*>cnp.PyArray_DATA(sids),
                           <const int64_t*>cnp.PyArray_DATA(counts), cnp.PyArray_DIM(sids, 0))
-        cdef int64_t copies
+        cdef int64_t copies, freed
         return self._count_new_pages(<const int64_t*>cnp.PyArray_DATA(sids),
                                      <const int64_t*>cnp.PyArray_DATA(counts),
-                                     cnp.PyArray_DIM(sids, 0), &copies)
+                                     cnp.PyArray_DIM(sids, 0), &copies, &freed)
 
     def append(self, seq_ids, num_new_tokens, token_ids=None):
         """Extend a batch of sequences by some tokens each, allocating pages as needed.
@@ -722,8 +1037,11 @@ cdef class PageTable:
         # Every Python object is made before the state is read: an allocation can run the
         # garbage collector, whose finalizers may let another thread in. From the checks
         # below to the end of the mutation only C runs, so the call is atomic.
-        cdef cnp.ndarray slot_mapping = empty_int64(<Py_ssize_t>total_tokens)
-        cdef cnp.ndarray copies = empty_int32(2 * batch)   # at most one copy per sequence
+        cdef cnp.ndarray slot_mapping = (
+            empty_int64(<Py_ssize_t>total_tokens) if self._num_groups == 1
+            else np.empty((self._num_groups, <Py_ssize_t>total_tokens), dtype=np.int64))
+        cdef int64_t copy_capacity = batch * self._max_copies_per_seq
+        cdef cnp.ndarray copies = empty_int32(2 * copy_capacity)
         cdef page_id_t* copy_ptr = <page_id_t*>cnp.PyArray_DATA(copies)
         cdef slot_t* slots = <slot_t*>cnp.PyArray_DATA(slot_mapping)
         # seq_ids and the counts may be the caller's own arrays, changed by another
@@ -733,23 +1051,28 @@ cdef class PageTable:
             raise ValueError("num_new_tokens changed while append was converting its "
                              "arguments")
         self._check_batch(sp, cp, batch)
-        cdef int64_t num_copies
-        cdef int64_t needed = self._count_new_pages(sp, cp, batch, &num_copies)
-        cdef int64_t available = self.allocator.free_count()
+        cdef int64_t num_copies, num_freed
+        cdef int64_t needed = self._count_new_pages(sp, cp, batch, &num_copies, &num_freed)
+        # Window releases happen first and their freed pages can be taken right away.
+        cdef int64_t available = self.allocator.free_count() + num_freed
         if needed > available:
             raise OutOfPagesError(needed, available)
         # Validation is complete: from here on nothing can fail.
         self._version += 1
-        self._append_unchecked(sp, cp, batch, slots, copy_ptr, copy_ptr + batch)
-        self._prefix.appended(sp, cp, batch, slots,
+        if self._has_window:
+            self._release_windows(sp, cp, batch)
+        self._append_unchecked(sp, cp, batch, slots, copy_ptr, copy_ptr + copy_capacity)
+        self._prefix.appended(sp, cp, batch, slots, total_tokens,
                               NULL if tok is None else <const int32_t*>cnp.PyArray_DATA(tok),
-                              self._table, self._max_pages_per_seq, self._seq_lens)
+                              self._table, self._group_stride, self._max_pages_per_seq,
+                              self._first_live, self._max_seqs, self._kind, self._num_groups,
+                              self._anchor, self._seq_lens)
         # The critical part ends: what follows reads only this call's own buffers.
         cdef cnp.ndarray copy_src = empty_int32(<Py_ssize_t>num_copies)
         cdef cnp.ndarray copy_dst = empty_int32(<Py_ssize_t>num_copies)
         if num_copies:
             memcpy(cnp.PyArray_DATA(copy_src), copy_ptr, num_copies * sizeof(page_id_t))
-            memcpy(cnp.PyArray_DATA(copy_dst), copy_ptr + batch,
+            memcpy(cnp.PyArray_DATA(copy_dst), copy_ptr + copy_capacity,
                    num_copies * sizeof(page_id_t))
         return _new_tuple(AppendResult, (slot_mapping, copy_src, copy_dst))
 
@@ -764,56 +1087,112 @@ cdef class PageTable:
             total += counts[i]
         return total
 
+    cdef void _release_windows(self, const int64_t* seq_ids, const int64_t* counts,
+                               Py_ssize_t batch) noexcept nogil:
+        """Before an append allocates: each window group drops the pages of each appending
+        sequence that lie wholly before ``length - window + 1`` (entries become -1)."""
+        cdef Py_ssize_t i
+        cdef int64_t s, c, lo, hi
+        cdef int32_t g
+        cdef int32_t* first
+        cdef page_id_t* row
+        for g in range(self._num_groups):
+            if self._kind[g] != _WINDOW:
+                continue
+            for i in range(batch):
+                if counts[i] == 0:
+                    continue
+                s = seq_ids[i]
+                first = self._first_live + <int64_t>g * self._max_seqs + s
+                lo = first[0]
+                hi = _window_start(self._seq_lens[s], self._window[g], self._page_size)
+                if hi <= lo:
+                    continue
+                row = self._table + g * self._group_stride + s * self._max_pages_per_seq
+                for c in range(hi - 1, lo - 1, -1):
+                    self.allocator.drop_ref(row[c])
+                    row[c] = NO_PAGE
+                first[0] = <int32_t>hi
+
     cdef void _append_unchecked(self, const int64_t* seq_ids, const int64_t* counts,
                                 Py_ssize_t batch, slot_t* slots, page_id_t* copy_src,
                                 page_id_t* copy_dst) noexcept nogil:
+        """Allocate, copy-on-write and fill the slots of every group (group ``g``'s slots
+        at ``slots + g * total``), then set the new lengths."""
         cdef Py_ssize_t i
-        cdef int64_t s, k = 0, j = 0, base
+        cdef int64_t s, k = 0, j, base, total = 0, c
+        cdef int32_t g, kind
         cdef uint32_t cur, new_len, old_pages, new_pages, p, off, off_end
         cdef uint32_t ps = <uint32_t>self._page_size
         cdef int shift = self._page_shift
         cdef page_id_t old_page, fresh
         cdef page_id_t* row
+        cdef slot_t* group_slots
         # Locals for everything read in the loop: the stores below go through int32 and
         # int64 pointers, and without strict aliasing (CPython builds with
         # -fno-strict-aliasing) each would force attributes of self to be reloaded.
         cdef int32_t* lens = self._seq_lens
-        cdef page_id_t* table = self._table
+        cdef page_id_t* table
         cdef int64_t width = self._max_pages_per_seq
         for i in range(batch):
-            if counts[i] == 0:
-                continue
-            s = seq_ids[i]
-            cur = <uint32_t>lens[s]
-            new_len = cur + <uint32_t>counts[i]
-            row = table + s * width
-            old_pages = _num_pages_for(cur, ps, shift)
-            new_pages = _num_pages_for(new_len, ps, shift)
-            if _mod(cur, ps, shift) != 0:
-                old_page = row[old_pages - 1]
-                if self.allocator.refs(old_page) > 1:
-                    self.allocator.take(&fresh, 1)
-                    row[old_pages - 1] = fresh
-                    self._prefix.page_copied(old_page, fresh)   # the host copy of its token ids
-                    self.allocator.drop_ref(old_page)   # still >= 1: it stays shared
-                    copy_src[k] = old_page
-                    copy_dst[k] = fresh
-                    k += 1
-            if new_pages != old_pages:
-                self.allocator.take(row + old_pages, <int32_t>(new_pages - old_pages))
-            # Page by page, so the per-token loop has no division.
-            p = _div(cur, ps, shift)
-            off = _mod(cur, ps, shift)
-            while p < new_pages:
-                base = <int64_t>row[p] * ps
-                off_end = ps if p + 1 < new_pages else new_len - p * ps
-                while off < off_end:
-                    slots[j] = base + off
-                    j += 1
-                    off += 1
-                off = 0
-                p += 1
-            lens[s] = <int32_t>new_len
+            total += counts[i]
+        for g in range(self._num_groups):
+            kind = self._kind[g]
+            table = self._table + g * self._group_stride
+            group_slots = slots + g * total
+            j = 0
+            for i in range(batch):
+                if counts[i] == 0:
+                    continue
+                s = seq_ids[i]
+                cur = <uint32_t>lens[s]
+                row = table + s * width
+                if kind == _STATE:
+                    for c in range(counts[i]):
+                        group_slots[j + c] = NO_PAGE
+                    j += counts[i]
+                    if cur == 0:
+                        self.allocator.take(row, self._state_pages[g])
+                        continue
+                    for c in range(self._state_pages[g]):   # shared after a fork: copy
+                        old_page = row[c]
+                        if self.allocator.refs(old_page) > 1:
+                            self.allocator.take(&fresh, 1)
+                            row[c] = fresh
+                            self.allocator.drop_ref(old_page)
+                            copy_src[k] = old_page
+                            copy_dst[k] = fresh
+                            k += 1
+                    continue
+                new_len = cur + <uint32_t>counts[i]
+                old_pages = _num_pages_for(cur, ps, shift)
+                new_pages = _num_pages_for(new_len, ps, shift)
+                if _mod(cur, ps, shift) != 0:
+                    old_page = row[old_pages - 1]
+                    if self.allocator.refs(old_page) > 1:
+                        self.allocator.take(&fresh, 1)
+                        row[old_pages - 1] = fresh
+                        self._prefix.page_copied(old_page, fresh)   # the host copy of its token ids
+                        self.allocator.drop_ref(old_page)   # still >= 1: it stays shared
+                        copy_src[k] = old_page
+                        copy_dst[k] = fresh
+                        k += 1
+                if new_pages != old_pages:
+                    self.allocator.take(row + old_pages, <int32_t>(new_pages - old_pages))
+                # Page by page, so the per-token loop has no division.
+                p = _div(cur, ps, shift)
+                off = _mod(cur, ps, shift)
+                while p < new_pages:
+                    base = <int64_t>row[p] * ps
+                    off_end = ps if p + 1 < new_pages else new_len - p * ps
+                    while off < off_end:
+                        group_slots[j] = base + off
+                        j += 1
+                        off += 1
+                    off = 0
+                    p += 1
+        for i in range(batch):
+            lens[seq_ids[i]] += <int32_t>counts[i]
 
     # -- queries -----------------------------------------------------------------------------
 
@@ -821,45 +1200,65 @@ cdef class PageTable:
         """Return the length of ``seq_id`` in tokens."""
         return self._seq_lens[self._seq_arg(seq_id)]
 
-    def pages(self, seq_id):
-        """Return the pages of ``seq_id`` in order: int32 [ceil(num_tokens / page_size)], a copy."""
+    def pages(self, seq_id, *, group=0):
+        """Return the pages ``seq_id`` maps in ``group``, in column order: int32, a copy.
+
+        ``ceil(num_tokens / page_size)`` pages in a full-attention group; in a window
+        group only the live ones (columns ``first_page(seq_id, group=group)`` on); in a
+        state group its ``state_pages`` pages (none before its first append).
+        """
+        cdef int32_t g = self._group_arg(group)
         cdef int64_t s = int_arg(seq_id, "seq_id")
-        cdef int64_t npages
+        cdef int64_t lo, hi
         cdef cnp.ndarray out = None
         while True:   # the allocation may let another thread in: retry if it changed the table
             s = self._active_arg(s)
-            npages = _ceil_div(self._seq_lens[s], self._page_size)
-            if out is not None and cnp.PyArray_DIM(out, 0) == npages:
-                memcpy(cnp.PyArray_DATA(out), self._table + s * self._max_pages_per_seq,
-                       npages * sizeof(page_id_t))
+            self._live_cols(g, s, &lo, &hi)
+            if out is not None and cnp.PyArray_DIM(out, 0) == hi - lo:
+                memcpy(cnp.PyArray_DATA(out), self._table + g * self._group_stride
+                       + s * self._max_pages_per_seq + lo, (hi - lo) * sizeof(page_id_t))
                 return out
-            out = empty_int32(npages)
+            out = empty_int32(hi - lo)
 
-    def slot(self, seq_id, token_idx):
-        """Return the slot of token ``token_idx`` of ``seq_id``.
+    def slot(self, seq_id, token_idx, *, group=0):
+        """Return the slot of token ``token_idx`` of ``seq_id`` in ``group``.
 
         Raises
         ------
         UnknownSequenceError
             ``seq_id`` is not active.
         IndexError
-            ``token_idx`` outside ``[0, num_tokens(seq_id))``.
+            ``token_idx`` outside ``[0, num_tokens(seq_id))``, in a page a window group
+            released, or ``group`` out of range.
+        ValueError
+            ``group`` holds a recurrent state (no per-token slots).
         """
         cdef int64_t t = int_arg(token_idx, "token_idx")   # user code before any state read
+        cdef int32_t g = self._group_arg(group)
         cdef int64_t s = self._seq_arg(seq_id)
+        if self._kind[g] == _STATE:
+            raise ValueError(f"group {g} holds a recurrent state: it has no token slots")
         if t < 0 or t >= self._seq_lens[s]:
             raise IndexError(
                 f"token_idx {t} out of range [0, {self._seq_lens[s]}) for seq_id {s}")
-        cdef page_id_t page = self._table[s * self._max_pages_per_seq + t // self._page_size]
+        cdef int64_t column = t // self._page_size
+        if column < self._first_live[<int64_t>g * self._max_seqs + s]:
+            raise IndexError(f"token {t} of seq_id {s} is outside window group {g}'s "
+                             "window: its page was released")
+        cdef page_id_t page = self._table[g * self._group_stride
+                                          + s * self._max_pages_per_seq + column]
         return <int64_t>page * self._page_size + t % self._page_size
 
-    def flashinfer_metadata(self, seq_ids):
+    def flashinfer_metadata(self, seq_ids, *, group=0):
         """Build FlashInfer's paged-KV index arrays for a batch.
 
         Parameters
         ----------
         seq_ids : array_like of int, shape [B]
             Active sequences (repeats allowed), in batch order.
+        group : int
+            The layer group (default 0). A window group lists only its live pages, so
+            FlashInfer sees the window's ``num_tokens - first_page * page_size`` tokens.
 
         Returns
         -------
@@ -870,10 +1269,18 @@ cdef class PageTable:
         last_page_len : numpy.ndarray of int32, shape [B]
             Tokens in each sequence's last page: in ``[1, page_size]``, or 0 for an empty sequence.
 
+        Raises
+        ------
+        ValueError
+            ``group`` holds a recurrent state.
+
         Notes
         -----
         45 tokens with page size 16 use 3 pages, the last holding ``45 - 2 * 16 = 13``.
         """
+        cdef int32_t g = self._group_arg(group)
+        if self._kind[g] == _STATE:
+            raise ValueError(f"group {g} holds a recurrent state, not K/V pages")
         cdef cnp.ndarray sids = int64_array(seq_ids, "seq_ids")
         cdef const int64_t* sp = <const int64_t*>cnp.PyArray_DATA(sids)
         cdef Py_ssize_t b, batch = cnp.PyArray_DIM(sids, 0)
@@ -881,11 +1288,12 @@ cdef class PageTable:
         cdef cnp.ndarray last_arr = empty_int32(batch)
         cdef int32_t* indptr = <int32_t*>cnp.PyArray_DATA(indptr_arr)
         cdef int32_t* last = <int32_t*>cnp.PyArray_DATA(last_arr)
-        cdef int64_t nnz = self._sum_pages(sp, batch)
+        cdef int64_t nnz = self._sum_pages(sp, batch, g), lo, hi
         cdef uint32_t n, ps = <uint32_t>self._page_size
         cdef int shift = self._page_shift
         cdef cnp.ndarray indices_arr
         cdef page_id_t* indices
+        cdef const page_id_t* table = self._table + g * self._group_stride
         while True:
             if nnz > INT32_MAX:
                 raise CapacityError(f"page_indices would hold {nnz} pages, more than int32 "
@@ -899,71 +1307,76 @@ cdef class PageTable:
             indptr[0] = 0
             for b in range(batch):
                 n = <uint32_t>self._seq_lens[sp[b]]
-                nnz += _num_pages_for(n, ps, shift)
+                self._live_cols(g, sp[b], &lo, &hi)
+                nnz += hi - lo
                 indptr[b + 1] = <int32_t>nnz
                 last[b] = 0 if n == 0 else <int32_t>(_mod(n - 1, ps, shift) + 1)
             if nnz == cnp.PyArray_DIM(indices_arr, 0):
                 break
         indices = <page_id_t*>cnp.PyArray_DATA(indices_arr)
         for b in range(batch):
-            memcpy(indices + indptr[b], self._table + sp[b] * self._max_pages_per_seq,
-                   (indptr[b + 1] - indptr[b]) * sizeof(page_id_t))
+            self._live_cols(g, sp[b], &lo, &hi)
+            memcpy(indices + indptr[b], table + sp[b] * self._max_pages_per_seq + lo,
+                   (hi - lo) * sizeof(page_id_t))
         return indptr_arr, indices_arr, last_arr
 
-    cdef int64_t _sum_pages(self, const int64_t* seq_ids, Py_ssize_t batch) noexcept:
-        """Pages mapped by the batch, counting nothing for an invalid id (a size hint
-        only: the critical part checks the ids and counts again)."""
+    cdef int64_t _sum_pages(self, const int64_t* seq_ids, Py_ssize_t batch, int32_t g) noexcept:
+        """Pages group ``g`` maps for the batch, counting nothing for an invalid id (a size
+        hint only: the critical part checks the ids and counts again)."""
         cdef Py_ssize_t b
-        cdef int64_t s, nnz = 0, max_seqs = self._max_seqs
-        cdef uint32_t ps = <uint32_t>self._page_size
-        cdef int shift = self._page_shift
-        cdef const int32_t* lens = self._seq_lens
+        cdef int64_t s, nnz = 0, max_seqs = self._max_seqs, lo, hi
         for b in range(batch):
             s = seq_ids[b]
             if 0 <= s < max_seqs:
-                nnz += _num_pages_for(<uint32_t>lens[s], ps, shift)
+                self._live_cols(g, s, &lo, &hi)
+                nnz += hi - lo
         return nnz
 
-    cdef int64_t _max_row_pages(self, const int64_t* seq_ids, Py_ssize_t batch) noexcept:
-        """Most pages mapped by one sequence of the batch (a size hint, as _sum_pages)."""
+    cdef int64_t _max_row_pages(self, const int64_t* seq_ids, Py_ssize_t batch,
+                                int32_t g) noexcept:
+        """Widest row (mapped columns end) of the batch in group ``g`` (a size hint, as
+        _sum_pages)."""
         cdef Py_ssize_t b
-        cdef int64_t s, npages, width = 0, max_seqs = self._max_seqs
-        cdef uint32_t ps = <uint32_t>self._page_size
-        cdef int shift = self._page_shift
+        cdef int64_t s, width = 0, max_seqs = self._max_seqs, lo, hi
         for b in range(batch):
             s = seq_ids[b]
             if 0 <= s < max_seqs:
-                npages = _num_pages_for(<uint32_t>self._seq_lens[s], ps, shift)
-                if npages > width:
-                    width = npages
+                self._live_cols(g, s, &lo, &hi)
+                if hi > width:
+                    width = hi
         return width
 
-    def block_tables(self, seq_ids):
+    def block_tables(self, seq_ids, *, group=0):
         """Return vLLM-style block tables for a batch: int32 [B, max pages among them], -1 padded.
 
         Parameters
         ----------
         seq_ids : array_like of int, shape [B]
             Active sequences (repeats allowed).
+        group : int
+            The layer group (default 0). Columns are absolute (token ``t`` in column
+            ``t // page_size``): a window group's released columns are -1; a state
+            group's rows are its state pages.
         """
+        cdef int32_t g = self._group_arg(group)
         cdef cnp.ndarray sids = int64_array(seq_ids, "seq_ids")
         cdef const int64_t* sp = <const int64_t*>cnp.PyArray_DATA(sids)
         cdef Py_ssize_t b, batch = cnp.PyArray_DIM(sids, 0)
-        cdef int64_t width = self._max_row_pages(sp, batch), npages
+        cdef int64_t width = self._max_row_pages(sp, batch, g), lo, hi
         cdef page_id_t* dst
         while True:
             out = np.full((batch, width), NO_PAGE, dtype=np.int32)
             # Critical part: read everything again after the allocation (see
             # flashinfer_metadata) and copy only if the rows still fit.
             self._check_active(sp, batch, True)
-            if self._max_row_pages(sp, batch) == width:
+            if self._max_row_pages(sp, batch, g) == width:
                 break
-            width = self._max_row_pages(sp, batch)
+            width = self._max_row_pages(sp, batch, g)
         dst = <page_id_t*>cnp.PyArray_DATA(out)
         for b in range(batch):
-            npages = _ceil_div(self._seq_lens[sp[b]], self._page_size)
-            memcpy(dst + b * width, self._table + sp[b] * self._max_pages_per_seq,
-                   npages * sizeof(page_id_t))
+            self._live_cols(g, sp[b], &lo, &hi)
+            memcpy(dst + b * width + lo, self._table + g * self._group_stride
+                   + sp[b] * self._max_pages_per_seq + lo, (hi - lo) * sizeof(page_id_t))
         return out
 
     # -- prefix cache --------------------------------------------------------------------------
@@ -1023,31 +1436,42 @@ cdef class PageTable:
         cdef int32_t num_pages = alloc.page_count()
         refs_arr = np.zeros(num_pages, dtype=np.int64)
         cdef int64_t[::1] refs = refs_arr
-        cdef int64_t s, c, npages, active_count = 0
+        cdef int64_t s, c, lo, hi, active_count = 0
+        cdef int32_t g
         cdef page_id_t page
         cdef page_id_t* row
         for s in range(self._max_seqs):
-            row = self._table + s * self._max_pages_per_seq
             if self._active[s]:
                 active_count += 1
                 if self._seq_lens[s] < 0:
                     raise KVCoreError(f"seq_id {s} has negative length {self._seq_lens[s]}")
-                npages = _ceil_div(self._seq_lens[s], self._page_size)
-            else:
-                if self._seq_lens[s] != 0:
-                    raise KVCoreError(f"inactive seq_id {s} has length {self._seq_lens[s]}")
-                npages = 0
-            for c in range(self._max_pages_per_seq):
-                page = row[c]
-                if c < npages:
-                    if page < 0 or page >= num_pages:
-                        raise KVCoreError(
-                            f"seq_id {s} position {c} maps page {page}, outside the pool")
-                    refs[page] += 1
-                elif page != NO_PAGE:
+            elif self._seq_lens[s] != 0:
+                raise KVCoreError(f"inactive seq_id {s} has length {self._seq_lens[s]}")
+            for g in range(self._num_groups):
+                row = self._table + g * self._group_stride + s * self._max_pages_per_seq
+                if self._active[s]:
+                    self._live_cols(g, s, &lo, &hi)
+                else:
+                    lo = hi = 0
+                if (self._first_live[<int64_t>g * self._max_seqs + s] != 0
+                        and (self._kind[g] != _WINDOW or not self._active[s] or lo > hi
+                             or lo > _window_start(self._seq_lens[s], self._window[g],
+                                                   self._page_size))):
                     raise KVCoreError(
-                        f"seq_id {s} of {self._seq_lens[s]} tokens maps page {page} at "
-                        f"position {c}, past its ceil(len / page_size) = {npages} pages")
+                        f"seq_id {s} of {self._seq_lens[s]} tokens has first live column "
+                        f"{self._first_live[<int64_t>g * self._max_seqs + s]} in group {g}")
+                for c in range(self._max_pages_per_seq):
+                    page = row[c]
+                    if lo <= c < hi:
+                        if page < 0 or page >= num_pages:
+                            raise KVCoreError(f"seq_id {s} position {c} of group {g} maps "
+                                              f"page {page}, outside the pool")
+                        refs[page] += 1
+                    elif page != NO_PAGE:
+                        raise KVCoreError(
+                            f"seq_id {s} of {self._seq_lens[s]} tokens maps page {page} at "
+                            f"position {c} of group {g}, outside its live columns "
+                            f"[{lo}, {hi})")
         for page in range(num_pages):
             if refs[page] != alloc.refs(page):
                 raise KVCoreError(f"page {page} has refcount {alloc.refs(page)} "

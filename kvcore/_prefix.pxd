@@ -85,8 +85,15 @@ cdef class PrefixHooks:
     cdef void seq_forked(self, int64_t child, int64_t parent) noexcept nogil
     cdef void page_copied(self, page_id_t src, page_id_t dst) noexcept nogil
     cdef void appended(self, const int64_t* seq_ids, const int64_t* counts, Py_ssize_t batch,
-                       const slot_t* slots, const int32_t* tokens, const page_id_t* block_table,
-                       int64_t width, const int32_t* seq_lens) noexcept nogil
+                       const slot_t* slots, int64_t slot_stride, const int32_t* tokens,
+                       const page_id_t* tables, int64_t group_stride, int64_t width,
+                       const int32_t* first_live, int64_t max_seqs, const int32_t* kinds,
+                       int32_t num_groups, int32_t anchor, const int32_t* seq_lens) noexcept nogil
+    cdef page_id_t find_companion(self, int32_t group, page_id_t anchor_page,
+                                  const int32_t* tokens, int64_t namespace) noexcept nogil
+    cdef void unregister(self, page_id_t page) noexcept nogil
+    cdef void truncated(self, int64_t seq_id, int64_t new_len,
+                        const page_id_t* anchor_row) noexcept nogil
     cdef void clear(self) noexcept nogil
     cdef int32_t num_cached(self) noexcept nogil
     cdef object stats(self)
@@ -110,6 +117,9 @@ cdef class PrefixCache(PrefixHooks):
     # query statistics
     cdef int64_t _queries, _queried_tokens, _hit_tokens
     cdef object _owners
+
+    cdef void _register_companion(self, int32_t group, page_id_t page, page_id_t anchor_page,
+                                  uint64_t anchor_hash, int64_t namespace) noexcept nogil
 
 
 cdef PrefixCache new_prefix_cache(PageAllocator allocator, int32_t page_size, int32_t max_seqs,

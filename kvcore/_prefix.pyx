@@ -58,6 +58,17 @@ EVENT_EVICTED = _EVICTED
 
 cdef uint64_t _ROOT_HASH = 0x6A09E667F3BCC908ULL
 
+# Kind code of a state group (kvcore.groups.GROUP_STATE): it has no K/V tokens to record.
+cdef enum:
+    _GROUP_STATE = 2
+
+
+cdef inline int64_t _companion_namespace(int64_t namespace, int32_t group) noexcept nogil:
+    """The namespace a companion page of ``group`` is indexed under: never the
+    sequence's own (so a companion is never taken for a chain page) and distinct per
+    group. Exactness does not rest on it: a companion's parent is an anchor page."""
+    return namespace ^ (<int64_t>(group + 1) << 48)
+
 
 cdef inline uint64_t _mix(uint64_t x) noexcept nogil:
     """splitmix64 finaliser: every input bit affects every output bit."""
@@ -346,13 +357,35 @@ cdef class PrefixHooks:
         pass
 
     cdef void appended(self, const int64_t* seq_ids, const int64_t* counts, Py_ssize_t batch,
-                       const slot_t* slots, const int32_t* tokens, const page_id_t* block_table,
-                       int64_t width, const int32_t* seq_lens) noexcept nogil:
+                       const slot_t* slots, int64_t slot_stride, const int32_t* tokens,
+                       const page_id_t* tables, int64_t group_stride, int64_t width,
+                       const int32_t* first_live, int64_t max_seqs, const int32_t* kinds,
+                       int32_t num_groups, int32_t anchor, const int32_t* seq_lens) noexcept nogil:
         """An append is done: record ``tokens`` (NULL: ids unknown) and register full pages.
 
-        ``block_table`` is the table's ``[max_seqs, width]`` array and ``seq_lens`` its
-        lengths after the append, both read only during the call.
+        Group ``g``'s slots are ``slots[g * slot_stride ...]``, its block table
+        ``tables[g * group_stride ...]`` (``[max_seqs, width]``), its first live columns
+        ``first_live[g * max_seqs ...]``; ``kinds`` are the groups' kind codes and
+        ``anchor`` the group whose pages form the chains (the others register
+        companions). ``seq_lens`` are the lengths after the append. All read only
+        during the call.
         """
+        pass
+
+    cdef page_id_t find_companion(self, int32_t group, page_id_t anchor_page,
+                                  const int32_t* tokens, int64_t namespace) noexcept nogil:
+        """The page of ``group`` registered for the block whose anchor page is
+        ``anchor_page`` with these ``page_size`` tokens, or -1; changes nothing."""
+        return NO_PAGE
+
+    cdef void unregister(self, page_id_t page) noexcept nogil:
+        """Take ``page`` out of the index if it is there (its content will change)."""
+        pass
+
+    cdef void truncated(self, int64_t seq_id, int64_t new_len,
+                        const page_id_t* anchor_row) noexcept nogil:
+        """``seq_id`` was cut to ``new_len`` tokens: its chain continues from its last
+        whole kept block (``anchor_row`` is its row of the anchor group's table)."""
         pass
 
     cdef void clear(self) noexcept nogil:
@@ -495,18 +528,24 @@ cdef class PrefixCache(PrefixHooks):
             self._index.record_token(<slot_t>dst * ps + t, from_tokens[t])
 
     cdef void appended(self, const int64_t* seq_ids, const int64_t* counts, Py_ssize_t batch,
-                       const slot_t* slots, const int32_t* tokens, const page_id_t* block_table,
-                       int64_t width, const int32_t* seq_lens) noexcept nogil:
+                       const slot_t* slots, int64_t slot_stride, const int32_t* tokens,
+                       const page_id_t* tables, int64_t group_stride, int64_t width,
+                       const int32_t* first_live, int64_t max_seqs, const int32_t* kinds,
+                       int32_t num_groups, int32_t anchor, const int32_t* seq_lens) noexcept nogil:
         """Record the new token ids and index every page that just became full.
 
         A full page whose chain link and tokens are already indexed (another sequence
         computed the same prefix) is not indexed twice: the sequence's chain continues
         from the indexed page, so its later pages still link to what lookups will find.
+        Each other K/V group's page of the same block is indexed as a companion of the
+        chain's page (see ``find_companion``).
         """
         cdef Py_ssize_t i
         cdef int64_t s, t, j = 0, page_idx, full, ps = self._page_size
+        cdef int32_t g
         cdef page_id_t page, found
         cdef const int32_t* page_tokens
+        cdef const page_id_t* block_table = tables + anchor * group_stride
         cdef uint64_t h
         for i in range(batch):
             if counts[i] == 0:
@@ -516,8 +555,10 @@ cdef class PrefixCache(PrefixHooks):
                 self._chain_ok[s] = 0
                 j += counts[i]
                 continue
-            for t in range(counts[i]):
-                self._index.record_token(slots[j + t], tokens[j + t])
+            for g in range(num_groups):
+                if kinds[g] != _GROUP_STATE:
+                    for t in range(counts[i]):
+                        self._index.record_token(slots[g * slot_stride + j + t], tokens[j + t])
             j += counts[i]
             if not self._chain_ok[s]:
                 continue
@@ -536,7 +577,58 @@ cdef class PrefixCache(PrefixHooks):
                 self._chain_page[s] = found
                 self._chain_gen[s] = self._index.gen_of(found)
                 self._chain_hash[s] = h
+                for g in range(num_groups):
+                    if g != anchor and kinds[g] != _GROUP_STATE \
+                            and page_idx >= first_live[g * max_seqs + s]:
+                        self._register_companion(
+                            g, tables[g * group_stride + s * width + page_idx], found, h,
+                            self._seq_ns[s])
             self._num_chained[s] = <int32_t>full
+
+    cdef void _register_companion(self, int32_t group, page_id_t page, page_id_t anchor_page,
+                                  uint64_t anchor_hash, int64_t namespace) noexcept nogil:
+        """Index ``page`` of ``group`` as the companion of ``anchor_page`` (unless that
+        block already has one)."""
+        cdef int64_t ns = _companion_namespace(namespace, group)
+        cdef const int32_t* page_tokens = self._index.tokens_of(page)
+        cdef uint64_t h = self._index.chain_hash(anchor_hash, ns, page_tokens)
+        cdef uint32_t gen = self._index.gen_of(anchor_page)
+        if self._index.find(h, anchor_page, gen, ns, page_tokens) == NO_PAGE:
+            self._index.insert(page, h, anchor_page, gen, ns)
+            self._alloc.retain(page)
+
+    cdef page_id_t find_companion(self, int32_t group, page_id_t anchor_page,
+                                  const int32_t* tokens, int64_t namespace) noexcept nogil:
+        cdef int64_t ns = _companion_namespace(namespace, group)
+        cdef uint64_t h = self._index.chain_hash(self._index.hash_of(anchor_page), ns, tokens)
+        return self._index.find(h, anchor_page, self._index.gen_of(anchor_page), ns, tokens)
+
+    cdef void unregister(self, page_id_t page) noexcept nogil:
+        if self._index.in_index(page):
+            self._index.remove(page)
+            self._alloc.forget(page)
+
+    cdef void truncated(self, int64_t seq_id, int64_t new_len,
+                        const page_id_t* anchor_row) noexcept nogil:
+        cdef int64_t kept = new_len // self._page_size
+        cdef page_id_t page
+        if kept >= self._num_chained[seq_id]:
+            return
+        self._num_chained[seq_id] = <int32_t>kept
+        if kept == 0:
+            self._chain_page[seq_id] = NO_PAGE
+            self._chain_gen[seq_id] = 0
+            self._chain_hash[seq_id] = 0
+            return
+        page = anchor_row[kept - 1]
+        if self._index.in_index(page):
+            self._chain_page[seq_id] = page
+            self._chain_gen[seq_id] = self._index.gen_of(page)
+            self._chain_hash[seq_id] = self._index.hash_of(page)
+        else:
+            # The chain ran through an equal page of another sequence, which this table
+            # does not remember: stop registering this sequence's pages (never wrong).
+            self._chain_ok[seq_id] = 0
 
     cdef void clear(self) noexcept nogil:
         cdef page_id_t page

@@ -20,7 +20,7 @@ from kvcore.backends.kernel_abi import (
     ERR_SLOT_OUT_OF_RANGE,
 )
 from kvcore.config import KVCacheConfig
-from kvcore.errors import InvalidPageError
+from kvcore.errors import InvalidPageError, ShapeError
 from kvcore.metadata import StepMetadata
 
 __all__ = ["KVCache"]
@@ -114,7 +114,14 @@ class KVCache:
         self.allocator = PageAllocator(config.num_pages)
         self.table = PageTable(self.allocator, config.page_size, config.max_seqs,
                                config.max_pages_per_seq,
-                               enable_prefix_cache=config.enable_prefix_cache)
+                               enable_prefix_cache=config.enable_prefix_cache,
+                               groups=config.groups)
+        self._single_group = len(config.groups) == 1
+        # Per layer: its group, and whether that group holds K/V (not a recurrent state).
+        self._layer_groups = tuple(config.layer_group(layer)
+                                   for layer in range(config.num_layers))
+        self._state_layers = frozenset(layer for group in config.groups
+                                       if group.kind == "state" for layer in group.layers)
         self._current_stream = self.backend.current_stream
         self._torch_scatter = self.backend.scatter_fast_path
 
@@ -204,6 +211,14 @@ class KVCache:
             self.backend.copy_pages(result.copy_src, result.copy_dst, handle)
         return result
 
+    def truncate(self, seq_ids, num_tokens) -> None:
+        """Shorten sequences (speculative-decoding rollback); see :meth:`PageTable.truncate`.
+
+        Host bookkeeping only: nothing moves on the device (the dropped tokens' slots
+        are simply no longer mapped).
+        """
+        self.table.truncate(seq_ids, num_tokens)
+
     def pages_needed(self, seq_ids, num_new_tokens) -> int:
         """Pages :meth:`append` would allocate; see :meth:`PageTable.pages_needed`."""
         return self.table.pages_needed(seq_ids, num_new_tokens)
@@ -212,21 +227,31 @@ class KVCache:
         """Length of ``seq_id`` in tokens."""
         return self.table.num_tokens(seq_id)
 
-    def pages(self, seq_id: int) -> np.ndarray:
-        """Pages of ``seq_id``, int32 [ceil(num_tokens / page_size)]."""
-        return self.table.pages(seq_id)
+    def pages(self, seq_id: int, *, group: int = 0) -> np.ndarray:
+        """Pages of ``seq_id`` in ``group``: int32 [ceil(num_tokens / page_size)] in a
+        full-attention group (see :meth:`PageTable.pages`)."""
+        return self.table.pages(seq_id, group=group)
 
-    def slot(self, seq_id: int, token_idx: int) -> int:
-        """Slot of token ``token_idx`` of ``seq_id``."""
-        return self.table.slot(seq_id, token_idx)
+    def first_page(self, seq_id: int, *, group: int = 0) -> int:
+        """First mapped column of ``seq_id`` in ``group`` (see :meth:`PageTable.first_page`)."""
+        return self.table.first_page(seq_id, group=group)
 
-    def flashinfer_metadata(self, seq_ids):
+    def slot(self, seq_id: int, token_idx: int, *, group: int = 0) -> int:
+        """Slot of token ``token_idx`` of ``seq_id`` in ``group``."""
+        return self.table.slot(seq_id, token_idx, group=group)
+
+    def flashinfer_metadata(self, seq_ids, *, group: int = 0):
         """FlashInfer index arrays; see :meth:`PageTable.flashinfer_metadata`."""
-        return self.table.flashinfer_metadata(seq_ids)
+        return self.table.flashinfer_metadata(seq_ids, group=group)
 
-    def block_tables(self, seq_ids) -> np.ndarray:
+    def block_tables(self, seq_ids, *, group: int = 0) -> np.ndarray:
         """vLLM-style block tables; see :meth:`PageTable.block_tables`."""
-        return self.table.block_tables(seq_ids)
+        return self.table.block_tables(seq_ids, group=group)
+
+    @property
+    def num_groups(self) -> int:
+        """Layer groups (see ``KVCacheConfig.layer_groups``)."""
+        return self.table.num_groups
 
     def check_invariants(self) -> None:
         """Check the bookkeeping's invariants (raises :class:`KVCoreError`)."""
@@ -278,7 +303,7 @@ class KVCache:
 
     def step_metadata(self, max_tokens: int, *, max_batch: int | None = None,
                       max_pages: int | None = None, block_tables: bool = True,
-                      max_pages_per_seq: int | None = None) -> StepMetadata:
+                      max_pages_per_seq: int | None = None, group: int = 0) -> StepMetadata:
         """Persistent device buffers for one step's slot mapping and attention metadata.
 
         Call :meth:`StepMetadata.update` once per step, then pass the object as the
@@ -298,11 +323,16 @@ class KVCache:
             ``min(num_pages, max_batch * max_pages_per_seq)``.
         block_tables : bool
             Also keep vLLM-style ``block_tables [max_batch, max_pages_per_seq]``.
+        group : int
+            The layer group it serves (default 0): with ``layer_groups``, make one per
+            K/V group; each layer's ``write`` takes its group's. A window group's
+            metadata covers the live window (its pages from ``first_page`` on, lengths
+            counted from there).
         max_pages_per_seq : int, optional
             Columns of ``block_tables``; default ``config.max_pages_per_seq``.
         """
         return StepMetadata(self, max_tokens, max_batch, max_pages, block_tables,
-                            max_pages_per_seq)
+                            max_pages_per_seq, group)
 
     def write(self, layer: int, k, v, slot_mapping, *, stream=None) -> None:
         """Scatter new tokens' keys and values into their slots (one launch for K and V).
@@ -344,16 +374,17 @@ class KVCache:
         fast = self._torch_scatter
         if (fast is not None and type(slot_mapping) is StepMetadata and stream is None
                 and type(layer) is int and slot_mapping.cache is self
+                and (self._single_group or slot_mapping.serves(layer))
                 and fast.write(layer, k, v, None, slot_mapping.slot_ptr,
                                slot_mapping.max_tokens, self._current_stream())):
             return   # a decode step's plain case, checked and launched in C
         layer = self._layer(layer)
         handle = self._stream(stream)
         if type(slot_mapping) is StepMetadata:
-            self._own(slot_mapping)
+            self._own(slot_mapping, layer)
             self.backend.write(layer, k, v, None, handle, slot_mapping)
         else:
-            self.backend.write(layer, k, v, slot_mapping, handle)
+            self.backend.write(layer, k, v, self._group_slots(slot_mapping, layer), handle)
 
     def gather(self, layer: int, seq_ids, *, out=None, stream=None):
         """Read a batch of sequences out of the pool into contiguous arrays.
@@ -392,10 +423,12 @@ class KVCache:
         layer = self._layer(layer)
         handle = self._stream(stream)
         if type(seq_ids) is StepMetadata:
-            self._own(seq_ids)
+            self._own(seq_ids, layer)
             k, v = self.backend.gather(layer, seq_ids, out, handle)
             return k, v, seq_ids.token_indptr
-        page_indptr, page_indices, last_page_len = self.table.flashinfer_metadata(seq_ids)
+        self._kv_layer(layer)
+        page_indptr, page_indices, last_page_len = self.table.flashinfer_metadata(
+            seq_ids, group=self._layer_groups[layer])
         num_pages = np.diff(page_indptr)
         lengths = np.where(num_pages > 0, (num_pages.astype(np.int64) - 1)
                            * self.config.page_size + last_page_len, 0)
@@ -454,9 +487,36 @@ class KVCache:
         """The caller's stream: ``stream`` when given, else the framework's current one."""
         return self._current_stream() if stream is None else self.backend.resolve_stream(stream)
 
-    def _own(self, metadata: StepMetadata) -> None:
+    def _own(self, metadata: StepMetadata, layer: int | None = None) -> None:
         if metadata.cache is not self:
             raise ValueError("this StepMetadata belongs to another KVCache")
+        if layer is not None and not self._single_group:
+            self._kv_layer(layer)
+            if not metadata.serves(layer):
+                raise ValueError(f"this StepMetadata holds group {metadata.group}; layer "
+                                 f"{layer} is in group {self._layer_groups[layer]}")
+
+    def _kv_layer(self, layer: int) -> None:
+        """Refuse a layer of a state group (it holds a recurrent state, not K/V)."""
+        if layer in self._state_layers:
+            raise ValueError(f"layer {layer} is in a state group: it holds a recurrent "
+                             "state in its pages, not per-token K/V")
+
+    def _group_slots(self, slot_mapping, layer: int):
+        """``slot_mapping`` for ``layer``: an AppendResult's or a ``[num_groups, T]`` array's
+        row of the layer's group; a 1-D array as given."""
+        if type(slot_mapping) is AppendResult:
+            slot_mapping = slot_mapping.slot_mapping
+        if self._single_group:
+            return slot_mapping
+        self._kv_layer(layer)
+        if getattr(slot_mapping, "ndim", 1) == 2:
+            if slot_mapping.shape[0] != len(self.config.groups):
+                raise ShapeError(f"a 2-D slot_mapping must be [num_groups, T] with "
+                                 f"num_groups = {len(self.config.groups)}, got "
+                                 f"{tuple(slot_mapping.shape)}")
+            return slot_mapping[self._layer_groups[layer]]
+        return slot_mapping
 
     def _layer(self, layer) -> int:
         if type(layer) is int and 0 <= layer < self.config.num_layers:   # the common case

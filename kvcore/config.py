@@ -7,6 +7,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from kvcore.groups import LayerGroup
+
 __all__ = ["KVCacheConfig", "LAYOUTS", "DTYPES"]
 
 #: Supported pool layouts (see DESIGN.md, "Memory layout").
@@ -68,6 +70,13 @@ class KVCacheConfig:
     enable_prefix_cache : bool
         Reuse full pages across sequences with equal token prefixes (see
         :meth:`PageTable.add_sequence`).
+    layer_groups : sequence of LayerGroup, optional
+        Groups of layers that attend differently (full attention, sliding window,
+        recurrent state; see ``docs/groups.md``); their layers must partition
+        ``range(num_layers)``. All groups draw pages from one allocator and one pool
+        of ``num_slots = max(len(group.layers))`` layer slots: layer ``l`` lives in slot
+        ``layer_slot(l)``. None: one full-attention group of every layer (slot ``l`` is
+        layer ``l``).
 
     Notes
     -----
@@ -92,6 +101,7 @@ class KVCacheConfig:
     max_seqs: int = 256
     max_pages_per_seq: int | None = None
     enable_prefix_cache: bool = False
+    layer_groups: tuple[LayerGroup, ...] | None = None
 
     def __post_init__(self):
         for name in ("num_layers", "num_kv_heads", "head_dim", "page_size", "num_pages",
@@ -115,6 +125,77 @@ class KVCacheConfig:
             raise TypeError(f"enable_prefix_cache must be a bool, got "
                             f"{type(self.enable_prefix_cache).__name__}")
         object.__setattr__(self, "enable_prefix_cache", bool(self.enable_prefix_cache))
+        self._check_groups()
+        # Per layer: (group, slot), looked up on every write.
+        places = {layer: (g, slot) for g, group in enumerate(self.groups)
+                  for slot, layer in enumerate(group.layers)}
+        object.__setattr__(self, "_places", tuple(places[layer]
+                                                  for layer in range(self.num_layers)))
+
+    def _check_groups(self) -> None:
+        if self.layer_groups is None:
+            return
+        if isinstance(self.layer_groups, (str, bytes, LayerGroup)) or not hasattr(
+                self.layer_groups, "__iter__"):
+            raise TypeError(f"layer_groups must be a sequence of LayerGroup, got "
+                            f"{type(self.layer_groups).__name__}")
+        groups = tuple(self.layer_groups)
+        if not groups:
+            raise ValueError("layer_groups must hold at least one LayerGroup")
+        for i, group in enumerate(groups):
+            if not isinstance(group, LayerGroup):
+                raise TypeError(f"layer_groups[{i}] must be a LayerGroup, got "
+                                f"{type(group).__name__}")
+            if not group.layers:
+                raise ValueError(f"layer_groups[{i}] has no layers")
+        layers = sorted(layer for group in groups for layer in group.layers)
+        if layers != list(range(self.num_layers)):
+            raise ValueError(f"the layer groups' layers must partition range({self.num_layers}) "
+                             f"(each layer in exactly one group), got {layers}")
+        for i, group in enumerate(groups):
+            if group.state_pages > self.max_pages_per_seq:
+                raise ValueError(f"layer_groups[{i}] has {group.state_pages} state pages, "
+                                 f"more than max_pages_per_seq ({self.max_pages_per_seq})")
+        if self.enable_prefix_cache and any(g.kind == "state" for g in groups):
+            raise ValueError("prefix caching cannot serve a state group: a recurrent state "
+                             "cannot be shared by a prefix hit without a snapshot")
+        object.__setattr__(self, "layer_groups", groups)
+
+    @property
+    def groups(self) -> tuple[LayerGroup, ...]:
+        """The layer groups: ``layer_groups``, or one full-attention group of every layer."""
+        if self.layer_groups is None:
+            return (LayerGroup(range(self.num_layers)),)
+        return self.layer_groups
+
+    @property
+    def num_slots(self) -> int:
+        """Layer slots of the pool: the largest group's layer count (``num_layers``
+        without groups)."""
+        return max(len(group.layers) for group in self.groups)
+
+    def layer_group(self, layer: int) -> int:
+        """Index of the group that holds ``layer`` (``IndexError`` outside the model)."""
+        return self._place(layer)[0]
+
+    def layer_slot(self, layer: int) -> int:
+        """Pool slot of ``layer``: its position in its group."""
+        return self._place(layer)[1]
+
+    def _place(self, layer) -> tuple[int, int]:
+        index = operator.index(layer)
+        if not 0 <= index < self.num_layers:
+            raise IndexError(f"layer {index} out of range [0, {self.num_layers})")
+        return self._places[index]
+
+    @property
+    def slot_waste(self) -> float:
+        """Fraction of the pool's K/V bytes no group can use: a page id held by a group
+        of ``n < num_slots`` layers leaves ``num_slots - n`` slots idle (0.0 when groups
+        are equal or absent), averaged over the groups as if each held the same pages."""
+        groups = self.groups
+        used = sum(len(g.layers) for g in groups)
+        return 1.0 - used / (len(groups) * self.num_slots)
 
     @property
     def itemsize(self) -> int:
@@ -134,8 +215,9 @@ class KVCacheConfig:
 
     @property
     def page_bytes(self) -> int:
-        """Bytes one page id costs: every layer, K and V."""
-        return self.num_layers * 2 * self.page_elems * self.itemsize
+        """Bytes one page id costs: every layer slot, K and V (every layer without
+        groups)."""
+        return self.num_slots * 2 * self.page_elems * self.itemsize
 
     @property
     def layer_bytes(self) -> int:
@@ -161,8 +243,9 @@ class KVCacheConfig:
 
     @property
     def pool_shape(self) -> tuple[int, ...]:
-        """Shape of the pool ``kv``: ``(num_layers, 2, num_pages) + page_shape``."""
-        return (self.num_layers, 2, self.num_pages, *self.page_shape)
+        """Shape of the pool ``kv``: ``(num_slots, 2, num_pages) + page_shape``
+        (``num_slots == num_layers`` without groups)."""
+        return (self.num_slots, 2, self.num_pages, *self.page_shape)
 
     @classmethod
     def for_memory(cls, memory_bytes: int, **kwargs) -> KVCacheConfig:

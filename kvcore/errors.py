@@ -13,6 +13,7 @@ __all__ = [
     "CapacityError",
     "InvalidPageError",
     "RefcountError",
+    "RollbackError",
     "UnknownSequenceError",
     "ShapeError",
     "BackendUnavailableError",
@@ -56,6 +57,11 @@ class InvalidPageError(KVCoreError, ValueError):
 
 class RefcountError(KVCoreError, RuntimeError):
     """incref or decref of a page that is free (a double free)."""
+
+
+class RollbackError(KVCoreError, ValueError):
+    """``truncate`` cannot shorten a sequence that far: a state group cannot be rolled
+    back, or a window group already released pages the shorter sequence would need."""
 
 
 class UnknownSequenceError(KVCoreError, KeyError):

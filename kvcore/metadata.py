@@ -30,6 +30,8 @@ pages. Worked example, page 16, two live sequences of 45 and 16 tokens, ``B = 4`
 
 from __future__ import annotations
 
+import operator
+
 import numpy as np
 
 from kvcore._checks import check_host_slots, host_index_array
@@ -78,10 +80,27 @@ class StepMetadata:
 
     NUM_STAGING = 3
 
+    def serves(self, layer) -> bool:
+        """Whether ``layer``'s writes and attention read this metadata (its group's)."""
+        return layer in self._layers
+
     def __init__(self, cache, max_tokens: int, max_batch: int | None = None,
                  max_pages: int | None = None, block_tables: bool = True,
-                 max_pages_per_seq: int | None = None):
+                 max_pages_per_seq: int | None = None, group: int = 0):
         cfg = cache.config
+        if isinstance(group, (bool, np.bool_)):
+            raise TypeError("group must be an integer, got bool")
+        group = operator.index(group)
+        if not 0 <= group < len(cfg.groups):
+            raise IndexError(f"group {group} out of range [0, {len(cfg.groups)})")
+        if cfg.groups[group].kind == "state":
+            raise ValueError(f"group {group} holds a recurrent state: it has no attention "
+                             "metadata")
+        #: The layer group whose slots and pages this metadata holds (its layers' writes
+        #: and attention read it; a window group's pages are its live window).
+        self.group = group
+        self._layers = frozenset(cfg.groups[group].layers)
+        self._multi_group = len(cfg.groups) > 1
         self._cache = cache
         self._table = cache.table
         self._backend = backend = cache.backend
@@ -171,12 +190,15 @@ class StepMetadata:
         """
         cfg = self._cache.config
         seq_arr = _seq_id_array(seq_ids)
-        indptr, indices, last_page_len = self._table.flashinfer_metadata(seq_arr)
+        indptr, indices, last_page_len = self._table.flashinfer_metadata(seq_arr,
+                                                                          group=self.group)
         batch, nnz = len(last_page_len), int(indptr[-1])
         if slot_mapping is None:
             slots = _NO_SLOTS
         else:
             slots = getattr(slot_mapping, "slot_mapping", slot_mapping)
+            if self._multi_group and getattr(slots, "ndim", 1) == 2:
+                slots = slots[self.group]       # append's [num_groups, T]: this group's row
             if self._backend.is_device_array(slots):
                 raise ShapeError("StepMetadata.update takes the step's slot_mapping on the "
                                  "host (what append returns), not a device array")

@@ -99,8 +99,12 @@ class CudaBackend:
             self._pool_align |= ptr
         self.error_word = fw.zeros((1,), "int32")
         self._error_ptr = describe(self.error_word).ptr
-        pools = np.array([p for pair in zip(layers.k_ptrs, layers.v_ptrs, strict=True)
-                          for p in pair], dtype=np.uint64)
+        # copy_pages copies each distinct pool once: layers of different groups may share
+        # a slot (docs/groups.md), and a page id belongs to one group at a time.
+        pools = np.array(list(dict.fromkeys(
+            p for pair in zip(layers.k_ptrs, layers.v_ptrs, strict=True) for p in pair)),
+            dtype=np.uint64)
+        self._num_pools = int(pools.size)
         self._pool_table = fw.empty((pools.size,), "int64")
         cupy.cuda.runtime.memcpy(describe(self._pool_table).ptr, pools.ctypes.data,
                                  pools.nbytes, 1)
@@ -146,7 +150,7 @@ class CudaBackend:
                 "gather": dict(common, num_pages=cfg.num_pages,
                                layout=LAYOUT_CODE[cfg.layout], page_size=cfg.page_size,
                                num_heads=cfg.num_kv_heads, row_vecs=row_vecs),
-                "copy_pages": dict(common, num_pools=2 * cfg.num_layers,
+                "copy_pages": dict(common, num_pools=self._num_pools,
                                    num_pages=cfg.num_pages,
                                    page_vecs=cfg.page_elems * self._item // width),
             }[op]
@@ -370,7 +374,7 @@ class CudaBackend:
         page_bytes = cfg.page_elems * self._item
         width = self._vector_width(page_bytes)
         page_vecs = page_bytes // width
-        chunks = n * cfg.num_layers * 2
+        chunks = n * self._num_pools
         block = min(_MAX_BLOCK, _round_up(-(-page_vecs // _UNROLL), 32))
         grid = max(1, min(chunks, self.num_sms * 16))
         self._launcher("copy_pages", width)(

@@ -38,8 +38,10 @@ class NumpyBackend:
     def __init__(self, config: KVCacheConfig):
         self.config = config
         self.kv = np.zeros(config.pool_shape, dtype=config.storage_dtype)
-        self.k_views = tuple(self.kv[layer, 0] for layer in range(config.num_layers))
-        self.v_views = tuple(self.kv[layer, 1] for layer in range(config.num_layers))
+        # Layer l lives in pool slot layer_slot(l) (slot l without layer groups).
+        self._slots = tuple(config.layer_slot(layer) for layer in range(config.num_layers))
+        self.k_views = tuple(self.kv[slot, 0] for slot in self._slots)
+        self.v_views = tuple(self.kv[slot, 1] for slot in self._slots)
         self._dtype = self.kv.dtype
 
     # -- arrays in and out ----------------------------------------------------------------
@@ -138,7 +140,7 @@ class NumpyBackend:
         keep = slots >= 0
         pages, offsets = np.divmod(slots[keep], ps)
         for which, src in ((0, k), (1, v)):
-            pool = self.kv[layer, which]
+            pool = self.kv[self._slots[layer], which]
             if self.config.layout == "NHD":
                 pool[pages, offsets] = src[keep]          # pool [P, S, H, D]
             else:
@@ -174,7 +176,7 @@ class NumpyBackend:
             pages = page_indices[page_indptr[b]:page_indptr[b + 1]]
             start, stop = int(token_indptr[b]), int(token_indptr[b + 1])
             for which, dst in ((0, k_out), (1, v_out)):
-                chunk = self.kv[layer, which][pages]              # [n, S, H, D] or [n, H, S, D]
+                chunk = self.kv[self._slots[layer], which][pages]  # [n, S, H, D] / [n, H, S, D]
                 if cfg.layout == "HND":
                     chunk = chunk.transpose(0, 2, 1, 3)           # -> [n, S, H, D]
                 dst[start:stop] = chunk.reshape(-1, cfg.num_kv_heads, cfg.head_dim)[
@@ -182,7 +184,8 @@ class NumpyBackend:
         return out
 
     def copy_pages(self, src, dst, stream=None) -> None:
-        """Copy page ``src[i]`` to ``dst[i]`` in every layer, K and V (host ids, checked)."""
+        """Copy page ``src[i]`` to ``dst[i]`` in every layer slot, K and V (host ids,
+        checked)."""
         if self.is_device_array(src) or self.is_device_array(dst):
             raise ShapeError("page ids are on a CUDA device but the cache is on cpu")
         src, dst = host_page_pair(src, dst, self.config.num_pages)

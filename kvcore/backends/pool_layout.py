@@ -65,7 +65,9 @@ def adopt_layers(config: KVCacheConfig, pool) -> LayerPools:
         if view.shape != tuple(config.pool_shape):
             raise ShapeError(f"pool must be a list of {config.num_layers} per-layer entries "
                              f"or one array of shape {config.pool_shape}, got {view.shape}")
-        pool = [pool[layer] for layer in range(config.num_layers)]
+        # Layers of different groups share a slot (docs/groups.md): layer l is slot
+        # layer_slot(l) of the one array.
+        pool = [pool[config.layer_slot(layer)] for layer in range(config.num_layers)]
     if len(pool) != config.num_layers:
         raise ShapeError(f"pool has {len(pool)} layer entries, the config has "
                          f"{config.num_layers} layers")
@@ -131,8 +133,10 @@ def adopt_layers(config: KVCacheConfig, pool) -> LayerPools:
         if ptr % item:
             raise ShapeError(f"{name} starts at address {ptr:#x}, not a multiple of its "
                              f"{item}-byte element")
+    groups = [config.layer_group(layer) for layer in range(config.num_layers)]
     clash = _first_overlap(_interleave(k_ptrs, v_ptrs), page_stride * item,
-                           page_elems * item, config.num_pages)
+                           page_elems * item, config.num_pages,
+                           [g for g in groups for _ in ("K", "V")])
     if clash is not None:
         names = _pool_names(config.num_layers)
         raise ShapeError(f"the pages of {names[clash[0]]} and {names[clash[1]]} overlap in "
@@ -165,8 +169,12 @@ def _pool_names(num_layers: int) -> list[str]:
     return [f"layer {layer}'s {kv}" for layer in range(num_layers) for kv in ("K", "V")]
 
 
-def _first_overlap(ptrs, stride: int, page_bytes: int, num_pages: int):
+def _first_overlap(ptrs, stride: int, page_bytes: int, num_pages: int, groups):
     """Indexes of the first two pools with a shared byte, or None.
+
+    Two pools of layers in different groups (``groups[i]``: the group of pool ``i``) may
+    be the same memory (the same address): one page id belongs to one group at a time,
+    so layers of different groups sharing a slot never use a page together.
 
     Pool ``a``'s page ``i`` spans ``[ptr_a + i * stride, + page_bytes)``. Two pools at
     distance ``d = ptr_b - ptr_a`` share a byte iff some ``k = j - i`` in
@@ -179,6 +187,8 @@ def _first_overlap(ptrs, stride: int, page_bytes: int, num_pages: int):
     for a in range(len(ptrs)):
         for b in range(a + 1, len(ptrs)):
             d = ptrs[b] - ptrs[a]
+            if d == 0 and groups[a] != groups[b]:
+                continue
             nearest = -round(d / stride)
             for k in (nearest - 1, nearest, nearest + 1):
                 if -(num_pages - 1) <= k <= num_pages - 1 and abs(d + k * stride) < page_bytes:
