@@ -481,9 +481,19 @@ cdef class PageTable:
                             num_touched += 1
                         pending[page] += 1
                         copies += 1
-                if kind == _WINDOW:
+        # Pages the window releases free before the call allocates: counted only when the
+        # free pages alone do not cover the call (rarely), so a decode step skips it.
+        if self._has_window and total + copies > self.allocator.free_count():
+            for g in range(self._num_groups):
+                if self._kind[g] != _WINDOW:
+                    continue
+                table = self._table + g * self._group_stride
+                for i in range(batch):
+                    if counts[i] == 0:
+                        continue
+                    s = seq_ids[i]
                     lo = self._first_live[<int64_t>g * self._max_seqs + s]
-                    hi = _window_start(cur, self._window[g], ps)
+                    hi = _window_start(lens[s], self._window[g], ps)
                     for c in range(lo, hi):
                         page = table[s * width + c]
                         if pending[page] == 0 and released[page] == 0:
@@ -1105,7 +1115,10 @@ cdef class PageTable:
                 s = seq_ids[i]
                 first = self._first_live + <int64_t>g * self._max_seqs + s
                 lo = first[0]
-                hi = _window_start(self._seq_lens[s], self._window[g], self._page_size)
+                hi = self._seq_lens[s] - self._window[g] + 1     # first token still needed
+                if hi <= 0:
+                    continue
+                hi = _div(<uint32_t>hi, <uint32_t>self._page_size, self._page_shift)
                 if hi <= lo:
                     continue
                 row = self._table + g * self._group_stride + s * self._max_pages_per_seq

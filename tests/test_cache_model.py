@@ -2,10 +2,13 @@
 
 A hypothesis state machine drives one KVCache (NumPy backend; the CUDA backend too
 when a GPU is present) through add (with prefix hits), fork, append + write, gather,
-copy_pages, remove and eviction pressure, holding a plain model of every sequence's
-tokens. The K/V content of a token is a function of its whole token prefix (as in a
-real model), so whoever wrote a cached page, a sequence that hits it must read exactly
-its own expected bytes. After every step the invariants hold and every live sequence
+copy_pages, remove, truncate (speculative decoding: append drafts, keep a prefix) and
+eviction pressure, holding a plain model of every sequence's tokens. Half the runs
+split the two layers into a full-attention group and a sliding-window group, which
+releases pages as sequences move on and reads back only its live window. The K/V
+content of a token is a function of its whole token prefix (as in a real model), so
+whoever wrote a cached page, a sequence that hits it must read exactly its own
+expected bytes. After every step the invariants hold and every live sequence
 gathers exactly what the model says, in every layer.
 
 Profiles: ``KVCORE_HYPOTHESIS_PROFILE=ci`` (default, thousands of steps) or ``long``.
@@ -27,7 +30,9 @@ from kvcore import (
     CapacityError,
     KVCache,
     KVCacheConfig,
+    LayerGroup,
     OutOfPagesError,
+    RollbackError,
 )
 
 LAYERS, HEADS, HEAD_DIM = 2, 1, 4
@@ -65,14 +70,18 @@ class CacheMachine(RuleBasedStateMachine):
                 f.write(json.dumps({"device": self.device, **STEPS}) + "\n")
 
     @precondition(lambda self: self.cache is None)
-    @rule(page_size=st.sampled_from([1, 2, 4]), layout=st.sampled_from(["NHD", "HND"]))
-    def start(self, page_size, layout):
+    @rule(page_size=st.sampled_from([1, 2, 4]), layout=st.sampled_from(["NHD", "HND"]),
+          window=st.sampled_from([None, None, 1, 3, 6]))
+    def start(self, page_size, layout, window):
+        # window: layer 1 becomes a sliding-window group next to layer 0's full group.
+        groups = None if window is None else (LayerGroup([0]), LayerGroup([1], window=window))
         cfg = KVCacheConfig(num_layers=LAYERS, num_kv_heads=HEADS, head_dim=HEAD_DIM,
                             page_size=page_size, num_pages=NUM_PAGES, dtype="float32",
                             layout=layout, max_seqs=MAX_SEQS, max_pages_per_seq=NUM_PAGES,
-                            enable_prefix_cache=True)
+                            enable_prefix_cache=True, layer_groups=groups)
         self.cache = KVCache(cfg, device=self.device)
         self.ps = page_size
+        self.window = window
         self.tokens = {}      # seq -> token ids
         self.digests = {}     # seq -> prefix digest per position
         self.cached_pages = set()
@@ -152,6 +161,51 @@ class CacheMachine(RuleBasedStateMachine):
 
     @precondition(lambda self: self.cache is not None and self.tokens)
     @rule(data=st.data())
+    def speculate(self, data):
+        """Append a verified token plus drafts, write them all, keep a random prefix."""
+        live = sorted(self.tokens)
+        batch = data.draw(st.lists(st.sampled_from(live), unique=True, min_size=1))
+        drafts = data.draw(st.integers(1, 4))
+        ids = data.draw(st.lists(st.integers(0, 3), min_size=len(batch) * (1 + drafts),
+                                 max_size=len(batch) * (1 + drafts)))
+        try:
+            step = self.cache.append(batch, 1 + drafts, token_ids=ids)
+        except (OutOfPagesError, CapacityError):
+            return
+        for i, seq in enumerate(batch):
+            self._extend(seq, ids[i * (1 + drafts):(i + 1) * (1 + drafts)])
+        self._write(batch, [1 + drafts] * len(batch), step.slot_mapping)
+        accepted = data.draw(st.lists(st.integers(0, drafts), min_size=len(batch),
+                                      max_size=len(batch)))
+        keep = [len(self.tokens[seq]) - drafts + a for seq, a in zip(batch, accepted,
+                                                                       strict=True)]
+        self.cache.truncate(batch, keep)      # back to at least the pre-append length
+        for seq, n in zip(batch, keep, strict=True):
+            del self.tokens[seq][n:], self.digests[seq][n:]
+        self._track_events()
+
+    @precondition(lambda self: self.cache is not None and self.tokens)
+    @rule(data=st.data())
+    def truncate(self, data):
+        """Roll a sequence back by any amount: allowed, or RollbackError and no change."""
+        seq = data.draw(st.sampled_from(sorted(self.tokens)))
+        length = len(self.tokens[seq])
+        new = data.draw(st.integers(0, length))
+        pages_before = [self.cache.pages(seq, group=g).tolist()
+                        for g in range(self.cache.num_groups)]
+        try:
+            self.cache.truncate([seq], [new])
+        except RollbackError:
+            assert self.window is not None
+            assert self.cache.num_tokens(seq) == length
+            assert [self.cache.pages(seq, group=g).tolist()
+                    for g in range(self.cache.num_groups)] == pages_before
+            return
+        del self.tokens[seq][new:], self.digests[seq][new:]
+        self._track_events()
+
+    @precondition(lambda self: self.cache is not None and self.tokens)
+    @rule(data=st.data())
     def fork(self, data):
         parent = data.draw(st.sampled_from(sorted(self.tokens)))
         try:
@@ -172,7 +226,8 @@ class CacheMachine(RuleBasedStateMachine):
     @rule(data=st.data())
     def copy_pages(self, data):
         """Copy live pages into clean free pages (neither mapped nor cached)."""
-        used = {int(p) for s in self.tokens for p in self.cache.pages(s)}
+        used = {int(p) for s in self.tokens for g in range(self.cache.num_groups)
+                for p in self.cache.pages(s, group=g)}
         clean = sorted(set(range(NUM_PAGES)) - used - self.cached_pages)
         if not used or not clean:
             return
@@ -200,9 +255,14 @@ class CacheMachine(RuleBasedStateMachine):
         for layer in range(LAYERS):
             k, v, indptr = self.cache.gather(layer, live)
             k, v = self.cache.to_host(k), self.cache.to_host(v)
+            group = self.cache.config.layer_group(layer)
             for b, seq in enumerate(live):
-                assert indptr[b + 1] - indptr[b] == len(self.tokens[seq])
-                for i, digest in enumerate(self.digests[seq]):
+                # A window group reads back its live window: from its first mapped page.
+                first = self.cache.first_page(seq, group=group) * self.ps
+                if self.window is not None and group == 1:
+                    assert first <= max(0, len(self.tokens[seq]) - self.window + 1)
+                assert indptr[b + 1] - indptr[b] == len(self.tokens[seq]) - first
+                for i, digest in enumerate(self.digests[seq][first:]):
                     row = indptr[b] + i
                     assert np.array_equal(k[row], content(digest, layer, 0)), (seq, i, layer)
                     assert np.array_equal(v[row], content(digest, layer, 1)), (seq, i, layer)

@@ -6,10 +6,10 @@ import numpy as np
 import pytest
 
 import kvcore
-from kvcore import _core, cache, config
+from kvcore import _core, cache, config, groups
 
 
-@pytest.mark.parametrize("module", [_core, config, cache], ids=lambda m: m.__name__)
+@pytest.mark.parametrize("module", [_core, config, cache, groups], ids=lambda m: m.__name__)
 def test_docstring_examples(module):
     globs = {"np": np, **{name: getattr(kvcore, name) for name in kvcore.__all__}}
     result = doctest.testmod(module, extraglobs=globs, optionflags=doctest.ELLIPSIS)

@@ -20,7 +20,12 @@ from pathlib import Path
 import numpy as np
 
 import kvcore
-from kvcore.bench.pure_python import PyPageAllocator, PyPageTable, PyPrefixPageTable
+from kvcore.bench.pure_python import (
+    PyPageAllocator,
+    PyPageTable,
+    PyPrefixPageTable,
+    PyWindowPageTable,
+)
 
 
 def timed(fn, repeats: int) -> list[float]:
@@ -80,6 +85,102 @@ def decode_step(lib: str, batch: int = 256, steps: int = 64, prompt: int = 100,
         start = time.perf_counter_ns()
         for _ in range(steps):
             table.append(seqs, ones)
+            table.flashinfer_metadata(seqs)
+        run.elapsed = time.perf_counter_ns() - start
+        return 1
+
+    def timed_run():
+        run()
+        return run.elapsed / steps
+
+    return timed_run
+
+
+def two_group_decode_step(lib: str, batch: int = 256, steps: int = 64, prompt: int = 100,
+                          page_size: int = 16, window: int = 32):
+    """The decode step of :func:`decode_step` for a hybrid model: a full-attention group
+    and a sliding-window group (window 32) in one table, metadata for both.
+
+    In Python, two tables (one per group) over one allocator.
+    """
+    num_pages = batch * ((prompt + steps) // page_size + 2) * 2
+    if lib == "kvcore":
+        groups = [kvcore.LayerGroup(), kvcore.LayerGroup(window=window)]
+        table = kvcore.PageTable(kvcore.PageAllocator(num_pages), page_size, batch, 64,
+                                 groups=groups)
+        tables = [table]
+        seqs = np.array([table.add_sequence() for _ in range(batch)], dtype=np.int64)
+        ones = np.ones(batch, dtype=np.int64)
+
+        def metadata():
+            table.flashinfer_metadata(seqs)
+            table.flashinfer_metadata(seqs, group=1)
+    else:
+        alloc = PyPageAllocator(num_pages)
+        tables = [PyPageTable(alloc, page_size, batch),
+                  PyWindowPageTable(alloc, page_size, batch, window)]
+        seqs = [tables[0].add_sequence() for _ in range(batch)]
+        for _ in range(batch):
+            tables[1].add_sequence()      # the same seq ids in the window group's table
+        ones = [1] * batch
+
+        def metadata():
+            for t in tables:
+                t.flashinfer_metadata(seqs)
+
+    def run():
+        for s in list(seqs):
+            for t in tables:
+                t.remove(int(s))
+        for t in tables:
+            fresh = [t.add_sequence() for _ in range(batch)]
+        seqs[:] = fresh
+        for t in tables:
+            t.append(seqs, [prompt] * batch)
+        start = time.perf_counter_ns()
+        for _ in range(steps):
+            for t in tables:
+                t.append(seqs, ones)
+            metadata()
+        run.elapsed = time.perf_counter_ns() - start
+        return 1
+
+    def timed_run():
+        run()
+        return run.elapsed / steps
+
+    return timed_run
+
+
+def speculative_verify_step(lib: str, batch: int = 256, steps: int = 32, prompt: int = 100,
+                            page_size: int = 16, drafts: int = 5, seed: int = 0):
+    """A speculative-decoding verify step for ``batch`` sequences: append ``drafts``
+    draft tokens each, truncate each to a random accepted length (0..drafts), metadata."""
+    num_pages = batch * ((prompt + steps * drafts) // page_size + 2)
+    rng = np.random.default_rng(seed)
+    accepted = rng.integers(0, drafts + 1, size=(steps, batch))
+    if lib == "kvcore":
+        table = kvcore.PageTable(kvcore.PageAllocator(num_pages), page_size, batch, 64)
+        seqs = np.array([table.add_sequence() for _ in range(batch)], dtype=np.int64)
+        counts = np.full(batch, drafts, dtype=np.int64)
+        # New lengths per step, computed up front (not timed): prompt + accepted so far.
+        new_lens = prompt + np.cumsum(accepted, axis=0)
+    else:
+        table = PyPageTable(PyPageAllocator(num_pages), page_size, batch)
+        seqs = [table.add_sequence() for _ in range(batch)]
+        counts = [drafts] * batch
+        new_lens = (prompt + np.cumsum(accepted, axis=0)).tolist()
+
+    def run():
+        for s in list(seqs):
+            table.remove(int(s))
+        fresh = [table.add_sequence() for _ in range(batch)]
+        seqs[:] = fresh
+        table.append(seqs, [prompt] * batch)
+        start = time.perf_counter_ns()
+        for step in range(steps):
+            table.append(seqs, counts)
+            table.truncate(seqs, new_lens[step])
             table.flashinfer_metadata(seqs)
         run.elapsed = time.perf_counter_ns() - start
         return 1
@@ -226,6 +327,10 @@ WORKLOADS = [
     # name, factory, unit, timing kind, target (kvcore, in unit)
     ("allocate+decref 4096 pages", alloc_decref, "ns/page", "per_unit", 5.0),
     ("decode step, 256 seqs (append 1 + metadata)", decode_step, "us/step", "self", 10.0),
+    ("decode step, 256 seqs, two groups: full + window 32 (append 1 + both metadata)",
+     two_group_decode_step, "us/step", "self", None),
+    ("speculative verify step, 256 seqs (append 5, truncate to accepted, metadata)",
+     speculative_verify_step, "us/step", "self", 15.0),
     ("prefill 64 x 2048 tokens (append + metadata)", prefill, "us/call", "self", None),
     ("beam search step, 8 beams (append, metadata, remove, fork)", beam_search, "us/step",
      "self", None),

@@ -116,11 +116,72 @@ class PyPageTable:
         return (np.array(slot_mapping, dtype=np.int64), np.array(copy_src, dtype=np.int32),
                 np.array(copy_dst, dtype=np.int32))
 
+    def truncate(self, seq_ids, lengths) -> None:
+        """Shorten sequences: drop the pages past each new length (last first)."""
+        ps = self.page_size
+        for seq, n in zip(seq_ids, lengths, strict=True):
+            if seq not in self.pages or not 0 <= n <= self.lens[seq]:
+                raise ValueError(f"cannot truncate seq {seq} to {n}")
+        for seq, n in zip(seq_ids, lengths, strict=True):
+            pages = self.pages[seq]
+            keep = -(-n // ps)
+            self.allocator.decref(pages[keep:][::-1])
+            del pages[keep:]
+            self.lens[seq] = n
+
     def flashinfer_metadata(self, seq_ids):
         indptr, indices, last = [0], [], []
         for seq in seq_ids:
             pages = self.pages[seq]
             indices.extend(pages)
+            indptr.append(len(indices))
+            n = self.lens[seq]
+            last.append(0 if n == 0 else (n - 1) % self.page_size + 1)
+        return (np.array(indptr, dtype=np.int32), np.array(indices, dtype=np.int32),
+                np.array(last, dtype=np.int32))
+
+
+class PyWindowPageTable(PyPageTable):
+    """A sliding-window group: before each append, pages wholly before
+    ``len - window + 1`` are released; released entries stay as None so columns keep
+    their token positions."""
+
+    def __init__(self, allocator: PyPageAllocator, page_size: int, max_seqs: int,
+                 window: int):
+        super().__init__(allocator, page_size, max_seqs)
+        self.window = window
+        self.first: dict[int, int] = {}
+
+    def add_sequence(self) -> int:
+        seq = super().add_sequence()
+        self.first[seq] = 0
+        return seq
+
+    def remove(self, seq: int) -> None:
+        live = [p for p in self.pages.pop(seq) if p is not None]
+        self.allocator.decref(live[::-1])
+        del self.lens[seq], self.first[seq]
+        self.free_ids.append(seq)
+
+    def append(self, seq_ids, num_new_tokens):
+        ps = self.page_size
+        for seq, n in zip(seq_ids, num_new_tokens, strict=True):
+            if not n:
+                continue
+            end = max(0, self.lens[seq] - self.window + 1) // ps
+            pages = self.pages[seq]
+            dead = [pages[c] for c in range(self.first[seq], end)]
+            if dead:
+                self.allocator.decref(dead[::-1])
+                for c in range(self.first[seq], end):
+                    pages[c] = None
+                self.first[seq] = end
+        return super().append(seq_ids, num_new_tokens)
+
+    def flashinfer_metadata(self, seq_ids):
+        indptr, indices, last = [0], [], []
+        for seq in seq_ids:
+            indices.extend(self.pages[seq][self.first[seq]:])
             indptr.append(len(indices))
             n = self.lens[seq]
             last.append(0 if n == 0 else (n - 1) % self.page_size + 1)
