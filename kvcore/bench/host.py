@@ -40,6 +40,15 @@ def timed(fn, repeats: int) -> list[float]:
 
 # -- workloads: each returns a callable doing one timed repeat -------------------------
 
+def _per_step(run, steps: int):
+    """A repeat that calls ``run`` (which times its own steps into ``run.elapsed``, after
+    its untimed set-up) and returns ns per step."""
+    def timed_run():
+        run()
+        return run.elapsed / steps
+    return timed_run
+
+
 def alloc_decref(lib: str, num_pages: int = 4096, rounds: int = 50):
     if lib == "kvcore":
         alloc = kvcore.PageAllocator(num_pages)
@@ -89,11 +98,7 @@ def decode_step(lib: str, batch: int = 256, steps: int = 64, prompt: int = 100,
         run.elapsed = time.perf_counter_ns() - start
         return 1
 
-    def timed_run():
-        run()
-        return run.elapsed / steps
-
-    return timed_run
+    return _per_step(run, steps)
 
 
 def two_group_decode_step(lib: str, batch: int = 256, steps: int = 64, prompt: int = 100,
@@ -145,11 +150,7 @@ def two_group_decode_step(lib: str, batch: int = 256, steps: int = 64, prompt: i
         run.elapsed = time.perf_counter_ns() - start
         return 1
 
-    def timed_run():
-        run()
-        return run.elapsed / steps
-
-    return timed_run
+    return _per_step(run, steps)
 
 
 def speculative_verify_step(lib: str, batch: int = 256, steps: int = 32, prompt: int = 100,
@@ -185,11 +186,7 @@ def speculative_verify_step(lib: str, batch: int = 256, steps: int = 32, prompt:
         run.elapsed = time.perf_counter_ns() - start
         return 1
 
-    def timed_run():
-        run()
-        return run.elapsed / steps
-
-    return timed_run
+    return _per_step(run, steps)
 
 
 def prefill(lib: str, batch: int = 64, tokens: int = 2048, page_size: int = 16):
