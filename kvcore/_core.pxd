@@ -33,6 +33,7 @@ cdef class PageTable:
     cdef int32_t* _first_live        # [num_groups, max_seqs] first mapped column (windows)
     cdef int32_t* _release_pending   # [num_pages] scratch for pages_needed; 0 between calls
     cdef page_id_t* _touched         # [2 * num_pages] scratch: pages whose scratch is set
+    cdef int64_t* _scratch           # [2 * max_seqs] a call's own copy of its arguments
     cdef int64_t _max_copies_per_seq # copy-on-write pairs one sequence can cause in a call
     cdef bint _has_state, _has_window
     cdef object _groups              # tuple of LayerGroup

@@ -258,8 +258,10 @@ cdef class PageTable:
         release_pending = np.zeros(allocator.page_count(), dtype=np.int32)
         touched = np.zeros(2 * allocator.page_count(), dtype=np.int32)
         first_live = np.zeros((ng, ms), dtype=np.int32)
+        scratch = np.zeros(2 * ms, dtype=np.int64)
         self._owners = (table, seq_lens, active, free_seqs, seen, cow_pending, release_pending,
-                        touched, first_live, kinds, windows, states)
+                        touched, first_live, kinds, windows, states, scratch)
+        self._scratch = <int64_t*>cnp.PyArray_DATA(scratch)
         self._num_groups = ng
         self._groups = group_list
         self._kind = <int32_t*>cnp.PyArray_DATA(kinds)
@@ -876,19 +878,25 @@ cdef class PageTable:
         sids_obj, lens_obj, _ = self._batch_args(seq_ids, num_tokens, "num_tokens", True)
         cdef cnp.ndarray sids = <cnp.ndarray>sids_obj
         cdef cnp.ndarray new_lens = <cnp.ndarray>lens_obj
-        # Own copies: the critical part reads them twice (check, then cut), and a caller's
-        # array could change in between under another thread's GIL-free NumPy call.
-        if sids is seq_ids:
+        cdef Py_ssize_t i, batch = cnp.PyArray_DIM(sids, 0)
+        if batch > self._max_seqs:   # some id repeats or is unknown: the checks say which
             sids = cnp.PyArray_NewCopy(sids, cnp.NPY_CORDER)
-        if new_lens is num_tokens:
             new_lens = cnp.PyArray_NewCopy(new_lens, cnp.NPY_CORDER)
         cdef const int64_t* sp = <const int64_t*>cnp.PyArray_DATA(sids)
         cdef const int64_t* np_ = <const int64_t*>cnp.PyArray_DATA(new_lens)
-        cdef Py_ssize_t i, batch = cnp.PyArray_DIM(sids, 0)
         cdef int64_t s, cur, new, c, lo, hi, keep
         cdef int32_t g
         cdef page_id_t* row
-        # The critical part: checks, then the cut, C only.
+        cdef bint prefix_on = self._prefix.enabled()
+        # The critical part: checks, then the cut, C only. The arguments are copied into
+        # the table's scratch first: the checks and the cut must read the same values,
+        # and a caller's array could change in between under another thread's GIL-free
+        # NumPy call.
+        if batch <= self._max_seqs:
+            memcpy(self._scratch, sp, batch * sizeof(int64_t))
+            memcpy(self._scratch + self._max_seqs, np_, batch * sizeof(int64_t))
+            sp = self._scratch
+            np_ = self._scratch + self._max_seqs
         self._check_active(sp, batch, False)
         for i in range(batch):
             s, new, cur = sp[i], np_[i], self._seq_lens[sp[i]]
@@ -920,18 +928,20 @@ cdef class PageTable:
                 row = self._table + g * self._group_stride + s * self._max_pages_per_seq
                 # Pages that held a dropped token leave the index before anything else
                 # (a page freed below must go to the clean stack, not the evictable list).
-                c = new // self._page_size
-                if c < lo:
-                    c = lo
-                while c < hi:
-                    self._prefix.unregister(row[c])
-                    c += 1
+                if prefix_on:
+                    c = new // self._page_size
+                    if c < lo:
+                        c = lo
+                    while c < hi:
+                        self._prefix.unregister(row[c])
+                        c += 1
                 for c in range(hi - 1, keep - 1, -1):
                     alloc.drop_ref(row[c])
                     row[c] = NO_PAGE
             self._seq_lens[s] = <int32_t>new
-            self._prefix.truncated(s, new, self._table + self._anchor * self._group_stride
-                                   + s * self._max_pages_per_seq)
+            if prefix_on:
+                self._prefix.truncated(s, new, self._table + self._anchor * self._group_stride
+                                       + s * self._max_pages_per_seq)
 
     def first_page(self, seq_id, *, group=0):
         """Return the first column of ``seq_id``'s row in ``group`` that maps a page: 0
