@@ -27,7 +27,7 @@ from kvcore.examples.engine import (
     make_engine,
     make_workload,
 )
-from kvcore.examples.model import TINY, kvcore_attention
+from kvcore.examples.model import TINY, TINY_HYBRID, kvcore_attention
 
 
 @pytest.fixture(scope="module")
@@ -108,6 +108,43 @@ def test_without_kept_logits_the_engine_generates_the_same_tokens(served):
     key = lambda f: (f.request_id, f.sample_index)   # noqa: E731
     assert {key(f): f.tokens for f in again} == {key(f): f.tokens for f in finished}
     assert all(len(f.logits) == 0 for f in again)
+
+
+# -- sliding windows and speculative decoding under a real model ------------------------------
+
+@pytest.mark.parametrize("speculative", [0, 3])
+def test_hybrid_window_model_equals_transformers(speculative):
+    """Qwen2 layers alternating full attention and a 24-token window: the window group
+    releases pages as sequences outgrow it, and the logits still equal transformers'."""
+    engine = make_engine(TINY_HYBRID, num_pages=96, speculative=speculative)
+    finished = engine.run(make_workload(TINY_HYBRID))
+    report = check_against_transformers(engine.model, finished)
+    assert report.passed, report.summary()
+    assert engine.stats.max_window_start > 0          # window pages were released
+    assert engine.stats.prefix_hit_tokens > 0         # hits served both groups
+    assert engine.cache.num_seqs == 0
+    engine.cache.check_invariants()
+
+
+def test_speculative_decoding_rolls_back_rejected_drafts(served):
+    _, requests, _ = served
+    engine = make_engine(speculative=3)
+    finished = engine.run(requests)
+    report = check_against_transformers(engine.model, finished)
+    assert report.passed, report.summary()
+    assert engine.stats.drafts_accepted > 0 and engine.stats.drafts_rejected > 0
+    engine.cache.check_invariants()
+    assert engine.cache.num_free_pages == engine.cache.config.num_pages
+
+
+def test_the_check_fails_when_rejected_drafts_stay():
+    engine = make_engine(speculative=3, num_pages=96)
+    engine.cache.truncate = lambda seq_ids, num_tokens: None     # rollback skipped
+    try:
+        finished = engine.run(make_workload(num_requests=8))
+    except Exception:       # the cache and the engine disagree on lengths: also a failure
+        return
+    assert not check_against_transformers(engine.model, finished).passed
 
 
 # -- the check is not vacuous: break one kvcore duty at a time, the check must fail ---------
@@ -233,8 +270,9 @@ def test_cuda_float32_torch_attention_equals_transformers():
     tf32 = torch.backends.cuda.matmul.allow_tf32
     torch.backends.cuda.matmul.allow_tf32 = False     # float32 means float32 here
     try:
-        engine = make_engine(device="cuda", attention="torch", dtype="float32")
-        finished = engine.run(make_workload())
+        engine = make_engine(TINY_HYBRID, device="cuda", attention="torch", dtype="float32",
+                             num_pages=96, speculative=2)
+        finished = engine.run(make_workload(TINY_HYBRID))
         report = check_against_transformers(engine.model, finished, dtype="float32")
     finally:
         torch.backends.cuda.matmul.allow_tf32 = tf32
@@ -244,12 +282,14 @@ def test_cuda_float32_torch_attention_equals_transformers():
 
 @pytest.mark.cuda
 @needs_flashinfer
-@pytest.mark.parametrize("layout", ["NHD", "HND"])
-def test_cuda_bf16_flashinfer_matches_transformers_bf16(layout):
+@pytest.mark.parametrize("layout,shape,speculative",
+                         [("NHD", TINY, 0), ("HND", TINY, 0), ("NHD", TINY_HYBRID, 3)],
+                         ids=["NHD", "HND", "hybrid-window-speculative"])
+def test_cuda_bf16_flashinfer_matches_transformers_bf16(layout, shape, speculative):
     _cuda_ready()
-    engine = make_engine(device="cuda", attention="flashinfer", dtype="bfloat16",
-                         layout=layout)
-    finished = engine.run(make_workload())
+    engine = make_engine(shape, device="cuda", attention="flashinfer", dtype="bfloat16",
+                         layout=layout, num_pages=96, speculative=speculative)
+    finished = engine.run(make_workload(shape))
     report = check_against_transformers(engine.model, finished, dtype="bfloat16")
     print(report.summary())
     assert report.passed, report.summary()

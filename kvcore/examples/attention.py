@@ -38,16 +38,20 @@ class StepBatch:
         Each sequence's length after this step's append (its keys).
     query_indptr : numpy.ndarray, int64 [B + 1]
         Where each sequence's queries start in the packed ``[T, ...]`` arrays.
-    metadata : StepMetadata
-        The step's kvcore metadata, uploaded once (slot mapping, page indices, block
-        tables); read by every layer's ``write`` and by attention.
+    metadata : list of StepMetadata
+        One per layer group, uploaded once each this step (slot mapping, page indices,
+        block tables); a window group's covers its live window.
+    first_pages : list of numpy.ndarray, int64 [B]
+        Per group, each sequence's first mapped column (0 but in a window group): its
+        metadata's page 0 holds tokens from ``first_pages[g][b] * page_size`` on.
     """
 
     seq_ids: np.ndarray
     num_new: np.ndarray
     seq_lens: np.ndarray
     query_indptr: np.ndarray
-    metadata: StepMetadata
+    metadata: list[StepMetadata]
+    first_pages: list[np.ndarray]
 
     @property
     def num_tokens(self) -> int:
@@ -83,47 +87,59 @@ class TorchPagedAttention:
                         for layer in range(cfg.num_layers)]
         self.v_pools = [_as_torch(cache.v_cache(layer), cfg.dtype)
                         for layer in range(cfg.num_layers)]
-        self._requests: list[tuple[int, int, int, torch.Tensor]] = []
+        self.group_of = [cfg.layer_group(layer) for layer in range(cfg.num_layers)]
+        self.windows = [group.window for group in cfg.groups]
+        # Per group, per request: (query start, count, length, first key position, pages).
+        self._requests: list[list[tuple[int, int, int, int, torch.Tensor]]] = []
 
     def plan(self, batch: StepBatch) -> None:
-        """Read the step's block tables once: per request (query start, count, length,
-        page ids)."""
-        tables = _as_torch(batch.metadata.block_tables)
+        """Read each group's block tables once per step."""
         self._requests = []
-        for row in range(len(batch.seq_ids)):
-            length = int(batch.seq_lens[row])
-            num_pages = -(-length // self.page_size)
-            pages = tables[row, :num_pages].long()
-            self._requests.append((int(batch.query_indptr[row]), int(batch.num_new[row]),
-                                   length, pages))
+        for group, metadata in enumerate(batch.metadata):
+            tables = _as_torch(metadata.block_tables)
+            requests = []
+            for row in range(len(batch.seq_ids)):
+                length = int(batch.seq_lens[row])
+                first = int(batch.first_pages[group][row]) * self.page_size
+                num_pages = -(-(length - first) // self.page_size)
+                pages = tables[row, :num_pages].long()
+                requests.append((int(batch.query_indptr[row]), int(batch.num_new[row]),
+                                 length, first, pages))
+            self._requests.append(requests)
 
-    def _keys_values(self, layer: int, pages: torch.Tensor, length: int):
-        """K and V of one sequence, ``[length, H, D]`` each, read through its pages."""
+    def _keys_values(self, layer: int, pages: torch.Tensor, count: int):
+        """K and V of ``count`` tokens read through ``pages``, ``[count, H, D]`` each."""
         out = []
         for pool in (self.k_pools[layer], self.v_pools[layer]):
             block = pool[pages]                              # [n, S, H, D] or [n, H, S, D]
             if self.layout == "HND":
                 block = block.transpose(1, 2)
-            out.append(block.reshape(-1, *block.shape[2:])[:length])
+            out.append(block.reshape(-1, *block.shape[2:])[:count])
         return out
 
     def run(self, layer: int, q: torch.Tensor, scaling: float) -> torch.Tensor:
         """Attention of the step's queries ``q [T, Hq, D]`` over their sequences' pages.
 
         Returns ``[T, Hq, D]`` in ``q``'s dtype; query ``i`` of a request with ``n`` new
-        tokens and length ``L`` sits at position ``L - n + i`` and sees keys ``0..`` that.
+        tokens and length ``L`` sits at position ``L - n + i`` and sees the keys at or
+        before it (within the last ``window`` for a window layer).
         """
+        group = self.group_of[layer]
+        window = self.windows[group]
         out = torch.empty_like(q)
-        for start, count, length, pages in self._requests:
-            keys, values = self._keys_values(layer, pages, length)
-            group = q.shape[1] // keys.shape[1]
-            keys = keys.float().repeat_interleave(group, dim=1).transpose(0, 1)     # [Hq, L, D]
-            values = values.float().repeat_interleave(group, dim=1).transpose(0, 1)
+        for start, count, length, first, pages in self._requests[group]:
+            keys, values = self._keys_values(layer, pages, length - first)
+            heads = q.shape[1] // keys.shape[1]
+            keys = keys.float().repeat_interleave(heads, dim=1).transpose(0, 1)     # [Hq, L, D]
+            values = values.float().repeat_interleave(heads, dim=1).transpose(0, 1)
             queries = q[start:start + count].float().transpose(0, 1)               # [Hq, n, D]
             scores = queries @ keys.transpose(1, 2) * scaling                        # [Hq, n, L]
-            query_pos = torch.arange(length - count, length, device=q.device)
-            key_pos = torch.arange(length, device=q.device)
-            scores.masked_fill_(key_pos[None, :] > query_pos[:, None], float("-inf"))
+            query_pos = torch.arange(length - count, length, device=q.device)[:, None]
+            key_pos = torch.arange(first, length, device=q.device)[None, :]
+            hidden = key_pos > query_pos
+            if window is not None:
+                hidden |= query_pos - key_pos >= window
+            scores.masked_fill_(hidden, float("-inf"))
             probs = torch.softmax(scores, dim=-1)
             out[start:start + count] = (probs @ values).transpose(0, 1).to(q.dtype)
         return out
@@ -158,35 +174,49 @@ class FlashInferAttention:
         self.cache, self.num_qo_heads = cache, num_qo_heads
         self.k_pools = [cache.k_cache(layer) for layer in range(cfg.num_layers)]
         self.v_pools = [cache.v_cache(layer) for layer in range(cfg.num_layers)]
+        self.group_of = [cfg.layer_group(layer) for layer in range(cfg.num_layers)]
+        self.windows = [group.window for group in cfg.groups]
         device = self.k_pools[0].device
         self.dtype = self.k_pools[0].dtype
-        self.prefill = flashinfer.BatchPrefillWithPagedKVCacheWrapper(
-            torch.empty(workspace_bytes, dtype=torch.uint8, device=device), kv_layout=cfg.layout)
-        self.decode = flashinfer.BatchDecodeWithPagedKVCacheWrapper(
-            torch.empty(workspace_bytes, dtype=torch.uint8, device=device), kv_layout=cfg.layout)
-        self._active = None
+        # One float workspace for every wrapper: their runs are ordered on one stream.
+        workspace = torch.empty(workspace_bytes, dtype=torch.uint8, device=device)
+        self.prefill = [flashinfer.BatchPrefillWithPagedKVCacheWrapper(workspace,
+                                                                       kv_layout=cfg.layout)
+                        for _ in cfg.groups]
+        self.decode = [flashinfer.BatchDecodeWithPagedKVCacheWrapper(workspace,
+                                                                     kv_layout=cfg.layout)
+                       for _ in cfg.groups]
+        self._active = [None] * len(cfg.groups)
 
     def plan(self, batch: StepBatch) -> None:
-        """Plan the step's attention (host metadata; FlashInfer copies it to the device)."""
+        """Plan the step's attention for every group (host metadata; FlashInfer copies it
+        to the device). A window group's pages are its live window; ``window_left`` keeps
+        each query to the last ``window`` tokens."""
         cfg = self.cache.config
-        indptr, _, last_page_len = self.cache.flashinfer_metadata(batch.seq_ids)
-        meta = batch.metadata
-        indices = meta.page_indices[:meta.num_page_entries]    # uploaded once this step
-        indptr, last_page_len = torch.from_numpy(indptr), torch.from_numpy(last_page_len)
         sizes = (self.num_qo_heads, cfg.num_kv_heads, cfg.head_dim, cfg.page_size)
-        if int(batch.num_new.max()) == 1:
-            self.decode.plan(indptr, indices, last_page_len, *sizes,
-                             q_data_type=self.dtype, kv_data_type=self.dtype)
-            self._active = self.decode
-        else:
-            qo_indptr = torch.from_numpy(batch.query_indptr.astype(np.int32))
-            self.prefill.plan(qo_indptr, indptr, indices, last_page_len, *sizes, causal=True,
-                              q_data_type=self.dtype, kv_data_type=self.dtype)
-            self._active = self.prefill
+        decode_only = int(batch.num_new.max()) == 1
+        qo_indptr = torch.from_numpy(batch.query_indptr.astype(np.int32))
+        for group, meta in enumerate(batch.metadata):
+            indptr, _, last_page_len = self.cache.flashinfer_metadata(batch.seq_ids,
+                                                                      group=group)
+            indices = meta.page_indices[:meta.num_page_entries]    # uploaded once this step
+            indptr, last_page_len = torch.from_numpy(indptr), torch.from_numpy(last_page_len)
+            window_left = -1 if self.windows[group] is None else self.windows[group] - 1
+            if decode_only:
+                self.decode[group].plan(indptr, indices, last_page_len, *sizes,
+                                        window_left=window_left, q_data_type=self.dtype,
+                                        kv_data_type=self.dtype)
+                self._active[group] = self.decode[group]
+            else:
+                self.prefill[group].plan(qo_indptr, indptr, indices, last_page_len, *sizes,
+                                         causal=True, window_left=window_left,
+                                         q_data_type=self.dtype, kv_data_type=self.dtype)
+                self._active[group] = self.prefill[group]
 
     def run(self, layer: int, q: torch.Tensor, scaling: float) -> torch.Tensor:
         """``[T, Hq, D]`` attention output (FlashInfer's default scale is ``D ** -0.5``,
         the model's)."""
         if abs(scaling - self.cache.config.head_dim ** -0.5) > 1e-12:
             raise ValueError(f"FlashInferAttention assumes scale head_dim**-0.5, got {scaling}")
-        return self._active.run(q.contiguous(), (self.k_pools[layer], self.v_pools[layer]))
+        return self._active[self.group_of[layer]].run(
+            q.contiguous(), (self.k_pools[layer], self.v_pools[layer]))

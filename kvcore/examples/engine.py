@@ -31,11 +31,12 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from kvcore import KVCache, KVCacheConfig
+from kvcore import KVCache, KVCacheConfig, LayerGroup
 from kvcore.examples.attention import FlashInferAttention, StepBatch, TorchPagedAttention
 from kvcore.examples.model import (
     MEDIUM,
     TINY,
+    TINY_HYBRID,
     ModelShape,
     build_model,
     use_attention,
@@ -126,6 +127,9 @@ class EngineStats:
     forks: int = 0
     cow_copies: int = 0
     admission_waits: int = 0        # steps where the head of the queue waited for pages
+    drafts_accepted: int = 0
+    drafts_rejected: int = 0
+    max_window_start: int = 0       # furthest first live page of a window group (released)
     peak_pages_used: int = 0
     wall_s: float = 0.0
     kvcore_host_s: float = 0.0      # in append + metadata update (kvcore's host work)
@@ -154,44 +158,68 @@ class Engine:
     keep_logits : bool
         Keep every computed position's logits (for the check); otherwise the head runs
         only on the rows that sample.
+    speculative : int
+        Draft tokens per decoding sample and step (0: none). The engine emulates a
+        speculative decoder: drafts are random tokens, appended after the sample's token
+        in the same ``append``; a random number of them (0..k) is accepted, the bonus
+        token is the target's argmax after the last accepted one, and the rejected
+        drafts are rolled back with one ``truncate`` for the step. (Which drafts are
+        accepted does not matter to the check, which is teacher-forced over the final
+        tokens; what matters is that rolled-back K/V never leaks into later steps.)
+    draft_seed : int
+        Seeds the drafts and the acceptance.
     """
 
     def __init__(self, model, cache: KVCache, attention, *, max_tokens_per_step: int = 64,
-                 max_batch: int = 32, keep_logits: bool = True):
+                 max_batch: int = 32, keep_logits: bool = True, speculative: int = 0,
+                 draft_seed: int = 0):
         cfg, mcfg = cache.config, model.config
+        head_dim = getattr(mcfg, "head_dim", None) or mcfg.hidden_size // mcfg.num_attention_heads
         if (cfg.num_layers, cfg.num_kv_heads, cfg.head_dim) != (
-                mcfg.num_hidden_layers, mcfg.num_key_value_heads, mcfg.head_dim):
+                mcfg.num_hidden_layers, mcfg.num_key_value_heads, head_dim):
             raise ValueError("the cache's layers / KV heads / head_dim differ from the model's")
         if max_tokens_per_step < max_batch:
             raise ValueError("max_tokens_per_step must cover one decode token per sequence")
         self.model, self.cache, self.attention = model, cache, attention
         self.max_tokens, self.max_batch, self.keep_logits = (
             max_tokens_per_step, max_batch, keep_logits)
+        if speculative < 0:
+            raise ValueError(f"speculative must be >= 0, got {speculative}")
+        self.speculative = speculative
         # Page entries count shared pages once per sequence that maps them (a system
-        # prompt's pages appear in every request's row), so size them per sequence.
-        self.metadata = cache.step_metadata(max_tokens_per_step, max_batch=max_batch,
-                                            max_pages=max_batch * cfg.max_pages_per_seq)
+        # prompt's pages appear in every request's row), so size them per sequence. One
+        # metadata per layer group (a hybrid model's window group has its own pages).
+        self.metadatas = [cache.step_metadata(max_tokens_per_step, max_batch=max_batch,
+                                              max_pages=max_batch * cfg.max_pages_per_seq,
+                                              group=g) for g in range(len(cfg.groups))]
+        self._layer_group = [cfg.layer_group(layer) for layer in range(cfg.num_layers)]
         self.device = next(model.parameters()).device
         self.stats = EngineStats()
         self._waiting: deque[Request] = deque()
         self._running: list[_Sample] = []
         self._finished: list[FinishedSample] = []
         self._batch: StepBatch | None = None
+        self._drafts = np.random.default_rng(draft_seed)
 
     # -- admission -------------------------------------------------------------------
 
     def _worst_pages(self, request: Request) -> int:
-        """Pages a request could ever hold: every sample's full length, plus one
-        copy-on-write page per sample."""
-        length = len(request.prompt) + request.max_new_tokens
-        return request.num_samples * (-(-length // self.cache.config.page_size) + 1)
+        """Pages a request could ever allocate: in every group, every sample's full length
+        (drafts included) plus one copy-on-write page (a window group allocates each
+        column at most once too)."""
+        length = len(request.prompt) + request.max_new_tokens + self.speculative
+        per_sample = -(-length // self.cache.config.page_size) + 1
+        return request.num_samples * per_sample * self.cache.num_groups
+
+    def _held(self, seq_id: int) -> int:
+        return sum(len(self.cache.pages(seq_id, group=g)) for g in range(self.cache.num_groups))
 
     def _pages_still_needed(self) -> int:
         """Allocations the running samples may still make (worst case minus held)."""
         per_request: dict[int, tuple[Request, int]] = {}
         for sample in self._running:
             req, held = per_request.get(sample.request.request_id, (sample.request, 0))
-            per_request[req.request_id] = (req, held + len(self.cache.pages(sample.seq_id)))
+            per_request[req.request_id] = (req, held + self._held(sample.seq_id))
         return sum(self._worst_pages(req) - held for req, held in per_request.values())
 
     def _admit(self) -> None:
@@ -212,57 +240,92 @@ class Engine:
             self.stats.prefix_hit_tokens += cached
             self._running.append(_Sample(request, 0, seq_id, list(request.prompt), cached,
                                          cached))
-            budget -= need - len(self.cache.pages(seq_id))
+            budget -= need - self._held(seq_id)
 
     # -- one step --------------------------------------------------------------------
 
-    def _schedule(self) -> list[tuple[_Sample, int]]:
-        """(sample, new tokens) for this step: decode tokens first, then prefill chunks."""
+    def _schedule(self) -> list[tuple[_Sample, int, list[int]]]:
+        """(sample, new tokens, drafts) for this step: decode tokens first (each with up
+        to ``speculative`` draft tokens after it), then prefill chunks."""
         decoding = [s for s in self._running if not s.prefilling]
         prefilling = [s for s in self._running if s.prefilling]
-        chosen, budget = [], self.max_tokens
+        chosen, budget = [], self.max_tokens - len(decoding)    # one token each, guaranteed
         for sample in decoding + prefilling:
-            count = min(len(sample.tokens) - sample.num_computed, budget)
-            if count <= 0 or len(chosen) == self.max_batch:
+            if len(chosen) == self.max_batch:
                 break
-            chosen.append((sample, count))
+            known = len(sample.tokens) - sample.num_computed
+            if not sample.prefilling:
+                # Drafts beyond the sample's last token would be rejected anyway.
+                k = min(self.speculative, budget,
+                        sample.request.max_new_tokens - sample.generated - 1)
+                drafts = self._drafts.integers(0, self.model.config.vocab_size, k).tolist()
+                budget -= k
+                chosen.append((sample, known, drafts))
+                continue
+            count = min(known, budget)
+            if count <= 0:
+                break
+            chosen.append((sample, count, []))
             budget -= count
         return chosen
+
+    def check_window(self, layer: int, window) -> None:
+        """The model's sliding window of ``layer`` must be its kvcore group's."""
+        group = self.cache.config.groups[self._layer_group[layer]]
+        if window != group.window:
+            raise ValueError(f"layer {layer}: the model's sliding window is {window}, its "
+                             f"kvcore group's {group.window}")
 
     def attend(self, layer: int, q, k, v, scaling: float):
         """Called by transformers per layer: write the step's K/V into their slots, then
         attend over every sequence's pages. ``q [T, Hq, D]``, ``k``/``v [T, Hkv, D]``."""
-        self.cache.write(layer, k, v, self.metadata)
+        self.cache.write(layer, k, v, self.metadatas[self._layer_group[layer]])
         return self.attention.run(layer, q, scaling)
 
     def step(self) -> bool:
-        """Admit, run one model step, sample, retire. False when nothing could run."""
+        """Admit, run one model step, sample, roll back rejected drafts, retire. False
+        when nothing could run."""
         self._admit()
         chosen = self._schedule()
         if not chosen:
             return False
-        seq_ids = np.array([s.seq_id for s, _ in chosen], dtype=np.int32)
-        counts = np.array([n for _, n in chosen], dtype=np.int64)
-        new_tokens = [t for s, n in chosen for t in s.tokens[s.num_computed:s.num_computed + n]]
-        positions = [p for s, n in chosen for p in range(s.num_computed, s.num_computed + n)]
+        seq_ids = np.array([s.seq_id for s, _, _ in chosen], dtype=np.int32)
+        counts = np.array([n + len(d) for _, n, d in chosen], dtype=np.int64)
+        new_tokens = [t for s, n, d in chosen
+                      for t in s.tokens[s.num_computed:s.num_computed + n] + d]
+        positions = [p for s, n, d in chosen
+                     for p in range(s.num_computed, s.num_computed + n + len(d))]
         start = time.perf_counter()
         appended = self.cache.append(seq_ids, counts, new_tokens)
-        self.metadata.update(seq_ids, appended)
+        for metadata in self.metadatas:
+            metadata.update(seq_ids, appended)
+        first_pages = [np.array([self.cache.first_page(s, group=g) for s in seq_ids])
+                       for g in range(self.cache.num_groups)]
+        self.stats.max_window_start = max(self.stats.max_window_start,
+                                          *(int(f.max()) for f in first_pages))
         self.stats.kvcore_host_s += time.perf_counter() - start
         self.stats.cow_copies += len(appended.copy_src)
         indptr = np.zeros(len(chosen) + 1, dtype=np.int64)
         np.cumsum(counts, out=indptr[1:])
-        seq_lens = np.array([s.num_computed + n for s, n in chosen], dtype=np.int64)
-        self._batch = StepBatch(seq_ids, counts, seq_lens, indptr, self.metadata)
+        seq_lens = np.array([s.num_computed for s, _, _ in chosen], dtype=np.int64) + counts
+        self._batch = StepBatch(seq_ids, counts, seq_lens, indptr, self.metadatas, first_pages)
         self.attention.plan(self._batch)
 
-        sampling_rows = [int(indptr[i + 1]) - 1 for i, (s, n) in enumerate(chosen)
-                         if s.num_computed + n == len(s.tokens)]
-        logits = self._forward(new_tokens, positions, None if self.keep_logits else sampling_rows)
-        self._advance(chosen, indptr, logits, sampling_rows)
+        # Rows the head must produce: all with keep_logits; else each sampling sample's
+        # last row, or all its rows when it carries drafts (the bonus token comes from
+        # the row of its last accepted draft).
+        row_sets = []
+        for i, (sample, n, drafts) in enumerate(chosen):
+            samples_now = sample.num_computed + n == len(sample.tokens)
+            lo = int(indptr[i + 1]) - 1 - len(drafts) if samples_now else int(indptr[i + 1])
+            row_sets.append(range(lo, int(indptr[i + 1])))
+        kept = None if self.keep_logits else [r for rows in row_sets for r in rows]
+        logits = self._forward(new_tokens, positions, kept)
+        self._advance(chosen, indptr, logits, row_sets)
         self.stats.model_steps += 1
         self.stats.tokens_computed += len(new_tokens)
-        self.stats.mixed_steps += bool(counts.max() > 1 and counts.min() == 1)
+        self.stats.mixed_steps += bool(any(s.prefilling for s, _, _ in chosen)
+                                       and not all(s.prefilling for s, _, _ in chosen))
         used = self.cache.config.num_pages - self.cache.num_free_pages
         self.stats.peak_pages_used = max(self.stats.peak_pages_used, used)
         return True
@@ -277,27 +340,49 @@ class Engine:
                              logits_to_keep=keep, kvcore_step=self)
         return out.logits[0]
 
-    def _advance(self, chosen, indptr, logits, sampling_rows) -> None:
-        """Record logits, sample next tokens (one device read for the step), fork, retire."""
-        samplers = [(s, n, i) for i, (s, n) in enumerate(chosen)
-                    if s.num_computed + n == len(s.tokens)]
-        top2 = None
-        if samplers:
-            rows = logits[[int(indptr[i + 1]) - 1 for _, _, i in samplers]] if self.keep_logits \
-                else logits
-            top2 = rows.topk(2, dim=-1).indices.cpu().tolist()
-        for i, (sample, count) in enumerate(chosen):
-            if self.keep_logits:
-                sample.logits.append(logits[int(indptr[i]):int(indptr[i + 1])])
-            sample.num_computed += count
-        for (sample, _, _), (best, runner_up) in zip(samplers, top2 or [], strict=True):
+    def _advance(self, chosen, indptr, logits, row_sets) -> None:
+        """Record logits, accept drafts, sample next tokens (one device read for the
+        step), fork, roll back rejected drafts (one ``truncate``), retire."""
+        # Where each sample's sampling rows sit in ``logits``.
+        if self.keep_logits:
+            where = [list(rows) for rows in row_sets]
+        else:
+            where, at = [], 0
+            for rows in row_sets:
+                where.append(list(range(at, at + len(rows))))
+                at += len(rows)
+        flat = [r for rows in where for r in rows]
+        top2 = logits[flat].topk(2, dim=-1).indices.cpu().tolist() if flat else []
+        top2_of = dict(zip(flat, top2, strict=True))
+        rollback_ids, rollback_lens, retiring = [], [], []
+        for i, (sample, n, drafts) in enumerate(chosen):
+            accepted = int(self._drafts.integers(0, len(drafts) + 1)) if drafts else 0
+            if self.keep_logits:    # rows of rejected drafts are dropped
+                sample.logits.append(logits[int(indptr[i]):int(indptr[i + 1]) - len(drafts)
+                                            + accepted])
+            sample.num_computed += n + accepted
+            if drafts:
+                self.stats.drafts_accepted += accepted
+                self.stats.drafts_rejected += len(drafts) - accepted
+                sample.tokens.extend(drafts[:accepted])
+                sample.generated += accepted
+                self.stats.tokens_generated += accepted
+                rollback_ids.append(sample.seq_id)
+                rollback_lens.append(sample.num_computed)
+            if not where[i]:
+                continue                          # a prefill chunk that samples nothing
+            best, runner_up = top2_of[where[i][accepted]]
             if sample.generated == 0 and sample.request.num_samples == 2:
                 self._fork(sample, runner_up)
             sample.tokens.append(best)
             sample.generated += 1
             self.stats.tokens_generated += 1
             if sample.generated == sample.request.max_new_tokens:
-                self._retire(sample)
+                retiring.append(sample)
+        if rollback_ids:
+            self.cache.truncate(rollback_ids, rollback_lens)
+        for sample in retiring:
+            self._retire(sample)
 
     def _fork(self, parent: _Sample, token: int) -> None:
         """Second sample of a request: shares the prompt's pages (copy-on-write later)."""
@@ -368,10 +453,13 @@ def make_engine(shape: ModelShape = TINY, *, device: str = "cpu", attention: str
                 dtype: str = "float32", num_pages: int = 64, page_size: int = 16,
                 layout: str = "NHD",
                 max_tokens_per_step: int = 64, max_batch: int = 16, keep_logits: bool = True,
-                seed: int = 0) -> Engine:
+                speculative: int = 0, seed: int = 0) -> Engine:
     """A model, a kvcore cache sized ``num_pages`` x ``page_size`` and an engine over them.
 
     ``layout``: the pool's, ``"NHD"`` or ``"HND"`` (both attention backends read either).
+    ``shape.window``: the cache gets two layer groups, the full-attention layers and the
+    sliding-window ones (``LayerGroup(window=shape.window)``), over one pool.
+    ``speculative``: draft tokens per decode step (see :class:`Engine`).
 
     ``attention``: ``"torch"`` (reference, CPU or CUDA) or ``"flashinfer"`` (CUDA).
     ``dtype``: the model's and the pool's (``"float32"``, ``"bfloat16"``, ``"float16"``).
@@ -381,7 +469,7 @@ def make_engine(shape: ModelShape = TINY, *, device: str = "cpu", attention: str
     config = KVCacheConfig(num_layers=shape.num_layers, num_kv_heads=shape.num_kv_heads,
                            head_dim=shape.head_dim, page_size=page_size, num_pages=num_pages,
                            dtype=dtype, layout=layout, max_seqs=max(2 * max_batch, 8),
-                           enable_prefix_cache=True)
+                           enable_prefix_cache=True, layer_groups=layer_groups(shape))
     if device == "cpu":
         cache = KVCache(config, device="cpu")
     else:
@@ -393,7 +481,17 @@ def make_engine(shape: ModelShape = TINY, *, device: str = "cpu", attention: str
     else:
         raise ValueError(f"attention must be 'torch' or 'flashinfer', not {attention!r}")
     return Engine(model, cache, backend, max_tokens_per_step=max_tokens_per_step,
-                  max_batch=max_batch, keep_logits=keep_logits)
+                  max_batch=max_batch, keep_logits=keep_logits, speculative=speculative,
+                  draft_seed=seed)
+
+
+def layer_groups(shape: ModelShape):
+    """kvcore's layer groups for ``shape``: None (one full group) without a window, else
+    the full-attention layers and the window layers."""
+    if not shape.window:
+        return None
+    full = [layer for layer in range(shape.num_layers) if layer not in shape.window_layers]
+    return [LayerGroup(full), LayerGroup(shape.window_layers, window=shape.window)]
 
 
 def main(argv=None) -> int:
@@ -407,7 +505,10 @@ def main(argv=None) -> int:
                         help="default: torch on cpu, flashinfer on cuda")
     parser.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
                         help="default: float32 on cpu, bfloat16 on cuda")
-    parser.add_argument("--shape", default="tiny", choices=["tiny", "medium"])
+    parser.add_argument("--shape", default="tiny", choices=["tiny", "hybrid", "medium"],
+                        help="hybrid: 4 layers, the odd ones with a 24-token sliding window")
+    parser.add_argument("--speculative", type=int, default=0, metavar="K",
+                        help="draft tokens per decode step, rolled back with truncate")
     parser.add_argument("--requests", type=int, default=24)
     parser.add_argument("--pages", type=int, default=64, help="pool pages (of 16 tokens)")
     parser.add_argument("--seed", type=int, default=0)
@@ -417,9 +518,12 @@ def main(argv=None) -> int:
     on_cpu = args.device == "cpu"
     attention = args.attention or ("torch" if on_cpu else "flashinfer")
     dtype = args.dtype or ("float32" if on_cpu else "bfloat16")
-    shape = TINY if args.shape == "tiny" else MEDIUM
+    shape = {"tiny": TINY, "hybrid": TINY_HYBRID, "medium": MEDIUM}[args.shape]
+    if args.speculative < 0:
+        parser.error("--speculative must be >= 0")
     engine = make_engine(shape, device=args.device, attention=attention, dtype=dtype,
-                         num_pages=args.pages, seed=args.seed, keep_logits=not args.no_check)
+                         num_pages=args.pages, seed=args.seed, keep_logits=not args.no_check,
+                         speculative=args.speculative)
     requests = make_workload(shape, num_requests=args.requests, seed=args.seed)
     finished = engine.run(requests)
     report = {"device": args.device, "attention": attention, "dtype": dtype,

@@ -18,7 +18,13 @@ from dataclasses import dataclass
 
 import torch
 import transformers
-from transformers import AttentionInterface, LlamaConfig, LlamaForCausalLM
+from transformers import (
+    AttentionInterface,
+    LlamaConfig,
+    LlamaForCausalLM,
+    Qwen2Config,
+    Qwen2ForCausalLM,
+)
 from transformers.masking_utils import AttentionMaskInterface
 
 #: The attention implementation name kvcore registers with transformers.
@@ -27,7 +33,13 @@ ATTENTION_NAME = "kvcore"
 
 @dataclass(frozen=True)
 class ModelShape:
-    """The sizes of a Llama model (head_dim = hidden_size / num_heads)."""
+    """The sizes of a Llama model (head_dim = hidden_size / num_heads).
+
+    ``window``: every odd layer attends to a sliding window of that many tokens (the
+    token and the ``window - 1`` before it), as GPT-OSS and Gemma interleave local and
+    global layers; the model is then transformers' Qwen2 (Llama's architecture with
+    per-layer sliding windows and q/k/v biases).
+    """
 
     vocab_size: int = 1024
     hidden_size: int = 512
@@ -36,23 +48,43 @@ class ModelShape:
     num_kv_heads: int = 2
     intermediate_size: int = 1024
     max_positions: int = 2048
+    window: int | None = None
 
     @property
     def head_dim(self) -> int:
         return self.hidden_size // self.num_heads
+
+    @property
+    def window_layers(self) -> tuple[int, ...]:
+        """The sliding-window layers (the odd ones), empty without a window."""
+        return tuple(range(1, self.num_layers, 2)) if self.window else ()
 
 
 #: The check's model: tiny (CPU forward in milliseconds), GQA with two query heads per
 #: KV head, and head_dim 128 so FlashInfer's common kernels serve it on the GPU.
 TINY = ModelShape()
 
+#: The hybrid check's model: four layers, the odd ones with a 24-token sliding window
+#: (short, so the workload's sequences outgrow it and pages are released).
+TINY_HYBRID = ModelShape(num_layers=4, window=24)
+
 #: A 1B-class shape (Llama-3.2-1B's widths, 8 of its 16 layers) for throughput runs.
 MEDIUM = ModelShape(vocab_size=32768, hidden_size=2048, num_layers=8, num_heads=16,
                     num_kv_heads=8, intermediate_size=8192, max_positions=4096)
 
 
-def llama_config(shape: ModelShape = TINY) -> LlamaConfig:
-    """The transformers config of ``shape`` (no tied embeddings, no bias, rope 10000)."""
+def llama_config(shape: ModelShape = TINY) -> LlamaConfig | Qwen2Config:
+    """The transformers config of ``shape`` (no tied embeddings, no bias, rope 10000);
+    Qwen2's, alternating full and sliding-window layers, when ``shape.window`` is set."""
+    if shape.window:
+        return Qwen2Config(
+            vocab_size=shape.vocab_size, hidden_size=shape.hidden_size,
+            intermediate_size=shape.intermediate_size, num_hidden_layers=shape.num_layers,
+            num_attention_heads=shape.num_heads, num_key_value_heads=shape.num_kv_heads,
+            max_position_embeddings=shape.max_positions, tie_word_embeddings=False,
+            use_sliding_window=True, sliding_window=shape.window,
+            layer_types=["sliding_attention" if layer in shape.window_layers
+                         else "full_attention" for layer in range(shape.num_layers)])
     return LlamaConfig(
         vocab_size=shape.vocab_size, hidden_size=shape.hidden_size,
         intermediate_size=shape.intermediate_size, num_hidden_layers=shape.num_layers,
@@ -63,8 +95,9 @@ def llama_config(shape: ModelShape = TINY) -> LlamaConfig:
 
 
 def build_model(shape: ModelShape = TINY, *, seed: int = 0, weight_scale: float = 4.0,
-                dtype: torch.dtype = torch.float32, device: str = "cpu") -> LlamaForCausalLM:
-    """A ``LlamaForCausalLM`` with seeded random weights, in eval mode.
+                dtype: torch.dtype = torch.float32, device: str = "cpu"):
+    """A ``LlamaForCausalLM`` (``Qwen2ForCausalLM`` with windows) with seeded random
+    weights, in eval mode.
 
     Parameters
     ----------
@@ -90,7 +123,7 @@ def build_model(shape: ModelShape = TINY, *, seed: int = 0, weight_scale: float 
     torch.manual_seed(seed)
     config = llama_config(shape)
     config._attn_implementation = "sdpa"
-    model = LlamaForCausalLM(config)
+    model = (Qwen2ForCausalLM if shape.window else LlamaForCausalLM)(config)
     with torch.no_grad():
         for param in model.parameters():
             if param.dim() >= 2:
@@ -114,7 +147,9 @@ def kvcore_attention(module, query, key, value, attention_mask, scaling=None, dr
         kvcore's mask function returns None: the step knows each request's extent.
     kwargs
         ``kvcore_step``: the engine's step, with ``attend(layer, q, k, v) -> out``
-        taking ``[T, H, D]`` views and returning ``[T, num_heads, head_dim]``.
+        taking ``[T, H, D]`` views and returning ``[T, num_heads, head_dim]``, and
+        ``check_window(layer, sliding_window)`` (the model's window of the layer must
+        be its kvcore group's). ``sliding_window`` (Qwen2's window layers).
 
     Returns
     -------
@@ -127,6 +162,7 @@ def kvcore_attention(module, query, key, value, attention_mask, scaling=None, dr
                            "run the model through kvcore.examples.engine.Engine")
     if dropout:
         raise ValueError("kvcore attention is inference-only (dropout must be 0)")
+    step.check_window(module.layer_idx, kwargs.get("sliding_window"))
     out = step.attend(module.layer_idx, query[0].transpose(0, 1), key[0].transpose(0, 1),
                       value[0].transpose(0, 1), scaling)
     return out.unsqueeze(0), None
