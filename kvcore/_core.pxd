@@ -35,7 +35,7 @@ cdef class PageTable:
     cdef page_id_t* _touched         # [2 * num_pages] scratch: pages whose scratch is set
     cdef int64_t* _scratch           # [2 * max_seqs] a call's own copy of its arguments
     cdef int64_t _max_copies_per_seq # copy-on-write pairs one sequence can cause in a call
-    cdef bint _has_state, _has_window
+    cdef bint _has_state, _has_window, _has_kv
     cdef object _groups              # tuple of LayerGroup
     cdef object _group_views         # read-only [max_seqs, max_pages_per_seq] view per group
     cdef int32_t* _seq_lens          # [max_seqs]; 0 for inactive rows
@@ -63,9 +63,9 @@ cdef class PageTable:
     cdef int64_t _new_seq(self)
     cdef int64_t _recount(self, const int64_t* counts, Py_ssize_t batch) noexcept nogil
     cdef int64_t _max_prefix_pages(self, int64_t num_tokens) noexcept nogil
-    cdef void _append_unchecked(self, const int64_t* seq_ids, const int64_t* counts,
-                                Py_ssize_t batch, slot_t* slots, page_id_t* copy_src,
-                                page_id_t* copy_dst) noexcept nogil
+    cdef int64_t _append_unchecked(self, const int64_t* seq_ids, const int64_t* counts,
+                                   Py_ssize_t batch, slot_t* slots, page_id_t* copy_src,
+                                   page_id_t* copy_dst) noexcept nogil
     cdef int64_t _check_batch(self, const int64_t* seq_ids, const int64_t* counts,
                               Py_ssize_t batch) except -1
     cdef int64_t _count_new_pages(self, const int64_t* seq_ids, const int64_t* counts,

@@ -273,6 +273,7 @@ cdef class PageTable:
         self._group_stride = <int64_t>ms * mp
         self._has_state = bool((kinds == _STATE).any())
         self._has_window = bool((kinds == _WINDOW).any())
+        self._has_kv = bool((kinds != _STATE).any())
         # The anchor: the first full-attention group, else group 0 (docs/groups.md).
         full_groups = np.flatnonzero(kinds == _FULL)
         self._anchor = int(full_groups[0]) if len(full_groups) else 0
@@ -290,7 +291,7 @@ cdef class PageTable:
         self._seq_lens_view = readonly_view(seq_lens)
         # The one place that decides whether prefix caching is on: every other use of
         # self._prefix goes through its doors, which do nothing on a plain PrefixHooks.
-        self._prefix = (new_prefix_cache(allocator, ps, ms, prefix_hash_bits,
+        self._prefix = (new_prefix_cache(allocator, ps, ms, mp, prefix_hash_bits,
                                          prefix_event_capacity)
                         if bool(enable_prefix_cache) else PrefixHooks())
         self._version = 0
@@ -431,13 +432,15 @@ cdef class PageTable:
                                   Py_ssize_t batch, int64_t* num_copies,
                                   int64_t* num_freed) noexcept nogil:
         """Pages an (already validated) append would allocate, copy-on-write included, in
-        every group; ``num_freed`` gets the pages its window releases would free first.
+        every group; ``num_freed`` gets the pages its window releases free first.
 
-        Replays the copy-on-write decisions in call order without touching refcounts:
-        ``_cow_pending[p]`` counts the sharers of page ``p`` that have already copied
-        away from it earlier in the batch, ``_release_pending[p]`` the references to it
-        that window releases drop. Both scratch arrays are zeroed again (through the
-        ``_touched`` list) before returning.
+        Replays the call without touching refcounts, in its order: first every window
+        release (``_release_pending[p]``: references to page ``p`` the releases drop),
+        then the copy-on-write decisions (``_cow_pending[p]``: sharers of ``p`` that
+        already copied away from it earlier in the batch). A page's live references at
+        a decision are ``refs - released - pending``: a release can leave a shared
+        partial page with one owner, who then writes in place. Both scratch arrays are
+        zeroed again (through the ``_touched`` list) before returning.
         """
         cdef Py_ssize_t i
         cdef int64_t s, total = 0, copies = 0, freed = 0, num_touched = 0, c, lo, hi
@@ -452,6 +455,25 @@ cdef class PageTable:
         cdef const int32_t* lens = self._seq_lens
         cdef const page_id_t* table
         cdef int64_t width = self._max_pages_per_seq
+        if self._has_window:
+            for g in range(self._num_groups):
+                if self._kind[g] != _WINDOW:
+                    continue
+                table = self._table + g * self._group_stride
+                for i in range(batch):
+                    if counts[i] == 0:
+                        continue
+                    s = seq_ids[i]
+                    lo = self._first_live[<int64_t>g * self._max_seqs + s]
+                    hi = _window_start(lens[s], self._window[g], ps)
+                    for c in range(lo, hi):
+                        page = table[s * width + c]
+                        if released[page] == 0:
+                            touched[num_touched] = page
+                            num_touched += 1
+                        released[page] += 1
+                        if released[page] == self.allocator.refs(page):
+                            freed += 1
         for g in range(self._num_groups):
             kind = self._kind[g]
             table = self._table + g * self._group_stride
@@ -466,7 +488,7 @@ cdef class PageTable:
                         continue
                     for c in range(self._state_pages[g]):   # every token rewrites the state
                         page = table[s * width + c]
-                        if self.allocator.refs(page) - pending[page] > 1:
+                        if self.allocator.refs(page) - released[page] - pending[page] > 1:
                             if pending[page] == 0 and released[page] == 0:
                                 touched[num_touched] = page
                                 num_touched += 1
@@ -477,33 +499,12 @@ cdef class PageTable:
                 total += _num_pages_for(new_len, ps, shift) - _num_pages_for(cur, ps, shift)
                 if _mod(cur, ps, shift) != 0:
                     page = table[s * width + _div(cur, ps, shift)]
-                    if self.allocator.refs(page) - pending[page] > 1:
+                    if self.allocator.refs(page) - released[page] - pending[page] > 1:
                         if pending[page] == 0 and released[page] == 0:
                             touched[num_touched] = page
                             num_touched += 1
                         pending[page] += 1
                         copies += 1
-        # Pages the window releases free before the call allocates: counted only when the
-        # free pages alone do not cover the call (rarely), so a decode step skips it.
-        if self._has_window and total + copies > self.allocator.free_count():
-            for g in range(self._num_groups):
-                if self._kind[g] != _WINDOW:
-                    continue
-                table = self._table + g * self._group_stride
-                for i in range(batch):
-                    if counts[i] == 0:
-                        continue
-                    s = seq_ids[i]
-                    lo = self._first_live[<int64_t>g * self._max_seqs + s]
-                    hi = _window_start(lens[s], self._window[g], ps)
-                    for c in range(lo, hi):
-                        page = table[s * width + c]
-                        if pending[page] == 0 and released[page] == 0:
-                            touched[num_touched] = page
-                            num_touched += 1
-                        released[page] += 1
-                        if released[page] == self.allocator.refs(page):
-                            freed += 1
         for c in range(num_touched):
             pending[touched[c]] = 0
             released[touched[c]] = 0
@@ -900,6 +901,8 @@ cdef class PageTable:
         self._check_active(sp, batch, False)
         for i in range(batch):
             s, new, cur = sp[i], np_[i], self._seq_lens[sp[i]]
+            if new < 0:       # checked before the copy too; the caller's array may change
+                raise ValueError(f"num_tokens[{i}] is {new}, must be >= 0")
             if new > cur:
                 raise ValueError(f"truncate cannot lengthen seq_id {s} from {cur} to {new} "
                                  "tokens")
@@ -1051,7 +1054,7 @@ cdef class PageTable:
         # Every new token takes a slot of its own in the pool, so a total above the pool
         # cannot be met (and must not reach NumPy's MemoryError below).
         cdef int64_t pool_slots = <int64_t>self.allocator.page_count() * self._page_size
-        if total_tokens > pool_slots:
+        if total_tokens > pool_slots and self._has_kv:   # (a state group takes no slots)
             raise OutOfPagesError(_ceil_div(total_tokens, self._page_size),
                                   self.allocator.free_count())
         # Every Python object is made before the state is read: an allocation can run the
@@ -1081,19 +1084,22 @@ cdef class PageTable:
         self._version += 1
         if self._has_window:
             self._release_windows(sp, cp, batch)
-        self._append_unchecked(sp, cp, batch, slots, copy_ptr, copy_ptr + copy_capacity)
+        cdef int64_t made = self._append_unchecked(sp, cp, batch, slots, copy_ptr,
+                                                   copy_ptr + copy_capacity)
         self._prefix.appended(sp, cp, batch, slots, total_tokens,
                               NULL if tok is None else <const int32_t*>cnp.PyArray_DATA(tok),
                               self._table, self._group_stride, self._max_pages_per_seq,
                               self._first_live, self._max_seqs, self._kind, self._num_groups,
                               self._anchor, self._seq_lens)
-        # The critical part ends: what follows reads only this call's own buffers.
-        cdef cnp.ndarray copy_src = empty_int32(<Py_ssize_t>num_copies)
-        cdef cnp.ndarray copy_dst = empty_int32(<Py_ssize_t>num_copies)
-        if num_copies:
-            memcpy(cnp.PyArray_DATA(copy_src), copy_ptr, num_copies * sizeof(page_id_t))
+        # The critical part ends: what follows reads only this call's own buffers. The
+        # copies made equal the ones counted (the replay mirrors the call); the arrays
+        # are sized from what was made all the same, so they never hold unwritten ids.
+        cdef cnp.ndarray copy_src = empty_int32(<Py_ssize_t>made)
+        cdef cnp.ndarray copy_dst = empty_int32(<Py_ssize_t>made)
+        if made:
+            memcpy(cnp.PyArray_DATA(copy_src), copy_ptr, made * sizeof(page_id_t))
             memcpy(cnp.PyArray_DATA(copy_dst), copy_ptr + copy_capacity,
-                   num_copies * sizeof(page_id_t))
+                   made * sizeof(page_id_t))
         return _new_tuple(AppendResult, (slot_mapping, copy_src, copy_dst))
 
     cdef int64_t _recount(self, const int64_t* counts, Py_ssize_t batch) noexcept nogil:
@@ -1137,11 +1143,11 @@ cdef class PageTable:
                     row[c] = NO_PAGE
                 first[0] = <int32_t>hi
 
-    cdef void _append_unchecked(self, const int64_t* seq_ids, const int64_t* counts,
-                                Py_ssize_t batch, slot_t* slots, page_id_t* copy_src,
-                                page_id_t* copy_dst) noexcept nogil:
+    cdef int64_t _append_unchecked(self, const int64_t* seq_ids, const int64_t* counts,
+                                   Py_ssize_t batch, slot_t* slots, page_id_t* copy_src,
+                                   page_id_t* copy_dst) noexcept nogil:
         """Allocate, copy-on-write and fill the slots of every group (group ``g``'s slots
-        at ``slots + g * total``), then set the new lengths."""
+        at ``slots + g * total``), then set the new lengths; return the copies made."""
         cdef Py_ssize_t i
         cdef int64_t s, k = 0, j, base, total = 0, c
         cdef int32_t g, kind
@@ -1216,6 +1222,7 @@ cdef class PageTable:
                     p += 1
         for i in range(batch):
             lens[seq_ids[i]] += <int32_t>counts[i]
+        return k
 
     # -- queries -----------------------------------------------------------------------------
 
@@ -1463,6 +1470,12 @@ cdef class PageTable:
         cdef int32_t g
         cdef page_id_t page
         cdef page_id_t* row
+        # A page belongs to one group at a time (the groups share layer slots), and a row
+        # maps a page once.
+        owner_arr = np.full(num_pages, -1, dtype=np.int32)
+        last_row_arr = np.full(num_pages, -1, dtype=np.int64)
+        cdef int32_t[::1] owner = owner_arr
+        cdef int64_t[::1] last_row = last_row_arr
         for s in range(self._max_seqs):
             if self._active[s]:
                 active_count += 1
@@ -1490,6 +1503,13 @@ cdef class PageTable:
                             raise KVCoreError(f"seq_id {s} position {c} of group {g} maps "
                                               f"page {page}, outside the pool")
                         refs[page] += 1
+                        if owner[page] != -1 and owner[page] != g:
+                            raise KVCoreError(f"page {page} is mapped in groups {owner[page]} "
+                                              f"and {g}")
+                        if last_row[page] == g * self._max_seqs + s:
+                            raise KVCoreError(f"seq_id {s} maps page {page} twice in group {g}")
+                        owner[page] = g
+                        last_row[page] = g * self._max_seqs + s
                     elif page != NO_PAGE:
                         raise KVCoreError(
                             f"seq_id {s} of {self._seq_lens[s]} tokens maps page {page} at "

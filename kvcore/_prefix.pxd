@@ -114,6 +114,11 @@ cdef class PrefixCache(PrefixHooks):
     cdef page_id_t* _chain_page       # indexed page of the last registered one (-1: none)
     cdef uint32_t* _chain_gen         # its generation then
     cdef uint64_t* _chain_hash        # its chained hash (0 at the root)
+    # per sequence [max_seqs, max_pages_per_seq]: the chain's page and its generation at
+    # every registered block, so truncate can resume the chain from any kept block
+    cdef int32_t _width
+    cdef page_id_t* _history_page
+    cdef uint32_t* _history_gen
     # query statistics
     cdef int64_t _queries, _queried_tokens, _hit_tokens
     cdef object _owners
@@ -123,4 +128,5 @@ cdef class PrefixCache(PrefixHooks):
 
 
 cdef PrefixCache new_prefix_cache(PageAllocator allocator, int32_t page_size, int32_t max_seqs,
-                                  object hash_bits, object event_capacity)
+                                  int32_t max_pages_per_seq, object hash_bits,
+                                  object event_capacity)

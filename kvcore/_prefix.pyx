@@ -417,12 +417,14 @@ cdef bint _from_factory = False
 
 
 cdef PrefixCache new_prefix_cache(PageAllocator allocator, int32_t page_size, int32_t max_seqs,
-                                  object hash_bits, object event_capacity):
+                                  int32_t max_pages_per_seq, object hash_bits,
+                                  object event_capacity):
     """The one way to make a PrefixCache (from Cython: PageTable's constructor)."""
     global _from_factory
     _from_factory = True
     try:
-        return PrefixCache(allocator, page_size, max_seqs, hash_bits, event_capacity)
+        return PrefixCache(allocator, page_size, max_seqs, max_pages_per_seq, hash_bits,
+                           event_capacity)
     finally:
         _from_factory = False
 
@@ -457,7 +459,7 @@ cdef class PrefixCache(PrefixHooks):
     """
 
     def __cinit__(self, PageAllocator allocator not None, int32_t page_size, int32_t max_seqs,
-                  hash_bits, event_capacity):
+                  int32_t max_pages_per_seq, hash_bits, event_capacity):
         if not _from_factory:   # it attaches to the allocator for good: only PageTable may
             raise TypeError("a PrefixCache is made by PageTable(..., enable_prefix_cache=True)")
         allocator.ensure_unattached()
@@ -467,8 +469,13 @@ cdef class PrefixCache(PrefixHooks):
         self._page_size = page_size
         owners = (np.zeros(max_seqs, np.int64), np.zeros(max_seqs, np.uint8),
                   np.zeros(max_seqs, np.int32), np.full(max_seqs, NO_PAGE, np.int32),
-                  np.zeros(max_seqs, np.uint32), np.zeros(max_seqs, np.uint64))
+                  np.zeros(max_seqs, np.uint32), np.zeros(max_seqs, np.uint64),
+                  np.full((max_seqs, max_pages_per_seq), NO_PAGE, np.int32),
+                  np.zeros((max_seqs, max_pages_per_seq), np.uint32))
         self._owners = owners
+        self._width = max_pages_per_seq
+        self._history_page = <page_id_t*>cnp.PyArray_DATA(owners[6])
+        self._history_gen = <uint32_t*>cnp.PyArray_DATA(owners[7])
         self._seq_ns = <int64_t*>cnp.PyArray_DATA(owners[0])
         self._chain_ok = <uint8_t*>cnp.PyArray_DATA(owners[1])
         self._num_chained = <int32_t*>cnp.PyArray_DATA(owners[2])
@@ -500,6 +507,10 @@ cdef class PrefixCache(PrefixHooks):
     cdef void seq_started(self, int64_t seq_id, int64_t namespace, const page_id_t* hits,
                           int64_t num_hits) noexcept nogil:
         cdef page_id_t last = hits[num_hits - 1] if num_hits > 0 else NO_PAGE
+        cdef int64_t j
+        for j in range(num_hits):
+            self._history_page[seq_id * self._width + j] = hits[j]
+            self._history_gen[seq_id * self._width + j] = self._index.gen_of(hits[j])
         self._seq_ns[seq_id] = namespace
         self._chain_ok[seq_id] = 1
         self._num_chained[seq_id] = <int32_t>num_hits
@@ -514,6 +525,12 @@ cdef class PrefixCache(PrefixHooks):
         self._hit_tokens += num_hit_tokens
 
     cdef void seq_forked(self, int64_t child, int64_t parent) noexcept nogil:
+        memcpy(self._history_page + child * self._width,
+               self._history_page + parent * self._width,
+               self._num_chained[parent] * sizeof(page_id_t))
+        memcpy(self._history_gen + child * self._width,
+               self._history_gen + parent * self._width,
+               self._num_chained[parent] * sizeof(uint32_t))
         self._seq_ns[child] = self._seq_ns[parent]
         self._chain_ok[child] = self._chain_ok[parent]
         self._num_chained[child] = self._num_chained[parent]
@@ -577,6 +594,8 @@ cdef class PrefixCache(PrefixHooks):
                 self._chain_page[s] = found
                 self._chain_gen[s] = self._index.gen_of(found)
                 self._chain_hash[s] = h
+                self._history_page[s * self._width + page_idx] = found
+                self._history_gen[s * self._width + page_idx] = self._chain_gen[s]
                 for g in range(num_groups):
                     if g != anchor and kinds[g] != _GROUP_STATE \
                             and page_idx >= first_live[g * max_seqs + s]:
@@ -612,6 +631,7 @@ cdef class PrefixCache(PrefixHooks):
                         const page_id_t* anchor_row) noexcept nogil:
         cdef int64_t kept = new_len // self._page_size
         cdef page_id_t page
+        cdef uint32_t gen
         if kept >= self._num_chained[seq_id]:
             return
         self._num_chained[seq_id] = <int32_t>kept
@@ -620,14 +640,17 @@ cdef class PrefixCache(PrefixHooks):
             self._chain_gen[seq_id] = 0
             self._chain_hash[seq_id] = 0
             return
-        page = anchor_row[kept - 1]
-        if self._index.in_index(page):
+        # The chain's page at the last whole kept block (the sequence's own page, or an
+        # equal one another sequence registered first), as recorded when it was chained.
+        page = self._history_page[seq_id * self._width + kept - 1]
+        gen = self._history_gen[seq_id * self._width + kept - 1]
+        if page != NO_PAGE and self._index.in_index(page) and self._index.gen_of(page) == gen:
             self._chain_page[seq_id] = page
-            self._chain_gen[seq_id] = self._index.gen_of(page)
+            self._chain_gen[seq_id] = gen
             self._chain_hash[seq_id] = self._index.hash_of(page)
         else:
-            # The chain ran through an equal page of another sequence, which this table
-            # does not remember: stop registering this sequence's pages (never wrong).
+            # That page left the index since (evicted, cleared, rolled back): nothing
+            # can be found through it, so stop registering this sequence's pages.
             self._chain_ok[seq_id] = 0
 
     cdef void clear(self) noexcept nogil:

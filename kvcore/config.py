@@ -183,7 +183,12 @@ class KVCacheConfig:
         return self._place(layer)[1]
 
     def _place(self, layer) -> tuple[int, int]:
-        index = operator.index(layer)
+        if isinstance(layer, (bool, np.bool_)):
+            raise TypeError("layer must be an integer, got bool")
+        try:
+            index = operator.index(layer)
+        except Exception as exc:   # TypeError, or whatever a caller's __index__ raised
+            raise TypeError(f"layer must be an integer, got {type(layer).__name__}") from exc
         if not 0 <= index < self.num_layers:
             raise IndexError(f"layer {index} out of range [0, {self.num_layers})")
         return self._places[index]

@@ -22,7 +22,7 @@ def _int(value, name: str) -> int:
         raise TypeError(f"{name} must be an integer, got bool")
     try:
         return operator.index(value)
-    except TypeError:
+    except Exception:   # TypeError, or whatever a caller's __index__ raised
         raise TypeError(f"{name} must be an integer, got {type(value).__name__}") from None
 
 

@@ -198,6 +198,6 @@ def test_a_prefix_cache_cannot_be_made_outside_a_page_table():
 
     allocator = PageAllocator(8)
     with pytest.raises(TypeError, match="made by PageTable"):
-        PrefixCache(allocator, 4, 2, 64, 10)
+        PrefixCache(allocator, 4, 2, 4, 64, 10)
     table = PageTable(allocator, 4, 2, 4, enable_prefix_cache=True)   # still attachable
     table.check_invariants()
