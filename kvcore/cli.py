@@ -58,6 +58,16 @@ SIMULATE_HELP = {
     "verify_every": "steps between spot checks, which read back up to 4 live sequences; "
                     "0 = no spot checks (finished samples are verified either way)",
     "check_every": "steps between bookkeeping invariant checks; 0 = only at the end",
+    "window": "sliding window in tokens: makes a hybrid model whose --window-layers share "
+              "of the layers attends to the last W tokens only (their old pages are "
+              "released as sequences grow), the rest to every token; off = every layer "
+              "full attention",
+    "window_layers": "with --window: share of the layers (between 0 and 1) that use the "
+                     "window, interleaved with the full-attention ones as in Gemma and "
+                     "GPT-OSS (0.5 = alternating)",
+    "speculative": "speculative decoding: draft tokens per sequence and decode step; each "
+                   "step appends the next token plus K drafts, keeps a random prefix of "
+                   "the drafts (uniform 0 to K) and truncates the rest; 0 = off",
 }
 
 # formats matplotlib writes (used when matplotlib is missing, for the extension check)
@@ -121,6 +131,21 @@ def _positive_float(text: str) -> float:
     return value
 
 
+def _open_share(text: str) -> float:
+    value = _number(text, float, "a number between 0 and 1 (exclusive)")
+    if not 0.0 < value < 1.0:
+        raise argparse.ArgumentTypeError(f"must be a number between 0 and 1 (exclusive), "
+                                         f"got {text!r}")
+    return value
+
+
+def _window(text: str) -> int:
+    value = _positive_int(text)
+    if value > 2**31 - 1:
+        raise argparse.ArgumentTypeError(f"must be at most 2**31 - 1 tokens, got {text!r}")
+    return value
+
+
 def _share(text: str) -> float:
     value = _number(text, float, "a number from 0 to 1")
     if not 0.0 <= value <= 1.0:
@@ -151,7 +176,8 @@ def _add_simulate(sub) -> None:
         "simulate", help="run a continuous-batching workload and verify it",
         description="Drive a KVCache the way a continuous-batching scheduler does and "
         "verify every byte it wrote. A step is one scheduler iteration: admit waiting "
-        "requests (prefill), then decode one token for every running sequence. Invalid "
+        "requests (prefill), then decode one token for every running sequence (plus "
+        "drafts with --speculative). --window makes a hybrid sliding-window model. Invalid "
         "options, and configs that could not be allocated or would never finish, are "
         "rejected before the run (exit status 2); the run exits 1 if verification finds "
         "a mismatch or an invariant failure.")
@@ -161,20 +187,24 @@ def _add_simulate(sub) -> None:
                "seed": _seed, "system_prompts": _non_negative_int,
                "system_prompt_len": _non_negative_int,
                "dtype": _one_of("float16", "bfloat16", "float32"),
-               "layout": _one_of("NHD", "HND"), "device": _device}
+               "layout": _one_of("NHD", "HND"), "device": _device,
+               "window": _window, "window_layers": _open_share,
+               "speculative": _non_negative_int}
     metavars = {"dtype": "{float16,bfloat16,float32}", "layout": "{NHD,HND}",
                 "device": "DEVICE", "arrival_rate": "RATE", "system_prompt_share": "FRACTION",
                 "multi_sample_share": "FRACTION", "verify_every": "STEPS",
-                "check_every": "STEPS"}
+                "check_every": "STEPS", "window": "W", "window_layers": "FRACTION",
+                "speculative": "K"}
     for f in fields(SimConfig):
         default = getattr(defaults, f.name)
-        text = SIMULATE_HELP[f.name] + " (default: %(default)s)"
+        text = SIMULATE_HELP[f.name] + (" (default: off)" if default is None
+                                        else " (default: %(default)s)")
         if isinstance(default, bool):
             p.add_argument("--" + f.name.replace("_", "-"), dest=f.name, default=default,
                            action=argparse.BooleanOptionalAction, help=text)
             continue
         p.add_argument("--" + f.name.replace("_", "-"), dest=f.name, default=default,
-                       type=special.get(f.name, types[type(default)]),
+                       type=special[f.name] if f.name in special else types[type(default)],
                        metavar=metavars.get(f.name, "N"), help=text)
     p.add_argument("--json", type=Path, metavar="PATH",
                    help="write the summary (and the per-step timeline) as JSON to PATH "
@@ -277,8 +307,59 @@ def _summary_rows(result) -> list[tuple[str, str]]:
         ("prefix-cache hit rate", hit),
         ("copy-on-write copies", f"{result.cow_copies:,}"),
         ("preemptions", f"{result.preemptions:,}"),
+        *_extra_rows(result),
         ("wall time", f"{result.wall_s:.1f} s"),
     ]
+
+
+def _extra_rows(result) -> list[tuple[str, str]]:
+    """Rows of --window and --speculative runs (none for a plain run)."""
+    rows = []
+    hybrid, spec, util = result.hybrid, result.speculative, result.utilization
+    if hybrid is not None:
+        def layers(group):
+            return ", ".join(map(str, group))
+
+        saved_pages = 100 * hybrid["window_pages_saved_peak"]
+        rows += [
+            ("layer groups",
+             f"full attention: layers {layers(hybrid['full_layers'])}; window "
+             f"{hybrid['window']:,}: layers {layers(hybrid['window_layers'])}"),
+            ("window group pages peak / full group",
+             f"{hybrid['window_pages_peak']:,} / {hybrid['full_pages_peak']:,} "
+             f"({saved_pages:.0f}% fewer than full attention holds for the same "
+             f"sequences)"),
+            ("KV memory, hybrid / all full",
+             f"peak {_bytes(hybrid['kv_bytes_peak'])} / "
+             f"{_bytes(hybrid['all_full_kv_bytes_peak'])} "
+             f"({100 * hybrid['memory_saved']:.0f}% saved), mean "
+             f"{_bytes(hybrid['kv_bytes_mean'])} / {_bytes(hybrid['all_full_kv_bytes_mean'])}"
+             f" ({100 * hybrid['memory_saved_mean']:.0f}% saved)"),
+            ("window pages per sequence max / bound",
+             f"{hybrid['max_window_pages_per_seq']:,} / {hybrid['window_page_bound']:,} "
+             f"(chunk up to {hybrid['max_chunk']:,} tokens); decode "
+             f"{hybrid['max_window_pages_per_seq_decode']:,} / "
+             f"{hybrid['window_page_bound_decode']:,}; "
+             f"{hybrid['window_bound_violations']:,} over"),
+        ]
+    if util is not None:
+        rows.append(("KV utilization, paged / contiguous",
+                     f"{100 * util['paged']:.1f}% / {100 * util['contiguous']:.1f}% of "
+                     f"allocated token slots hold tokens (mean memory "
+                     f"{_bytes(util['paged_bytes_mean'])} / "
+                     f"{_bytes(util['contiguous_bytes_mean'])})"))
+    if spec is not None:
+        rows.append(("speculative decoding",
+                     f"K={spec['k']}: {spec['accepted_per_step']:.2f} tokens accepted per "
+                     f"sequence step, {spec['drafts_rejected']:,} of {spec['drafts']:,} "
+                     f"drafts rejected"))
+    return rows
+
+
+def _bytes(n: float) -> str:
+    from kvcore.simulate import _fmt_bytes
+
+    return _fmt_bytes(n)
 
 
 def _integrity_line(result) -> str:
@@ -302,7 +383,10 @@ def _plot(result, path: Path) -> None:
 
     t = result.timeline
     fig, (top, middle, bottom) = plt.subplots(3, 1, sharex=True, figsize=(9, 7))
-    top.plot(t["step"], t["pages_used"], lw=1)
+    top.plot(t["step"], t["pages_used"], lw=1, label="all" if "window_pages" in t else None)
+    if "window_pages" in t:   # --window: each group's share
+        top.plot(t["step"], t["full_pages"], lw=1, label="full-attention group")
+        top.plot(t["step"], t["window_pages"], lw=1, label="window group")
     top.axhline(result.pool_pages, color="gray", ls="--", lw=1, label="pool")
     top.set_ylabel("pages in use")
     top.legend(loc="lower right")
@@ -364,6 +448,9 @@ def _run_simulate(args) -> int:
     print(_integrity_line(result), file=table)
     if args.json is not None:
         payload = asdict(result)
+        for name in ("hybrid", "speculative", "utilization"):   # only with their options
+            if payload[name] is None:
+                del payload[name]
         payload["ok"] = result.ok
         text = json.dumps(payload, indent=1) + "\n"
         if json_to_stdout:

@@ -16,6 +16,30 @@ The simulator plays the scheduler of an LLM server, step by step:
   still live at the end are gathered and compared with the recomputed content; the
   bookkeeping invariants are checked as it goes.
 
+Two options model newer serving setups (both off by default, and without them the run and
+its figures are exactly those of a plain run):
+
+- ``window``: a hybrid model. A share of the layers (``window_layers``, interleaved as in
+  Gemma / GPT-OSS) is a sliding-window group of window ``W``, the rest a full-attention
+  group, sharing one allocator and pool (see ``docs/groups.md``). Full layers are read
+  back whole; window layers only where the window group still holds pages (from
+  ``first_page`` on, which must cover the last ``W - 1`` tokens and the newest one).
+  Every append checks the bound on the pages a window sequence holds, and the run
+  reports the window group's pages against what the full-attention group held for the
+  same sequences, and the memory saved against an all-full-attention model.
+- ``speculative``: ``K`` drafts per decode step. Every running sequence appends its
+  verified token plus up to ``K`` drafts in one batched append (K/V written for all),
+  accepts a random prefix of its drafts (uniform, seeded on its own so the workload does
+  not change) and one batched ``truncate`` rolls the rest back. Rejected drafts are
+  written with content of their own, which the read-backs never expect, so a rejected
+  token that survived would be a mismatch; with prefix caching, every read-back also
+  looks the sequence up with its latest rejected drafts in place of the accepted tokens,
+  which must not match past them (a page of rejected tokens left in the prefix index).
+
+With either option the run also reports KV memory utilization (token slots holding live
+tokens over the slots of the pages in use, time-averaged over steps) against a
+contiguous baseline that reserves ``prompt + max_output_len`` per sequence.
+
 Any mismatch or invariant failure is counted and makes the CLI exit non-zero. A config
 that could not be allocated or would never finish (a request that cannot be admitted, or
 does not fit the pool even alone) raises :class:`ConfigurationError` before the pool is
@@ -35,9 +59,10 @@ import numpy as np
 from kvcore.cache import KVCache
 from kvcore.config import DTYPES, KVCacheConfig
 from kvcore.errors import KVCoreError
+from kvcore.groups import LayerGroup
 
 __all__ = ["ConfigurationError", "SimConfig", "SimResult", "Simulator", "estimate_host_bytes",
-           "token_words"]
+           "hybrid_layers", "token_words", "window_page_bound"]
 
 #: Samples a multi-sample request asks for: 2 to MAX_SAMPLES (see ``multi_sample_share``).
 MAX_SAMPLES = 4
@@ -45,6 +70,16 @@ _INT32_MAX = 2**31 - 1
 _DEVICE = re.compile(r"^(auto|cpu|cuda(:\d+)?)$")
 
 _MASK64 = np.uint64(0xFFFFFFFFFFFFFFFF)
+
+#: Sample key of a rejected draft's content (plus the sample): no accepted token has it.
+_REJECTED = 1 << 40
+
+#: SimConfig fields that are left out of ``SimResult.config`` while they are off, so that
+#: a run without them reports exactly what it did before they existed.
+_OPTIONAL_FIELDS = {"window": None, "window_layers": 0.5, "speculative": 0}
+
+#: Groups of a hybrid run's KVCacheConfig: full attention first (the prefix cache's anchor).
+_FULL_GROUP, _WINDOW_GROUP = 0, 1
 
 
 def _mix64(x: np.ndarray) -> np.ndarray:
@@ -116,6 +151,9 @@ class SimConfig:
     prefix_cache: bool = True         # reuse cached prompt pages across requests
     verify_every: int = 25            # steps between spot checks of live sequences
     check_every: int = 10             # steps between invariant checks
+    window: int | None = None         # sliding window of the hybrid model's window layers
+    window_layers: float = 0.5        # share of the layers that use the window
+    speculative: int = 0              # draft tokens per sequence and decode step
 
     def max_request_tokens(self) -> int:
         return self.system_prompt_len + self.max_prompt_len + self.max_output_len
@@ -123,6 +161,43 @@ class SimConfig:
     def max_samples(self) -> int:
         """The most samples one request can ask for (each is a sequence of its own)."""
         return MAX_SAMPLES if self.multi_sample_share > 0 else 1
+
+    def layer_split(self) -> tuple[tuple[int, ...], tuple[int, ...]]:
+        """(full-attention layers, sliding-window layers); all layers are full without
+        ``window``. See :func:`hybrid_layers`."""
+        if self.window is None:
+            return tuple(range(self.layers)), ()
+        return hybrid_layers(self.layers, self.window_layers)
+
+    def num_slots(self) -> int:
+        """Layers one page id holds: the larger group's size (all layers without window)."""
+        return max(len(group) for group in self.layer_split())
+
+    def num_groups(self) -> int:
+        return 1 if self.window is None else 2
+
+
+def hybrid_layers(num_layers: int, window_share: float) -> tuple[tuple[int, ...],
+                                                                 tuple[int, ...]]:
+    """Split layers into (full-attention, sliding-window), interleaved.
+
+    ``window_share * num_layers`` layers (rounded, halves up) use the window; the
+    full-attention layers are spread evenly, each closing its stretch, as in Gemma 3 (5
+    local then 1 global) and GPT-OSS (alternating, layer 0 local).
+
+    Examples
+    --------
+    >>> hybrid_layers(4, 0.5)
+    ((1, 3), (0, 2))
+    >>> hybrid_layers(6, 5 / 6)
+    ((5,), (0, 1, 2, 3, 4))
+    """
+    num_window = int(window_share * num_layers + 0.5)
+    num_full = num_layers - num_window
+    full = tuple(i for i in range(num_layers)
+                 if (i + 1) * num_full // num_layers > i * num_full // num_layers)
+    window = tuple(i for i in range(num_layers) if i not in set(full))
+    return full, window
 
 
 @dataclass
@@ -172,6 +247,11 @@ class SimResult:
     spot_check_tokens: int = 0
     mismatches: int = 0
     invariant_failures: int = 0
+    # with --window / --speculative only (None, and left out of --json, otherwise); see
+    # Simulator._finish_extras for their keys
+    hybrid: dict | None = None
+    speculative: dict | None = None
+    utilization: dict | None = None
     timeline: dict = field(default_factory=dict)   # one entry per step run (not skipped)
 
     @property
@@ -249,12 +329,15 @@ def estimate_host_bytes(config: SimConfig, pool_on_host: bool = True) -> dict[st
     need_pages = -(-config.max_request_tokens() // ps)
     prefill = min(config.max_step_tokens,   # admission takes at most max_running prompts
                   config.max_running * (config.system_prompt_len + config.max_prompt_len))
-    step_tokens = max(prefill + config.max_running, config.max_request_tokens())
+    decode = config.max_running * (1 + min(config.speculative, config.max_output_len))
+    step_tokens = max(prefill + decode, config.max_request_tokens())
     per_page = 16 + (4 * ps + 48 if config.prefix_cache else 0)
+    groups = config.num_groups()
     return {
-        "KV pool": (2 * config.layers * config.pages * ps * lanes * itemsize
+        "KV pool": (2 * config.num_slots() * config.pages * ps * lanes * itemsize
                     if pool_on_host else 0),
-        "page table": 4 * config.max_running * need_pages + per_page * config.pages,
+        "page table": (4 * groups * config.max_running * need_pages
+                       + per_page * config.pages),
         "per-step buffers": step_tokens * lanes * (32 + 4 * itemsize),
         "requests": 1024 * config.requests,
     }
@@ -266,15 +349,72 @@ _LOWER = {"KV pool": "--pages, --page-size, --layers, --heads or --head-dim",
           "requests": "--requests"}
 
 
+def _check_options(cfg: SimConfig) -> None:
+    """--window, --window-layers and --speculative (the CLI parser checks them too)."""
+    def integer(value) -> bool:
+        return isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_))
+
+    if cfg.window is not None and not (integer(cfg.window) and 1 <= cfg.window < 2**31):
+        raise ConfigurationError(f"--window must be a positive integer below 2**31, got "
+                                 f"{cfg.window!r}")
+    if not integer(cfg.speculative) or cfg.speculative < 0:
+        raise ConfigurationError(f"--speculative must be an integer >= 0, got "
+                                 f"{cfg.speculative!r}")
+    share = cfg.window_layers
+    if (isinstance(share, (bool, np.bool_)) or not isinstance(share, (int, float))
+            or not 0 < share < 1):
+        raise ConfigurationError(f"--window-layers must be a number between 0 and 1 "
+                                 f"(exclusive), got {share!r}")
+    if cfg.window is None:
+        if share != _OPTIONAL_FIELDS["window_layers"]:
+            raise ConfigurationError("--window-layers needs --window W (the sliding window "
+                                     "of those layers)")
+        return
+    full, window = cfg.layer_split()
+    if not window or not full:
+        raise ConfigurationError(
+            f"--window-layers {share:g} of --layers {cfg.layers} makes "
+            f"{len(window)} sliding-window and {len(full)} full-attention layers; a hybrid "
+            f"model needs at least one of each: "
+            + ("raise --layers to 2 or more" if cfg.layers < 2 else
+               "raise --window-layers or --layers" if not window else
+               "lower --window-layers or raise --layers"))
+
+
+def window_page_bound(window: int, chunk: int, page_size: int) -> int:
+    """Most pages a window-``window`` group holds for a sequence that just appended
+    ``chunk`` tokens: ``ceil((window - 1 + chunk) / page_size) + 1`` (docs/groups.md)."""
+    return -(-(window - 1 + chunk) // page_size) + 1
+
+
+def _peak_pages(cfg: SimConfig, prompt_len: int, full_peak: int, samples: int) -> int:
+    """Pages a request holds at its peak, running alone, given its full-attention peak.
+
+    Without --window that is ``full_peak``. A window group holds the whole prompt while
+    it is prefilled (2 prompts' pages in all), then at most the window bound per sample
+    (never more than a full group would), on top of the full group's pages.
+    """
+    if cfg.window is None:
+        return full_peak
+    prompt_pages = -(-prompt_len // cfg.page_size)
+    decode = window_page_bound(cfg.window, 1 + cfg.speculative, cfg.page_size)
+    return max(2 * prompt_pages, full_peak + min(full_peak, samples * decode))
+
+
 def _check_config(cfg: SimConfig) -> None:
     """Reject, before anything is allocated, a config that cannot run or never ends."""
+    _check_options(cfg)
     ps = cfg.page_size
     need_pages = -(-cfg.max_request_tokens() // ps)
-    if need_pages > cfg.pages:
+    total = _peak_pages(cfg, cfg.system_prompt_len + cfg.max_prompt_len, need_pages, 1)
+    if total > cfg.pages:
+        both = (f" in the full-attention group, {total} with the sliding-window group's "
+                f"(which holds a whole prompt while it is prefilled)"
+                if total > need_pages else "")
         raise ConfigurationError(
             f"a request of up to {cfg.max_request_tokens()} tokens (system prompt "
             f"{cfg.system_prompt_len} + prompt {cfg.max_prompt_len} + output "
-            f"{cfg.max_output_len}) needs {need_pages} pages of {ps} tokens, but the "
+            f"{cfg.max_output_len}) needs {need_pages} pages of {ps} tokens{both}, but the "
             f"pool has {cfg.pages}; raise --pages or lower --max-prompt-len / "
             f"--max-output-len / --system-prompt-len")
     if cfg.max_step_tokens < cfg.system_prompt_len + cfg.max_prompt_len:
@@ -348,17 +488,24 @@ class Simulator:
         self.on_step = on_step
         self.rng = np.random.default_rng(config.seed)
         self._watermark = max(1, config.pages // 100)
+        # pages one sequence's decode step may take: a page per group, more for drafts
+        self._step_pages = config.num_groups() * (1 + -(-config.speculative // ps))
         try:
             self.requests = self._make_requests()
         except MemoryError as exc:
             raise ConfigurationError(f"out of memory generating {config.requests:,} "
                                      f"requests; lower --requests") from exc
         self._check_workload()
+        self._full_layers, self._window_layers = config.layer_split()
+        groups = {}
+        if config.window is not None:   # group 0 (the prefix cache's anchor): full attention
+            groups["layer_groups"] = [LayerGroup(self._full_layers),
+                                      LayerGroup(self._window_layers, window=config.window)]
         kv_config = KVCacheConfig(
             num_layers=config.layers, num_kv_heads=config.heads, head_dim=config.head_dim,
             page_size=ps, num_pages=config.pages, dtype=config.dtype, layout=config.layout,
             max_seqs=config.max_running, max_pages_per_seq=need_pages,
-            enable_prefix_cache=config.prefix_cache)
+            enable_prefix_cache=config.prefix_cache, **groups)
         try:
             self.cache = KVCache(kv_config, device=config.device)
         except Exception as exc:
@@ -371,8 +518,18 @@ class Simulator:
         self._itemsize = kv_config.itemsize
         self._words = np.uint16 if self._itemsize == 2 else np.uint32
         self._storage = kv_config.storage_dtype   # words viewed as the pool's dtype
-        self.result = SimResult(config=asdict(config), device=self.cache.device,
+        reported = asdict(config)
+        for name, default in _OPTIONAL_FIELDS.items():
+            if name != "window_layers" and reported[name] == default:
+                del reported[name]
+        if "window" not in reported:
+            del reported["window_layers"]
+        self.result = SimResult(config=reported, device=self.cache.device,
                                 pool_pages=config.pages)
+        self._hybrid = config.window is not None
+        self._extras = self._hybrid or config.speculative > 0
+        if self._extras:
+            self._init_extras(kv_config)
 
     # -- workload ------------------------------------------------------------------------
 
@@ -408,21 +565,30 @@ class Simulator:
         """Every request must be admissible into an empty pool and finish there alone:
         otherwise the run would loop forever (admitting it, or preempting it, again)."""
         cfg, ps = self.cfg, self.cfg.page_size
+        groups = cfg.num_groups()
         for request in self.requests:
             prompt, samples = request.prompt_len, len(request.output_lens)
             prompt_pages = -(-prompt // ps)
-            admit = prompt_pages + self._watermark + samples
+            admit = groups * prompt_pages + self._watermark + self._step_pages * samples
             if admit > cfg.pages:
+                per_sample = ("one per sample" if self._step_pages == 1 else
+                              f"{self._step_pages} per sample (a decode step's pages)")
                 raise ConfigurationError(
                     f"request {request.request_id} ({prompt:,}-token prompt, {samples} "
-                    f"sample(s)) could never be admitted: its prompt takes {prompt_pages:,} "
-                    f"pages of {ps} tokens and admission keeps {self._watermark:,} pages "
-                    f"free plus one per sample ({admit:,} in all), but the pool has "
-                    f"{cfg.pages:,}; raise --pages or lower --max-prompt-len")
+                    f"sample(s)) could never be admitted: its prompt takes "
+                    f"{groups * prompt_pages:,} pages of {ps} tokens and admission keeps "
+                    f"{self._watermark:,} pages free plus {per_sample} ({admit:,} in all), "
+                    f"but the pool has {cfg.pages:,}; raise --pages or lower "
+                    f"--max-prompt-len")
             # pages once ``t`` tokens are generated: the prompt's full pages are shared,
             # each live sample has its own copy of the partial one plus its output
-            peak = max(prompt // ps + sum(1 for o in request.output_lens if o >= t)
-                       * (-(-(prompt % ps + t) // ps)) for t in set(request.output_lens))
+            if cfg.speculative:   # samples advance at their own pace: all may be at their end
+                peak = prompt // ps + sum(-(-(prompt % ps + o) // ps)
+                                          for o in request.output_lens)
+            else:
+                peak = max(prompt // ps + sum(1 for o in request.output_lens if o >= t)
+                           * (-(-(prompt % ps + t) // ps)) for t in set(request.output_lens))
+            peak = _peak_pages(cfg, prompt, peak, samples)
             if peak > cfg.pages:
                 raise ConfigurationError(
                     f"request {request.request_id} ({prompt:,}-token prompt, {samples} "
@@ -487,7 +653,8 @@ class Simulator:
             t0 = time.perf_counter_ns()
             self.cache.write(layer, k, v, slot_mapping)
             self._device_ns += time.perf_counter_ns() - t0
-        self.result.tokens_written += int(slot_mapping.size)
+        # with layer groups the mapping is [num_groups, T]: one row per group
+        self.result.tokens_written += int(slot_mapping.shape[-1])
 
     def _admit(self, waiting: deque, running: list, step: int, budget: int) -> int:
         """Admit waiting requests in arrival order while they fit; returns tokens used.
@@ -504,9 +671,11 @@ class Simulator:
             request = waiting[0]
             num_samples = len(request.output_lens)
             # a watermark of free pages (1% of the pool, as vLLM keeps) plus a page for
-            # each new sample's first decode step; running sequences that outgrow the
-            # rest are preempted by the decode step
-            reserve = self._watermark + pending_forks + len(admitted) + num_samples
+            # each new sample's first decode step (a page per group, and more for
+            # drafts); running sequences that outgrow the rest are preempted by the
+            # decode step
+            reserve = self._watermark + self._step_pages * (pending_forks + len(admitted)
+                                                            + num_samples)
             if cache.num_seqs + pending_forks + num_samples > self.cfg.max_running:
                 break
             tokens = self._token_ids(self._keys(request, 0, np.arange(request.prompt_len)))
@@ -531,9 +700,12 @@ class Simulator:
             return 0
         seqs = [r.seq_ids[0] for r, _, _ in admitted]
         t0 = time.perf_counter_ns()
-        step_result = cache.append(seqs, [r.prompt_len - c for r, c, _ in admitted],
+        chunks = [r.prompt_len - c for r, c, _ in admitted]
+        step_result = cache.append(seqs, chunks,
                                    np.concatenate([t[c:] for _, c, t in admitted]))
         self._host_ns += time.perf_counter_ns() - t0
+        if self._hybrid:
+            self._check_window_bound(seqs, chunks, decode=False)
         self._write([(r, 0, np.arange(c, r.prompt_len)) for r, c, _ in admitted],
                     step_result.slot_mapping)
         t0 = time.perf_counter_ns()
@@ -560,33 +732,76 @@ class Simulator:
         waiting.appendleft(victim)
 
     def _decode(self, running: list, waiting: deque) -> None:
+        """One decode step for every running sequence: its next token, plus up to
+        ``speculative`` drafts of which a random prefix is kept (the rest truncated)."""
         cache = self.cache
+        spec = self.cfg.speculative
         while True:
-            seqs = [s for r in running for s in r.seq_ids if s >= 0]
-            if not seqs:
+            live = [(r, sample, seq) for r in running for sample, seq in enumerate(r.seq_ids)
+                    if seq >= 0]
+            if not live:
                 return
+            seqs = [seq for _, _, seq in live]
+            # drafts stop at the sample's last token: a step never outgrows the request
+            counts = ([1 + min(spec, r.output_lens[i] - r.generated[i] - 1) for r, i, _ in live]
+                      if spec else 1)
             t0 = time.perf_counter_ns()
-            needed = cache.pages_needed(seqs, 1)
+            needed = cache.pages_needed(seqs, counts)
             self._host_ns += time.perf_counter_ns() - t0
             if needed <= cache.num_free_pages:
                 break
             self._preempt_newest(running, waiting)
         entries = []
-        for request in running:
-            for sample, seq in enumerate(request.seq_ids):
-                if seq >= 0:
-                    position = request.prompt_len + request.generated[sample]
-                    entries.append((request, sample, np.array([position])))
+        for i, (request, sample, _) in enumerate(live):
+            position = request.prompt_len + request.generated[sample]
+            if spec:
+                entries.append((request, sample, np.arange(position, position + counts[i])))
+            else:
+                entries.append((request, sample, np.array([position])))
         keys = self._join([self._keys(*entry) for entry in entries])
+        if spec:
+            drafts = np.asarray(counts, dtype=np.int64) - 1
+            accepted = self._spec_rng.integers(0, drafts + 1)   # drafts kept, per sequence
+            offset = np.arange(keys[0].size) - np.repeat(np.cumsum(counts) - counts, counts)
+            rejected = offset > np.repeat(accepted, counts)
+            # a rejected draft gets content of its own, which no read-back expects
+            keys = (keys[0], np.where(rejected, _REJECTED + keys[1], keys[1]), keys[2],
+                    keys[3])
         token_ids = self._token_ids(keys)
+        if spec and self.cfg.prefix_cache:   # each sequence's latest rejected drafts
+            starts = np.cumsum(counts) - counts
+            for i in np.flatnonzero(accepted < drafts).tolist():
+                request, sample, _ = live[i]
+                first = starts[i] + 1 + accepted[i]
+                self._rejected[request.request_id, sample] = (
+                    int(keys[2][first]), token_ids[first:starts[i] + counts[i]].copy())
         t0 = time.perf_counter_ns()
-        step_result = cache.append(seqs, 1, token_ids)
-        cache.flashinfer_metadata(seqs)   # what the attention kernels would be given
+        step_result = cache.append(seqs, counts, token_ids)
+        if self._hybrid:   # what the attention kernels would be given, for each group
+            for group in range(self.cfg.num_groups()):
+                cache.flashinfer_metadata(seqs, group=group)
+        else:
+            cache.flashinfer_metadata(seqs)
         self._host_ns += time.perf_counter_ns() - t0
         self.result.cow_copies += int(step_result.copy_src.size)
-        for request, sample, _ in entries:
-            request.generated[sample] += 1
+        if self._hybrid:
+            self._check_window_bound(seqs, counts if spec else [1] * len(seqs), decode=True)
         self._write(entries, step_result.slot_mapping, keys)
+        if not spec:
+            for request, sample, _ in entries:
+                request.generated[sample] += 1
+            return
+        lengths = np.array([r.prompt_len + r.generated[i] for r, i, _ in live], dtype=np.int64)
+        t0 = time.perf_counter_ns()
+        cache.truncate(seqs, lengths + 1 + accepted)   # the target model's verdict
+        self._host_ns += time.perf_counter_ns() - t0
+        for (request, sample, _), kept in zip(live, accepted.tolist(), strict=True):
+            request.generated[sample] += 1 + kept
+        stats = self._spec
+        stats["decode_steps"] += 1
+        stats["sequence_steps"] += len(seqs)
+        stats["drafts"] += int(drafts.sum())
+        stats["drafts_accepted"] += int(accepted.sum())
 
     def _retire(self, running: list) -> None:
         cache = self.cache
@@ -613,13 +828,17 @@ class Simulator:
             self.result.mismatches += max(length, expected_len)
             return
         keys = self._keys(request, sample, np.arange(length))
-        for layer in range(self.cfg.layers):
+        for layer in self._full_layers:   # every layer without --window
             k, v, _ = self.cache.gather(layer, [seq])
             k, v = self.cache.to_host(k), self.cache.to_host(v)
             for which, got in ((0, k), (1, v)):
                 want = self._content(keys, layer, which)
                 bad = ~(got.view(self._words) == want).reshape(length, -1).all(axis=1)
                 self.result.mismatches += int(bad.sum())
+        if self._window_layers:
+            self._verify_window(seq, length, keys)
+        if self.cfg.speculative and self.cfg.prefix_cache:
+            self._probe_rejected(request, sample)
         self.result.sequences_verified += 1
         self.result.tokens_verified += length
         if spot:
@@ -634,11 +853,301 @@ class Simulator:
         for i in picks:
             self._verify(*live[i], spot=True)
 
+    def _verify_window(self, seq: int, length: int, keys) -> None:
+        """Compare the window layers' tokens that the window group still holds (from
+        its first live page on) with what was written; the tokens the next one attends
+        to must be among them. Read from the pool directly, page by page."""
+        cache, cfg, ps = self.cache, self.cfg, self.cfg.page_size
+        first = cache.first_page(seq, group=_WINDOW_GROUP)
+        pages = cache.pages(seq, group=_WINDOW_GROUP)
+        columns = -(-length // ps)
+        needed = max(0, length - cfg.window + 1)   # first token the next one attends to
+        problem = None
+        if len(pages) != columns - first or (len(pages) and (pages < 0).any()):
+            problem = (f"pages(seq {seq}, window group) holds {pages.tolist()} for "
+                       f"{length} tokens from first_page {first}")
+        elif first * ps > needed:
+            problem = (f"seq {seq} ({length} tokens): the window group released token "
+                       f"{needed} (first_page {first}), which the next token attends to")
+        if problem is not None:
+            self._table_problem(problem)
+            self.result.mismatches += length - needed   # the window cannot be read back
+            return
+        start = first * ps
+        count = length - start
+        sub = tuple(key[start:] for key in keys)
+        index = pages.astype(np.int64)
+        if cache.device != "cpu":
+            index = cache.from_host(index)
+        shape = (cfg.heads, cfg.head_dim)
+        for layer in self._window_layers:
+            for which, pool in ((0, cache.k_cache(layer)), (1, cache.v_cache(layer))):
+                got = cache.to_host(pool[index])   # [pages, S, H, D] (NHD) / [pages, H, S, D]
+                if cfg.layout == "HND":
+                    got = got.transpose(0, 2, 1, 3)
+                got = np.ascontiguousarray(got).reshape(-1, *shape)[:count]
+                want = self._content(sub, layer, which)
+                bad = ~(got.view(self._words) == want).reshape(count, -1).all(axis=1)
+                self.result.mismatches += int(bad.sum())
+        self._win["tokens_verified"] += count
+
+    def _probe_rejected(self, request: _Request, sample: int) -> None:
+        """A prefix lookup of the sample's tokens with its latest rejected drafts in place
+        of the accepted ones must stop before the first rejected position: truncate
+        takes every page that held a dropped token out of the prefix index."""
+        rejected = self._rejected.get((request.request_id, sample))
+        if rejected is None:
+            return
+        position, drafts = rejected
+        accepted = self._token_ids(self._keys(request, sample, np.arange(position)))
+        # one token more, so that a page ending with the drafts may be matched too
+        probe = np.concatenate([accepted, drafts, np.ones(1, dtype=np.int32)])
+        hit = self.cache.match_prefix(probe)
+        limit = position // self.cfg.page_size * self.cfg.page_size
+        stats = self._spec
+        stats["rejected_lookups"] += 1
+        if hit > limit:
+            stats["rejected_hits"] += 1
+            self.result.mismatches += hit - limit   # tokens a lookup would serve wrong
+            if len(stats["problems"]) < 10:
+                stats["problems"].append(
+                    f"request {request.request_id} sample {sample}: a lookup with drafts "
+                    f"rejected from position {position} on matched {hit} tokens")
+
     def _check_invariants(self) -> None:
         try:
             self.cache.check_invariants()
         except KVCoreError:
             self.result.invariant_failures += 1
+        if self._hybrid:
+            self._check_groups()
+
+    # -- --window and --speculative ------------------------------------------------------------
+
+    def _init_extras(self, kv_config: KVCacheConfig) -> None:
+        cfg = self.cfg
+        # acceptance draws have a generator of their own: the workload and the spot
+        # checks stay those of the same seed without --speculative
+        self._spec_rng = np.random.default_rng([cfg.seed, 1])
+        self._spec = {"decode_steps": 0, "sequence_steps": 0, "drafts": 0,
+                      "drafts_accepted": 0, "rejected_lookups": 0, "rejected_hits": 0,
+                      "problems": []}
+        # (request, sample) -> (first rejected position, the rejected drafts' token ids)
+        self._rejected: dict = {}
+        # K and V of one token of one layer, in bytes
+        self._token_bytes = 2 * cfg.heads * cfg.head_dim * kv_config.itemsize
+        self._util = {"steps": 0, "used": 0, "allocated": 0, "used_tokens": 0,
+                      "allocated_tokens": 0, "contiguous_used": 0,
+                      "contiguous_reserved": 0, "allocated_peak": 0,
+                      "contiguous_reserved_peak": 0}
+        self._win = {"max_pages": 0, "max_pages_chunk": 0, "max_chunk": 0,
+                     "max_pages_decode": 0, "violations": 0, "tokens_verified": 0,
+                     "window_pages_peak": 0, "full_pages_peak": 0,
+                     "window_pages_sum": 0, "full_pages_sum": 0,
+                     "hybrid_slots_peak": 0, "all_full_slots_peak": 0,
+                     "all_full_slots_sum": 0,
+                     "table_checks": 0, "problems": []}
+
+    def _table_problem(self, message: str) -> None:
+        """A window-group table that breaks docs/groups.md: an invariant failure."""
+        self.result.invariant_failures += 1
+        problems = self._win["problems"]
+        if len(problems) < 10:
+            problems.append(message)
+
+    def _check_window_bound(self, seqs, chunks, decode: bool) -> None:
+        """After an append of ``chunks[i]`` tokens to ``seqs[i]``: the window group holds
+        at most ``window_page_bound(W, chunks[i])`` pages of each."""
+        cfg, win = self.cfg, self._win
+        table = self.cache.block_tables(seqs, group=_WINDOW_GROUP)
+        held = (table >= 0).sum(axis=1)
+        chunks = np.asarray(chunks, dtype=np.int64)
+        bound = -(-(cfg.window - 1 + chunks) // cfg.page_size) + 1
+        over = np.flatnonzero(held > bound)
+        win["violations"] += int(over.size)
+        for i in over[:3]:
+            self._table_problem(f"seq {seqs[i]} holds {held[i]} window pages after "
+                                f"appending {chunks[i]} tokens; the bound is {bound[i]}")
+        if held.size:
+            worst = int(np.argmax(held))
+            if held[worst] > win["max_pages"]:
+                win["max_pages"], win["max_pages_chunk"] = int(held[worst]), int(chunks[worst])
+            win["max_chunk"] = max(win["max_chunk"], int(chunks.max()))
+            if decode:
+                win["max_pages_decode"] = max(win["max_pages_decode"], int(held.max()))
+
+    def _check_groups(self) -> None:
+        """Each group's block table, pages, first_page and FlashInfer metadata against
+        docs/groups.md: columns are absolute, a full group maps every column, a window
+        group its columns from first_page on (at least those the next token attends
+        to), and no page belongs to two groups."""
+        cache, cfg, ps = self.cache, self.cfg, self.cfg.page_size
+        seqs = cache.table.active_seq_ids()
+        self._win["table_checks"] += 1
+        if not len(seqs):
+            return
+        owned = []
+        problems = []
+        for group in range(cfg.num_groups()):
+            table = cache.block_tables(seqs, group=group)
+            indptr, indices, last = cache.flashinfer_metadata(seqs, group=group)
+            for b, seq in enumerate(seqs.tolist()):
+                length = cache.num_tokens(seq)
+                columns = -(-length // ps)
+                first = cache.first_page(seq, group=group)
+                row = table[b]
+                live = row[first:columns]
+                where = f"seq {seq} ({length} tokens), group {group}, first_page {first}"
+                if group == _WINDOW_GROUP:
+                    if first * ps > max(0, length - cfg.window + 1):
+                        problems.append(f"{where}: released a page the window needs")
+                elif first != 0:
+                    problems.append(f"{where}: a full-attention group released pages")
+                if (row[:first] >= 0).any() or (row[columns:] >= 0).any() or (live < 0).any():
+                    problems.append(f"{where}: block table row {row.tolist()}")
+                elif not np.array_equal(indices[indptr[b]:indptr[b + 1]], live):
+                    problems.append(f"{where}: flashinfer pages "
+                                    f"{indices[indptr[b]:indptr[b + 1]].tolist()}, block "
+                                    f"table {live.tolist()}")
+                elif not np.array_equal(cache.pages(seq, group=group), live):
+                    problems.append(f"{where}: pages() {cache.pages(seq, group=group)}, "
+                                    f"block table {live.tolist()}")
+                elif len(live) and last[b] != length - (columns - 1) * ps:
+                    problems.append(f"{where}: last_page_len {last[b]}")
+                owned.append(np.unique(live))
+        if self._hybrid and len(owned) == 2 * len(seqs):
+            full = np.unique(np.concatenate(owned[:len(seqs)]))
+            window = np.unique(np.concatenate(owned[len(seqs):]))
+            shared = np.intersect1d(full, window)
+            if shared.size:
+                problems.append(f"pages {shared[:8].tolist()} are in both groups")
+        if problems:
+            self._table_problem("; ".join(problems[:3]))
+
+    def _account(self, running: list, used_pages: int) -> dict:
+        """Memory figures at the end of a step: distinct pages of each group, token
+        slots holding live tokens (a shared page counts once) against the slots of the
+        pages in use, and the contiguous baseline's."""
+        cfg, ps = self.cfg, self.cfg.page_size
+        live = [(r, i, seq) for r in running for i, seq in enumerate(r.seq_ids) if seq >= 0]
+        group_layers = [len(self._full_layers)] + ([len(self._window_layers)]
+                                                   if self._hybrid else [])
+        used = used_tokens = 0
+        group_pages = [0] * len(group_layers)
+        contiguous_used = contiguous_reserved = 0
+        if live:
+            seqs = np.array([seq for _, _, seq in live], dtype=np.int64)
+            lengths = np.array([r.prompt_len + r.generated[i] for r, i, _ in live],
+                               dtype=np.int64)
+            contiguous_used = cfg.layers * int(lengths.sum())
+            contiguous_reserved = cfg.layers * sum(r.prompt_len + cfg.max_output_len
+                                                   for r, _, _ in live)
+            for group, layers in enumerate(group_layers):
+                table = (self.cache.block_tables(seqs, group=group) if self._hybrid
+                         else self.cache.block_tables(seqs))
+                fill = np.clip(lengths[:, None] - ps * np.arange(table.shape[1])[None, :],
+                               0, ps)
+                mapped = table >= 0
+                pages, inverse = np.unique(table[mapped], return_inverse=True)
+                filled = np.zeros(pages.size, dtype=np.int64)
+                np.maximum.at(filled, inverse, fill[mapped])
+                used += layers * int(filled.sum())
+                used_tokens += int(filled.sum())
+                group_pages[group] = int(pages.size)
+        allocated = used_pages * ps * cfg.num_slots()
+        util = self._util
+        util["steps"] += 1
+        util["used"] += used
+        util["used_tokens"] += used_tokens
+        util["allocated_tokens"] += used_pages * ps
+        util["allocated"] += allocated
+        util["contiguous_used"] += contiguous_used
+        util["contiguous_reserved"] += contiguous_reserved
+        util["allocated_peak"] = max(util["allocated_peak"], allocated)
+        util["contiguous_reserved_peak"] = max(util["contiguous_reserved_peak"],
+                                               contiguous_reserved)
+        entry = {"utilization": used / allocated if allocated else 0.0,
+                 "contiguous_utilization": (contiguous_used / contiguous_reserved
+                                            if contiguous_reserved else 0.0)}
+        if self._hybrid:
+            win = self._win
+            full_pages, window_pages = group_pages
+            win["window_pages_peak"] = max(win["window_pages_peak"], window_pages)
+            win["full_pages_peak"] = max(win["full_pages_peak"], full_pages)
+            win["window_pages_sum"] += window_pages
+            win["full_pages_sum"] += full_pages
+            win["hybrid_slots_peak"] = max(win["hybrid_slots_peak"], allocated)
+            all_full = full_pages * ps * cfg.layers   # every layer full attention
+            win["all_full_slots_peak"] = max(win["all_full_slots_peak"], all_full)
+            win["all_full_slots_sum"] += all_full
+            entry.update(window_pages=window_pages, full_pages=full_pages)
+        return entry
+
+    def _finish_extras(self, res: SimResult) -> None:
+        """The --window / --speculative figures of the run (also in ``--json``)."""
+        cfg, util = self.cfg, self._util
+        steps = max(util["steps"], 1)
+        token_bytes = self._token_bytes
+        res.utilization = {
+            # time averages over the steps run: the sum over steps of the token slots
+            # holding live tokens over the sum of those allocated, each slot weighted by
+            # the layers it holds (a smaller group's pages leave slots unused)
+            "paged": util["used"] / util["allocated"] if util["allocated"] else 0.0,
+            # the same counting token slots only, whatever the layers
+            "paged_token_slots": (util["used_tokens"] / util["allocated_tokens"]
+                                  if util["allocated_tokens"] else 0.0),
+            "contiguous": (util["contiguous_used"] / util["contiguous_reserved"]
+                           if util["contiguous_reserved"] else 0.0),
+            "paged_bytes_mean": util["allocated"] * token_bytes / steps,
+            "paged_bytes_peak": util["allocated_peak"] * token_bytes,
+            "contiguous_bytes_mean": util["contiguous_reserved"] * token_bytes / steps,
+            "contiguous_bytes_peak": util["contiguous_reserved_peak"] * token_bytes,
+            "live_bytes_mean": util["used"] * token_bytes / steps,
+        }
+        if cfg.speculative:
+            spec = dict(self._spec)
+            spec["k"] = cfg.speculative
+            spec["drafts_rejected"] = spec["drafts"] - spec["drafts_accepted"]
+            spec["tokens_accepted"] = spec["sequence_steps"] + spec["drafts_accepted"]
+            spec["accepted_per_step"] = (spec["tokens_accepted"] / spec["sequence_steps"]
+                                         if spec["sequence_steps"] else 0.0)
+            spec["acceptance_rate"] = (spec["drafts_accepted"] / spec["drafts"]
+                                       if spec["drafts"] else 0.0)
+            res.speculative = spec
+        if self._hybrid:
+            win = self._win
+            hybrid_peak = win["hybrid_slots_peak"] * token_bytes
+            all_full_peak = win["all_full_slots_peak"] * token_bytes
+            res.hybrid = {
+                "window": cfg.window,
+                "full_layers": list(self._full_layers),
+                "window_layers": list(self._window_layers),
+                "num_slots": cfg.num_slots(),
+                "window_pages_peak": win["window_pages_peak"],
+                "full_pages_peak": win["full_pages_peak"],
+                "window_pages_mean": win["window_pages_sum"] / steps,
+                "full_pages_mean": win["full_pages_sum"] / steps,
+                "window_pages_saved_peak": 1 - (win["window_pages_peak"]
+                                                / max(win["full_pages_peak"], 1)),
+                "kv_bytes_peak": hybrid_peak,
+                "all_full_kv_bytes_peak": all_full_peak,
+                "memory_saved": 1 - hybrid_peak / all_full_peak if all_full_peak else 0.0,
+                "kv_bytes_mean": util["allocated"] * token_bytes / steps,
+                "all_full_kv_bytes_mean": win["all_full_slots_sum"] * token_bytes / steps,
+                "memory_saved_mean": (1 - util["allocated"] / win["all_full_slots_sum"]
+                                      if win["all_full_slots_sum"] else 0.0),
+                "max_window_pages_per_seq": win["max_pages"],
+                "max_chunk": win["max_chunk"],
+                "window_page_bound": window_page_bound(cfg.window, win["max_chunk"],
+                                                       cfg.page_size),
+                "max_window_pages_per_seq_decode": win["max_pages_decode"],
+                "window_page_bound_decode": window_page_bound(
+                    cfg.window, 1 + cfg.speculative, cfg.page_size),
+                "window_bound_violations": win["violations"],
+                "window_tokens_verified": win["tokens_verified"],
+                "group_table_checks": win["table_checks"],
+                "problems": win["problems"],
+            }
 
     # -- the run -----------------------------------------------------------------------------
 
@@ -650,6 +1159,10 @@ class Simulator:
         host_us, device_us = [], []
         timeline = {"step": [], "pages_used": [], "running": [], "waiting": [],
                     "hit_rate": []}
+        if self._extras:
+            timeline.update(utilization=[], contiguous_utilization=[])
+        if self._hybrid:
+            timeline.update(window_pages=[], full_pages=[])
         start = time.perf_counter()
         step = 0
         total = len(self.requests)
@@ -682,6 +1195,9 @@ class Simulator:
             timeline["waiting"].append(sum(1 for r in waiting if r.arrival_step <= step))
             stats = self.cache.prefix_stats
             timeline["hit_rate"].append(stats["hit_rate"] if stats else 0.0)
+            if self._extras:
+                for name, value in self._account(running, used).items():
+                    timeline[name].append(value)
             if cfg.verify_every and step % cfg.verify_every == 0:
                 self._spot_check(running)
             if cfg.check_every and step % cfg.check_every == 0:
@@ -709,4 +1225,6 @@ class Simulator:
             res.prefix_hit_rate = stats["hit_rate"]
             res.prefix_hit_tokens = stats["hit_tokens"]
             res.prefix_evictions = stats["evictions"]
+        if self._extras:
+            self._finish_extras(res)
         return res

@@ -171,6 +171,14 @@ def test_bench_out_dir_must_be_writable(tmp_path):
     (["--layout", "nhd"], "--layout must be one of NHD, HND, got 'nhd'"),
     (["--device", "tpu"], "--device must be auto, cpu, cuda or cuda:N, got 'tpu'"),
     (["--prompt-median", str(10**30)], "--prompt-median must be at most 2**63 - 1"),
+    (["--window", "0"], "--window must be a positive integer, got '0'"),
+    (["--window", str(2**31)], "--window must be at most 2**31 - 1 tokens"),
+    (["--window-layers", "1"],
+     "--window-layers must be a number between 0 and 1 (exclusive), got '1'"),
+    (["--window-layers", "half"],
+     "--window-layers must be a number between 0 and 1 (exclusive), got 'half'"),
+    (["--speculative", "-1"], "--speculative must be an integer >= 0, got '-1'"),
+    (["--speculative", "2.5"], "--speculative must be an integer >= 0, got '2.5'"),
     (["--requests"], "--requests: expected one argument"),
     (["--device-typo", "cpu"], "unrecognized arguments: --device-typo cpu"),
 ])
@@ -184,6 +192,12 @@ def test_bad_values_name_the_option_and_what_is_expected(flags, line):
     (["--pages", str(2**31)], "--pages 2,147,483,648 is too many"),
     (["--max-step-tokens", "1000"], "--max-step-tokens 1000 is below the longest prompt"),
     (["--system-prompts", "0"], "--system-prompt-share 0.4 needs at least one system prompt"),
+    (["--window-layers", "0.25"], "--window-layers needs --window W"),
+    (["--window", "64", "--layers", "1"],
+     "--window-layers 0.5 of --layers 1 makes 1 sliding-window and 0 full-attention layers"),
+    (["--window", "64", "--window-layers", "0.2"], "makes 0 sliding-window and 2 full"),
+    (["--window", "64", "--pages", "250"],
+     "needs 208 pages of 16 tokens in the full-attention group, 288 with the sliding-window"),
 ])
 def test_impossible_combinations_are_rejected(flags, needle):
     assert_rejected(run_cli("simulate", *flags), needle)
@@ -237,3 +251,32 @@ def test_a_normal_tiny_run_exits_0(tmp_path):
         f"{data['tokens_verified']:,} tokens compared (per read-back: shared prompts and "
         f"spot-checked tokens count again), 0 mismatches, 0 invariant failures")
     assert finished == data["samples_done"]
+    # without --window / --speculative there is nothing of theirs
+    assert not {"hybrid", "speculative", "utilization"} & set(data)
+    assert not {"window", "window_layers", "speculative"} & set(data["config"])
+    assert "speculative" not in proc.stdout and "window" not in proc.stdout
+
+
+def test_window_and_speculative_run_clean_and_report(tmp_path):
+    out = tmp_path / "sim.json"
+    proc = run_cli("simulate", *TINY, "--window", "64", "--speculative", "3", "--json",
+                   str(out))
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.strip().splitlines()
+    assert lines[-1].endswith(", 0 mismatches, 0 invariant failures")
+    rows = {line[:38].strip(): line[39:] for line in lines[:-1]}
+    assert rows["layer groups"] == "full attention: layers 1; window 64: layers 0"
+    for name in ("window group pages peak / full group", "KV memory, hybrid / all full",
+                 "window pages per sequence max / bound", "KV utilization, paged / contiguous",
+                 "speculative decoding"):
+        assert name in rows, proc.stdout
+    assert rows["window pages per sequence max / bound"].endswith("; 0 over")
+    data = json.loads(out.read_text())
+    assert data["ok"] is True
+    assert data["config"]["window"] == 64 and data["config"]["speculative"] == 3
+    hybrid = data["hybrid"]
+    assert hybrid["window_bound_violations"] == 0
+    assert hybrid["max_window_pages_per_seq_decode"] <= hybrid["window_page_bound_decode"] == 6
+    assert data["speculative"]["drafts_rejected"] > 0
+    assert 0 < data["utilization"]["paged"] <= 1
+    assert len(data["timeline"]["window_pages"]) == len(data["timeline"]["step"])
