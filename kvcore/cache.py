@@ -8,8 +8,6 @@ caller's stream: the ``stream=`` argument, else the framework's current stream.
 
 from __future__ import annotations
 
-import operator
-
 import numpy as np
 
 from kvcore._core import AppendResult, PageAllocator, PageTable
@@ -521,12 +519,4 @@ class KVCache:
     def _layer(self, layer) -> int:
         if type(layer) is int and 0 <= layer < self.config.num_layers:   # the common case
             return layer
-        if isinstance(layer, (bool, np.bool_)):
-            raise TypeError("layer must be an integer, got bool")
-        try:
-            index = operator.index(layer)
-        except Exception as exc:   # TypeError, or whatever a user's __index__ raised
-            raise TypeError(f"layer must be an integer, got {type(layer).__name__}") from exc
-        if not 0 <= index < self.config.num_layers:
-            raise IndexError(f"layer {index} out of range [0, {self.config.num_layers})")
-        return index
+        return self.config.layer_index(layer)

@@ -182,7 +182,9 @@ class KVCacheConfig:
         """Pool slot of ``layer``: its position in its group."""
         return self._place(layer)[1]
 
-    def _place(self, layer) -> tuple[int, int]:
+    def layer_index(self, layer) -> int:
+        """``layer`` as an index in ``[0, num_layers)``: ``TypeError`` unless an integer
+        (bool refused), ``IndexError`` outside the model."""
         if isinstance(layer, (bool, np.bool_)):
             raise TypeError("layer must be an integer, got bool")
         try:
@@ -191,7 +193,10 @@ class KVCacheConfig:
             raise TypeError(f"layer must be an integer, got {type(layer).__name__}") from exc
         if not 0 <= index < self.num_layers:
             raise IndexError(f"layer {index} out of range [0, {self.num_layers})")
-        return self._places[index]
+        return index
+
+    def _place(self, layer) -> tuple[int, int]:
+        return self._places[self.layer_index(layer)]
 
     @property
     def slot_waste(self) -> float:

@@ -40,6 +40,14 @@ def timed(fn, repeats: int) -> list[float]:
 
 # -- workloads: each returns a callable doing one timed repeat -------------------------
 
+def _restart(table, seqs, prompt: int) -> None:
+    """Replace ``seqs`` (in place) by fresh sequences of ``prompt`` tokens (untimed)."""
+    for s in list(seqs):
+        table.remove(int(s))
+    seqs[:] = [table.add_sequence() for _ in range(len(seqs))]
+    table.append(seqs, [prompt] * len(seqs))
+
+
 def _per_step(run, steps: int):
     """A repeat that calls ``run`` (which times its own steps into ``run.elapsed``, after
     its untimed set-up) and returns ns per step."""
@@ -86,11 +94,7 @@ def decode_step(lib: str, batch: int = 256, steps: int = 64, prompt: int = 100,
         ones = [1] * batch
 
     def run():
-        for s in list(seqs):
-            table.remove(int(s))
-        fresh = [table.add_sequence() for _ in range(batch)]
-        seqs[:] = fresh
-        table.append(seqs, [prompt] * batch)
+        _restart(table, seqs, prompt)
         start = time.perf_counter_ns()
         for _ in range(steps):
             table.append(seqs, ones)
@@ -173,11 +177,7 @@ def speculative_verify_step(lib: str, batch: int = 256, steps: int = 32, prompt:
         new_lens = (prompt + np.cumsum(accepted, axis=0)).tolist()
 
     def run():
-        for s in list(seqs):
-            table.remove(int(s))
-        fresh = [table.add_sequence() for _ in range(batch)]
-        seqs[:] = fresh
-        table.append(seqs, [prompt] * batch)
+        _restart(table, seqs, prompt)
         start = time.perf_counter_ns()
         for step in range(steps):
             table.append(seqs, counts)
