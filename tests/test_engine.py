@@ -29,6 +29,10 @@ from kvcore.examples.engine import (
 )
 from kvcore.examples.model import TINY, TINY_HYBRID, kvcore_attention
 
+# The tiny model gains nothing from intra-op threads, and OpenMP threads spinning on a
+# busy 2-core machine can slow it down a hundredfold.
+torch.set_num_threads(1)
+
 
 @pytest.fixture(scope="module")
 def served():
