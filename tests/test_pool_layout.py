@@ -109,3 +109,32 @@ def test_overlapping_or_misaligned_pools_are_refused():
                          dtype="float16")
     with pytest.raises(ShapeError, match="not a multiple"):
         adopt_layers(cfg1, odd)
+
+
+def test_layer_groups_share_slots_of_one_pool():
+    """With layer groups the one-array pool has num_slots slots; layer l is slot
+    layer_slot(l), and layers of different groups in one slot are one memory."""
+    from kvcore import LayerGroup
+
+    cfg = KVCacheConfig(num_layers=3, num_kv_heads=2, head_dim=8, page_size=4, num_pages=5,
+                        dtype="float16",
+                        layer_groups=[LayerGroup([0, 2]), LayerGroup([1], window=4)])
+    kv = np.zeros(cfg.pool_shape, np.float16)
+    assert kv.shape[0] == cfg.num_slots == 2
+    layers = adopt_layers(cfg, kv)
+    assert layers.k_ptrs[1] == layers.k_ptrs[0] == address(kv[0, 0])   # slot 0 shared
+    assert layers.v_ptrs[2] == address(kv[1, 1])
+
+
+def test_an_alias_is_allowed_across_groups_only():
+    from kvcore import LayerGroup
+
+    cfg = KVCacheConfig(num_layers=2, num_kv_heads=2, head_dim=8, page_size=4, num_pages=5,
+                        dtype="float16",
+                        layer_groups=[LayerGroup([0]), LayerGroup([1], window=4)])
+    shared = np.zeros((2, 5, *PAGE), np.float16)
+    adopt_layers(cfg, [shared, shared])                     # two groups: one memory is fine
+    one_group = KVCacheConfig(num_layers=2, num_kv_heads=2, head_dim=8, page_size=4,
+                              num_pages=5, dtype="float16")
+    with pytest.raises(ShapeError, match="overlap"):
+        adopt_layers(one_group, [shared, shared])           # one group: pages would collide
