@@ -195,6 +195,10 @@ cdef class PageTable:
         verified exactly.
     prefix_event_capacity : int, keyword-only
         Events kept for :meth:`take_events`; older ones are dropped and counted.
+    groups : sequence of LayerGroup, keyword-only
+        Layer groups (full attention, sliding window, state pages; see
+        ``docs/groups.md``), each with its own rows over the one allocator; default one
+        full-attention group. Only the kinds matter here, not the layers.
 
     Notes
     -----
@@ -206,9 +210,11 @@ cdef class PageTable:
 
     Invariants (checked by :meth:`check_invariants`, which also checks the allocator's):
 
-    - an active sequence of ``n`` tokens maps exactly ``ceil(n / page_size)`` pages in
-      columns ``0 ..``, each in use, and ``-1`` after; an inactive row is all ``-1``
-      with length 0;
+    - in a full-attention group, an active sequence of ``n`` tokens maps exactly
+      ``ceil(n / page_size)`` pages in columns ``0 ..``, each in use, and ``-1`` after
+      (a window group: ``-1`` before its first live column too; a state group: its
+      ``state_pages`` pages once ``n > 0``); an inactive row is all ``-1`` with length 0;
+    - a page is mapped by one group only, and at most once in a row;
     - every page's refcount equals the number of block-table entries that map it;
     - each seq id is either active or on the free seq-id stack, never both.
 

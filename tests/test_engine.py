@@ -260,7 +260,7 @@ def test_cli_serves_checks_and_writes_a_report(tmp_path, capsys):
 # -- on the GPU: kvcore's CUDA kernels and FlashInfer under the same check ------------------------
 
 needs_flashinfer = pytest.mark.skipif(importlib.util.find_spec("flashinfer") is None,
-                                      reason="needs FlashInfer (see the GPU notes)")
+                                      reason="needs FlashInfer (flashinfer-python)")
 
 
 def _cuda_ready():
