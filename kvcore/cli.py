@@ -99,22 +99,20 @@ def _number(text: str, kind, what: str):
 _INT_MAX = 2**63 - 1   # the workload is drawn with 64-bit NumPy integers
 
 
-def _positive_int(text: str) -> int:
-    value = _number(text, int, "a positive integer")
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}")
-    if value > _INT_MAX:
-        raise argparse.ArgumentTypeError(f"must be at most 2**63 - 1, got {text!r}")
-    return value
+def _int_at_least(low: int, what: str):
+    """An argparse type: an integer in ``[low, 2**63 - 1]``, described as ``what``."""
+    def parse(text: str) -> int:
+        value = _number(text, int, what)
+        if value < low:
+            raise argparse.ArgumentTypeError(f"must be {what}, got {text!r}")
+        if value > _INT_MAX:
+            raise argparse.ArgumentTypeError(f"must be at most 2**63 - 1, got {text!r}")
+        return value
+    return parse
 
 
-def _non_negative_int(text: str) -> int:
-    value = _number(text, int, "an integer >= 0")
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be an integer >= 0, got {text!r}")
-    if value > _INT_MAX:
-        raise argparse.ArgumentTypeError(f"must be at most 2**63 - 1, got {text!r}")
-    return value
+_positive_int = _int_at_least(1, "a positive integer")
+_non_negative_int = _int_at_least(0, "an integer >= 0")
 
 
 def _seed(text: str) -> int:   # NumPy takes seeds of any size

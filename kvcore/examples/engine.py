@@ -299,11 +299,13 @@ class Engine:
         appended = self.cache.append(seq_ids, counts, new_tokens)
         for metadata in self.metadatas:
             metadata.update(seq_ids, appended)
+        self.stats.kvcore_host_s += time.perf_counter() - start
+        # First live page per sequence: 0 in a full group, asked for in a window group.
         first_pages = [np.array([self.cache.first_page(s, group=g) for s in seq_ids])
-                       for g in range(self.cache.num_groups)]
+                       if group.window else np.zeros(len(seq_ids), dtype=np.int64)
+                       for g, group in enumerate(self.cache.config.groups)]
         self.stats.max_window_start = max(self.stats.max_window_start,
                                           *(int(f.max()) for f in first_pages))
-        self.stats.kvcore_host_s += time.perf_counter() - start
         self.stats.cow_copies += len(appended.copy_src)
         indptr = np.zeros(len(chosen) + 1, dtype=np.int64)
         np.cumsum(counts, out=indptr[1:])
