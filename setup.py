@@ -51,7 +51,7 @@ extensions = [
     )
     for name in (
         "kvcore._args", "kvcore._allocator", "kvcore._prefix", "kvcore._core",
-        "kvcore._launch", "kvcore._step",
+        "kvcore._launch", "kvcore._step", "kvcore._swap",
     )
 ]
 

@@ -7,6 +7,7 @@ needs no GPU; :class:`KVCache` adds the pool and its data movement on a NumPy or
 
 from kvcore._core import AppendResult, PageAllocator, PageTable
 from kvcore._prefix import EVENT_EVICTED, EVENT_STORED
+from kvcore._swap import HostTier
 from kvcore.cache import KVCache
 from kvcore.config import KVCacheConfig
 from kvcore.errors import (
@@ -18,10 +19,13 @@ from kvcore.errors import (
     OutOfPagesError,
     RefcountError,
     RollbackError,
+    SequenceStateError,
     ShapeError,
+    TransferPendingError,
     UnknownSequenceError,
 )
 from kvcore.groups import LayerGroup
+from kvcore.transfers import Transfer
 
 __version__ = "0.1.0"
 
@@ -31,6 +35,7 @@ __all__ = [
     "CapacityError",
     "EVENT_EVICTED",
     "EVENT_STORED",
+    "HostTier",
     "InvalidPageError",
     "KVCache",
     "KVCacheConfig",
@@ -42,7 +47,10 @@ __all__ = [
     "PageTable",
     "RefcountError",
     "RollbackError",
+    "SequenceStateError",
     "ShapeError",
+    "Transfer",
+    "TransferPendingError",
     "UnknownSequenceError",
     "__version__",
 ]

@@ -14,6 +14,18 @@ from kvcore._prefix cimport PrefixHooks
 from kvcore._typedefs cimport page_id_t, seq_id_t, slot_t
 
 
+# A seq id's state (PageTable._active). Which rows are valid in each: the device row in
+# RESIDENT, LEAVING, ARRIVING and DOOMED; the host row in SWAPPED, LEAVING, ARRIVING and
+# DOOMED (during a transfer both are, and its completion releases one of them).
+cdef enum:
+    SEQ_FREE = 0        # on the free seq-id stack
+    SEQ_RESIDENT = 1    # its pages are on the device: every call may use it
+    SEQ_SWAPPED = 2     # its pages are in the host tier
+    SEQ_LEAVING = 3     # swap-out in flight
+    SEQ_ARRIVING = 4    # swap-in in flight
+    SEQ_DOOMED = 5      # removed while a transfer was in flight; freed when it completes
+
+
 @cython.final
 cdef class PageTable:
     cdef readonly PageAllocator allocator
@@ -50,9 +62,18 @@ cdef class PageTable:
     cdef object _block_table_view
     cdef object _seq_lens_view
     cdef uint64_t _version           # bumped by every call that changes the table
+    # The host tier (None / NULL without one): its allocator and the host rows,
+    # [num_groups, max_seqs, max_pages_per_seq] like _table, NO_PAGE where unmapped.
+    cdef readonly PageAllocator host_allocator
+    cdef page_id_t* _host_table
+    cdef int32_t _num_doomed         # seq ids removed while in flight, not yet freed
 
     cdef int64_t _seq_arg(self, object seq_id) except -1
     cdef int64_t _active_arg(self, int64_t s) except -1
+    cdef int64_t _live_arg(self, int64_t s) except -1
+    cdef int _raise_state(self, int64_t s, str wanted=*) except -1
+    cdef void _release_row(self, PageAllocator alloc, page_id_t* base, int64_t s) noexcept nogil
+    cdef void _free_seq_id(self, int64_t s) noexcept nogil
     cdef int64_t _sum_pages(self, const int64_t* seq_ids, Py_ssize_t batch, int32_t g) noexcept
     cdef int64_t _max_row_pages(self, const int64_t* seq_ids, Py_ssize_t batch,
                                 int32_t g) noexcept

@@ -48,6 +48,8 @@ from kvcore.errors import (
     OutOfPagesError,
     RefcountError,
     RollbackError,
+    SequenceStateError,
+    TransferPendingError,
     UnknownSequenceError,
 )
 from kvcore.groups import LayerGroup, group_codes
@@ -133,6 +135,9 @@ cdef inline uint32_t _num_pages_for(uint32_t num_tokens, uint32_t ps, int shift)
     return _div(num_tokens + ps - 1, ps, shift)
 
 
+# What PageTable.seq_state says of each SEQ_* state (_core.pxd); DOOMED ids are unknown.
+_STATE_NAMES = ("free", "resident", "swapped", "swapping_out", "swapping_in", "removed")
+
 # Group kinds (kvcore.groups.GROUP_*).
 cdef enum:
     _FULL = 0
@@ -170,6 +175,61 @@ cdef bint _ndim_is_zero(object obj):
         return False
 
 
+cdef class _RowCheck:
+    """Counts one tier's table references for ``check_invariants`` and checks each row:
+    pages in range where the row is valid, -1 elsewhere, a page in one group only and
+    at most once per row; then compares the counts with the allocator's refcounts."""
+
+    cdef PageAllocator alloc
+    cdef str tier
+    cdef object refs, owner, last_row
+
+    def __cinit__(self, PageAllocator alloc, str tier):
+        self.alloc = alloc
+        self.tier = tier
+        self.refs = np.zeros(alloc.page_count(), dtype=np.int64)
+        self.owner = np.full(alloc.page_count(), -1, dtype=np.int32)
+        self.last_row = np.full(alloc.page_count(), -1, dtype=np.int64)
+
+    cdef int row(self, const page_id_t* row, int64_t width, int64_t s, int32_t g,
+                 int64_t length, int64_t lo, int64_t hi) except -1:
+        cdef int64_t[::1] refs = self.refs
+        cdef int32_t[::1] owner = self.owner
+        cdef int64_t[::1] last_row = self.last_row
+        cdef int32_t num_pages = self.alloc.page_count()
+        cdef int64_t c, key = (<int64_t>g << 32) | s
+        cdef page_id_t page
+        for c in range(width):
+            page = row[c]
+            if lo <= c < hi:
+                if page < 0 or page >= num_pages:
+                    raise KVCoreError(f"seq_id {s} position {c} of group {g} maps {self.tier} "
+                                      f"page {page}, outside the pool")
+                refs[page] += 1
+                if owner[page] != -1 and owner[page] != g:
+                    raise KVCoreError(f"{self.tier} page {page} is mapped in groups "
+                                      f"{owner[page]} and {g}")
+                if last_row[page] == key:
+                    raise KVCoreError(f"seq_id {s} maps {self.tier} page {page} twice in "
+                                      f"group {g}")
+                owner[page] = g
+                last_row[page] = key
+            elif page != NO_PAGE:
+                raise KVCoreError(
+                    f"seq_id {s} of {length} tokens maps {self.tier} page {page} at position "
+                    f"{c} of group {g}, outside its mapped columns [{lo}, {hi})")
+        return 0
+
+    cdef int refcounts(self) except -1:
+        cdef int64_t[::1] refs = self.refs
+        cdef page_id_t page
+        for page in range(self.alloc.page_count()):
+            if refs[page] != self.alloc.refs(page):
+                raise KVCoreError(f"{self.tier} page {page} has refcount "
+                                  f"{self.alloc.refs(page)} but {refs[page]} table references")
+        return 0
+
+
 @cython.final
 cdef class PageTable:
     """Per-sequence page tables and lengths over one :class:`PageAllocator`.
@@ -199,6 +259,10 @@ cdef class PageTable:
         Layer groups (full attention, sliding window, state pages; see
         ``docs/groups.md``), each with its own rows over the one allocator; default one
         full-attention group. Only the kinds matter here, not the layers.
+    host_allocator : PageAllocator, keyword-only
+        The host tier's pages (see :class:`kvcore.HostTier`, which moves sequences
+        between the tiers); None, the default, means no host tier. Like ``allocator``
+        it must serve this table only.
 
     Notes
     -----
@@ -230,7 +294,7 @@ cdef class PageTable:
 
     def __cinit__(self, PageAllocator allocator not None, page_size, max_seqs, max_pages_per_seq,
                   *, enable_prefix_cache=False, prefix_hash_bits=64,
-                  prefix_event_capacity=65536, groups=None):
+                  prefix_event_capacity=65536, groups=None, host_allocator=None):
         cdef int32_t ps = positive_int32(page_size, "page_size")
         cdef int32_t ms = positive_int32(max_seqs, "max_seqs")
         cdef int32_t mp = positive_int32(max_pages_per_seq, "max_pages_per_seq")
@@ -248,6 +312,11 @@ cdef class PageTable:
         if bool(enable_prefix_cache) and (kinds == _STATE).any():
             raise ValueError("prefix caching cannot serve a state group: a recurrent state "
                              "cannot be shared by a prefix hit without a snapshot")
+        if host_allocator is not None and not isinstance(host_allocator, PageAllocator):
+            raise TypeError(f"host_allocator must be a PageAllocator or None, got "
+                            f"{type(host_allocator).__name__}")
+        if host_allocator is not None and host_allocator is allocator:
+            raise ValueError("host_allocator must be a second PageAllocator, not allocator")
         self.allocator = allocator
         self._page_size = ps
         self._page_shift = _log2_or_minus_one(ps)
@@ -301,6 +370,13 @@ cdef class PageTable:
                                          prefix_event_capacity)
                         if bool(enable_prefix_cache) else PrefixHooks())
         self._version = 0
+        self.host_allocator = host_allocator
+        self._num_doomed = 0
+        self._host_table = NULL
+        if host_allocator is not None:
+            host_table = np.full((ng, ms, mp), NO_PAGE, dtype=np.int32)
+            self._owners += (host_table,)
+            self._host_table = <page_id_t*>cnp.PyArray_DATA(host_table)
 
     def __repr__(self):
         groups = "" if self._num_groups == 1 else f"num_groups={self._num_groups}, "
@@ -378,13 +454,34 @@ cdef class PageTable:
         return self._active_arg(int_arg(seq_id, "seq_id"))
 
     cdef int64_t _active_arg(self, int64_t s) except -1:
-        if s < 0 or s >= self._max_seqs or not self._active[s]:
+        """``s`` when it is a resident sequence; else raise (see ``_raise_state``)."""
+        if s < 0 or s >= self._max_seqs or self._active[s] != SEQ_RESIDENT:
+            self._raise_state(s)
+        return s
+
+    cdef int64_t _live_arg(self, int64_t s) except -1:
+        """``s`` when it is an active sequence in either tier; else UnknownSequenceError."""
+        if s < 0 or s >= self._max_seqs or not SEQ_RESIDENT <= self._active[s] <= SEQ_ARRIVING:
             raise UnknownSequenceError(f"seq_id {s} is not active")
         return s
 
+    cdef int _raise_state(self, int64_t s, str wanted="resident") except -1:
+        """Raise the error that says why ``s`` is not in state ``wanted``."""
+        if s < 0 or s >= self._max_seqs or not SEQ_RESIDENT <= self._active[s] <= SEQ_ARRIVING:
+            raise UnknownSequenceError(f"seq_id {s} is not active")
+        state = _STATE_NAMES[self._active[s]]
+        if self._active[s] == SEQ_LEAVING or self._active[s] == SEQ_ARRIVING:
+            raise TransferPendingError(
+                s, state, f"seq_id {s} is {state.replace('_', ' ')}: its transfer is in "
+                "flight; call poll() or wait() until it has completed")
+        if wanted == "resident":
+            raise SequenceStateError(
+                s, state, f"seq_id {s} is swapped out to the host tier; swap_in() it first")
+        raise SequenceStateError(s, state, f"seq_id {s} is {state}, not {wanted}")
+
     cdef int _check_active(self, const int64_t* seq_ids, Py_ssize_t batch,
                            bint allow_duplicates) except -1:
-        """Raise unless every seq id is active (and, unless allowed, distinct).
+        """Raise unless every seq id is resident (and, unless allowed, distinct).
 
         Distinctness uses stamps: ``_seen[s] == stamp`` means s was already seen in this
         call, so nothing has to be cleared between calls.
@@ -398,8 +495,8 @@ cdef class PageTable:
         if allow_duplicates:
             for i in range(batch):
                 s = seq_ids[i]
-                if s < 0 or s >= max_seqs or not active[s]:
-                    raise UnknownSequenceError(f"seq_id {s} is not active")
+                if s < 0 or s >= max_seqs or active[s] != SEQ_RESIDENT:
+                    self._raise_state(s)
             return 0
         if self._stamp == INT32_MAX:
             (<cnp.ndarray>self._owners[4])[:] = 0
@@ -408,8 +505,8 @@ cdef class PageTable:
         stamp = self._stamp   # a local: stores into seen[] could otherwise alias it
         for i in range(batch):
             s = seq_ids[i]
-            if s < 0 or s >= max_seqs or not active[s]:
-                raise UnknownSequenceError(f"seq_id {s} is not active")
+            if s < 0 or s >= max_seqs or active[s] != SEQ_RESIDENT:
+                self._raise_state(s)
             if seen[s] == stamp:
                 raise ValueError(f"seq_ids holds seq_id {s} more than once")
             seen[s] = stamp
@@ -810,30 +907,53 @@ cdef class PageTable:
     def remove(self, seq_id):
         """End ``seq_id``: drop its page references (last page first) and free the seq id.
 
+        A swapped-out sequence releases its host pages. One whose transfer is in flight
+        is gone at once for every caller (its seq id is no longer active), but its pages
+        in both tiers and its seq id are released only when the transfer completes
+        (:meth:`HostTier.finish`), since the copy still reads or writes them.
+
         Raises
         ------
         UnknownSequenceError
             ``seq_id`` is not active.
         """
-        cdef int64_t s = self._seq_arg(seq_id)
+        cdef int64_t s = self._live_arg(int_arg(seq_id, "seq_id"))
+        cdef uint8_t state = self._active[s]
+        self._version += 1
+        self._num_seqs -= 1
+        if state == SEQ_LEAVING or state == SEQ_ARRIVING:
+            self._active[s] = SEQ_DOOMED
+            self._num_doomed += 1
+            return
+        if state == SEQ_SWAPPED:
+            self._release_row(self.host_allocator, self._host_table, s)
+        else:
+            self._release_row(self.allocator, self._table, s)
+        self._free_seq_id(s)
+
+    cdef void _release_row(self, PageAllocator alloc, page_id_t* base, int64_t s) noexcept nogil:
+        """Drop ``alloc``'s references of ``s``'s rows in table ``base`` (the device table
+        or the host one), last page first, and unmap them. Lengths stay."""
         cdef int64_t i, lo, hi
         cdef int32_t g
         cdef page_id_t* row
         # Tail first: the free stack is LIFO, so a sequence's first page is reused last.
-        cdef PageAllocator alloc = self.allocator
-        self._version += 1
         for g in range(self._num_groups):
             self._live_cols(g, s, &lo, &hi)
-            row = self._table + g * self._group_stride + s * self._max_pages_per_seq
+            row = base + g * self._group_stride + s * self._max_pages_per_seq
             for i in range(hi - 1, lo - 1, -1):
                 alloc.drop_ref(row[i])
                 row[i] = NO_PAGE
+
+    cdef void _free_seq_id(self, int64_t s) noexcept nogil:
+        """Put ``s`` (its rows already released) back on the free seq-id stack."""
+        cdef int32_t g
+        for g in range(self._num_groups):
             self._first_live[<int64_t>g * self._max_seqs + s] = 0
         self._seq_lens[s] = 0
-        self._active[s] = 0
+        self._active[s] = SEQ_FREE
         self._free_seqs[self._num_free_seqs] = <seq_id_t>s
         self._num_free_seqs += 1
-        self._num_seqs -= 1
 
     def truncate(self, seq_ids, num_tokens):
         """Shorten sequences to ``num_tokens`` tokens each (speculative-decoding rollback).
@@ -961,12 +1081,58 @@ cdef class PageTable:
         return self._first_live[<int64_t>g * self._max_seqs + s]
 
     def is_active(self, seq_id):
-        """Return whether ``seq_id`` is an active sequence (never raises for an int)."""
+        """Return whether ``seq_id`` is an active sequence, in either tier (never raises
+        for an int)."""
         cdef int64_t s = int_arg(seq_id, "seq_id")
-        return 0 <= s < self._max_seqs and self._active[s] != 0
+        return 0 <= s < self._max_seqs and SEQ_RESIDENT <= self._active[s] <= SEQ_ARRIVING
+
+    def seq_state(self, seq_id):
+        """Return where ``seq_id``'s pages are.
+
+        Returns
+        -------
+        str
+            ``"resident"`` (on the device: every call may use it), ``"swapped"`` (in the
+            host tier), ``"swapping_out"`` or ``"swapping_in"`` (a transfer is in flight;
+            see :class:`HostTier`).
+
+        Raises
+        ------
+        UnknownSequenceError
+            ``seq_id`` is not active.
+        """
+        return _STATE_NAMES[self._active[self._live_arg(int_arg(seq_id, "seq_id"))]]
+
+    def host_pages(self, seq_id, *, group=0):
+        """Return the host pages of a swapped-out ``seq_id`` in ``group``, in column order
+        (int32, a copy; the columns :meth:`pages` would list once it is back).
+
+        Raises
+        ------
+        SequenceStateError
+            ``seq_id`` is resident (its pages are on the device).
+        TransferPendingError
+            Its transfer is in flight.
+        UnknownSequenceError
+            ``seq_id`` is not active.
+        """
+        cdef int32_t g = self._group_arg(group)
+        cdef int64_t s = int_arg(seq_id, "seq_id")
+        cdef int64_t lo, hi
+        cdef cnp.ndarray out = None
+        while True:   # the allocation may let another thread in: retry if it changed the table
+            if s < 0 or s >= self._max_seqs or self._active[s] != SEQ_SWAPPED:
+                self._raise_state(s, "swapped")
+            self._live_cols(g, s, &lo, &hi)
+            if out is not None and cnp.PyArray_DIM(out, 0) == hi - lo:
+                memcpy(cnp.PyArray_DATA(out), self._host_table + g * self._group_stride
+                       + s * self._max_pages_per_seq + lo, (hi - lo) * sizeof(page_id_t))
+                return out
+            out = empty_int32(hi - lo)
 
     def active_seq_ids(self):
-        """Return the active seq ids in increasing order, int32 [num_seqs] (an owned copy)."""
+        """Return the active seq ids (in either tier) in increasing order, int32
+        [num_seqs] (an owned copy)."""
         cdef cnp.ndarray out = None
         cdef int32_t* dst
         cdef int64_t s, k
@@ -975,7 +1141,7 @@ cdef class PageTable:
                 dst = <int32_t*>cnp.PyArray_DATA(out)
                 k = 0
                 for s in range(self._max_seqs):
-                    if self._active[s]:
+                    if SEQ_RESIDENT <= self._active[s] <= SEQ_ARRIVING:
                         dst[k] = <int32_t>s
                         k += 1
                 return out
@@ -1234,7 +1400,7 @@ cdef class PageTable:
 
     def num_tokens(self, seq_id):
         """Return the length of ``seq_id`` in tokens."""
-        return self._seq_lens[self._seq_arg(seq_id)]
+        return self._seq_lens[self._live_arg(int_arg(seq_id, "seq_id"))]
 
     def pages(self, seq_id, *, group=0):
         """Return the pages ``seq_id`` maps in ``group``, in column order: int32, a copy.
@@ -1463,74 +1629,71 @@ cdef class PageTable:
     def check_invariants(self):
         """Raise :class:`KVCoreError` describing the first violated invariant.
 
-        Checks the allocator's invariants, every row of the block table against its
-        length, refcounts against table references, and the seq-id bookkeeping.
+        Checks the allocators' invariants (device and host tier), every row of both
+        tables against its sequence's length and state, each tier's refcounts against
+        its table's references, and the seq-id bookkeeping.
         """
         self.allocator.check_invariants()
+        if self.host_allocator is not None:
+            self.host_allocator.check_invariants()
         self._prefix.check()
-        cdef PageAllocator alloc = self.allocator
-        cdef int32_t num_pages = alloc.page_count()
-        refs_arr = np.zeros(num_pages, dtype=np.int64)
-        cdef int64_t[::1] refs = refs_arr
-        cdef int64_t s, c, lo, hi, active_count = 0
+        cdef int64_t s, live_count = 0, doomed_count = 0
+        cdef uint8_t state
         cdef int32_t g
-        cdef page_id_t page
-        cdef page_id_t* row
-        # A page belongs to one group at a time (the groups share layer slots), and a row
-        # maps a page once.
-        owner_arr = np.full(num_pages, -1, dtype=np.int32)
-        last_row_arr = np.full(num_pages, -1, dtype=np.int64)
-        cdef int32_t[::1] owner = owner_arr
-        cdef int64_t[::1] last_row = last_row_arr
+        cdef int64_t lo, hi
+        cdef _RowCheck device = _RowCheck(self.allocator, "device")
+        cdef _RowCheck host = (_RowCheck(self.host_allocator, "host")
+                               if self.host_allocator is not None else None)
         for s in range(self._max_seqs):
-            if self._active[s]:
-                active_count += 1
+            state = self._active[s]
+            if state > SEQ_DOOMED:
+                raise KVCoreError(f"seq_id {s} has unknown state {state}")
+            if SEQ_RESIDENT <= state <= SEQ_ARRIVING:
+                live_count += 1
+            doomed_count += state == SEQ_DOOMED
+            if state != SEQ_FREE:
                 if self._seq_lens[s] < 0:
                     raise KVCoreError(f"seq_id {s} has negative length {self._seq_lens[s]}")
             elif self._seq_lens[s] != 0:
                 raise KVCoreError(f"inactive seq_id {s} has length {self._seq_lens[s]}")
+            if state != SEQ_FREE and state != SEQ_RESIDENT and host is None:
+                raise KVCoreError(f"seq_id {s} is {_STATE_NAMES[state]} without a host tier")
             for g in range(self._num_groups):
-                row = self._table + g * self._group_stride + s * self._max_pages_per_seq
-                if self._active[s]:
+                if state != SEQ_FREE:
                     self._live_cols(g, s, &lo, &hi)
                 else:
                     lo = hi = 0
                 if (self._first_live[<int64_t>g * self._max_seqs + s] != 0
-                        and (self._kind[g] != _WINDOW or not self._active[s] or lo > hi
+                        and (self._kind[g] != _WINDOW or state == SEQ_FREE or lo > hi
                              or lo > _window_start(self._seq_lens[s], self._window[g],
                                                    self._page_size))):
                     raise KVCoreError(
                         f"seq_id {s} of {self._seq_lens[s]} tokens has first live column "
                         f"{self._first_live[<int64_t>g * self._max_seqs + s]} in group {g}")
-                for c in range(self._max_pages_per_seq):
-                    page = row[c]
-                    if lo <= c < hi:
-                        if page < 0 or page >= num_pages:
-                            raise KVCoreError(f"seq_id {s} position {c} of group {g} maps "
-                                              f"page {page}, outside the pool")
-                        refs[page] += 1
-                        if owner[page] != -1 and owner[page] != g:
-                            raise KVCoreError(f"page {page} is mapped in groups {owner[page]} "
-                                              f"and {g}")
-                        if last_row[page] == g * self._max_seqs + s:
-                            raise KVCoreError(f"seq_id {s} maps page {page} twice in group {g}")
-                        owner[page] = g
-                        last_row[page] = g * self._max_seqs + s
-                    elif page != NO_PAGE:
-                        raise KVCoreError(
-                            f"seq_id {s} of {self._seq_lens[s]} tokens maps page {page} at "
-                            f"position {c} of group {g}, outside its live columns "
-                            f"[{lo}, {hi})")
-        for page in range(num_pages):
-            if refs[page] != alloc.refs(page):
-                raise KVCoreError(f"page {page} has refcount {alloc.refs(page)} "
-                                  f"but {refs[page]} block-table references")
-        if active_count != self._num_seqs:
-            raise KVCoreError(f"{active_count} rows are active but num_seqs is {self._num_seqs}")
-        if self._num_free_seqs + self._num_seqs != self._max_seqs:
+                # The device row is valid unless the pages are only in the host tier; the
+                # host row while they are there or on their way (_core.pxd).
+                device.row(self._table + g * self._group_stride
+                           + s * self._max_pages_per_seq, self._max_pages_per_seq, s, g,
+                           self._seq_lens[s], lo, hi if state != SEQ_SWAPPED else lo)
+                if host is not None:
+                    host.row(self._host_table + g * self._group_stride
+                             + s * self._max_pages_per_seq, self._max_pages_per_seq, s, g,
+                             self._seq_lens[s], lo,
+                             hi if state >= SEQ_SWAPPED else lo)
+        device.refcounts()
+        if host is not None:
+            host.refcounts()
+        if live_count != self._num_seqs:
+            raise KVCoreError(f"{live_count} rows are active but num_seqs is {self._num_seqs}")
+        if doomed_count != self._num_doomed:
+            raise KVCoreError(f"{doomed_count} rows await their transfer's completion but "
+                              f"num_doomed is {self._num_doomed}")
+        if self._num_free_seqs + self._num_seqs + self._num_doomed != self._max_seqs:
             raise KVCoreError(f"{self._num_free_seqs} free seq ids + {self._num_seqs} active "
-                              f"!= max_seqs {self._max_seqs}")
+                              f"+ {self._num_doomed} removed in flight != max_seqs "
+                              f"{self._max_seqs}")
         seen = set()
+        cdef int64_t c
         for c in range(self._num_free_seqs):
             s = self._free_seqs[c]
             if s < 0 or s >= self._max_seqs or self._active[s] or s in seen:

@@ -94,6 +94,7 @@ cdef class PrefixHooks:
     cdef void unregister(self, page_id_t page) noexcept nogil
     cdef void truncated(self, int64_t seq_id, int64_t new_len,
                         const page_id_t* anchor_row) noexcept nogil
+    cdef void seq_relocated(self, int64_t seq_id) noexcept nogil
     cdef void clear(self) noexcept nogil
     cdef int32_t num_cached(self) noexcept nogil
     cdef object stats(self)

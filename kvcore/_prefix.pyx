@@ -388,6 +388,10 @@ cdef class PrefixHooks:
         whole kept block (``anchor_row`` is its row of the anchor group's table)."""
         pass
 
+    cdef void seq_relocated(self, int64_t seq_id) noexcept nogil:
+        """``seq_id``'s pages were replaced by fresh copies (a swap-in)."""
+        pass
+
     cdef void clear(self) noexcept nogil:
         """Forget every cached prefix."""
         pass
@@ -652,6 +656,12 @@ cdef class PrefixCache(PrefixHooks):
             # That page left the index since (evicted, cleared, rolled back): nothing
             # can be found through it, so stop registering this sequence's pages.
             self._chain_ok[seq_id] = 0
+
+    cdef void seq_relocated(self, int64_t seq_id) noexcept nogil:
+        """``seq_id`` came back from the host tier into fresh pages, whose token records
+        are not this sequence's (only the copied bytes are), so stop registering its
+        pages. Those registered before it left stay findable where they are."""
+        self._chain_ok[seq_id] = 0
 
     cdef void clear(self) noexcept nogil:
         cdef page_id_t page

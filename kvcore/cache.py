@@ -11,6 +11,7 @@ from __future__ import annotations
 import numpy as np
 
 from kvcore._core import AppendResult, PageAllocator, PageTable
+from kvcore._swap import HostTier
 from kvcore.backends import make_backend
 from kvcore.backends.kernel_abi import (
     ERR_OUTPUT_TOO_SMALL,
@@ -20,6 +21,7 @@ from kvcore.backends.kernel_abi import (
 from kvcore.config import KVCacheConfig
 from kvcore.errors import InvalidPageError, ShapeError
 from kvcore.metadata import StepMetadata
+from kvcore.transfers import Transfer, Transfers
 
 __all__ = ["KVCache"]
 
@@ -60,6 +62,8 @@ class KVCache:
     allocator : PageAllocator
     table : PageTable
         The bookkeeping; the methods below pass through to it.
+    host_tier : HostTier or None
+        The swap bookkeeping when ``config.num_host_pages > 0`` (see :meth:`swap_out`).
     kv : numpy.ndarray, torch.Tensor or cupy.ndarray
         The pool, ``config.pool_shape``: NHD ``[L, 2, P, S, H, D]``, HND ``[L, 2, P, H, S, D]``.
         bfloat16 pools are uint16 words in NumPy and CuPy (view them as bfloat16 in
@@ -110,10 +114,15 @@ class KVCache:
         self.config = config
         self.backend = make_backend(config, device, framework, pool)
         self.allocator = PageAllocator(config.num_pages)
+        host_allocator = (PageAllocator(config.num_host_pages) if config.num_host_pages
+                          else None)
         self.table = PageTable(self.allocator, config.page_size, config.max_seqs,
                                config.max_pages_per_seq,
                                enable_prefix_cache=config.enable_prefix_cache,
-                               groups=config.groups)
+                               groups=config.groups, host_allocator=host_allocator)
+        self.host_tier = HostTier(self.table) if host_allocator is not None else None
+        self._transfers = (Transfers(self.host_tier, self.backend, config.page_bytes)
+                           if host_allocator is not None else None)
         self._single_group = len(config.groups) == 1
         # Per layer: its group, and whether that group holds K/V (not a recurrent state).
         self._layer_groups = tuple(config.layer_group(layer)
@@ -185,8 +194,15 @@ class KVCache:
         return self.table.fork(seq_id)
 
     def remove(self, seq_id: int) -> None:
-        """End ``seq_id`` and release its pages; see :meth:`PageTable.remove`."""
+        """End ``seq_id`` and release its pages, in either tier; see
+        :meth:`PageTable.remove` (a sequence whose transfer is in flight releases its
+        pages when :meth:`poll` or :meth:`wait` finishes the transfer)."""
         self.table.remove(seq_id)
+
+    def seq_state(self, seq_id: int) -> str:
+        """``"resident"``, ``"swapped"``, ``"swapping_out"`` or ``"swapping_in"``; see
+        :meth:`PageTable.seq_state`."""
+        return self.table.seq_state(seq_id)
 
     def append(self, seq_ids, num_new_tokens, token_ids=None, *, stream=None) -> AppendResult:
         """Extend sequences (see :meth:`PageTable.append`) and do the copy-on-write copies.
@@ -272,6 +288,122 @@ class KVCache:
     def clear_prefix_cache(self) -> None:
         """Forget every cached prefix; see :meth:`PageTable.clear_prefix_cache`."""
         self.table.clear_prefix_cache()
+
+    # -- the host tier ---------------------------------------------------------------------------
+
+    @property
+    def host_kv(self):
+        """The host tier's pool, ``config.host_pool_shape`` (page-major:
+        ``[num_host_pages, num_slots, 2, *page_shape]``), a NumPy array (page-locked
+        memory on CUDA; bfloat16 as uint16 words); None without a host tier. Read it
+        only for pages of sequences that are ``"swapped"``: a page in flight is being
+        written."""
+        return self.backend.host_kv
+
+    @property
+    def num_free_host_pages(self) -> int:
+        """Free pages of the host tier (0 without one)."""
+        return self.table.host_allocator.num_free if self.host_tier is not None else 0
+
+    def swap_out(self, seq_ids, *, stream=None) -> Transfer:
+        """Move resident sequences to the host tier (preemption without recompute).
+
+        The bookkeeping happens now (see :meth:`HostTier.swap_out`) and one batched
+        copy of their pages (every layer, K and V; pages shared between them once) is
+        enqueued on the caller's stream; the sequences are ``"swapping_out"`` until
+        :meth:`poll` or :meth:`wait` sees the copy complete, and their device pages are
+        freed only then. Meanwhile only :meth:`remove` accepts them. A sequence keeps
+        its length and, after :meth:`swap_in`, its tokens, byte for byte.
+
+        Parameters
+        ----------
+        seq_ids : array_like of int, shape [B]
+            Distinct resident sequences.
+        stream : optional
+            As in :meth:`write`.
+
+        Returns
+        -------
+        Transfer
+            ``status`` ``"pending"``; ``device_pages`` / ``host_pages`` are its pairs.
+
+        Raises
+        ------
+        ValueError
+            No host tier (``config.num_host_pages == 0``); a seq id given twice.
+        UnknownSequenceError, SequenceStateError
+            A sequence that is not active, or not resident (:class:`TransferPendingError`
+            while its own transfer is in flight).
+        OutOfPagesError
+            Too few free host pages (see :meth:`swap_out_pages`).
+        KernelError
+            On CUDA, while ``stream`` captures a graph (the page ids are host data), or
+            the copy could not be enqueued. Nothing changed in every case.
+        """
+        return self._start("out", seq_ids, stream)
+
+    def swap_in(self, seq_ids, *, stream=None) -> Transfer:
+        """Bring swapped-out sequences back into fresh device pages.
+
+        One batched copy on the caller's stream; the sequences are ``"swapping_in"``,
+        refused by every call but :meth:`remove` (nothing reads pages that have not
+        arrived), until :meth:`poll` or :meth:`wait` sees the copy complete; their host
+        pages are freed then. Admission: :meth:`swap_in_pages` device pages must be
+        free. Raises as :meth:`swap_out` (the sequences must be ``"swapped"``;
+        ``OutOfPagesError`` counts device pages).
+        """
+        return self._start("in", seq_ids, stream)
+
+    def swap_out_pages(self, seq_ids) -> int:
+        """Host pages :meth:`swap_out` would take; see :meth:`HostTier.swap_out_pages`."""
+        return self._tier().swap_out_pages(seq_ids)
+
+    def swap_in_pages(self, seq_ids) -> int:
+        """Device pages :meth:`swap_in` would take; see :meth:`HostTier.swap_in_pages`."""
+        return self._tier().swap_in_pages(seq_ids)
+
+    def poll(self) -> list[Transfer]:
+        """Finish every transfer whose copy has completed; never blocks.
+
+        Call it once per scheduler step. A finished swap-out frees its device pages; a
+        finished swap-in makes its sequences resident. A transfer whose copy failed is
+        returned with ``status == "failed"`` and its ``error``: its sequences are back
+        in the tier they left, with their data, and the failed copy's pages were never
+        mapped. Returns the transfers finished by this call, oldest first ([] without a
+        host tier).
+        """
+        return self._transfers.poll() if self._transfers is not None else []
+
+    def wait(self, transfer: Transfer | None = None) -> list[Transfer]:
+        """Block until ``transfer`` (default: every one in flight) completes, then finish
+        it and any other complete one (see :meth:`poll`).
+
+        Raises
+        ------
+        ValueError
+            ``transfer`` is not in flight on this cache.
+        """
+        if self._transfers is None:
+            if transfer is not None:
+                raise ValueError(f"{transfer!r} is not in flight on this cache")
+            return []
+        return self._transfers.wait(transfer)
+
+    @property
+    def pending_transfers(self) -> tuple[Transfer, ...]:
+        """Transfers in flight, oldest first."""
+        return self._transfers.pending if self._transfers is not None else ()
+
+    def _start(self, direction: str, seq_ids, stream) -> Transfer:
+        self._tier()
+        handle = self._stream(stream)
+        self.backend.refuse_capture(handle, f"swap_{direction}")
+        return self._transfers.start(direction, seq_ids, handle)
+
+    def _tier(self) -> HostTier:
+        if self.host_tier is None:
+            raise ValueError("this cache has no host tier: set KVCacheConfig(num_host_pages=...)")
+        return self.host_tier
 
     # -- the pool -------------------------------------------------------------------------------
 

@@ -77,6 +77,11 @@ class KVCacheConfig:
         of ``num_slots = max(len(group.layers))`` layer slots: layer ``l`` lives in slot
         ``layer_slot(l)``. None: one full-attention group of every layer (slot ``l`` is
         layer ``l``).
+    num_host_pages : int
+        Pages of the host tier (``>= 0``; 0, the default, means none): a second pool of
+        ``host_pool_shape`` in host memory (page-locked on CUDA) that :meth:`KVCache.swap_out`
+        moves sequences into and :meth:`KVCache.swap_in` brings them back from (see
+        ``docs/host_tier.md``). Host page ids are ``0 .. num_host_pages - 1``.
 
     Notes
     -----
@@ -102,6 +107,7 @@ class KVCacheConfig:
     max_pages_per_seq: int | None = None
     enable_prefix_cache: bool = False
     layer_groups: tuple[LayerGroup, ...] | None = None
+    num_host_pages: int = 0
 
     def __post_init__(self):
         for name in ("num_layers", "num_kv_heads", "head_dim", "page_size", "num_pages",
@@ -112,6 +118,14 @@ class KVCacheConfig:
         max_pages = self.num_pages if self.max_pages_per_seq is None else self.max_pages_per_seq
         object.__setattr__(self, "max_pages_per_seq", _positive_int(max_pages,
                                                                      "max_pages_per_seq"))
+        if (isinstance(self.num_host_pages, (bool, np.bool_))
+                or not isinstance(self.num_host_pages, (int, np.integer))):
+            raise TypeError(f"num_host_pages must be an int, got "
+                            f"{type(self.num_host_pages).__name__}")
+        if not 0 <= self.num_host_pages <= 2**31 - 1:
+            raise ValueError(f"num_host_pages must be in [0, 2**31 - 1], got "
+                             f"{self.num_host_pages}")
+        object.__setattr__(self, "num_host_pages", int(self.num_host_pages))
         if self.max_pages_per_seq * self.page_size > 2**31 - 1:
             raise ValueError(
                 f"max_pages_per_seq * page_size = {self.max_pages_per_seq * self.page_size} "
@@ -256,6 +270,20 @@ class KVCacheConfig:
         """Shape of the pool ``kv``: ``(num_slots, 2, num_pages) + page_shape``
         (``num_slots == num_layers`` without groups)."""
         return (self.num_slots, 2, self.num_pages, *self.page_shape)
+
+    @property
+    def host_pool_shape(self) -> tuple[int, ...]:
+        """Shape of the host tier's pool: ``(num_host_pages, num_slots, 2) + page_shape``.
+
+        Page-major, unlike the device pool: one host page (every layer slot, K and V) is
+        ``page_bytes`` contiguous bytes, so a page moves as one run over PCIe.
+        """
+        return (self.num_host_pages, self.num_slots, 2, *self.page_shape)
+
+    @property
+    def host_bytes(self) -> int:
+        """Bytes of the host tier: ``num_host_pages * page_bytes``."""
+        return self.num_host_pages * self.page_bytes
 
     @classmethod
     def for_memory(cls, memory_bytes: int, **kwargs) -> KVCacheConfig:

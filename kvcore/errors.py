@@ -15,6 +15,8 @@ __all__ = [
     "RefcountError",
     "RollbackError",
     "UnknownSequenceError",
+    "SequenceStateError",
+    "TransferPendingError",
     "ShapeError",
     "BackendUnavailableError",
     "KernelError",
@@ -69,6 +71,33 @@ class UnknownSequenceError(KVCoreError, KeyError):
 
     def __str__(self) -> str:  # KeyError would repr() the message
         return str(self.args[0]) if self.args else ""
+
+
+class SequenceStateError(KVCoreError, ValueError):
+    """A sequence is not in the tier the call needs: appended, written, forked, truncated
+    or read while swapped out to the host tier, or swapped in while already resident.
+
+    Attributes
+    ----------
+    seq_id : int
+    state : str
+        What :meth:`PageTable.seq_state` says of it: ``"resident"``, ``"swapped"``,
+        ``"swapping_out"`` or ``"swapping_in"``.
+    """
+
+    def __init__(self, seq_id: int, state: str, message: str):
+        self.seq_id = int(seq_id)
+        self.state = str(state)
+        super().__init__(message)
+
+    def __reduce__(self):
+        return (type(self), (self.seq_id, self.state, str(self)))
+
+
+class TransferPendingError(SequenceStateError):
+    """A sequence's swap-out or swap-in is still in flight: nothing but ``remove`` may
+    touch it until :meth:`KVCache.poll` or :meth:`KVCache.wait` has seen the copy
+    finish."""
 
 
 class ShapeError(KVCoreError, ValueError):

@@ -43,6 +43,9 @@ class NumpyBackend:
         self.k_views = tuple(self.kv[slot, 0] for slot in self._slots)
         self.v_views = tuple(self.kv[slot, 1] for slot in self._slots)
         self._dtype = self.kv.dtype
+        # The host tier: page-major, [H, num_slots, 2, *page_shape] (None without one).
+        self.host_kv = (np.zeros(config.host_pool_shape, dtype=config.storage_dtype)
+                        if config.num_host_pages else None)
 
     # -- arrays in and out ----------------------------------------------------------------
 
@@ -190,3 +193,27 @@ class NumpyBackend:
             raise ShapeError("page ids are on a CUDA device but the cache is on cpu")
         src, dst = host_page_pair(src, dst, self.config.num_pages)
         self.kv[:, :, dst] = self.kv[:, :, src]
+
+    # -- the host tier --------------------------------------------------------------------
+
+    def swap_copy(self, direction: str, device_pages: np.ndarray, host_pages: np.ndarray,
+                  stream=None) -> None:
+        """Copy device page ``device_pages[i]`` to host page ``host_pages[i]``
+        (``direction="out"``) or back (``"in"``): every layer slot, K and V.
+
+        The page table chose the ids (in range, destinations distinct), so they are not
+        checked again. Synchronous here: the returned event (None) is already complete.
+        """
+        if direction == "out":
+            self.host_kv[host_pages] = self.kv[:, :, device_pages].transpose(2, 0, 1, 3, 4, 5)
+        else:
+            self.kv[:, :, device_pages] = self.host_kv[host_pages].transpose(1, 2, 0, 3, 4, 5)
+
+    @staticmethod
+    def transfer_done(event) -> bool:
+        """Whether the copy behind ``event`` finished (always, on the CPU)."""
+        return True
+
+    @staticmethod
+    def wait_transfer(event) -> None:
+        """Block until the copy behind ``event`` finished (it has, on the CPU)."""

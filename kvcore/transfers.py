@@ -1,0 +1,178 @@
+"""Transfers between the device tier and the host tier, and their completion.
+
+:meth:`KVCache.swap_out` and :meth:`KVCache.swap_in` each start one :class:`Transfer`:
+the page table's bookkeeping (:class:`kvcore.HostTier`) plus one batched copy on the
+caller's stream, followed by an event. The :class:`Transfers` queue holds them until
+:meth:`Transfers.poll` (non-blocking) or :meth:`Transfers.wait` sees that event
+complete, and only then tells the bookkeeping, which makes the moved pages usable and
+releases the ones left behind. A copy that fails (at launch, or reported by its event)
+is finished as failed: the sequences go back to the tier they left, whose pages were
+never released, and the copy's destination pages are freed without ever being mapped.
+"""
+
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+
+from kvcore.errors import KernelError, KVCoreError
+
+__all__ = ["Transfer", "Transfers"]
+
+
+class Transfer:
+    """One batched copy between the tiers (returned by ``swap_out`` / ``swap_in``).
+
+    Attributes
+    ----------
+    id : int
+        Increasing per cache, from 0.
+    direction : {"out", "in"}
+        ``"out"``: device to host (a swap-out); ``"in"``: host to device.
+    seq_ids : numpy.ndarray of int64, shape [B]
+        The sequences it moves.
+    device_pages, host_pages : numpy.ndarray of int32, shape [n]
+        Pair ``i`` is copied between device page ``device_pages[i]`` and host page
+        ``host_pages[i]`` (every layer slot, K and V).
+    nbytes : int
+        Bytes copied: ``n * config.page_bytes``.
+    status : {"pending", "done", "failed"}
+        ``"pending"`` until :meth:`KVCache.poll` or :meth:`KVCache.wait` completes it.
+    error : BaseException or None
+        Why it failed.
+    """
+
+    __slots__ = ("id", "direction", "seq_ids", "device_pages", "host_pages", "nbytes",
+                 "status", "error", "event")
+
+    def __init__(self, transfer_id: int, direction: str, seq_ids: np.ndarray,
+                 device_pages: np.ndarray, host_pages: np.ndarray, nbytes: int):
+        self.id = transfer_id
+        self.direction = direction
+        self.seq_ids = seq_ids
+        self.device_pages = device_pages
+        self.host_pages = host_pages
+        self.nbytes = nbytes
+        self.status = "pending"
+        self.error: BaseException | None = None
+        self.event = None
+
+    @property
+    def done(self) -> bool:
+        """Whether it completed successfully."""
+        return self.status == "done"
+
+    @property
+    def num_pages(self) -> int:
+        """Pages copied."""
+        return int(self.device_pages.size)
+
+    def __repr__(self) -> str:
+        return (f"Transfer(id={self.id}, direction={self.direction!r}, "
+                f"seqs={self.seq_ids.size}, pages={self.num_pages}, status={self.status!r})")
+
+
+class Transfers:
+    """The transfers of one cache that have not completed, oldest first.
+
+    Parameters
+    ----------
+    tier : HostTier
+        The bookkeeping that starts and finishes moves.
+    backend : Backend
+        Copies the pages (``swap_copy``) and reports completion (``transfer_done``,
+        ``wait_transfer``, ``destroy_event``).
+    page_bytes : int
+        Bytes of one page, every layer slot, K and V.
+    """
+
+    def __init__(self, tier, backend, page_bytes: int):
+        self._tier = tier
+        self._backend = backend
+        self._page_bytes = page_bytes
+        self._pending: list[Transfer] = []
+        self._ids = itertools.count()
+
+    @property
+    def pending(self) -> tuple[Transfer, ...]:
+        """Transfers in flight, oldest first."""
+        return tuple(self._pending)
+
+    def start(self, direction: str, seq_ids, stream) -> Transfer:
+        """Do the bookkeeping of a move and enqueue its copy on ``stream``.
+
+        Raises what :meth:`HostTier.swap_out` / ``swap_in`` raise (nothing changed), or
+        :class:`KernelError` when the copy cannot be enqueued (the move is undone).
+        """
+        move = self._tier.swap_out if direction == "out" else self._tier.swap_in
+        device_pages, host_pages = move(seq_ids)
+        seq_ids = np.array(seq_ids, dtype=np.int64).reshape(-1)   # checked by move: exact
+        transfer = Transfer(next(self._ids), direction, seq_ids, device_pages, host_pages,
+                            int(device_pages.size) * self._page_bytes)
+        try:
+            transfer.event = self._backend.swap_copy(direction, device_pages, host_pages,
+                                                     stream)
+        except BaseException as exc:
+            self._tier.finish(seq_ids, False)
+            if isinstance(exc, KVCoreError):
+                raise
+            raise KernelError(f"the swap-{direction} copy could not be enqueued: {exc}") \
+                from exc
+        self._pending.append(transfer)
+        return transfer
+
+    def poll(self) -> list[Transfer]:
+        """Finish every transfer whose copy has completed (or failed); never blocks.
+
+        Returns
+        -------
+        list of Transfer
+            The ones finished by this call, oldest first; check ``status``.
+        """
+        finished = []
+        for transfer in list(self._pending):
+            try:
+                complete = self._backend.transfer_done(transfer.event)
+            except Exception as exc:   # noqa: BLE001 -- any failure fails this transfer
+                self._finish(transfer, exc)
+                finished.append(transfer)
+                continue
+            if complete:
+                self._finish(transfer, None)
+                finished.append(transfer)
+        return finished
+
+    def wait(self, transfer: Transfer | None = None) -> list[Transfer]:
+        """Block until ``transfer`` (default: every pending one) has completed, then
+        finish it and anything else already complete (see :meth:`poll`).
+
+        Raises
+        ------
+        ValueError
+            ``transfer`` is not pending here (finished already, or another cache's).
+        """
+        if transfer is not None and not any(t is transfer for t in self._pending):
+            raise ValueError(f"{transfer!r} is not in flight on this cache")
+        targets = list(self._pending) if transfer is None else [transfer]
+        finished = []
+        for target in targets:
+            try:
+                self._backend.wait_transfer(target.event)
+            except Exception as exc:   # noqa: BLE001 -- any failure fails this transfer
+                self._finish(target, exc)
+                finished.append(target)
+        finished += self.poll()
+        finished.sort(key=lambda t: t.id)
+        return finished
+
+    def _finish(self, transfer: Transfer, error: BaseException | None) -> None:
+        self._pending.remove(transfer)
+        self._tier.finish(transfer.seq_ids, error is None)
+        transfer.status = "done" if error is None else "failed"
+        transfer.error = error
+        event, transfer.event = transfer.event, None
+        try:
+            self._backend.destroy_event(event)
+        except Exception:   # noqa: BLE001 -- a failed context cannot free it; nothing to do
+            pass
