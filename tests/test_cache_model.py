@@ -5,7 +5,9 @@ when a GPU is present) through add (with prefix hits), fork, append + write, gat
 copy_pages, remove, truncate (speculative decoding: append drafts, keep a prefix) and
 eviction pressure, holding a plain model of every sequence's tokens. Half the runs
 split the two layers into a full-attention group and a sliding-window group, which
-releases pages as sequences move on and reads back only its live window. The K/V
+releases pages as sequences move on and reads back only its live window. Sequences
+also swap out to a small host tier and back (transfers finish when ``poll`` says so,
+and some are made to fail), and whatever comes back must read back exactly. The K/V
 content of a token is a function of its whole token prefix (as in a real model), so
 whoever wrote a cached page, a sequence that hits it must read exactly its own
 expected bytes. After every step the invariants hold and every live sequence
@@ -31,12 +33,15 @@ from kvcore import (
     KVCache,
     KVCacheConfig,
     LayerGroup,
+    KernelError,
     OutOfPagesError,
     RollbackError,
+    SequenceStateError,
 )
 
 LAYERS, HEADS, HEAD_DIM = 2, 1, 4
 NUM_PAGES, MAX_SEQS = 24, 6
+HOST_PAGES = 12
 
 
 @functools.cache
@@ -50,7 +55,7 @@ def content(prefix_digest: bytes, layer: int, which: int) -> np.ndarray:
     return out
 
 
-STEPS = {"steps": 0, "runs": 0}
+STEPS = {"steps": 0, "runs": 0, "swap_outs": 0, "swap_ins": 0, "failed": 0}
 
 
 class CacheMachine(RuleBasedStateMachine):
@@ -78,13 +83,21 @@ class CacheMachine(RuleBasedStateMachine):
         cfg = KVCacheConfig(num_layers=LAYERS, num_kv_heads=HEADS, head_dim=HEAD_DIM,
                             page_size=page_size, num_pages=NUM_PAGES, dtype="float32",
                             layout=layout, max_seqs=MAX_SEQS, max_pages_per_seq=NUM_PAGES,
-                            enable_prefix_cache=True, layer_groups=groups)
+                            enable_prefix_cache=True, layer_groups=groups,
+                            num_host_pages=HOST_PAGES)
         self.cache = KVCache(cfg, device=self.device)
         self.ps = page_size
         self.window = window
         self.tokens = {}      # seq -> token ids
         self.digests = {}     # seq -> prefix digest per position
         self.cached_pages = set()
+        self.away = {}        # seq -> state, for sequences not resident: swapped, leaving,
+                              # arriving (their tokens and digests stay in the model)
+        self.fail_next_poll = False
+
+    @property
+    def resident(self):
+        return sorted(s for s in self.tokens if s not in self.away)
 
     # -- helpers ---------------------------------------------------------------------------
 
@@ -139,10 +152,10 @@ class CacheMachine(RuleBasedStateMachine):
         self._write([seq], [len(rest)], step.slot_mapping)
         self._track_events()
 
-    @precondition(lambda self: self.cache is not None and self.tokens)
+    @precondition(lambda self: self.cache is not None and self.resident)
     @rule(data=st.data())
     def decode(self, data):
-        live = sorted(self.tokens)
+        live = self.resident
         batch = data.draw(st.lists(st.sampled_from(live), unique=True, min_size=1))
         counts = data.draw(st.lists(st.integers(0, 3), min_size=len(batch),
                                     max_size=len(batch)))
@@ -159,11 +172,11 @@ class CacheMachine(RuleBasedStateMachine):
         self._write(batch, counts, step.slot_mapping)
         self._track_events()
 
-    @precondition(lambda self: self.cache is not None and self.tokens)
+    @precondition(lambda self: self.cache is not None and self.resident)
     @rule(data=st.data())
     def speculate(self, data):
         """Append a verified token plus drafts, write them all, keep a random prefix."""
-        live = sorted(self.tokens)
+        live = self.resident
         batch = data.draw(st.lists(st.sampled_from(live), unique=True, min_size=1))
         drafts = data.draw(st.integers(1, 4))
         ids = data.draw(st.lists(st.integers(0, 3), min_size=len(batch) * (1 + drafts),
@@ -184,11 +197,11 @@ class CacheMachine(RuleBasedStateMachine):
             del self.tokens[seq][n:], self.digests[seq][n:]
         self._track_events()
 
-    @precondition(lambda self: self.cache is not None and self.tokens)
+    @precondition(lambda self: self.cache is not None and self.resident)
     @rule(data=st.data())
     def truncate(self, data):
         """Roll a sequence back by any amount: allowed, or RollbackError and no change."""
-        seq = data.draw(st.sampled_from(sorted(self.tokens)))
+        seq = data.draw(st.sampled_from(self.resident))
         length = len(self.tokens[seq])
         new = data.draw(st.integers(0, length))
         pages_before = [self.cache.pages(seq, group=g).tolist()
@@ -204,10 +217,10 @@ class CacheMachine(RuleBasedStateMachine):
         del self.tokens[seq][new:], self.digests[seq][new:]
         self._track_events()
 
-    @precondition(lambda self: self.cache is not None and self.tokens)
+    @precondition(lambda self: self.cache is not None and self.resident)
     @rule(data=st.data())
     def fork(self, data):
-        parent = data.draw(st.sampled_from(sorted(self.tokens)))
+        parent = data.draw(st.sampled_from(self.resident))
         try:
             child = self.cache.fork(parent)
         except CapacityError:
@@ -221,18 +234,87 @@ class CacheMachine(RuleBasedStateMachine):
         seq = data.draw(st.sampled_from(sorted(self.tokens)))
         self.cache.remove(seq)
         del self.tokens[seq], self.digests[seq]
+        self.away.pop(seq, None)
+
+    @precondition(lambda self: self.cache is not None and self.resident)
+    @rule(data=st.data())
+    def swap_out(self, data):
+        batch = data.draw(st.lists(st.sampled_from(self.resident), unique=True, min_size=1))
+        free = self.cache.num_free_host_pages
+        try:
+            transfer = self.cache.swap_out(batch)
+        except OutOfPagesError:
+            assert self.cache.swap_out_pages(batch) > free
+            assert self.cache.num_free_host_pages == free
+            return
+        assert transfer.host_pages.size == len(set(transfer.host_pages.tolist()))
+        STEPS["swap_outs"] += 1
+        for seq in batch:
+            self.away[seq] = "swapping_out"
+        self._track_events()
+
+    @precondition(lambda self: self.cache is not None
+                  and any(v == "swapped" for v in self.away.values()))
+    @rule(data=st.data())
+    def swap_in(self, data):
+        swapped = sorted(s for s, v in self.away.items() if v == "swapped")
+        batch = data.draw(st.lists(st.sampled_from(swapped), unique=True, min_size=1))
+        free = self.cache.num_free_pages
+        try:
+            self.cache.swap_in(batch)
+        except OutOfPagesError:
+            assert self.cache.swap_in_pages(batch) > free
+            assert self.cache.num_free_pages == free
+            return
+        STEPS["swap_ins"] += 1
+        for seq in batch:
+            self.away[seq] = "swapping_in"
+            # Not usable before it has arrived.
+            with pytest.raises(SequenceStateError):
+                self.cache.append([seq], [1])
+        self._track_events()
+
+    @precondition(lambda self: self.cache is not None and self.cache.pending_transfers)
+    @rule(fail=st.booleans())
+    def poll(self, fail):
+        """Finish the transfers in flight; some are made to fail (fault injection)."""
+        if fail:
+            def broken(event):
+                raise KernelError("injected transfer failure")
+            self.cache.backend.transfer_done = broken
+        try:
+            finished = self.cache.poll()
+        finally:
+            if fail:
+                del self.cache.backend.transfer_done
+        assert finished and not self.cache.pending_transfers
+        STEPS["failed"] += len(finished) if fail else 0
+        for transfer in finished:
+            assert transfer.status == ("failed" if fail else "done")
+            for seq in transfer.seq_ids.tolist():
+                if seq not in self.away:
+                    continue                  # removed while in flight
+                leaving = transfer.direction == "out"
+                if leaving != fail:           # out and done, or in and failed
+                    self.away[seq] = "swapped"
+                else:                         # back on the device, data intact
+                    del self.away[seq]
+        self._track_events()
 
     @precondition(lambda self: self.cache is not None and self.tokens)
     @rule(data=st.data())
     def copy_pages(self, data):
         """Copy live pages into clean free pages (neither mapped nor cached)."""
-        used = {int(p) for s in self.tokens for g in range(self.cache.num_groups)
-                for p in self.cache.pages(s, group=g)}
+        used = {int(p) for p in np.flatnonzero(self.cache.allocator.refcounts)}
+        used_by_resident = {int(p) for s in self.resident for g in range(self.cache.num_groups)
+                            for p in self.cache.pages(s, group=g)}
+        assert used_by_resident <= used
         clean = sorted(set(range(NUM_PAGES)) - used - self.cached_pages)
         if not used or not clean:
             return
         n = data.draw(st.integers(1, min(3, len(clean), len(used))))
-        src = data.draw(st.lists(st.sampled_from(sorted(used)), min_size=n, max_size=n))
+        src = data.draw(st.lists(st.sampled_from(sorted(used_by_resident or used)),
+                                 min_size=n, max_size=n))
         dst = data.draw(st.lists(st.sampled_from(clean), min_size=n, max_size=n,
                                  unique=True))
         self.cache.copy_pages(src, dst)
@@ -249,7 +331,10 @@ class CacheMachine(RuleBasedStateMachine):
         STEPS["steps"] += 1
         self.cache.check_invariants()
         self.cache.synchronize()
-        live = sorted(self.tokens)
+        for seq, state in self.away.items():
+            assert self.cache.seq_state(seq) == state
+            assert self.cache.num_tokens(seq) == len(self.tokens[seq])
+        live = self.resident
         if not live:
             return
         for layer in range(LAYERS):
