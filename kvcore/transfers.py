@@ -43,8 +43,17 @@ class Transfer:
         Why it failed.
     """
 
-    __slots__ = ("id", "direction", "seq_ids", "device_pages", "host_pages", "nbytes",
-                 "status", "error", "event")
+    __slots__ = (
+        "device_pages",
+        "direction",
+        "error",
+        "event",
+        "host_pages",
+        "id",
+        "nbytes",
+        "seq_ids",
+        "status",
+    )
 
     def __init__(self, transfer_id: int, direction: str, seq_ids: np.ndarray,
                  device_pages: np.ndarray, host_pages: np.ndarray, nbytes: int):
@@ -134,7 +143,7 @@ class Transfers:
         for transfer in list(self._pending):
             try:
                 complete = self._backend.transfer_done(transfer.event)
-            except Exception as exc:   # noqa: BLE001 -- any failure fails this transfer
+            except Exception as exc:
                 self._finish(transfer, exc)
                 finished.append(transfer)
                 continue
@@ -159,7 +168,7 @@ class Transfers:
         for target in targets:
             try:
                 self._backend.wait_transfer(target.event)
-            except Exception as exc:   # noqa: BLE001 -- any failure fails this transfer
+            except Exception as exc:
                 self._finish(target, exc)
                 finished.append(target)
         finished += self.poll()
@@ -174,5 +183,5 @@ class Transfers:
         event, transfer.event = transfer.event, None
         try:
             self._backend.destroy_event(event)
-        except Exception:   # noqa: BLE001 -- a failed context cannot free it; nothing to do
+        except Exception:
             pass

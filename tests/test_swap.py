@@ -215,8 +215,8 @@ def test_prefix_pages_of_a_swapped_sequence_stay_findable_and_swap_in_does_not_i
     fill(cache, a, len(prompt), tokens=prompt)
     cache.swap_out([a])
     cache.wait()
-    assert cache.match_prefix(prompt + [1]) == 12     # evictable now, still findable
-    b = cache.add_sequence(prompt + [1])
+    assert cache.match_prefix([*prompt, 1]) == 12     # evictable now, still findable
+    b = cache.add_sequence([*prompt, 1])
     assert cache.num_tokens(b) == 12
     cache.remove(b)
     cache.swap_in([a])
@@ -225,7 +225,7 @@ def test_prefix_pages_of_a_swapped_sequence_stay_findable_and_swap_in_does_not_i
     # prompt that continues differently cannot hit a page of a.
     more = [7, 7, 7, 7]
     fill(cache, a, 4, tokens=more)
-    assert cache.match_prefix(prompt + more + [1]) == 12
+    assert cache.match_prefix([*prompt, *more, 1]) == 12
     cache.check_invariants()
 
 
@@ -241,7 +241,7 @@ def test_swap_in_may_evict_cached_prefix_pages():
     assert cache.swap_in_pages([a]) == 4 and cache.num_free_pages == 4
     cache.swap_in([a])                              # evicts all 4 cached pages
     cache.wait()
-    assert cache.num_cached_pages == 0 or cache.match_prefix(list(range(16)) + [0]) < 16
+    assert cache.num_cached_pages == 0 or cache.match_prefix([*list(range(16)), 0]) < 16
     cache.check_invariants()
 
 
