@@ -24,6 +24,7 @@ from kvcore.bench.pure_python import (
     PyPageAllocator,
     PyPageTable,
     PyPrefixPageTable,
+    PySwapPageTable,
     PyWindowPageTable,
 )
 
@@ -275,6 +276,46 @@ def prefix_lookup(lib: str, tokens: int = 4096, page_size: int = 16, rounds: int
     return run
 
 
+def swap_round_trip(lib: str, batch: int = 256, tokens: int = 1024, page_size: int = 16,
+                    rounds: int = 5):
+    """Bookkeeping of swapping 256 sequences x 1,024 tokens (16,384 pages) out and back
+    in: the two calls that start the moves, timed, per call (kvcore's ``finish`` after
+    each, which releases the other tier's pages once the copy is done, is not timed: it
+    runs in ``poll``). The copy is not included (see benchmarks/bench_swap.py)."""
+    per_seq = tokens // page_size
+    num_pages = batch * per_seq + 16
+    if lib == "kvcore":
+        table = kvcore.PageTable(kvcore.PageAllocator(num_pages), page_size, batch, per_seq,
+                                 host_allocator=kvcore.PageAllocator(num_pages))
+        tier = kvcore.HostTier(table)
+        seqs = np.array([table.add_sequence() for _ in range(batch)], dtype=np.int64)
+        table.append(seqs, tokens)
+    else:
+        table = PySwapPageTable(PyPageAllocator(num_pages), PyPageAllocator(num_pages),
+                                page_size, batch)
+        seqs = [table.add_sequence() for _ in range(batch)]
+        table.append(seqs, [tokens] * batch)
+
+    def run():
+        elapsed = 0
+        for _ in range(rounds):
+            start = time.perf_counter_ns()
+            pairs = tier.swap_out(seqs) if lib == "kvcore" else table.swap_out(seqs)
+            elapsed += time.perf_counter_ns() - start
+            if lib == "kvcore":
+                tier.finish(seqs, True)
+            start = time.perf_counter_ns()
+            back = tier.swap_in(seqs) if lib == "kvcore" else table.swap_in(seqs)
+            elapsed += time.perf_counter_ns() - start
+            if lib == "kvcore":
+                tier.finish(seqs, True)
+            assert len(pairs[0] if lib == "kvcore" else pairs) == batch * per_seq
+            assert len(back[0] if lib == "kvcore" else back) == batch * per_seq
+        return elapsed / (2 * rounds)
+
+    return run
+
+
 def shared_prompt_workload(lib: str, requests: int = 256, system_len: int = 1024,
                            user_len: int = 200, decode: int = 32, page_size: int = 16,
                            batch: int = 32):
@@ -333,6 +374,8 @@ WORKLOADS = [
      "self", None),
     ("prefix lookup, 4,096-token prompt, 256 pages all hit", prefix_lookup,
      "us/call", "self", 20.0),
+    ("swap 256 seqs x 1,024 tokens (16,384 pages) out or in: bookkeeping per call",
+     swap_round_trip, "us/call", "self", 50.0),
     ("shared system prompts: 256 requests, lookup + prefill + 32 decode", shared_prompt_workload,
      "us/req", "self", None),
 ]

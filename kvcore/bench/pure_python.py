@@ -141,6 +141,47 @@ class PyPageTable:
                 np.array(last, dtype=np.int32))
 
 
+class PySwapPageTable(PyPageTable):
+    """Swap as vLLM v0's block manager did it: a dict from each distinct device block to
+    its host block, built per call, then new block lists (the copy itself not included)."""
+
+    def __init__(self, allocator: PyPageAllocator, host: PyPageAllocator, page_size: int,
+                 max_seqs: int):
+        super().__init__(allocator, page_size, max_seqs)
+        self.host = host
+        self.host_pages: dict[int, list[int]] = {}
+
+    def swap_out(self, seq_ids):
+        mapping: dict[int, int] = {}
+        for seq in seq_ids:
+            new = []
+            for page in self.pages[seq]:
+                if page not in mapping:
+                    mapping[page] = self.host.allocate(1)[0]
+                else:
+                    self.host.incref([mapping[page]])
+                new.append(mapping[page])
+            self.host_pages[seq] = new
+        for seq in seq_ids:
+            self.allocator.decref(self.pages.pop(seq))
+        return list(mapping.items())
+
+    def swap_in(self, seq_ids):
+        mapping: dict[int, int] = {}
+        for seq in seq_ids:
+            new = []
+            for page in self.host_pages[seq]:
+                if page not in mapping:
+                    mapping[page] = self.allocator.allocate(1)[0]
+                else:
+                    self.allocator.incref([mapping[page]])
+                new.append(mapping[page])
+            self.pages[seq] = new
+        for seq in seq_ids:
+            self.host.decref(self.host_pages.pop(seq))
+        return list(mapping.items())
+
+
 class PyWindowPageTable(PyPageTable):
     """A sliding-window group: before each append, pages wholly before
     ``len - window + 1`` are released; released entries stay as None so columns keep
