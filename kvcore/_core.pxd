@@ -67,6 +67,7 @@ cdef class PageTable:
     cdef readonly PageAllocator host_allocator
     cdef page_id_t* _host_table
     cdef int32_t _num_doomed         # seq ids removed while in flight, not yet freed
+    cdef uint8_t* _loading           # [max_seqs] 1 while arriving from a host-tier prefix hit
 
     cdef int64_t _seq_arg(self, object seq_id) except -1
     cdef int64_t _active_arg(self, int64_t s) except -1
@@ -95,6 +96,11 @@ cdef class PageTable:
     cdef void _live_cols(self, int32_t g, int64_t s, int64_t* lo, int64_t* hi) noexcept nogil
     cdef int32_t _group_arg(self, object group) except -1
     cdef int64_t _hit_start(self, int32_t g, int64_t num_hits) noexcept nogil
+    cdef int64_t _host_hits(self, const page_id_t* hits, int64_t num_hits) noexcept nogil
+    cdef int64_t _servable_hits(self, const page_id_t* hits, int64_t num_hits,
+                                int64_t num_host_hits, int64_t* host_hits_kept) noexcept nogil
+    cdef void _map_host_hits(self, int64_t s, const page_id_t* hits, int64_t num_hits,
+                             int64_t num_host_hits, page_id_t* fresh) noexcept nogil
     cdef int64_t _resolve_hits(self, const int32_t* tokens, int64_t num_hits, int64_t namespace,
                                const page_id_t* hits, page_id_t* companions,
                                int64_t stride) noexcept nogil

@@ -192,7 +192,9 @@ cdef class _RowCheck:
         self.last_row = np.full(alloc.page_count(), -1, dtype=np.int64)
 
     cdef int row(self, const page_id_t* row, int64_t width, int64_t s, int32_t g,
-                 int64_t length, int64_t lo, int64_t hi) except -1:
+                 int64_t length, int64_t lo, int64_t hi, bint sparse=False) except -1:
+        """Check one row; ``sparse``: entries in ``[lo, hi)`` may be -1 too (the host row
+        of a prefix load maps only its host hits)."""
         cdef int64_t[::1] refs = self.refs
         cdef int32_t[::1] owner = self.owner
         cdef int64_t[::1] last_row = self.last_row
@@ -201,7 +203,7 @@ cdef class _RowCheck:
         cdef page_id_t page
         for c in range(width):
             page = row[c]
-            if lo <= c < hi:
+            if lo <= c < hi and not (sparse and page == NO_PAGE):
                 if page < 0 or page >= num_pages:
                     raise KVCoreError(f"seq_id {s} position {c} of group {g} maps {self.tier} "
                                       f"page {page}, outside the pool")
@@ -220,10 +222,14 @@ cdef class _RowCheck:
                     f"{c} of group {g}, outside its mapped columns [{lo}, {hi})")
         return 0
 
-    cdef int refcounts(self) except -1:
+    cdef int refcounts(self, PrefixHooks prefix=None) except -1:
+        """Compare with the allocator; ``prefix``: also count its write-backs' holds
+        (host tier)."""
         cdef int64_t[::1] refs = self.refs
         cdef page_id_t page
         for page in range(self.alloc.page_count()):
+            if prefix is not None and prefix.writeback_holds(page):
+                refs[page] += 1
             if refs[page] != self.alloc.refs(page):
                 raise KVCoreError(f"{self.tier} page {page} has refcount "
                                   f"{self.alloc.refs(page)} but {refs[page]} table references")
@@ -366,13 +372,19 @@ cdef class PageTable:
         self._seq_lens_view = readonly_view(seq_lens)
         # The one place that decides whether prefix caching is on: every other use of
         # self._prefix goes through its doors, which do nothing on a plain PrefixHooks.
+        # Evicted prefix pages are offloaded to the host tier when there is one and the
+        # table has one group (docs/host_tier.md says why not with several).
         self._prefix = (new_prefix_cache(allocator, ps, ms, mp, prefix_hash_bits,
-                                         prefix_event_capacity)
+                                         prefix_event_capacity,
+                                         host_allocator if ng == 1 else None)
                         if bool(enable_prefix_cache) else PrefixHooks())
         self._version = 0
         self.host_allocator = host_allocator
         self._num_doomed = 0
         self._host_table = NULL
+        loading = np.zeros(ms, dtype=np.uint8)
+        self._loading = <uint8_t*>cnp.PyArray_DATA(loading)
+        self._owners += (loading,)
         if host_allocator is not None:
             host_table = np.full((ng, ms, mp), NO_PAGE, dtype=np.int32)
             self._owners += (host_table,)
@@ -717,9 +729,11 @@ cdef class PageTable:
         cdef int64_t n = cnp.PyArray_DIM(tok, 0)
         cdef int64_t max_hits = self._max_prefix_pages(n)
         # The anchor's hits, then each group's companions: [num_groups + 1, max_hits].
-        cdef cnp.ndarray hits_arr = empty_int32(max_hits * (self._num_groups + 1))
+        # The anchor's hits, each group's companions, then fresh pages for host hits.
+        cdef cnp.ndarray hits_arr = empty_int32(max_hits * (self._num_groups + 2))
         cdef page_id_t* hits = <page_id_t*>cnp.PyArray_DATA(hits_arr)
         cdef page_id_t* companions = hits + max_hits
+        cdef page_id_t* fresh = hits + max_hits * (self._num_groups + 1)
         # The critical part starts here. Look up first (nothing changes), then map.
         if self._num_free_seqs == 0:
             raise CapacityError(f"all {self._max_seqs} sequence slots are in use")
@@ -730,21 +744,32 @@ cdef class PageTable:
         if self._num_groups > 1 and num_hits > 0:
             num_hits = self._resolve_hits(tp, num_hits, ns, hits, companions, max_hits)
         cdef PageAllocator alloc = self.allocator
+        cdef int32_t num_device = alloc.page_count()
+        cdef int64_t num_host_hits = self._host_hits(hits, num_hits)
+        if num_host_hits:
+            num_hits = self._servable_hits(hits, num_hits, num_host_hits, &num_host_hits)
         for g in range(self._num_groups):
             lo = self._hit_start(g, num_hits)
             for i in range(lo, num_hits):
                 page = hits[i] if g == self._anchor else companions[g * max_hits + i]
-                if alloc.refs(page) == INT32_MAX:
+                if page >= num_device:
+                    if self.host_allocator.refs(page - num_device) == INT32_MAX:
+                        raise RefcountError(f"refcount of host page {page - num_device} "
+                                            "would overflow int32")
+                elif alloc.refs(page) == INT32_MAX:
                     raise RefcountError(f"refcount of page {page} would overflow int32")
         s = self._new_seq()
-        for g in range(self._num_groups):
-            row = self._table + g * self._group_stride + s * self._max_pages_per_seq
-            lo = self._hit_start(g, num_hits)
-            self._first_live[<int64_t>g * self._max_seqs + s] = <int32_t>lo
-            for i in range(lo, num_hits):
-                page = hits[i] if g == self._anchor else companions[g * max_hits + i]
-                row[i] = page
-                alloc.add_ref(page)
+        if num_host_hits:   # one group only (host hits come from offloads, docs/host_tier.md)
+            self._map_host_hits(s, hits, num_hits, num_host_hits, fresh)
+        else:
+            for g in range(self._num_groups):
+                row = self._table + g * self._group_stride + s * self._max_pages_per_seq
+                lo = self._hit_start(g, num_hits)
+                self._first_live[<int64_t>g * self._max_seqs + s] = <int32_t>lo
+                for i in range(lo, num_hits):
+                    page = hits[i] if g == self._anchor else companions[g * max_hits + i]
+                    row[i] = page
+                    alloc.add_ref(page)
         self._seq_lens[s] = <int32_t>(num_hits * self._page_size)
         self._prefix.seq_started(s, ns, hits, num_hits)
         self._prefix.count_query(n, num_hits * self._page_size)
@@ -800,6 +825,59 @@ cdef class PageTable:
         if num_hits > 0:
             num_hits = self._resolve_hits(tp, num_hits, ns, hits, hits + max_hits, max_hits)
         return num_hits * self._page_size
+
+    cdef int64_t _host_hits(self, const page_id_t* hits, int64_t num_hits) noexcept nogil:
+        """How many of the (anchor) hits are host-tier entries (ids past the device's)."""
+        cdef int64_t i, n = 0
+        cdef int32_t num_device = self.allocator.page_count()
+        if self.host_allocator is None:
+            return 0
+        for i in range(num_hits):
+            n += hits[i] >= num_device
+        return n
+
+    cdef int64_t _servable_hits(self, const page_id_t* hits, int64_t num_hits,
+                                int64_t num_host_hits, int64_t* host_hits_kept) noexcept nogil:
+        """The hit cut where fresh device pages for its host hits run out: every host hit
+        needs one, and the device hits about to be referenced are not free for it."""
+        cdef int64_t i, idle = 0
+        cdef int32_t num_device = self.allocator.page_count()
+        for i in range(num_hits):
+            if hits[i] < num_device and self.allocator.refs(hits[i]) == 0:
+                idle += 1       # evictable now, but the hit will reference it
+        if num_host_hits <= self.allocator.free_count() - idle:
+            host_hits_kept[0] = num_host_hits
+            return num_hits
+        for i in range(num_hits):   # keep the device hits before the first host one
+            if hits[i] >= num_device:
+                host_hits_kept[0] = 0
+                return i
+        return num_hits
+
+    cdef void _map_host_hits(self, int64_t s, const page_id_t* hits, int64_t num_hits,
+                             int64_t num_host_hits, page_id_t* fresh) noexcept nogil:
+        """Map the host hits of new sequence ``s``: a fresh device page each (taken after
+        the device hits are referenced, so none of them is evicted), the host page held
+        in its host row until the copy arrives; ``s`` is arriving until then."""
+        cdef int64_t i, k = 0
+        cdef int32_t num_device = self.allocator.page_count()
+        cdef page_id_t* row = self._table + s * self._max_pages_per_seq
+        cdef page_id_t* host_row = self._host_table + s * self._max_pages_per_seq
+        for i in range(num_hits):   # hold the host pages first: offloads may take others
+            if hits[i] >= num_device:
+                host_row[i] = hits[i] - num_device
+                self.host_allocator.add_ref(hits[i] - num_device)
+            else:
+                row[i] = hits[i]
+                self.allocator.add_ref(hits[i])
+        self.allocator.take(fresh, <int32_t>num_host_hits)
+        for i in range(num_hits):
+            if hits[i] >= num_device:
+                row[i] = fresh[k]
+                self._prefix.page_loaded(hits[i], fresh[k])
+                k += 1
+        self._active[s] = SEQ_ARRIVING
+        self._loading[s] = 1
 
     cdef int64_t _hit_start(self, int32_t g, int64_t num_hits) noexcept nogil:
         """First column group ``g`` maps for a prefix hit of ``num_hits`` pages."""
@@ -942,8 +1020,9 @@ cdef class PageTable:
             self._live_cols(g, s, &lo, &hi)
             row = base + g * self._group_stride + s * self._max_pages_per_seq
             for i in range(hi - 1, lo - 1, -1):
-                alloc.drop_ref(row[i])
-                row[i] = NO_PAGE
+                if row[i] != NO_PAGE:   # a host row of a prefix load maps only its hits
+                    alloc.drop_ref(row[i])
+                    row[i] = NO_PAGE
 
     cdef void _free_seq_id(self, int64_t s) noexcept nogil:
         """Put ``s`` (its rows already released) back on the free seq-id stack."""
@@ -1085,6 +1164,37 @@ cdef class PageTable:
         for an int)."""
         cdef int64_t s = int_arg(seq_id, "seq_id")
         return 0 <= s < self._max_seqs and SEQ_RESIDENT <= self._active[s] <= SEQ_ARRIVING
+
+    @property
+    def num_writebacks(self):
+        """int: offloads waiting for :meth:`take_writebacks` (0 without a host tier)."""
+        return self._prefix.num_writebacks()
+
+    def take_writebacks(self):
+        """Return and clear the offloads that still need their copy.
+
+        With prefix caching and a host tier (one layer group), a cached device page that
+        a call must reuse (``append``, ``add_sequence``, a swap-in) is *offloaded*: its
+        block moves to a host page and stays findable once the copy has arrived. The
+        caller must copy each pair device -> host before anything writes the device
+        page again (:class:`kvcore.KVCache` does it inside the call that caused it, on
+        the same stream, before its own copies) and then report the copies with
+        :meth:`HostTier.finish_writebacks`.
+
+        Returns
+        -------
+        device_pages, host_pages : numpy.ndarray of int32, shape [n]
+        """
+        cdef cnp.ndarray device = None, host = None
+        cdef int64_t n
+        while True:   # the allocation may let another thread in: retry if it changed
+            n = self._prefix.num_writebacks()
+            if device is not None and cnp.PyArray_DIM(device, 0) == n:
+                self._prefix.take_writebacks(<page_id_t*>cnp.PyArray_DATA(device),
+                                             <page_id_t*>cnp.PyArray_DATA(host))
+                return device, host
+            device = empty_int32(n)
+            host = empty_int32(n)
 
     def seq_state(self, seq_id):
         """Return where ``seq_id``'s pages are.
@@ -1656,6 +1766,9 @@ cdef class PageTable:
                     raise KVCoreError(f"seq_id {s} has negative length {self._seq_lens[s]}")
             elif self._seq_lens[s] != 0:
                 raise KVCoreError(f"inactive seq_id {s} has length {self._seq_lens[s]}")
+            if self._loading[s] and not (state == SEQ_ARRIVING or state == SEQ_DOOMED):
+                raise KVCoreError(f"seq_id {s} is marked loading but is "
+                                  f"{_STATE_NAMES[state]}")
             if state != SEQ_FREE and state != SEQ_RESIDENT and host is None:
                 raise KVCoreError(f"seq_id {s} is {_STATE_NAMES[state]} without a host tier")
             for g in range(self._num_groups):
@@ -1679,10 +1792,10 @@ cdef class PageTable:
                     host.row(self._host_table + g * self._group_stride
                              + s * self._max_pages_per_seq, self._max_pages_per_seq, s, g,
                              self._seq_lens[s], lo,
-                             hi if state >= SEQ_SWAPPED else lo)
+                             hi if state >= SEQ_SWAPPED else lo, self._loading[s] != 0)
         device.refcounts()
         if host is not None:
-            host.refcounts()
+            host.refcounts(self._prefix)
         if live_count != self._num_seqs:
             raise KVCoreError(f"{live_count} rows are active but num_seqs is {self._num_seqs}")
         if doomed_count != self._num_doomed:

@@ -17,7 +17,8 @@ from kvcore._typedefs cimport page_id_t, slot_t
 
 @cython.final
 cdef class PrefixIndex(Evictor):
-    cdef int32_t _num_pages
+    cdef int32_t _num_pages           # ids: device pages, then host pages (see _num_device)
+    cdef int32_t _num_device          # ids >= this are host page (id - _num_device)
     cdef int32_t _page_size
     cdef uint64_t _hash_mask          # all ones, or fewer bits for collision tests
     # per page
@@ -27,6 +28,11 @@ cdef class PrefixIndex(Evictor):
     cdef uint32_t* _gen               # [num_pages] bumped whenever the page leaves the index
     cdef int64_t* _namespace          # [num_pages]
     cdef uint8_t* _in_index           # [num_pages]
+    # An entry's identity, which its children link to: the (page, generation) it was
+    # indexed at. It moves with the entry when the block moves between tiers.
+    cdef page_id_t* _birth_page       # [num_pages]
+    cdef uint32_t* _birth_gen         # [num_pages]
+    cdef uint8_t* _ready              # [num_pages] 0 while the page's content is in flight
     cdef int32_t* _slot_tokens        # [num_pages * page_size] token id held by each slot
     # open-addressing hash table: page ids, -1 empty; linear probing, backward-shift delete
     cdef page_id_t* _table
@@ -48,6 +54,7 @@ cdef class PrefixIndex(Evictor):
     cdef void insert(self, page_id_t page, uint64_t h, page_id_t parent, uint32_t parent_gen,
                      int64_t namespace) noexcept nogil
     cdef void remove(self, page_id_t page) noexcept nogil
+    cdef void relocate(self, page_id_t src, page_id_t dst, bint ready) noexcept nogil
     cdef void _event(self, uint8_t kind, page_id_t page, uint64_t h) noexcept nogil
 
     cdef inline int32_t size(self) noexcept nogil:
@@ -57,8 +64,17 @@ cdef class PrefixIndex(Evictor):
     cdef inline bint in_index(self, page_id_t page) noexcept nogil:
         return self._in_index[page] != 0
 
-    cdef inline uint32_t gen_of(self, page_id_t page) noexcept nogil:
-        return self._gen[page]
+    cdef inline page_id_t ident_page(self, page_id_t page) noexcept nogil:
+        """Identity of the entry at ``page`` (with ``ident_gen``): what children link to."""
+        return self._birth_page[page]
+
+    cdef inline uint32_t ident_gen(self, page_id_t page) noexcept nogil:
+        return self._birth_gen[page]
+
+    cdef inline bint at_birth(self, page_id_t page, uint32_t gen) noexcept nogil:
+        """Whether ``page`` holds the entry whose identity is ``(page, gen)``."""
+        return (self._in_index[page] != 0 and self._birth_page[page] == page
+                and self._birth_gen[page] == gen)
 
     cdef inline uint64_t hash_of(self, page_id_t page) noexcept nogil:
         return self._page_hash[page]
@@ -95,6 +111,13 @@ cdef class PrefixHooks:
     cdef void truncated(self, int64_t seq_id, int64_t new_len,
                         const page_id_t* anchor_row) noexcept nogil
     cdef void seq_relocated(self, int64_t seq_id) noexcept nogil
+    cdef int64_t num_writebacks(self) noexcept nogil
+    cdef int64_t take_writebacks(self, page_id_t* device_pages,
+                                 page_id_t* host_pages) noexcept nogil
+    cdef void writeback_done(self, page_id_t host_page, bint ok) noexcept nogil
+    cdef bint writeback_holds(self, page_id_t host_page) noexcept nogil
+    cdef void page_loaded(self, page_id_t hit, page_id_t device_page) noexcept nogil
+    cdef void load_done(self, page_id_t host_page, page_id_t device_page, bint ok) noexcept nogil
     cdef void clear(self) noexcept nogil
     cdef int32_t num_cached(self) noexcept nogil
     cdef object stats(self)
@@ -108,6 +131,17 @@ cdef class PrefixCache(PrefixHooks):
     cdef PrefixIndex _index
     cdef PageAllocator _alloc
     cdef int32_t _page_size
+    # The host tier (None: evicted pages are dropped). Index ids >= _num_device are host
+    # page (id - _num_device). A device page evicted while cached is offloaded: its entry
+    # moves to a host page, and the pair waits in the write-back buffer until the
+    # table's caller takes it and copies the page.
+    cdef PageAllocator _host
+    cdef int32_t _num_device
+    cdef page_id_t* _wb_device        # [num_device] write-back buffer
+    cdef page_id_t* _wb_host
+    cdef uint8_t* _wb_held            # [num_host_pages] 1 while a write-back holds the page
+    cdef int64_t _wb_count
+    cdef int64_t _offloaded, _loaded
     # per sequence [max_seqs]: the chain of its leading full pages
     cdef int64_t* _seq_ns             # namespace of each sequence
     cdef uint8_t* _chain_ok           # every token id so far is known
@@ -126,8 +160,9 @@ cdef class PrefixCache(PrefixHooks):
 
     cdef void _register_companion(self, int32_t group, page_id_t page, page_id_t anchor_page,
                                   uint64_t anchor_hash, int64_t namespace) noexcept nogil
+    cdef void offload(self, page_id_t page) noexcept nogil
 
 
 cdef PrefixCache new_prefix_cache(PageAllocator allocator, int32_t page_size, int32_t max_seqs,
                                   int32_t max_pages_per_seq, object hash_bits,
-                                  object event_capacity)
+                                  object event_capacity, PageAllocator host_allocator)

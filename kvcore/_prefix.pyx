@@ -51,10 +51,15 @@ cnp.import_array()
 cdef enum:
     _STORED = 1
     _EVICTED = 2
+    _HOST_STORED = 3      # _STORED + 2: the same events for a host-tier page
+    _HOST_EVICTED = 4
 
-#: Event kinds reported by ``take_events``.
+#: Event kinds reported by ``take_events``: a device page entered / left the index, and
+#: a host-tier page did (its id is then a host page id).
 EVENT_STORED = _STORED
 EVENT_EVICTED = _EVICTED
+EVENT_HOST_STORED = _HOST_STORED
+EVENT_HOST_EVICTED = _HOST_EVICTED
 
 cdef uint64_t _ROOT_HASH = 0x6A09E667F3BCC908ULL
 
@@ -95,8 +100,13 @@ cdef class PrefixIndex(Evictor):
         Events kept until ``take_events``; older ones are dropped (and counted).
     """
 
-    def __cinit__(self, num_pages, page_size, hash_bits=64, event_capacity=65536):
+    def __cinit__(self, num_pages, page_size, hash_bits=64, event_capacity=65536,
+                  num_device_pages=None):
         self._num_pages = positive_int32(num_pages, "num_pages")
+        self._num_device = (self._num_pages if num_device_pages is None
+                            else positive_int32(num_device_pages, "num_device_pages"))
+        if self._num_device > self._num_pages:
+            raise ValueError("num_device_pages exceeds num_pages")
         self._page_size = positive_int32(page_size, "page_size")
         hash_bits = int_arg(hash_bits, "prefix_hash_bits")
         event_capacity = int_arg(event_capacity, "prefix_event_capacity")
@@ -113,6 +123,8 @@ cdef class PrefixIndex(Evictor):
             page_hash=np.zeros(num_pages, np.uint64), parent=np.full(num_pages, -1, np.int32),
             parent_gen=np.zeros(num_pages, np.uint32), gen=np.zeros(num_pages, np.uint32),
             namespace=np.zeros(num_pages, np.int64), in_index=np.zeros(num_pages, np.uint8),
+            birth_page=np.full(num_pages, -1, np.int32),
+            birth_gen=np.zeros(num_pages, np.uint32), ready=np.zeros(num_pages, np.uint8),
             slot_tokens=np.zeros(int(num_pages) * int(page_size), np.int32),
             table=np.full(capacity, -1, np.int32),
             ev_kind=np.zeros(event_capacity, np.uint8),
@@ -125,6 +137,9 @@ cdef class PrefixIndex(Evictor):
         self._gen = <uint32_t*>cnp.PyArray_DATA(owners["gen"])
         self._namespace = <int64_t*>cnp.PyArray_DATA(owners["namespace"])
         self._in_index = <uint8_t*>cnp.PyArray_DATA(owners["in_index"])
+        self._birth_page = <page_id_t*>cnp.PyArray_DATA(owners["birth_page"])
+        self._birth_gen = <uint32_t*>cnp.PyArray_DATA(owners["birth_gen"])
+        self._ready = <uint8_t*>cnp.PyArray_DATA(owners["ready"])
         self._slot_tokens = <int32_t*>cnp.PyArray_DATA(owners["slot_tokens"])
         self._table = <page_id_t*>cnp.PyArray_DATA(owners["table"])
         self._table_mask = capacity - 1
@@ -155,7 +170,8 @@ cdef class PrefixIndex(Evictor):
 
     cdef page_id_t find(self, uint64_t h, page_id_t parent, uint32_t parent_gen,
                         int64_t namespace, const int32_t* tokens) noexcept nogil:
-        """The indexed page with exactly this chain link and these tokens, or -1."""
+        """The indexed page with exactly this chain link (the parent's identity, see
+        ``ident_page``) and these tokens, whose content has arrived; or -1."""
         cdef int64_t slot = <int64_t>(h & <uint64_t>self._table_mask)
         cdef page_id_t page
         while True:
@@ -166,13 +182,15 @@ cdef class PrefixIndex(Evictor):
                     and self._parent_gen[page] == parent_gen
                     and self._namespace[page] == namespace
                     and memcmp(self._slot_tokens + <int64_t>page * self._page_size, tokens,
-                               self._page_size * sizeof(int32_t)) == 0):
+                               self._page_size * sizeof(int32_t)) == 0
+                    and self._ready[page]):
                 return page
             slot = (slot + 1) & self._table_mask
 
     cdef void insert(self, page_id_t page, uint64_t h, page_id_t parent, uint32_t parent_gen,
                      int64_t namespace) noexcept nogil:
-        """Index ``page`` (its tokens are already in ``slot_tokens``)."""
+        """Index ``page`` (its tokens are already in ``slot_tokens``) under a new
+        identity, ``(page, its generation)``, that its children link to."""
         cdef int64_t slot = <int64_t>(h & <uint64_t>self._table_mask)
         while self._table[slot] != NO_PAGE:
             slot = (slot + 1) & self._table_mask
@@ -181,10 +199,39 @@ cdef class PrefixIndex(Evictor):
         self._parent[page] = parent
         self._parent_gen[page] = parent_gen
         self._namespace[page] = namespace
+        self._birth_page[page] = page
+        self._birth_gen[page] = self._gen[page]
+        self._ready[page] = 1
         self._in_index[page] = 1
         self._num_indexed += 1
         self._stored += 1
         self._event(_STORED, page, h)
+
+    cdef void relocate(self, page_id_t src, page_id_t dst, bint ready) noexcept nogil:
+        """Move ``src``'s entry, identity and tokens included, to id ``dst`` (not
+        indexed): the same block now lives in another page (another tier), and every
+        child still links to it. ``ready``: whether ``dst``'s content has arrived."""
+        cdef int64_t mask = self._table_mask
+        cdef int64_t slot = <int64_t>(self._page_hash[src] & <uint64_t>mask)
+        while self._table[slot] != src:
+            slot = (slot + 1) & mask
+        self._table[slot] = dst
+        self._page_hash[dst] = self._page_hash[src]
+        self._parent[dst] = self._parent[src]
+        self._parent_gen[dst] = self._parent_gen[src]
+        self._namespace[dst] = self._namespace[src]
+        self._birth_page[dst] = self._birth_page[src]
+        self._birth_gen[dst] = self._birth_gen[src]
+        memcpy(self._slot_tokens + <int64_t>dst * self._page_size,
+               self._slot_tokens + <int64_t>src * self._page_size,
+               self._page_size * sizeof(int32_t))
+        self._ready[dst] = ready
+        self._in_index[dst] = 1
+        self._in_index[src] = 0
+        self._ready[src] = 0
+        self._gen[src] += 1
+        self._event(_EVICTED, src, self._page_hash[src])
+        self._event(_STORED, dst, self._page_hash[dst])
 
     cdef void remove(self, page_id_t page) noexcept nogil:
         """Take ``page`` out of the index (eviction); its generation moves on."""
@@ -205,6 +252,7 @@ cdef class PrefixIndex(Evictor):
             probe = (probe + 1) & mask
         self._table[hole] = NO_PAGE
         self._in_index[page] = 0
+        self._ready[page] = 0
         self._gen[page] += 1
         self._num_indexed -= 1
         self._evictions += 1
@@ -212,6 +260,9 @@ cdef class PrefixIndex(Evictor):
 
     cdef void _event(self, uint8_t kind, page_id_t page, uint64_t h) noexcept nogil:
         cdef int64_t at
+        if page >= self._num_device:     # a host-tier page: its own kind and id
+            kind += 2
+            page -= self._num_device
         if self._ev_count == self._ev_capacity:   # full: drop the oldest
             self._ev_start = (self._ev_start + 1) % self._ev_capacity
             self._ev_count -= 1
@@ -240,8 +291,12 @@ cdef class PrefixIndex(Evictor):
         Returns
         -------
         kind : numpy.ndarray of uint8, shape [n]
-            ``EVENT_STORED`` (1) or ``EVENT_EVICTED`` (2).
+            ``EVENT_STORED`` (1) or ``EVENT_EVICTED`` (2) for a device page;
+            ``EVENT_HOST_STORED`` (3) or ``EVENT_HOST_EVICTED`` (4) for a host-tier page.
+            A block offloaded to the host tier is an EVICTED then a HOST_STORED event of
+            the same hash; one loaded back, a HOST_EVICTED then a STORED.
         page_id : numpy.ndarray of int32, shape [n]
+            A device page id, or a host page id for the HOST kinds.
         page_hash : numpy.ndarray of uint64, shape [n]
             The page's chained hash: equal hashes mean the same prefix to a router.
         """
@@ -392,6 +447,36 @@ cdef class PrefixHooks:
         """``seq_id``'s pages were replaced by fresh copies (a swap-in)."""
         pass
 
+    cdef int64_t num_writebacks(self) noexcept nogil:
+        """Offloaded pages whose copy to the host tier nobody has taken yet."""
+        return 0
+
+    cdef int64_t take_writebacks(self, page_id_t* device_pages,
+                                 page_id_t* host_pages) noexcept nogil:
+        """Move the write-back buffer into the two arrays (``num_writebacks`` entries
+        each): copy device page ``device_pages[i]`` to host page ``host_pages[i]``."""
+        return 0
+
+    cdef void writeback_done(self, page_id_t host_page, bint ok) noexcept nogil:
+        """The copy into ``host_page`` completed (``ok``) or failed: the offloaded block
+        becomes findable, or leaves the index. Releases the copy's hold on the page."""
+        pass
+
+    cdef bint writeback_holds(self, page_id_t host_page) noexcept nogil:
+        """Whether a write-back (taken or not) holds a reference to ``host_page``."""
+        return False
+
+    cdef void page_loaded(self, page_id_t hit, page_id_t device_page) noexcept nogil:
+        """A prefix hit on host entry ``hit`` (an index id) is being copied into
+        ``device_page``: record its tokens there."""
+        pass
+
+    cdef void load_done(self, page_id_t host_page, page_id_t device_page, bint ok) noexcept nogil:
+        """The copy of ``host_page`` into ``device_page`` completed: the block's entry
+        moves to the device page. Failed: the host entry leaves the index, never served.
+        The table drops its own references afterwards."""
+        pass
+
     cdef void clear(self) noexcept nogil:
         """Forget every cached prefix."""
         pass
@@ -422,13 +507,13 @@ cdef bint _from_factory = False
 
 cdef PrefixCache new_prefix_cache(PageAllocator allocator, int32_t page_size, int32_t max_seqs,
                                   int32_t max_pages_per_seq, object hash_bits,
-                                  object event_capacity):
+                                  object event_capacity, PageAllocator host_allocator):
     """The one way to make a PrefixCache (from Cython: PageTable's constructor)."""
     global _from_factory
     _from_factory = True
     try:
         return PrefixCache(allocator, page_size, max_seqs, max_pages_per_seq, hash_bits,
-                           event_capacity)
+                           event_capacity, host_allocator)
     finally:
         _from_factory = False
 
@@ -446,6 +531,8 @@ cdef class PrefixCache(PrefixHooks):
         Those of the table (validated by it).
     hash_bits, event_capacity : int
         See ``PrefixIndex``.
+    host_allocator : PageAllocator or None
+        The host tier to offload evicted pages into (see the module doc), or None.
 
     Notes
     -----
@@ -463,13 +550,31 @@ cdef class PrefixCache(PrefixHooks):
     """
 
     def __cinit__(self, PageAllocator allocator not None, int32_t page_size, int32_t max_seqs,
-                  int32_t max_pages_per_seq, hash_bits, event_capacity):
+                  int32_t max_pages_per_seq, hash_bits, event_capacity,
+                  PageAllocator host_allocator=None):
         if not _from_factory:   # it attaches to the allocator for good: only PageTable may
             raise TypeError("a PrefixCache is made by PageTable(..., enable_prefix_cache=True)")
         allocator.ensure_unattached()
-        self._index = PrefixIndex(allocator.page_count(), page_size,
+        if host_allocator is not None:
+            host_allocator.ensure_unattached()
+        cdef int32_t num_device = allocator.page_count()
+        cdef int64_t num_ids = num_device + (host_allocator.page_count()
+                                             if host_allocator is not None else 0)
+        if num_ids > 2**31 - 1:
+            raise ValueError(f"device plus host pages ({num_ids}) exceed 2**31 - 1")
+        self._index = PrefixIndex(num_ids, page_size,
                                   int_arg(hash_bits, "prefix_hash_bits"),
-                                  int_arg(event_capacity, "prefix_event_capacity"))
+                                  int_arg(event_capacity, "prefix_event_capacity"),
+                                  num_device)
+        self._num_device = num_device
+        self._host = host_allocator
+        wb_device = np.full(num_device, NO_PAGE, np.int32)
+        wb_host = np.full(num_device, NO_PAGE, np.int32)
+        wb_held = np.zeros(host_allocator.page_count() if host_allocator is not None else 0,
+                           np.uint8)
+        self._wb_device = <page_id_t*>cnp.PyArray_DATA(wb_device)
+        self._wb_host = <page_id_t*>cnp.PyArray_DATA(wb_host)
+        self._wb_held = <uint8_t*>cnp.PyArray_DATA(wb_held)
         self._page_size = page_size
         owners = (np.zeros(max_seqs, np.int64), np.zeros(max_seqs, np.uint8),
                   np.zeros(max_seqs, np.int32), np.full(max_seqs, NO_PAGE, np.int32),
@@ -486,8 +591,13 @@ cdef class PrefixCache(PrefixHooks):
         self._chain_page = <page_id_t*>cnp.PyArray_DATA(owners[3])
         self._chain_gen = <uint32_t*>cnp.PyArray_DATA(owners[4])
         self._chain_hash = <uint64_t*>cnp.PyArray_DATA(owners[5])
-        allocator.attach(self._index)
+        self._owners = owners + (wb_device, wb_host, wb_held)
         self._alloc = allocator
+        if host_allocator is None:
+            allocator.attach(self._index)
+        else:
+            allocator.attach(_Offloader(self))
+            host_allocator.attach(_HostEvictor(self._index, num_device))
 
     cdef bint enabled(self) noexcept:
         return True
@@ -505,7 +615,8 @@ cdef class PrefixCache(PrefixHooks):
                 return i
             if hits != NULL:
                 hits[i] = page
-            parent, parent_gen, h = page, self._index.gen_of(page), hh
+            parent, parent_gen, h = (self._index.ident_page(page), self._index.ident_gen(page),
+                                     hh)
         return max_pages
 
     cdef void seq_started(self, int64_t seq_id, int64_t namespace, const page_id_t* hits,
@@ -513,14 +624,15 @@ cdef class PrefixCache(PrefixHooks):
         cdef page_id_t last = hits[num_hits - 1] if num_hits > 0 else NO_PAGE
         cdef int64_t j
         for j in range(num_hits):
-            self._history_page[seq_id * self._width + j] = hits[j]
-            self._history_gen[seq_id * self._width + j] = self._index.gen_of(hits[j])
+            self._history_page[seq_id * self._width + j] = self._index.ident_page(hits[j])
+            self._history_gen[seq_id * self._width + j] = self._index.ident_gen(hits[j])
         self._seq_ns[seq_id] = namespace
         self._chain_ok[seq_id] = 1
         self._num_chained[seq_id] = <int32_t>num_hits
-        self._chain_page[seq_id] = last
-        # A hit's hash is the one the lookup computed (find compares it exactly).
-        self._chain_gen[seq_id] = self._index.gen_of(last) if last != NO_PAGE else 0
+        # The chain continues from the last hit's identity; a hit's hash is the one the
+        # lookup computed (find compares it exactly).
+        self._chain_page[seq_id] = self._index.ident_page(last) if last != NO_PAGE else NO_PAGE
+        self._chain_gen[seq_id] = self._index.ident_gen(last) if last != NO_PAGE else 0
         self._chain_hash[seq_id] = self._index.hash_of(last) if last != NO_PAGE else 0
 
     cdef void count_query(self, int64_t num_tokens, int64_t num_hit_tokens) noexcept nogil:
@@ -595,10 +707,10 @@ cdef class PrefixCache(PrefixHooks):
                                  self._seq_ns[s])
                     self._alloc.retain(page)
                     found = page
-                self._chain_page[s] = found
-                self._chain_gen[s] = self._index.gen_of(found)
+                self._chain_page[s] = self._index.ident_page(found)
+                self._chain_gen[s] = self._index.ident_gen(found)
                 self._chain_hash[s] = h
-                self._history_page[s * self._width + page_idx] = found
+                self._history_page[s * self._width + page_idx] = self._chain_page[s]
                 self._history_gen[s * self._width + page_idx] = self._chain_gen[s]
                 for g in range(num_groups):
                     if g != anchor and kinds[g] != _GROUP_STATE \
@@ -615,16 +727,18 @@ cdef class PrefixCache(PrefixHooks):
         cdef int64_t ns = _companion_namespace(namespace, group)
         cdef const int32_t* page_tokens = self._index.tokens_of(page)
         cdef uint64_t h = self._index.chain_hash(anchor_hash, ns, page_tokens)
-        cdef uint32_t gen = self._index.gen_of(anchor_page)
-        if self._index.find(h, anchor_page, gen, ns, page_tokens) == NO_PAGE:
-            self._index.insert(page, h, anchor_page, gen, ns)
+        cdef page_id_t anchor = self._index.ident_page(anchor_page)
+        cdef uint32_t gen = self._index.ident_gen(anchor_page)
+        if self._index.find(h, anchor, gen, ns, page_tokens) == NO_PAGE:
+            self._index.insert(page, h, anchor, gen, ns)
             self._alloc.retain(page)
 
     cdef page_id_t find_companion(self, int32_t group, page_id_t anchor_page,
                                   const int32_t* tokens, int64_t namespace) noexcept nogil:
         cdef int64_t ns = _companion_namespace(namespace, group)
         cdef uint64_t h = self._index.chain_hash(self._index.hash_of(anchor_page), ns, tokens)
-        return self._index.find(h, anchor_page, self._index.gen_of(anchor_page), ns, tokens)
+        return self._index.find(h, self._index.ident_page(anchor_page),
+                                self._index.ident_gen(anchor_page), ns, tokens)
 
     cdef void unregister(self, page_id_t page) noexcept nogil:
         if self._index.in_index(page):
@@ -648,7 +762,7 @@ cdef class PrefixCache(PrefixHooks):
         # equal one another sequence registered first), as recorded when it was chained.
         page = self._history_page[seq_id * self._width + kept - 1]
         gen = self._history_gen[seq_id * self._width + kept - 1]
-        if page != NO_PAGE and self._index.in_index(page) and self._index.gen_of(page) == gen:
+        if page != NO_PAGE and self._index.at_birth(page, gen):
             self._chain_page[seq_id] = page
             self._chain_gen[seq_id] = gen
             self._chain_hash[seq_id] = self._index.hash_of(page)
@@ -663,12 +777,74 @@ cdef class PrefixCache(PrefixHooks):
         pages. Those registered before it left stay findable where they are."""
         self._chain_ok[seq_id] = 0
 
+    # -- the host tier ------------------------------------------------------------------
+
+    cdef void offload(self, page_id_t page) noexcept nogil:
+        """The device allocator reuses cached ``page``: move its entry to a host page
+        (taking the least recently used one when none is clean) and queue the copy, or,
+        with no host page to spare, drop it."""
+        cdef page_id_t host_page
+        if self._host.free_count() == 0 or self._wb_count == self._num_device:
+            self._index.remove(page)
+            return
+        self._host.take(&host_page, 1)   # its reference is the pending copy's hold
+        self._index.relocate(page, self._num_device + host_page, False)
+        self._host.retain(host_page)
+        self._wb_held[host_page] = 1
+        self._wb_device[self._wb_count] = page
+        self._wb_host[self._wb_count] = host_page
+        self._wb_count += 1
+        self._offloaded += 1
+
+    cdef int64_t num_writebacks(self) noexcept nogil:
+        return self._wb_count
+
+    cdef int64_t take_writebacks(self, page_id_t* device_pages,
+                                 page_id_t* host_pages) noexcept nogil:
+        cdef int64_t n = self._wb_count
+        memcpy(device_pages, self._wb_device, n * sizeof(page_id_t))
+        memcpy(host_pages, self._wb_host, n * sizeof(page_id_t))
+        self._wb_count = 0
+        return n
+
+    cdef void writeback_done(self, page_id_t host_page, bint ok) noexcept nogil:
+        cdef page_id_t entry = self._num_device + host_page
+        if self._index.in_index(entry):
+            if ok:
+                self._index._ready[entry] = 1
+            else:
+                self._index.remove(entry)
+                self._host.forget(host_page)
+        self._wb_held[host_page] = 0
+        self._host.drop_ref(host_page)   # cached: it waits on the host's evictable list
+
+    cdef bint writeback_holds(self, page_id_t host_page) noexcept nogil:
+        return self._host is not None and self._wb_held[host_page] != 0
+
+    cdef void page_loaded(self, page_id_t hit, page_id_t device_page) noexcept nogil:
+        self.page_copied(hit, device_page)
+
+    cdef void load_done(self, page_id_t host_page, page_id_t device_page, bint ok) noexcept nogil:
+        cdef page_id_t entry = self._num_device + host_page
+        if not self._index.in_index(entry):
+            return   # cleared, or moved already by another sequence's load
+        if ok:
+            self._index.relocate(entry, device_page, True)
+            self._alloc.retain(device_page)
+            self._loaded += 1
+        else:
+            self._index.remove(entry)
+        self._host.forget(host_page)
+
     cdef void clear(self) noexcept nogil:
         cdef page_id_t page
-        for page in range(self._alloc.page_count()):
+        for page in range(self._index._num_pages):
             if self._index.in_index(page):
                 self._index.remove(page)
-                self._alloc.forget(page)
+                if page < self._num_device:
+                    self._alloc.forget(page)
+                else:
+                    self._host.forget(page - self._num_device)
 
     cdef int32_t num_cached(self) noexcept nogil:
         return self._index.size()
@@ -677,6 +853,11 @@ cdef class PrefixCache(PrefixHooks):
         stats = {"queries": self._queries, "queried_tokens": self._queried_tokens,
                  "hit_tokens": self._hit_tokens, **self._index.stats()}
         stats["num_cached_pages"] = self._index.size()
+        if self._host is not None:
+            stats["host_cached_pages"] = int(np.count_nonzero(
+                self._index._owners["in_index"][self._num_device:]))
+            stats["offloaded"] = self._offloaded
+            stats["loaded"] = self._loaded
         # Python division of the two counts, as the stats are Python ints (cdivision
         # would truncate C integers).
         stats["hit_rate"] = (stats["hit_tokens"] / stats["queried_tokens"]
@@ -695,7 +876,54 @@ cdef class PrefixCache(PrefixHooks):
                     f"page {page} is {'' if self._index.in_index(page) else 'not '}indexed "
                     f"but the allocator {'' if self._alloc.is_cached(page) else 'does not '}"
                     "mark it cached")
+            if self._index.in_index(page) and not self._index._ready[page]:
+                raise KVCoreError(f"indexed device page {page} is marked in flight")
+        if self._host is None:
+            return 0
+        cdef page_id_t h
+        pending = set(self._wb_host[i] for i in range(self._wb_count))
+        for h in range(self._host.page_count()):
+            page = self._num_device + h
+            if self._host.is_cached(h) != self._index.in_index(page):
+                raise KVCoreError(
+                    f"host page {h} is {'' if self._index.in_index(page) else 'not '}indexed "
+                    f"but the host allocator {'' if self._host.is_cached(h) else 'does not '}"
+                    "mark it cached")
+            if self._index.in_index(page) and not self._index._ready[page] \
+                    and self._host.refs(h) < 1:
+                raise KVCoreError(f"host page {h} is in flight but nothing holds it")
+            if h in pending and self._host.refs(h) < 1:
+                raise KVCoreError(f"host page {h} awaits its write-back but is free")
         return 0
 
     cdef int32_t slot_token(self, slot_t slot) noexcept nogil:
         return self._index.token_at(slot)
+
+
+@cython.final
+cdef class _Offloader(Evictor):
+    """The device allocator's evictor when there is a host tier: offload, not forget."""
+
+    cdef PrefixCache _cache
+
+    def __cinit__(self, PrefixCache cache not None):
+        self._cache = cache
+
+    cdef void evict(self, page_id_t page) noexcept nogil:
+        self._cache.offload(page)
+
+
+@cython.final
+cdef class _HostEvictor(Evictor):
+    """The host allocator's evictor: a reused host page's block leaves the index (its
+    least recently freed entry goes first: the host tier's LRU)."""
+
+    cdef PrefixIndex _index
+    cdef int32_t _offset
+
+    def __cinit__(self, PrefixIndex index not None, int32_t offset):
+        self._index = index
+        self._offset = offset
+
+    cdef void evict(self, page_id_t page) noexcept nogil:
+        self._index.remove(self._offset + page)

@@ -22,7 +22,7 @@ cimport numpy as cnp
 from libc.stdint cimport INT32_MAX, int32_t, int64_t, uint8_t
 
 from kvcore._allocator cimport PageAllocator
-from kvcore._args cimport empty_int32, int64_array
+from kvcore._args cimport empty_int32, int64_array, int_arg, page_array
 from kvcore._core cimport (
     SEQ_ARRIVING,
     SEQ_DOOMED,
@@ -236,7 +236,9 @@ cdef class HostTier:
         for i in range(batch):
             s = sp[i]
             state = t._active[s]
-            if state == SEQ_DOOMED:
+            if t._loading[s]:
+                self._finish_load(s, ok, state == SEQ_DOOMED)
+            elif state == SEQ_DOOMED:
                 t._release_row(self._device, t._table, s)
                 t._release_row(self._host, t._host_table, s)
                 t._num_doomed -= 1
@@ -250,7 +252,104 @@ cdef class HostTier:
                 if state == SEQ_ARRIVING:
                     t._prefix.seq_relocated(s)
 
+    def load_pairs(self, seq_id):
+        """Return the copies a sequence arriving from a host-tier prefix hit waits for.
+
+        ``PageTable.add_sequence`` maps a hit on offloaded blocks (see
+        :meth:`PageTable.take_writebacks`) into fresh device pages and leaves the
+        sequence ``"swapping_in"``; copy each pair host -> device, then :meth:`finish`
+        it like a swap-in. If that copy failed, the sequence keeps only the hit before
+        its first host page (its length shrinks to it) and the host entries it read
+        leave the index.
+
+        Returns
+        -------
+        device_pages, host_pages : numpy.ndarray of int32, shape [n]
+            Empty unless ``seq_id`` is arriving from a prefix hit.
+        """
+        cdef int64_t s = self._t._live_arg(int_arg(seq_id, "seq_id"))
+        cdef PageTable t = self._t
+        cdef int64_t c, lo, hi, n = 0
+        cdef cnp.ndarray device = None, host = None
+        cdef page_id_t* row
+        cdef page_id_t* host_row
+        while True:   # the allocation may let another thread in: retry if it changed
+            if not t._loading[s]:
+                return empty_int32(0), empty_int32(0)
+            t._live_cols(0, s, &lo, &hi)
+            row = t._table + s * t._max_pages_per_seq
+            host_row = t._host_table + s * t._max_pages_per_seq
+            n = 0
+            for c in range(lo, hi):
+                n += host_row[c] != NO_PAGE
+            if device is not None and cnp.PyArray_DIM(device, 0) == n:
+                break
+            device = empty_int32(n)
+            host = empty_int32(n)
+        cdef page_id_t* d = <page_id_t*>cnp.PyArray_DATA(device)
+        cdef page_id_t* h = <page_id_t*>cnp.PyArray_DATA(host)
+        n = 0
+        for c in range(lo, hi):
+            if host_row[c] != NO_PAGE:
+                d[n] = row[c]
+                h[n] = host_row[c]
+                n += 1
+        return device, host
+
+    def finish_writebacks(self, host_pages, ok):
+        """End the copies of offloaded pages (the ``host_pages`` of
+        :meth:`PageTable.take_writebacks`): completed (``ok``), the blocks become findable
+        in the host tier; failed, they leave the index and are never served.
+
+        Raises
+        ------
+        InvalidPageError
+            A host page id outside the host tier.
+        ValueError
+            A page that no copy holds (it has no reference); nothing changes.
+        """
+        if not isinstance(ok, (bool, np.bool_)):
+            raise TypeError(f"ok must be a bool, got {type(ok).__name__}")
+        cdef cnp.ndarray pages = page_array(host_pages, "host_pages", self._host.page_count())
+        cdef const page_id_t* hp = <const page_id_t*>cnp.PyArray_DATA(pages)
+        cdef Py_ssize_t i, n = cnp.PyArray_DIM(pages, 0)
+        for i in range(n):
+            if not self._t._prefix.writeback_holds(hp[i]):
+                raise ValueError(f"host page {hp[i]} has no write-back in flight")
+        for i in range(n):
+            self._t._prefix.writeback_done(hp[i], bool(ok))
+
     # -- the work ----------------------------------------------------------------------------
+
+    cdef void _finish_load(self, int64_t s, bint ok, bint doomed) noexcept:
+        """Finish a prefix load of ``s``: each host entry moves to the device page it was
+        copied into (or, failed, leaves the index), and the host pages are released.
+        Failed: the sequence keeps only the hit before its first host page."""
+        cdef PageTable t = self._t
+        cdef int64_t c, lo, hi, first
+        cdef page_id_t* row = t._table + s * t._max_pages_per_seq
+        cdef page_id_t* host_row = t._host_table + s * t._max_pages_per_seq
+        t._live_cols(0, s, &lo, &hi)
+        first = hi
+        for c in range(lo, hi):
+            if host_row[c] != NO_PAGE:
+                if c < first:
+                    first = c
+                t._prefix.load_done(host_row[c], row[c], ok)
+        t._release_row(self._host, t._host_table, s)
+        t._loading[s] = 0
+        if doomed:
+            t._release_row(self._device, t._table, s)
+            t._num_doomed -= 1
+            t._free_seq_id(s)
+            return
+        if not ok:   # the pages it copied into were never served: free them
+            for c in range(hi - 1, first - 1, -1):
+                self._device.drop_ref(row[c])
+                row[c] = NO_PAGE
+            t._seq_lens[s] = <int32_t>(first * t._page_size)
+            t._prefix.truncated(s, first * t._page_size, row)
+        t._active[s] = SEQ_RESIDENT
 
     cdef tuple _move(self, object seq_ids, bint out):
         cdef cnp.ndarray sids = int64_array(seq_ids, "seq_ids")

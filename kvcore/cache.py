@@ -123,6 +123,9 @@ class KVCache:
         self.host_tier = HostTier(self.table) if host_allocator is not None else None
         self._transfers = (Transfers(self.host_tier, self.backend, config.page_bytes)
                            if host_allocator is not None else None)
+        # Whether evicted prefix pages are offloaded to the host tier (one group only).
+        self._offloads = (host_allocator is not None and config.enable_prefix_cache
+                          and len(config.groups) == 1)
         self._single_group = len(config.groups) == 1
         # Per layer: its group, and whether that group holds K/V (not a recurrent state).
         self._layer_groups = tuple(config.layer_group(layer)
@@ -179,10 +182,26 @@ class KVCache:
 
     # -- bookkeeping, passed through to the PageTable -----------------------------------------
 
-    def add_sequence(self, tokens=None, *, namespace: int = 0) -> int:
+    def add_sequence(self, tokens=None, *, namespace: int = 0, stream=None) -> int:
         """Start a sequence (mapping cached prefix pages when prefix caching is on and
-        ``tokens`` are given); see :meth:`PageTable.add_sequence`."""
-        return self.table.add_sequence(tokens, namespace=namespace)
+        ``tokens`` are given); see :meth:`PageTable.add_sequence`.
+
+        With a host tier, a hit may include blocks offloaded there: they are copied
+        into fresh device pages on the caller's stream (``stream``, as in
+        :meth:`write`), and the sequence is ``"swapping_in"``, usable once :meth:`poll`
+        or :meth:`wait` has finished that copy (its :class:`Transfer` is the last of
+        :attr:`pending_transfers`). Should the copy fail, the sequence keeps only the
+        hit before its first offloaded block: check :meth:`num_tokens` then.
+        """
+        seq = self.table.add_sequence(tokens, namespace=namespace)
+        if self._offloads:
+            handle = self._stream(stream)
+            try:
+                self._transfers.load(seq, handle)
+            except BaseException:
+                self.table.remove(seq)
+                raise
+        return seq
 
     def match_prefix(self, tokens, *, namespace: int = 0) -> int:
         """Leading tokens of ``tokens`` that :meth:`add_sequence` would map from the prefix
@@ -221,6 +240,8 @@ class KVCache:
         handle = self._stream(stream)
         self.backend.refuse_capture(handle, "append")
         result = self.table.append(seq_ids, num_new_tokens, token_ids)
+        if self._offloads and self.table.num_writebacks:
+            self._transfers.offload(handle)      # before anything overwrites those pages
         if result.copy_src.size:
             self.backend.copy_pages(result.copy_src, result.copy_dst, handle)
         return result

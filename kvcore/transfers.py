@@ -1,8 +1,11 @@
 """Transfers between the device tier and the host tier, and their completion.
 
-:meth:`KVCache.swap_out` and :meth:`KVCache.swap_in` each start one :class:`Transfer`:
-the page table's bookkeeping (:class:`kvcore.HostTier`) plus one batched copy on the
-caller's stream, followed by an event. The :class:`Transfers` queue holds them until
+Four kinds of :class:`Transfer`, each the page table's bookkeeping
+(:class:`kvcore.HostTier`) plus one batched copy on the caller's stream followed by an event:
+:meth:`KVCache.swap_out` and :meth:`KVCache.swap_in` move sequences; with prefix caching,
+an *offload* copies cached pages that a call had to reuse into the host tier (enqueued
+by that call before any copy or write of its own), and a *load* copies host-tier
+prefix hits into the fresh device pages of a new sequence. The :class:`Transfers` queue holds them until
 :meth:`Transfers.poll` (non-blocking) or :meth:`Transfers.wait` sees that event
 complete, and only then tells the bookkeeping, which makes the moved pages usable and
 releases the ones left behind. A copy that fails (at launch, or reported by its event)
@@ -28,10 +31,12 @@ class Transfer:
     ----------
     id : int
         Increasing per cache, from 0.
+    kind : {"swap_out", "swap_in", "offload", "load"}
+        What it does (see the module doc).
     direction : {"out", "in"}
-        ``"out"``: device to host (a swap-out); ``"in"``: host to device.
+        ``"out"``: device to host (swap_out, offload); ``"in"``: host to device.
     seq_ids : numpy.ndarray of int64, shape [B]
-        The sequences it moves.
+        The sequences it moves or loads (none for an offload).
     device_pages, host_pages : numpy.ndarray of int32, shape [n]
         Pair ``i`` is copied between device page ``device_pages[i]`` and host page
         ``host_pages[i]`` (every layer slot, K and V).
@@ -43,22 +48,14 @@ class Transfer:
         Why it failed.
     """
 
-    __slots__ = (
-        "device_pages",
-        "direction",
-        "error",
-        "event",
-        "host_pages",
-        "id",
-        "nbytes",
-        "seq_ids",
-        "status",
-    )
+    __slots__ = ("device_pages", "direction", "error", "event", "host_pages", "id", "kind",
+                 "nbytes", "seq_ids", "status")
 
-    def __init__(self, transfer_id: int, direction: str, seq_ids: np.ndarray,
+    def __init__(self, transfer_id: int, kind: str, seq_ids: np.ndarray,
                  device_pages: np.ndarray, host_pages: np.ndarray, nbytes: int):
         self.id = transfer_id
-        self.direction = direction
+        self.kind = kind
+        self.direction = "out" if kind in ("swap_out", "offload") else "in"
         self.seq_ids = seq_ids
         self.device_pages = device_pages
         self.host_pages = host_pages
@@ -78,7 +75,7 @@ class Transfer:
         return int(self.device_pages.size)
 
     def __repr__(self) -> str:
-        return (f"Transfer(id={self.id}, direction={self.direction!r}, "
+        return (f"Transfer(id={self.id}, kind={self.kind!r}, "
                 f"seqs={self.seq_ids.size}, pages={self.num_pages}, status={self.status!r})")
 
 
@@ -109,7 +106,8 @@ class Transfers:
         return tuple(self._pending)
 
     def start(self, direction: str, seq_ids, stream) -> Transfer:
-        """Do the bookkeeping of a move and enqueue its copy on ``stream``.
+        """Do the bookkeeping of a move and enqueue its copy on ``stream`` (after the
+        offloads that the swap-in's page allocation caused).
 
         Raises what :meth:`HostTier.swap_out` / ``swap_in`` raise (nothing changed), or
         :class:`KernelError` when the copy cannot be enqueued (the move is undone).
@@ -117,19 +115,52 @@ class Transfers:
         move = self._tier.swap_out if direction == "out" else self._tier.swap_in
         device_pages, host_pages = move(seq_ids)
         seq_ids = np.array(seq_ids, dtype=np.int64).reshape(-1)   # checked by move: exact
-        transfer = Transfer(next(self._ids), direction, seq_ids, device_pages, host_pages,
+        if direction == "in":
+            self.offload(stream)
+        return self._launch(f"swap_{direction}", seq_ids, device_pages, host_pages, stream)
+
+    def offload(self, stream) -> Transfer | None:
+        """Enqueue the copies of pages the last call offloaded (see
+        :meth:`PageTable.take_writebacks`), if any. Call it right after any call that
+        may take device pages, before anything writes them."""
+        table = self._tier.table
+        if not table.num_writebacks:
+            return None
+        device_pages, host_pages = table.take_writebacks()
+        return self._launch("offload", np.empty(0, np.int64), device_pages, host_pages,
+                            stream)
+
+    def load(self, seq_id: int, stream) -> Transfer | None:
+        """Enqueue the copy of new sequence ``seq_id``'s host-tier prefix hits (after
+        the offloads its fresh pages caused); None when it had none."""
+        self.offload(stream)
+        device_pages, host_pages = self._tier.load_pairs(seq_id)
+        if not device_pages.size:
+            return None
+        return self._launch("load", np.array([seq_id], np.int64), device_pages, host_pages,
+                            stream)
+
+    def _launch(self, kind: str, seq_ids, device_pages, host_pages, stream) -> Transfer:
+        transfer = Transfer(next(self._ids), kind, seq_ids, device_pages, host_pages,
                             int(device_pages.size) * self._page_bytes)
         try:
-            transfer.event = self._backend.swap_copy(direction, device_pages, host_pages,
-                                                     stream)
+            transfer.event = self._backend.swap_copy(transfer.direction, device_pages,
+                                                     host_pages, stream)
         except BaseException as exc:
-            self._tier.finish(seq_ids, False)
+            self._end(transfer, False)
+            transfer.status, transfer.error = "failed", exc
             if isinstance(exc, KVCoreError):
                 raise
-            raise KernelError(f"the swap-{direction} copy could not be enqueued: {exc}") \
-                from exc
+            raise KernelError(f"the {kind} copy could not be enqueued: {exc}") from exc
         self._pending.append(transfer)
         return transfer
+
+    def _end(self, transfer: Transfer, ok: bool) -> None:
+        """Tell the bookkeeping that ``transfer``'s copy completed or failed."""
+        if transfer.kind == "offload":
+            self._tier.finish_writebacks(transfer.host_pages, ok)
+        else:
+            self._tier.finish(transfer.seq_ids, ok)
 
     def poll(self) -> list[Transfer]:
         """Finish every transfer whose copy has completed (or failed); never blocks.
@@ -177,7 +208,7 @@ class Transfers:
 
     def _finish(self, transfer: Transfer, error: BaseException | None) -> None:
         self._pending.remove(transfer)
-        self._tier.finish(transfer.seq_ids, error is None)
+        self._end(transfer, error is None)
         transfer.status = "done" if error is None else "failed"
         transfer.error = error
         event, transfer.event = transfer.event, None

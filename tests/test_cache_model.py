@@ -55,7 +55,7 @@ def content(prefix_digest: bytes, layer: int, which: int) -> np.ndarray:
     return out
 
 
-STEPS = {"steps": 0, "runs": 0, "swap_outs": 0, "swap_ins": 0, "failed": 0}
+STEPS = {"steps": 0, "runs": 0, "swap_outs": 0, "swap_ins": 0, "failed": 0, "host_hits": 0}
 
 
 class CacheMachine(RuleBasedStateMachine):
@@ -93,7 +93,7 @@ class CacheMachine(RuleBasedStateMachine):
         self.cached_pages = set()
         self.away = {}        # seq -> state, for sequences not resident: swapped, leaving,
                               # arriving (their tokens and digests stay in the model)
-        self.fail_next_poll = False
+        self.prompts = []     # the latest prompts, most recent first
 
     @property
     def resident(self):
@@ -132,12 +132,35 @@ class CacheMachine(RuleBasedStateMachine):
 
     @precondition(lambda self: self.cache is not None)
     @rule(prompt=st.lists(st.integers(0, 3), min_size=1, max_size=12),
-          namespace=st.integers(0, 1))
-    def add(self, prompt, namespace):
+          namespace=st.integers(0, 1), fail_load=st.booleans(), again=st.integers(0, 3))
+    def add(self, prompt, namespace, fail_load, again):
+        if again and self.prompts:   # often a prompt seen before, so that it can hit
+            prompt = self.prompts[again % len(self.prompts)] + prompt[:1]
+        self.prompts = [list(prompt), *self.prompts[:2]]
         try:
             seq = self.cache.add_sequence(prompt, namespace=namespace)
         except CapacityError:
             return
+        if self.cache.seq_state(seq) == "swapping_in":
+            # A hit on blocks offloaded to the host tier: they are being copied back.
+            load = self.cache.pending_transfers[-1]
+            assert load.kind == "load" and load.seq_ids.tolist() == [seq]
+            hit = self.cache.num_tokens(seq)
+            STEPS["host_hits"] += 1
+            if fail_load:
+                def broken(event):
+                    raise KernelError("injected load failure")
+                self.cache.backend.wait_transfer = broken
+            try:
+                self.cache.wait(load)
+            finally:
+                if fail_load:
+                    del self.cache.backend.wait_transfer
+            assert load.status == ("failed" if fail_load else "done")
+            assert self.cache.seq_state(seq) == "resident"
+            # Failed: only the hit before the first offloaded block is kept.
+            assert (self.cache.num_tokens(seq) < hit) == fail_load
+            self._track_events()
         cached = self.cache.num_tokens(seq)
         self.tokens[seq], self.digests[seq] = [], []
         self._extend(seq, prompt[:cached])
@@ -236,6 +259,23 @@ class CacheMachine(RuleBasedStateMachine):
         del self.tokens[seq], self.digests[seq]
         self.away.pop(seq, None)
 
+    @precondition(lambda self: self.cache is not None and self.cache.num_free_pages > 0)
+    @rule()
+    def pressure(self):
+        """Take every free page and give them back: cached pages are evicted, which
+        offloads them to the host tier (one group) where later prompts can hit them."""
+        try:
+            filler = self.cache.add_sequence()
+        except CapacityError:
+            return
+        tokens = self.cache.num_free_pages * self.ps
+        while tokens and self.cache.pages_needed([filler], [tokens]) > self.cache.num_free_pages:
+            tokens -= self.ps          # two groups: each token needs pages in both
+        self.cache.append([filler], [tokens])
+        self.cache.remove(filler)
+        self._finished(self.cache.poll(), False)   # offloaded blocks become findable
+        self._track_events()
+
     @precondition(lambda self: self.cache is not None and self.resident)
     @rule(data=st.data())
     def swap_out(self, data):
@@ -289,6 +329,10 @@ class CacheMachine(RuleBasedStateMachine):
                 del self.cache.backend.transfer_done
         assert finished and not self.cache.pending_transfers
         STEPS["failed"] += len(finished) if fail else 0
+        self._finished(finished, fail)
+
+    def _finished(self, finished, fail):
+        """Follow the transfers ``poll`` finished in the model."""
         for transfer in finished:
             assert transfer.status == ("failed" if fail else "done")
             for seq in transfer.seq_ids.tolist():

@@ -229,19 +229,26 @@ def test_prefix_pages_of_a_swapped_sequence_stay_findable_and_swap_in_does_not_i
     cache.check_invariants()
 
 
-def test_swap_in_may_evict_cached_prefix_pages():
+def test_swap_in_offloads_the_cached_pages_it_evicts():
     cache = make_cache(num_pages=6, prefix=True)
     a = cache.add_sequence()
     fill(cache, a, 16, tokens=list(range(16)))     # 4 full pages, indexed
+    before = contents(cache, [a])
     cache.swap_out([a])
     cache.wait()
     assert cache.num_cached_pages == 4
     b = cache.add_sequence()
     fill(cache, b, 8, tokens=[9] * 8)              # 2 clean pages left: b takes them
     assert cache.swap_in_pages([a]) == 4 and cache.num_free_pages == 4
-    cache.swap_in([a])                              # evicts all 4 cached pages
+    cache.swap_in([a])                              # evicts all 4 cached pages ...
+    kinds = [t.kind for t in cache.pending_transfers]
+    assert kinds == ["offload", "swap_in"]          # ... offloaded first, then loaded
+    assert cache.match_prefix([*range(16), 0]) == 0   # not findable before it arrived
     cache.wait()
-    assert cache.num_cached_pages == 0 or cache.match_prefix([*list(range(16)), 0]) < 16
+    assert cache.match_prefix([*range(16), 0]) == 16  # findable in the host tier
+    assert cache.prefix_stats["host_cached_pages"] == 4
+    for (k0, v0), (k1, v1) in zip(before, contents(cache, [a]), strict=True):
+        assert np.array_equal(k0, k1) and np.array_equal(v0, v1)
     cache.check_invariants()
 
 
