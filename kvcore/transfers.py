@@ -1,11 +1,12 @@
 """Transfers between the device tier and the host tier, and their completion.
 
 Four kinds of :class:`Transfer`, each the page table's bookkeeping
-(:class:`kvcore.HostTier`) plus one batched copy on the caller's stream followed by an event:
-:meth:`KVCache.swap_out` and :meth:`KVCache.swap_in` move sequences; with prefix caching,
-an *offload* copies cached pages that a call had to reuse into the host tier (enqueued
-by that call before any copy or write of its own), and a *load* copies host-tier
-prefix hits into the fresh device pages of a new sequence. The :class:`Transfers` queue holds them until
+(:class:`kvcore.HostTier`) plus one batched copy on the caller's stream followed by an
+event: :meth:`KVCache.swap_out` and :meth:`KVCache.swap_in` move sequences; with prefix
+caching, an *offload* copies cached pages that a call had to reuse into the host tier
+(enqueued by that call before any copy or write of its own), and a *load* copies
+host-tier prefix hits into the fresh device pages of a new sequence. The
+:class:`Transfers` queue holds them until
 :meth:`Transfers.poll` (non-blocking) or :meth:`Transfers.wait` sees that event
 complete, and only then tells the bookkeeping, which makes the moved pages usable and
 releases the ones left behind. A copy that fails (at launch, or reported by its event)
