@@ -276,6 +276,50 @@ def prefix_lookup(lib: str, tokens: int = 4096, page_size: int = 16, rounds: int
     return run
 
 
+def host_prefix_hit(lib: str, tokens: int = 4096, page_size: int = 16, rounds: int = 20):
+    """A 4,096-token prompt whose 256 full pages were all offloaded to the host tier:
+    ``add_sequence`` maps the hit into fresh device pages (the bookkeeping; the copy is
+    not included). Timed: ``add_sequence`` and taking its load pairs; the completion and
+    the ``remove`` that offloads the pages again are not. The baseline is the
+    pure-Python device-tier lookup of the same prompt (it has no host tier)."""
+    if lib != "kvcore":
+        return prefix_lookup(lib, tokens, page_size, rounds)
+    num_pages = tokens // page_size + 16
+    prompt = np.random.default_rng(7).integers(0, 32000, size=tokens + 1).astype(np.int32)
+    table = kvcore.PageTable(kvcore.PageAllocator(num_pages), page_size, 4, num_pages,
+                             enable_prefix_cache=True,
+                             host_allocator=kvcore.PageAllocator(2 * num_pages))
+    tier = kvcore.HostTier(table)
+
+    def offload_everything():
+        """Fill the device with other pages: every cached page moves to the host."""
+        filler = table.add_sequence()
+        table.append([filler], [table.allocator.num_free * page_size])
+        table.remove(filler)
+        tier.finish_writebacks(table.take_writebacks()[1], True)
+
+    seq = table.add_sequence()
+    table.append([seq], [tokens + 1], token_ids=prompt)
+    table.remove(seq)
+    offload_everything()
+
+    def run():
+        elapsed = 0
+        for _ in range(rounds):
+            start = time.perf_counter_ns()
+            hit = table.add_sequence(prompt)
+            pairs = tier.load_pairs(hit)
+            elapsed += time.perf_counter_ns() - start
+            assert table.num_tokens(hit) == tokens and pairs[0].size == tokens // page_size
+            tier.finish_writebacks(table.take_writebacks()[1], True)
+            tier.finish([hit], True)
+            table.remove(hit)
+            offload_everything()
+        return elapsed / rounds
+
+    return run
+
+
 def swap_round_trip(lib: str, batch: int = 256, tokens: int = 1024, page_size: int = 16,
                     rounds: int = 5):
     """Bookkeeping of swapping 256 sequences x 1,024 tokens (16,384 pages) out and back
@@ -374,6 +418,8 @@ WORKLOADS = [
      "self", None),
     ("prefix lookup, 4,096-token prompt, 256 pages all hit", prefix_lookup,
      "us/call", "self", 20.0),
+    ("host-tier prefix hit, 4,096-token prompt, 256 pages offloaded (python: device hit)",
+     host_prefix_hit, "us/call", "self", 30.0),
     ("swap 256 seqs x 1,024 tokens (16,384 pages) out or in: bookkeeping per call",
      swap_round_trip, "us/call", "self", 50.0),
     ("shared system prompts: 256 requests, lookup + prefill + 32 decode", shared_prompt_workload,
