@@ -1,5 +1,6 @@
 // kvcore data-movement kernels: scatter new K/V into pages, gather pages into contiguous
-// tensors, copy pages (copy-on-write). Loaded at run time with cupy.RawModule (NVRTC).
+// tensors, copy pages (copy-on-write), swap pages to and from the host tier. Loaded at
+// run time with cupy.RawModule (NVRTC).
 //
 // Shapes use the glossary names: L layers, P num_pages, S page_size, H num_kv_heads,
 // D head_dim, T tokens, B batch. One layer's K (or V) pool is P pages whose
@@ -220,6 +221,42 @@ __device__ void copy_pages(const unsigned long long* __restrict__ pools,  // [nu
   }
 }
 
+// swap_pages: page pairs between the device pool and the host tier, in either direction,
+// in one launch. The host tier is page-locked host memory that the device reads and
+// writes through its mapping (the same address under UVA), page-major: host page h is
+// num_pools contiguous chunks of page_vecs vectors, chunk (slot, K/V) at
+// (h * num_pools + slot * 2 + kv) * page_vecs. One block per (pair, slot, K/V) chunk,
+// pairs slowest, so neighbouring blocks cover neighbouring host bytes (long PCIe runs).
+// Reads of host memory are latency bound (a round trip over PCIe per load): each thread
+// issues COPY_UNROLL 16-byte loads before its first store, and several blocks per SM
+// keep tens of KB in flight per SM, so both directions stay at the link's rate.
+template <typename V>
+__device__ void swap_pages(const page_id_t* __restrict__ device_pages,  // [num_pairs]
+                           const page_id_t* __restrict__ host_pages,    // [num_pairs]
+                           long long num_pairs, int to_host,
+                           const unsigned long long* __restrict__ pools,  // [num_pools] bytes
+                           V* __restrict__ host_pool, long long num_pools, long long num_pages,
+                           long long num_host_pages, long long page_stride,
+                           long long page_vecs, int* __restrict__ error_word) {
+  const long long num_chunks = num_pairs * num_pools;
+  for (long long c = blockIdx.x; c < num_chunks; c += gridDim.x) {
+    const long long pair = c / num_pools;
+    const long long pool = c - pair * num_pools;  // = slot * 2 + (0 for K, 1 for V)
+    const long long d = device_pages[pair], h = host_pages[pair];
+    if (d < 0 || d >= num_pages || h < 0 || h >= num_host_pages) {
+      if (threadIdx.x == 0) atomicOr(error_word, KVCORE_ERR_PAGE_OUT_OF_RANGE);
+      continue;
+    }
+    V* dev = reinterpret_cast<V*>(pools[pool]) + d * page_stride;
+    V* host = host_pool + (h * num_pools + pool) * page_vecs;
+    if (to_host) {
+      block_copy(host, dev, page_vecs);
+    } else {
+      block_copy(dev, host, page_vecs);
+    }
+  }
+}
+
 }  // namespace kvcore
 
 // extern "C" entry points, one per vector width: kvcore_<op>_w<bytes>. Keep each list in
@@ -250,6 +287,15 @@ __device__ void copy_pages(const unsigned long long* __restrict__ pools,  // [nu
       long long page_vecs, int* error_word) {                                                \
     kvcore::copy_pages<V>(pools, src, dst, num_pairs, num_pools, num_pages, page_stride,     \
                           page_vecs, error_word);                                            \
+  }                                                                                          \
+  extern "C" __global__ void kvcore_swap_pages_w##BYTES(                                    \
+      const page_id_t* device_pages, const page_id_t* host_pages, long long num_pairs,       \
+      int to_host, const unsigned long long* pools, V* host_pool, long long num_pools,       \
+      long long num_pages, long long num_host_pages, long long page_stride,                  \
+      long long page_vecs, int* error_word) {                                                \
+    kvcore::swap_pages<V>(device_pages, host_pages, num_pairs, to_host, pools, host_pool,    \
+                          num_pools, num_pages, num_host_pages, page_stride, page_vecs,      \
+                          error_word);                                                       \
   }
 
 KVCORE_INSTANTIATE(uint4, 16)

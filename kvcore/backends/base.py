@@ -41,6 +41,11 @@ class Backend(Protocol):
         Each layer's K and V pool, ``[P, S, H, D]`` (NHD) or ``[P, H, S, D]`` (HND).
     scatter_fast_path : object or None
         A C hot path for ``write`` (``TorchScatter``), or None.
+    host_kv : numpy.ndarray or None
+        The host tier, ``config.host_pool_shape`` (page-major: host page ``h`` is
+        ``host_kv[h]``, every layer slot, K and V) in the storage dtype (bfloat16 as
+        uint16 words); page-locked and mapped for the device on CUDA. None when
+        ``config.num_host_pages == 0``.
     """
 
     name: str
@@ -51,6 +56,7 @@ class Backend(Protocol):
     k_views: tuple
     v_views: tuple
     scatter_fast_path: Any
+    host_kv: Any
 
     # -- streams --------------------------------------------------------------------------
     def current_stream(self) -> int | None: ...
@@ -76,3 +82,52 @@ class Backend(Protocol):
     def wait_event(self, event) -> None: ...
     def destroy_event(self, event) -> None: ...
     def upload_bytes(self, dst_ptr: int, staging: np.ndarray, nbytes: int, stream) -> None: ...
+
+    # -- the host tier ----------------------------------------------------------------------
+    def swap_copy(self, direction: str, device_pages: np.ndarray, host_pages: np.ndarray,
+                  stream):
+        """Copy pages between the device pool and the host tier ``host_kv``.
+
+        Parameters
+        ----------
+        direction : {"out", "in"}
+            ``"out"``: device page ``device_pages[i]`` to host page ``host_pages[i]``;
+            ``"in"``: the reverse. Every layer slot, K and V, of each page.
+        device_pages, host_pages : numpy.ndarray
+            int32 page ids of equal length, chosen by the page table: in range, and the
+            destinations distinct (not checked again).
+        stream
+            What :meth:`resolve_stream` returned; the copy is enqueued there.
+
+        Returns
+        -------
+        event
+            Handle of the copy's completion for :meth:`transfer_done` and
+            :meth:`wait_transfer` (a CUDA event, released with :meth:`destroy_event`),
+            or None when the copy is already complete (the NumPy backend, and no pages).
+        """
+        ...
+
+    def transfer_done(self, event) -> bool:
+        """Whether the copy behind ``event`` (from :meth:`swap_copy`) has finished.
+
+        Never blocks; None is finished.
+
+        Raises
+        ------
+        KernelError
+            The device reported an error (CUDA), which is not "not finished yet".
+        """
+        ...
+
+    def wait_transfer(self, event) -> None:
+        """Block until the copy behind ``event`` (from :meth:`swap_copy`) has finished.
+
+        None returns at once.
+
+        Raises
+        ------
+        KernelError
+            The device reported an error while waiting (CUDA).
+        """
+        ...

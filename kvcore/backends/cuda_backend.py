@@ -16,6 +16,8 @@ the call, so their reuse is ordered after the kernels that read them.
 
 from __future__ import annotations
 
+import ctypes
+
 import numpy as np
 
 from kvcore._checks import check_host_slots, check_kv_shape, host_page_pair, kv_dtype_ok
@@ -26,18 +28,76 @@ from kvcore.backends.kernel_abi import VECTOR_WIDTHS
 from kvcore.backends.pool_layout import adopt_layers
 from kvcore.backends.uploads import PinnedRing, refuse_capture
 from kvcore.config import KVCacheConfig
-from kvcore.errors import ShapeError
+from kvcore.errors import BackendUnavailableError, KernelError, ShapeError
 
 __all__ = ["CudaBackend"]
 
 LAYOUT_CODE = {"NHD": 0, "HND": 1}
 _MAX_BLOCK = 256
 _UNROLL = 4     # tokens per block trip in the scatter kernel (kvcore::UNROLL)
+_COPY_UNROLL = 8   # vectors per thread per trip of the page copies (kvcore::COPY_UNROLL)
 _D2H = 2        # cudaMemcpyDeviceToHost
+# swap_pages blocks per SM. PCIe, not the SMs, bounds a swap: on the H200, 1 to 16 blocks
+# per SM (each with up to 32 KiB of loads in flight) all moved 52 GB/s out and 51 GB/s
+# in, 93-95% of one contiguous cudaMemcpyAsync (benchmarks/bench_swap.py). Two keep a
+# margin for host-read latency while leaving most of every SM to the kernels a swap
+# overlaps with.
+_SWAP_BLOCKS_PER_SM = 2
+_SWAP_DIRECTIONS = {"out": 1, "in": 0}     # the kernel's to_host flag
+_HOST_ALLOC_PORTABLE = 1    # cudaHostAllocPortable: pinned for every CUDA context
+_HOST_ALLOC_MAPPED = 2      # cudaHostAllocMapped: addressable by the device
+_EVENT_DISABLE_TIMING = 2   # cudaEventDisableTiming
+_CUDA_SUCCESS = 0
+_CUDA_ERROR_NOT_READY = 600
 
 
 def _round_up(n: int, m: int) -> int:
     return (n + m - 1) // m * m
+
+
+def _runtime_error(status: int) -> str:
+    """``"cudaError...: text"`` for a CUDA runtime status."""
+    try:
+        return str(cupy.cuda.runtime.CUDARuntimeError(status))
+    except Exception:
+        return f"cudaError_t {status}"
+
+
+def _pin_host_pool(config: KVCacheConfig):
+    """The host tier: ``(owner, array)``, a zero-filled NumPy view of
+    ``config.host_pool_shape`` (storage dtype) over page-locked, device-mapped memory.
+
+    Raises
+    ------
+    BackendUnavailableError
+        The memory cannot be pinned, or the device does not see it at the host's address.
+    """
+    from cupy.cuda import pinned_memory
+
+    nbytes = config.host_bytes
+    # One cudaHostAlloc of our own, not torch's pinned allocator (which rounds every
+    # block up to a power of two: a 24 GiB tier would pin 32 GiB) nor CuPy's pinned pool
+    # (which keeps freed blocks pinned after the cache is gone). The tier is one
+    # allocation for the cache's life, so a caching pool gives nothing; PinnedMemory
+    # frees it with cudaFreeHost once the last view of it is dropped.
+    try:
+        memory = pinned_memory.PinnedMemory(nbytes, _HOST_ALLOC_PORTABLE | _HOST_ALLOC_MAPPED)
+    except cupy.cuda.runtime.CUDARuntimeError as exc:
+        raise BackendUnavailableError(
+            f"cannot pin {nbytes / 2**30:.2f} GiB of host memory for the host tier "
+            f"(num_host_pages={config.num_host_pages}): {exc}") from exc
+    # Under unified addressing (every 64-bit platform CUDA supports) the device reaches
+    # mapped pinned memory at the host's own address; the swap kernel relies on it.
+    attributes = cupy.cuda.runtime.pointerGetAttributes(memory.ptr)
+    device_ptr = getattr(attributes, "devicePointer", memory.ptr)
+    if device_ptr != memory.ptr:
+        raise BackendUnavailableError("the host tier's pinned memory is mapped at another "
+                                      "device address (no unified addressing)")
+    owner = pinned_memory.PinnedMemoryPointer(memory, 0)
+    ctypes.memset(memory.ptr, 0, nbytes)    # cudaHostAlloc does not promise zeroed memory
+    host = np.frombuffer(owner, dtype=config.storage_dtype,
+                         count=nbytes // config.itemsize).reshape(config.host_pool_shape)
+    return owner, host
 
 
 def _check_aligned(view, name: str) -> None:
@@ -109,6 +169,7 @@ class CudaBackend:
         cupy.cuda.runtime.memcpy(describe(self._pool_table).ptr, pools.ctypes.data,
                                  pools.nbytes, 1)
         self.uploader = PinnedRing(fw)
+        self._init_host_tier(config, layers)
         # The pool's zero fill and the buffers above were enqueued on the stream current
         # now; wait once, so first use on any other stream cannot race them.
         cupy.cuda.runtime.deviceSynchronize()
@@ -119,6 +180,52 @@ class CudaBackend:
         self.current_stream = fw.current_stream
         self.framework_name = fw.name
         self.scatter_fast_path = self._make_torch_scatter() if fw.name == "torch" else None
+
+    def _init_host_tier(self, config: KVCacheConfig, layers) -> None:
+        """Pin the host tier (``host_kv``) and upload the (slot, K/V) pool table that
+        ``swap_pages`` reads; no host tier when ``num_host_pages == 0``."""
+        self.host_kv = None
+        self._host_owner = None
+        self._host_ptr = 0
+        self._swap_table = None
+        self._swap_table_ptr = 0
+        self._swap_pools = 2 * config.num_slots
+        if not config.num_host_pages:
+            return
+        # Host page h holds slot j's K and V: for slot j, the pools of the first layer in
+        # it. Layers of other groups in slot j must be that same memory (kvcore's own
+        # pool always is): a page id belongs to one group at a time, but swap_copy is not
+        # told which, so pools apart would leave one group's data behind.
+        table = []
+        first: dict[int, int] = {}
+        for layer in range(config.num_layers):
+            slot = config.layer_slot(layer)
+            if slot not in first:
+                first[slot] = layer
+                continue
+            other = first[slot]
+            if (layers.k_ptrs[layer], layers.v_ptrs[layer]) != (layers.k_ptrs[other],
+                                                                 layers.v_ptrs[other]):
+                raise ShapeError(
+                    f"layers {other} and {layer} share pool slot {slot} but not memory: a "
+                    "host tier (num_host_pages > 0) needs the layers of one slot to be the "
+                    "same K and V tensors")
+        for slot in range(config.num_slots):
+            layer = first[slot]
+            table += [layers.k_ptrs[layer], layers.v_ptrs[layer]]
+        table = np.array(table, dtype=np.uint64)
+        self._swap_table = self.framework.empty((table.size,), "int64")
+        self._swap_table_ptr = describe(self._swap_table).ptr
+        cupy.cuda.runtime.memcpy(self._swap_table_ptr, table.ctypes.data, table.nbytes, 1)
+        with cupy.cuda.Device(self.device_id):
+            self._host_owner, self.host_kv = _pin_host_pool(config)
+        self._host_ptr = self.host_kv.ctypes.data
+        chunk = config.page_elems * self._item
+        combined = chunk | self._pool_align | self._host_ptr
+        self._swap_width = next((w for w in VECTOR_WIDTHS if w >= self._item and
+                                 combined % w == 0), self._item)
+        self._swap_block = min(_MAX_BLOCK, _round_up(
+            -(-(chunk // self._swap_width) // _COPY_UNROLL), 32))
 
     # -- streams and launches -------------------------------------------------------------
 
@@ -152,6 +259,11 @@ class CudaBackend:
                                num_heads=cfg.num_kv_heads, row_vecs=row_vecs),
                 "copy_pages": dict(common, num_pools=self._num_pools,
                                    num_pages=cfg.num_pages,
+                                   page_vecs=cfg.page_elems * self._item // width),
+                "swap_pages": dict(common, pools=self._swap_table_ptr,
+                                   host_pool=self._host_ptr, num_pools=self._swap_pools,
+                                   num_pages=cfg.num_pages,
+                                   num_host_pages=cfg.num_host_pages,
                                    page_vecs=cfg.page_elems * self._item // width),
             }[op]
             with cupy.cuda.Device(self.device_id):
@@ -381,6 +493,82 @@ class CudaBackend:
             grid, block, stream, describe(self._pool_table).ptr, src_ptr, dst_ptr, n)
         del keep
 
+    # -- the host tier ----------------------------------------------------------------------
+
+    def swap_copy(self, direction: str, device_pages: np.ndarray, host_pages: np.ndarray,
+                  stream: int):
+        """Copy device page ``device_pages[i]`` to host page ``host_pages[i]``
+        (``direction="out"``) or back (``"in"``): every layer slot, K and V; one launch
+        on ``stream``.
+
+        The page table chose the ids (in range, destinations distinct), so they are not
+        checked here; the kernel still skips an id outside its pool and sets
+        ``ERR_PAGE_OUT_OF_RANGE`` in the error word, so no id can touch memory outside
+        the two pools.
+
+        Returns
+        -------
+        event : int or None
+            A CUDA event (timing disabled) recorded after the copy; None when there is
+            nothing to copy. Release it with :meth:`destroy_event`.
+        """
+        if self.host_kv is None:
+            raise ValueError("this cache has no host tier (num_host_pages == 0)")
+        to_host = _SWAP_DIRECTIONS.get(direction)
+        if to_host is None:
+            raise ValueError(f"direction must be 'out' or 'in', got {direction!r}")
+        device_pages = np.ascontiguousarray(device_pages, dtype=np.int32).reshape(-1)
+        host_pages = np.ascontiguousarray(host_pages, dtype=np.int32).reshape(-1)
+        n = device_pages.size
+        if host_pages.size != n:
+            raise ValueError(f"device_pages and host_pages differ in length: {n} != "
+                             f"{host_pages.size}")
+        if n == 0:
+            return None
+        (device_ptr, host_ptr), keep = self.uploader.upload([device_pages, host_pages], stream)
+        grid = max(1, min(n * self._swap_pools, self.num_sms * _SWAP_BLOCKS_PER_SM))
+        self._launcher("swap_pages", self._swap_width)(
+            grid, self._swap_block, stream, device_ptr, host_ptr, n, to_host)
+        del keep
+        return self.record_event(stream)
+
+    def transfer_done(self, event) -> bool:
+        """Whether the copy behind ``event`` has finished (None: nothing was copied);
+        never blocks.
+
+        Raises
+        ------
+        KernelError
+            The device reported an error (a fault in this or earlier work), which is
+            not "not finished yet".
+        """
+        if event is None:
+            return True
+        try:
+            status = cupy.cuda.runtime.eventQuery(event)
+        except cupy.cuda.runtime.CUDARuntimeError as exc:   # CuPy versions that raise
+            status = exc.status
+        if status == _CUDA_SUCCESS:
+            return True
+        if status == _CUDA_ERROR_NOT_READY:
+            return False
+        raise KernelError(f"a host-tier transfer failed: {_runtime_error(status)}")
+
+    def wait_transfer(self, event) -> None:
+        """Block until the copy behind ``event`` has finished (None: return at once).
+
+        Raises
+        ------
+        KernelError
+            The device reported an error while waiting.
+        """
+        if event is None:
+            return
+        try:
+            cupy.cuda.runtime.eventSynchronize(event)
+        except cupy.cuda.runtime.CUDARuntimeError as exc:
+            raise KernelError(f"a host-tier transfer failed: {exc}") from exc
+
     # -- waiting and errors ---------------------------------------------------------------
 
     def synchronize(self, stream: int) -> int:
@@ -423,7 +611,7 @@ class CudaBackend:
         """Record ``event`` (a new one when None) on ``stream``; return it."""
         runtime = cupy.cuda.runtime
         if event is None:
-            event = runtime.eventCreateWithFlags(2)     # cudaEventDisableTiming
+            event = runtime.eventCreateWithFlags(_EVENT_DISABLE_TIMING)
         runtime.eventRecord(event, stream)
         return event
 

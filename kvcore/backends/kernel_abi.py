@@ -58,6 +58,13 @@ KERNELS: dict[str, KernelABI] = {
         bound=(("num_pools", "q"), ("num_pages", "q"), ("page_stride", "q"), ("page_vecs", "q"),
                ("error_word", "p")),
     ),
+    "swap_pages": KernelABI(
+        leading=(("device_pages", "p"), ("host_pages", "p"), ("num_pairs", "q"),
+                 ("to_host", "i")),
+        bound=(("pools", "p"), ("host_pool", "p"), ("num_pools", "q"), ("num_pages", "q"),
+               ("num_host_pages", "q"), ("page_stride", "q"), ("page_vecs", "q"),
+               ("error_word", "p")),
+    ),
 }
 
 #: Vector widths in bytes, one entry point per width (``kvcore_<op>_w<bytes>``).
