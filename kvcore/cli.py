@@ -1,5 +1,8 @@
 """The ``kvcore`` command: ``simulate`` (the main job), ``bench`` and ``info``.
 
+``kvcore simulate --preempt both`` runs the workload twice (recompute, then swap) and
+ends with a comparison of the two.
+
 Bad input never gets a traceback: every invalid value or combination (including a pool
 that would not fit in memory, a run that could never finish, and an output path that
 cannot be written) is reported before the run as one line,
@@ -68,7 +71,20 @@ SIMULATE_HELP = {
     "speculative": "speculative decoding: draft tokens per sequence and decode step; each "
                    "step appends the next token plus K drafts, keeps a random prefix of "
                    "the drafts (uniform 0 to K) and truncates the rest; 0 = off",
+    "preempt": "what preemption does to the newest running request when decoding runs out "
+               "of pages: recompute = its sequences are removed and it starts again from "
+               "its prompt; swap = they move to a host tier (--host-pages) and come back "
+               "byte for byte (verified) once device pages are free, a victim the host "
+               "tier has no room for being recomputed; both = run the workload twice, "
+               "recompute then swap, and compare",
+    "host_pages": "pages of the host tier that --preempt swap moves sequences to; a host "
+                  "page holds --page-size tokens of every layer, K and V, in as many bytes "
+                  "as a device page (host memory: N x the pool's bytes / --pages); 0 = no "
+                  "host tier (every victim is recomputed)",
 }
+
+#: Defaults that argparse's ``%(default)s`` would not say right.
+_DEFAULT_HELP = {"host_pages": " (default: as many as --pages with --preempt swap, else 0)"}
 
 # formats matplotlib writes (used when matplotlib is missing, for the extension check)
 _PLOT_FORMATS = ("eps", "jpeg", "jpg", "pdf", "pgf", "png", "ps", "raw", "rgba", "svg",
@@ -160,6 +176,13 @@ def _one_of(*choices: str):
     return parse
 
 
+def _host_pages(text: str) -> int:
+    value = _non_negative_int(text)
+    if value > 2**31 - 1:
+        raise argparse.ArgumentTypeError(f"must be at most 2**31 - 1 pages, got {text!r}")
+    return value
+
+
 def _device(text: str) -> str:
     if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", text.strip().lower()):
         raise argparse.ArgumentTypeError(f"must be auto, cpu, cuda or cuda:N, got {text!r}")
@@ -175,7 +198,8 @@ def _add_simulate(sub) -> None:
         description="Drive a KVCache the way a continuous-batching scheduler does and "
         "verify every byte it wrote. A step is one scheduler iteration: admit waiting "
         "requests (prefill), then decode one token for every running sequence (plus "
-        "drafts with --speculative). --window makes a hybrid sliding-window model. Invalid "
+        "drafts with --speculative). --window makes a hybrid sliding-window model; "
+        "--preempt swap preempts to a host tier instead of recomputing. Invalid "
         "options, and configs that could not be allocated or would never finish, are "
         "rejected before the run (exit status 2); the run exits 1 if verification finds "
         "a mismatch or an invariant failure.")
@@ -187,16 +211,17 @@ def _add_simulate(sub) -> None:
                "dtype": _one_of("float16", "bfloat16", "float32"),
                "layout": _one_of("NHD", "HND"), "device": _device,
                "window": _window, "window_layers": _open_share,
-               "speculative": _non_negative_int}
+               "speculative": _non_negative_int,
+               "preempt": _one_of("recompute", "swap", "both"), "host_pages": _host_pages}
     metavars = {"dtype": "{float16,bfloat16,float32}", "layout": "{NHD,HND}",
                 "device": "DEVICE", "arrival_rate": "RATE", "system_prompt_share": "FRACTION",
                 "multi_sample_share": "FRACTION", "verify_every": "STEPS",
                 "check_every": "STEPS", "window": "W", "window_layers": "FRACTION",
-                "speculative": "K"}
+                "speculative": "K", "preempt": "{recompute,swap,both}"}
     for f in fields(SimConfig):
         default = getattr(defaults, f.name)
-        text = SIMULATE_HELP[f.name] + (" (default: off)" if default is None
-                                        else " (default: %(default)s)")
+        text = SIMULATE_HELP[f.name] + _DEFAULT_HELP.get(
+            f.name, " (default: off)" if default is None else " (default: %(default)s)")
         if isinstance(default, bool):
             p.add_argument("--" + f.name.replace("_", "-"), dest=f.name, default=default,
                            action=argparse.BooleanOptionalAction, help=text)
@@ -304,10 +329,58 @@ def _summary_rows(result) -> list[tuple[str, str]]:
          f"({100 * result.peak_pages_used / result.pool_pages:.0f}%)"),
         ("prefix-cache hit rate", hit),
         ("copy-on-write copies", f"{result.cow_copies:,}"),
-        ("preemptions", f"{result.preemptions:,}"),
+        ("preemptions", _preemptions(result)),
+        *_swap_rows(result),
         *_extra_rows(result),
         ("wall time", f"{result.wall_s:.1f} s"),
     ]
+
+
+def _preemptions(result) -> str:
+    swap = result.swap
+    how = ("" if swap is None else f"{swap['swap_outs']:,} swapped out, "
+           f"{swap['recompute_fallbacks']:,} recomputed: ")
+    return (f"{result.preemptions:,} ({how}{result.recompute_tokens:,} tokens to "
+            f"recompute)")
+
+
+def _swap_rows(result) -> list[tuple[str, str]]:
+    """Rows of a --preempt swap run (none otherwise)."""
+    swap = result.swap
+    if swap is None:
+        return []
+
+    def moved(way: str, waited: str) -> str:
+        return (f"{swap[f'pages_{way}']:,} pages, {_bytes(swap[f'bytes_{way}'])}; "
+                f"{swap[f'{way}_gb_per_s']:.2f} GB/s from the call to the {waited} that "
+                f"finished it, {swap[f'{way}_call_gb_per_s']:.2f} GB/s inside the calls")
+
+    rows = [
+        ("host tier",
+         f"{swap['host_pages']:,} pages ({_bytes(swap['host_bytes'])}), peak "
+         f"{swap['host_pages_peak']:,} in use"),
+        ("swapped out",
+         f"{swap['swap_outs']:,} requests ({swap['requests_swapped']:,} distinct), one "
+         f"call each: " + moved("out", "wait")),
+        ("swapped in",
+         f"{swap['requests_swapped_in']:,} requests in {swap['swap_ins']:,} calls: "
+         + moved("in", "next step's poll")),
+        ("recompute avoided",
+         f"{swap['recompute_tokens_avoided']:,} tokens (prompt + generated of the swapped "
+         f"requests); {swap['recompute_fallbacks']:,} victims recomputed (no room in the "
+         f"host tier)"),
+        ("checks after swap-in",
+         f"{swap['checks']:,} sequences, {swap['check_tokens']:,} tokens read back, "
+         f"{swap['mismatches']:,} mismatches ({swap['verify_seconds']:.2f} s of the wall "
+         f"time)"),
+    ]
+    if swap["prefix_offloads"] or swap["prefix_loads"]:
+        rows.append(("host-tier prefix cache (kvcore's)",
+                     f"{swap['prefix_offloads']:,} offloads of evicted prefix pages "
+                     f"({swap['prefix_offload_pages']:,} pages), {swap['prefix_loads']:,} "
+                     f"host hits loaded ({swap['prefix_load_pages']:,} pages); not in the "
+                     f"swap figures"))
+    return rows
 
 
 def _extra_rows(result) -> list[tuple[str, str]]:
@@ -365,9 +438,12 @@ def _integrity_line(result) -> str:
     written (every finished sample, plus live ones at spot checks), so a token counts at
     every read-back that covers it: a prompt shared by samples or by a prefix hit is
     written once but read back in every sequence, and spot-checked sequences again."""
-    at_finish = result.sequences_verified - result.spot_checks
+    swap_checks = result.swap["checks"] if result.swap is not None else 0
+    at_finish = result.sequences_verified - result.spot_checks - swap_checks
+    swapped = (f" + {swap_checks:,} checks after swap-in" if result.swap is not None
+               else "")
     return (f"integrity: {result.sequences_verified:,} sequence read-backs ({at_finish:,} "
-            f"finished samples + {result.spot_checks:,} spot checks of live ones), "
+            f"finished samples + {result.spot_checks:,} spot checks of live ones{swapped}), "
             f"{result.tokens_verified:,} tokens compared (per read-back: shared prompts and "
             f"spot-checked tokens count again), {result.mismatches:,} mismatches, "
             f"{result.invariant_failures} invariant failures")
@@ -390,6 +466,8 @@ def _plot(result, path: Path) -> None:
     top.legend(loc="lower right")
     middle.plot(t["step"], t["running"], lw=1, label="running sequences")
     middle.plot(t["step"], t["waiting"], lw=1, label="waiting requests")
+    if "swapped" in t:   # --preempt swap
+        middle.plot(t["step"], t["swapped"], lw=1, label="swapped-out requests")
     middle.legend(loc="upper right")
     bottom.plot(t["step"], [100 * x for x in t["hit_rate"]], lw=1)
     bottom.set_ylabel("prefix hit rate %")
@@ -405,51 +483,105 @@ def _error(command: str, message: str) -> int:
     return 2
 
 
+def _comparison_rows(recompute, swap) -> list[tuple[str, str]]:
+    """``--preempt both``: the figures that preemption changes, recompute -> swap."""
+    def change(a, b, fmt) -> str:
+        pct = f" ({100 * (b - a) / a:+.1f}%)" if a else ""
+        return f"{fmt(a)} -> {fmt(b)}{pct}"
+
+    def count(x) -> str:
+        return f"{x:,}"
+
+    return [
+        ("steps run (idle ones not counted)",
+         change(recompute.steps - recompute.idle_steps, swap.steps - swap.idle_steps, count)),
+        ("wall time",
+         change(recompute.wall_s, swap.wall_s, lambda x: f"{x:.2f} s")
+         + f" (swap: {swap.swap['verify_seconds']:.2f} s of checks after swap-in)"),
+        ("tokens written", change(recompute.tokens_written, swap.tokens_written, count)),
+        ("preemptions", change(recompute.preemptions, swap.preemptions, count)),
+        ("tokens to recompute",
+         change(recompute.recompute_tokens, swap.recompute_tokens, count)
+         + f" ({swap.swap['recompute_tokens_avoided']:,} avoided by swapping)"),
+    ]
+
+
+def _payload(result) -> dict:
+    """What --json writes for one run."""
+    payload = asdict(result)
+    for name in ("hybrid", "speculative", "utilization", "swap"):   # only with their options
+        if payload[name] is None:
+            del payload[name]
+    payload["ok"] = result.ok
+    return payload
+
+
 def _run_simulate(args) -> int:
     from kvcore.errors import BackendUnavailableError
-    from kvcore.simulate import ConfigurationError, SimConfig, Simulator
+    from kvcore.simulate import ConfigurationError, SimConfig, Simulator, _check_config
 
+    both = args.preempt == "both"
+    if both and args.plot is not None:
+        return _error("simulate", "--plot draws one run; give it --preempt recompute or "
+                      "--preempt swap")
     problem = _check_outputs(args)
     if problem:
         return _error("simulate", problem)
-    config = SimConfig(**{f.name: getattr(args, f.name) for f in fields(SimConfig)})
+    values = {f.name: getattr(args, f.name) for f in fields(SimConfig)}
+    modes = ("recompute", "swap") if both else (args.preempt,)
+    configs = [SimConfig(**{**values, "preempt": mode,
+                            "host_pages": values["host_pages"] if mode == "swap" or not both
+                            else None}) for mode in modes]
     on_step = None
     if args.corrupt_at_step is not None:   # test hook: flip a live page behind kvcore's back
         def on_step(sim, step):
             if step == args.corrupt_at_step:
-                seqs = sim.cache.table.active_seq_ids()
-                if len(seqs):
-                    page = int(sim.cache.pages(int(seqs[0]))[0])
+                seqs = [s for s in sim.cache.table.active_seq_ids().tolist()
+                        if sim.cache.seq_state(s) == "resident"]
+                if seqs:
+                    page = int(sim.cache.pages(seqs[0])[0])
                     sim.cache.k_cache(0)[page] = sim.cache.k_cache(0)[page] + 1
-    try:
-        sim = Simulator(config, on_step=on_step)
-    except (ConfigurationError, BackendUnavailableError, ValueError, OverflowError) as exc:
-        return _error("simulate", str(exc))
-    except MemoryError:
-        return _error("simulate", "out of memory allocating the simulation; lower --pages, "
-                      "--layers, --heads, --head-dim or --requests")
     json_to_stdout = args.json is not None and str(args.json) == "-"
     table = sys.stderr if json_to_stdout else sys.stdout
     show = None if args.quiet or not sys.stderr.isatty() else _progress_printer(sys.stderr)
-    try:
-        result = sim.run(progress=show)
-    except ConfigurationError as exc:   # a run that would never finish (checked up front)
-        return _error("simulate", str(exc))
-    except MemoryError:
-        return _error("simulate", "out of memory during the run; lower --max-step-tokens, "
-                      "--heads, --head-dim or --requests")
-    finally:
-        if show is not None:
-            sys.stderr.write("\n")
-    for name, value in _summary_rows(result):
-        print(f"{name:<38} {value}", file=table)
-    print(_integrity_line(result), file=table)
+    results = []
+    for config in configs:
+        try:
+            if not results:   # every run's config is checked before the first runs
+                for later in configs[1:]:
+                    _check_config(later)
+            sim = Simulator(config, on_step=on_step)
+        except (ConfigurationError, BackendUnavailableError, ValueError,
+                OverflowError) as exc:
+            return _error("simulate", str(exc))
+        except MemoryError:
+            return _error("simulate", "out of memory allocating the simulation; lower "
+                          "--pages, --layers, --heads, --head-dim or --requests")
+        try:
+            result = sim.run(progress=show)
+        except ConfigurationError as exc:   # a run that would never finish (checked up front)
+            return _error("simulate", str(exc))
+        except MemoryError:
+            return _error("simulate", "out of memory during the run; lower "
+                          "--max-step-tokens, --heads, --head-dim or --requests")
+        finally:
+            if show is not None:
+                sys.stderr.write("\n")
+        del sim   # its pools, before the next run allocates its own
+        if both:   # a header over each run's table, a blank line between them
+            print(("\n" if results else "") + f"--preempt {config.preempt}", file=table)
+        for name, value in _summary_rows(result):
+            print(f"{name:<38} {value}", file=table)
+        print(_integrity_line(result), file=table)
+        results.append(result)
+    if both:
+        print("\nswap against recompute (the same workload), recompute -> swap", file=table)
+        for name, value in _comparison_rows(*results):
+            print(f"{name:<38} {value}", file=table)
     if args.json is not None:
-        payload = asdict(result)
-        for name in ("hybrid", "speculative", "utilization"):   # only with their options
-            if payload[name] is None:
-                del payload[name]
-        payload["ok"] = result.ok
+        payload = (_payload(results[0]) if not both else
+                   {"recompute": _payload(results[0]), "swap": _payload(results[1]),
+                    "ok": all(r.ok for r in results)})
         text = json.dumps(payload, indent=1) + "\n"
         if json_to_stdout:
             sys.stdout.write(text)
@@ -463,10 +595,10 @@ def _run_simulate(args) -> int:
                               f"({exc.strerror or exc})")
     if args.plot is not None:
         try:
-            _plot(result, args.plot)
+            _plot(results[0], args.plot)
         except (OSError, ValueError) as exc:
             return _error("simulate", f"--plot {args.plot}: could not draw the plot ({exc})")
-    return 0 if result.ok else 1
+    return 0 if all(r.ok for r in results) else 1
 
 
 def _run_bench(args) -> int:

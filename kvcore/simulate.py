@@ -8,7 +8,9 @@ The simulator plays the scheduler of an LLM server, step by step:
   with nothing to run are skipped to the next arrival;
 - a request is admitted only when its prompt fits in the free pages (``pages_needed``
   logic) and the step's token budget; when decoding runs out of pages the newest
-  request is preempted (its sequences removed, the request requeued to recompute);
+  request is preempted: by default its sequences are removed and the request requeued
+  to recompute (``preempt="recompute"``), or with ``preempt="swap"`` they move to a host
+  tier and come back later, byte for byte (see below);
 - every step writes K and V of every new token for every layer through
   :meth:`KVCache.write`, with content derived from (request, sample, position, layer,
   K/V) alone, so that it can be recomputed later;
@@ -35,6 +37,21 @@ its figures are exactly those of a plain run):
   token that survived would be a mismatch; with prefix caching, every read-back also
   looks the sequence up with its latest rejected drafts in place of the accepted tokens,
   which must not match past them (a page of rejected tokens left in the prefix index).
+
+``preempt="swap"`` gives the cache a host tier of ``host_pages`` pages
+(``KVCacheConfig.num_host_pages``; default as many as the device pool). A victim's live
+sequences (all its samples) move out in one :meth:`KVCache.swap_out` call, so pages
+they share move once; the step waits for that copy (the decode step needs the device
+pages it frees), and the request waits on the host. A victim the host tier has no room
+for is recomputed instead (a *fallback*, counted). At the start of every step
+:meth:`KVCache.poll` finishes completed transfers, then the oldest swapped-out requests
+(in admission order, stopping at the first that does not fit) whose pages fit the free
+device pages, with the headroom admission keeps for their next decode step, are brought
+back in one :meth:`KVCache.swap_in` call; nothing new is admitted while a request waits
+on the host (it is older: as a recompute victim at the head of the queue). A swapped-in
+request is decoded only once a later ``poll`` has finished its swap-in; every one of its
+sequences is then read back whole and compared with what was written (every layer,
+every position), so a page that came back different is a mismatch.
 
 With either option the run also reports KV memory utilization (token slots holding live
 tokens over the slots of the pages in use, time-averaged over steps) against a
@@ -76,7 +93,11 @@ _REJECTED = 1 << 40
 
 #: SimConfig fields that are left out of ``SimResult.config`` while they are off, so that
 #: a run without them reports exactly what it did before they existed.
-_OPTIONAL_FIELDS = {"window": None, "window_layers": 0.5, "speculative": 0}
+_OPTIONAL_FIELDS = {"window": None, "window_layers": 0.5, "speculative": 0,
+                    "preempt": "recompute", "host_pages": None}
+
+#: What ``SimConfig.preempt`` may be.
+PREEMPT_MODES = ("recompute", "swap")
 
 #: Groups of a hybrid run's KVCacheConfig: full attention first (the prefix cache's anchor).
 _FULL_GROUP, _WINDOW_GROUP = 0, 1
@@ -154,6 +175,19 @@ class SimConfig:
     window: int | None = None         # sliding window of the hybrid model's window layers
     window_layers: float = 0.5        # share of the layers that use the window
     speculative: int = 0              # draft tokens per sequence and decode step
+    # what a preempted request's sequences go through: "recompute" (removed, the request
+    # requeued to start again) or "swap" (moved to a host tier, brought back later)
+    preempt: str = "recompute"
+    # pages of the host tier (each holds page_size tokens of every layer, K and V, as a
+    # device page does); None: as many as ``pages`` with preempt="swap", 0 otherwise
+    host_pages: int | None = None
+
+    def num_host_pages(self) -> int:
+        """Pages of the host tier: ``host_pages``, or by default ``pages`` with
+        ``preempt="swap"`` and 0 (no host tier) otherwise."""
+        if self.host_pages is not None:
+            return self.host_pages
+        return self.pages if self.preempt == "swap" else 0
 
     def max_request_tokens(self) -> int:
         return self.system_prompt_len + self.max_prompt_len + self.max_output_len
@@ -247,6 +281,13 @@ class SimResult:
     spot_check_tokens: int = 0
     mismatches: int = 0
     invariant_failures: int = 0
+    # tokens that preempted requests held (prompt plus every sample's generated tokens)
+    # when they were removed to recompute: the work recompute does again (here the prompt
+    # is prefilled again, partly from the prefix cache, and the outputs are decoded again)
+    recompute_tokens: int = 0
+    # with --preempt swap only (None, and left out of --json, otherwise); see
+    # Simulator._finish_swap for its keys
+    swap: dict | None = None
     # with --window / --speculative only (None, and left out of --json, otherwise); see
     # Simulator._finish_extras for their keys
     hybrid: dict | None = None
@@ -333,27 +374,41 @@ def estimate_host_bytes(config: SimConfig, pool_on_host: bool = True) -> dict[st
     step_tokens = max(prefill + decode, config.max_request_tokens())
     per_page = 16 + (4 * ps + 48 if config.prefix_cache else 0)
     groups = config.num_groups()
+    page_bytes = 2 * config.num_slots() * ps * lanes * itemsize
     return {
-        "KV pool": (2 * config.num_slots() * config.pages * ps * lanes * itemsize
-                    if pool_on_host else 0),
+        "KV pool": config.pages * page_bytes if pool_on_host else 0,
         "page table": (4 * groups * config.max_running * need_pages
                        + per_page * config.pages),
         "per-step buffers": step_tokens * lanes * (32 + 4 * itemsize),
         "requests": 1024 * config.requests,
+        # NumPy on the CPU, page-locked memory with CUDA: host memory either way
+        "host tier": config.num_host_pages() * page_bytes,
     }
 
 
 _LOWER = {"KV pool": "--pages, --page-size, --layers, --heads or --head-dim",
           "page table": "--max-running, --max-prompt-len or --max-output-len",
           "per-step buffers": "--max-step-tokens, --max-prompt-len, --heads or --head-dim",
-          "requests": "--requests"}
+          "requests": "--requests",
+          "host tier": "--host-pages"}
 
 
 def _check_options(cfg: SimConfig) -> None:
-    """--window, --window-layers and --speculative (the CLI parser checks them too)."""
+    """--window, --window-layers, --speculative, --preempt and --host-pages (the CLI
+    parser checks them too)."""
     def integer(value) -> bool:
         return isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_))
 
+    if cfg.preempt not in PREEMPT_MODES:
+        raise ConfigurationError(f"--preempt must be one of {', '.join(PREEMPT_MODES)}, got "
+                                 f"{cfg.preempt!r}")
+    if cfg.host_pages is not None:
+        if not integer(cfg.host_pages) or not 0 <= cfg.host_pages <= _INT32_MAX:
+            raise ConfigurationError(f"--host-pages must be an integer from 0 to 2**31 - 1, "
+                                     f"got {cfg.host_pages!r}")
+        if cfg.host_pages and cfg.preempt != "swap":
+            raise ConfigurationError("--host-pages needs --preempt swap (only swapping uses "
+                                     "the host tier)")
     if cfg.window is not None and not (integer(cfg.window) and 1 <= cfg.window < 2**31):
         raise ConfigurationError(f"--window must be a positive integer below 2**31, got "
                                  f"{cfg.window!r}")
@@ -505,16 +560,20 @@ class Simulator:
             num_layers=config.layers, num_kv_heads=config.heads, head_dim=config.head_dim,
             page_size=ps, num_pages=config.pages, dtype=config.dtype, layout=config.layout,
             max_seqs=config.max_running, max_pages_per_seq=need_pages,
-            enable_prefix_cache=config.prefix_cache, **groups)
+            enable_prefix_cache=config.prefix_cache,
+            num_host_pages=config.num_host_pages(), **groups)
         try:
             self.cache = KVCache(kv_config, device=config.device)
         except Exception as exc:
             if not _is_out_of_memory(exc):
                 raise
+            host = (f" and a host tier of {_fmt_bytes(kv_config.host_bytes)}"
+                    if kv_config.num_host_pages else "")
             raise ConfigurationError(
                 f"could not allocate the KV pool ({_fmt_bytes(kv_config.total_bytes)} for "
-                f"{config.pages:,} pages) on {config.device}: out of memory; lower --pages, "
-                f"--layers, --heads or --head-dim") from exc
+                f"{config.pages:,} pages) on {config.device}{host}: out of memory; lower "
+                f"--pages, --layers, --heads or --head-dim"
+                + (" or --host-pages" if host else "")) from exc
         self._itemsize = kv_config.itemsize
         self._words = np.uint16 if self._itemsize == 2 else np.uint32
         self._storage = kv_config.storage_dtype   # words viewed as the pool's dtype
@@ -524,12 +583,25 @@ class Simulator:
                 del reported[name]
         if "window" not in reported:
             del reported["window_layers"]
+        self._swap = config.preempt == "swap"
+        if self._swap:
+            reported["host_pages"] = kv_config.num_host_pages
         self.result = SimResult(config=reported, device=self.cache.device,
                                 pool_pages=config.pages)
         self._hybrid = config.window is not None
         self._extras = self._hybrid or config.speculative > 0
         if self._extras:
             self._init_extras(kv_config)
+        # --preempt swap: requests whose sequences wait on the host (oldest first when
+        # swapping in), swap-ins in flight (transfer id -> (requests, start time, seconds
+        # in the swap_in call)) with their sequence count, and requests whose swap-in
+        # finished, checked and put back in the running set at the next step's start
+        self._swapped: list = []
+        self._in_flight: dict = {}
+        self._arriving_seqs = 0
+        self._ready: list = []
+        if self._swap:
+            self._init_swap(kv_config)
 
     # -- workload ------------------------------------------------------------------------
 
@@ -672,15 +744,19 @@ class Simulator:
             num_samples = len(request.output_lens)
             # a watermark of free pages (1% of the pool, as vLLM keeps) plus a page for
             # each new sample's first decode step (a page per group, and more for
-            # drafts); running sequences that outgrow the rest are preempted by the
+            # drafts), and for those of swap-ins in flight, which decode once they
+            # arrive; running sequences that outgrow the rest are preempted by the
             # decode step
             reserve = self._watermark + self._step_pages * (pending_forks + len(admitted)
-                                                            + num_samples)
+                                                            + num_samples
+                                                            + self._arriving_seqs)
             if cache.num_seqs + pending_forks + num_samples > self.cfg.max_running:
                 break
             tokens = self._token_ids(self._keys(request, 0, np.arange(request.prompt_len)))
             t0 = time.perf_counter_ns()
             seq = cache.add_sequence(tokens if self.cfg.prefix_cache else None)
+            if self._swap and cache.seq_state(seq) != "resident":
+                self._wait_for_load(seq)
             cached = cache.num_tokens(seq)
             pages = cache.pages_needed([seq], [request.prompt_len - cached])
             self._host_ns += time.perf_counter_ns() - t0
@@ -718,17 +794,24 @@ class Simulator:
 
     def _preempt_newest(self, running: list, waiting: deque) -> None:
         victim = max(running, key=lambda r: (r.admitted_step, r.request_id))
-        if len(running) == 1:   # it cannot go on even alone: it would be recomputed forever
+        # it cannot go on even alone: it would be recomputed forever (with --preempt
+        # swap, swap-ins in flight or just finished may hold the pages it needs instead)
+        if len(running) == 1 and not (self._in_flight or self._ready):
             raise ConfigurationError(
                 f"request {victim.request_id} does not fit the pool of {self.cfg.pages:,} "
                 f"pages even when running alone; raise --pages")
         running.remove(victim)
+        victim.preemptions += 1
+        self.result.preemptions += 1
+        if self._swap:
+            if self._swap_out(victim):
+                return
+            self._swap_stats["recompute_fallbacks"] += 1
         for seq in victim.seq_ids:
             if seq >= 0:
                 self.cache.remove(seq)
+        self.result.recompute_tokens += victim.prompt_len + sum(victim.generated)
         victim.seq_ids = []
-        victim.preemptions += 1
-        self.result.preemptions += 1
         waiting.appendleft(victim)
 
     def _decode(self, running: list, waiting: deque) -> None:
@@ -820,7 +903,12 @@ class Simulator:
 
     # -- verification ----------------------------------------------------------------------
 
-    def _verify(self, request: _Request, sample: int, spot: bool = False) -> None:
+    def _verify(self, request: _Request, sample: int, spot: bool = False,
+                swapped_in: bool = False) -> None:
+        """Read one sample's sequence back whole (every layer: full layers by
+        ``gather``, window layers from the pool where the group still holds pages) and
+        count every token that differs from what was written. ``spot``: a spot check of
+        a live one; ``swapped_in``: the check after a swap-in."""
         seq = request.seq_ids[sample]
         length = self.cache.num_tokens(seq)
         expected_len = request.prompt_len + request.generated[sample]
@@ -844,6 +932,9 @@ class Simulator:
         if spot:
             self.result.spot_checks += 1
             self.result.spot_check_tokens += length
+        if swapped_in:
+            self._swap_stats["checks"] += 1
+            self._swap_stats["check_tokens"] += length
 
     def _spot_check(self, running: list) -> None:
         live = [(r, s) for r in running for s, seq in enumerate(r.seq_ids) if seq >= 0]
@@ -983,6 +1074,9 @@ class Simulator:
         to), and no page belongs to two groups."""
         cache, cfg, ps = self.cache, self.cfg, self.cfg.page_size
         seqs = cache.table.active_seq_ids()
+        if self._swap:   # swapped-out sequences have no device pages to check
+            seqs = np.array([s for s in seqs.tolist() if cache.seq_state(s) == "resident"],
+                            dtype=np.int32)
         self._win["table_checks"] += 1
         if not len(seqs):
             return
@@ -1149,6 +1243,198 @@ class Simulator:
                 "problems": win["problems"],
             }
 
+    # -- --preempt swap -------------------------------------------------------------------------
+
+    def _init_swap(self, kv_config: KVCacheConfig) -> None:
+        self._swap_stats = {
+            "host_pages": kv_config.num_host_pages, "host_bytes": kv_config.host_bytes,
+            "host_pages_peak": 0, "requests_swapped": set(), "swap_outs": 0,
+            "swap_ins": 0, "requests_swapped_in": 0, "pages_out": 0, "bytes_out": 0,
+            "pages_in": 0, "bytes_in": 0, "out_seconds": 0.0, "in_seconds": 0.0,
+            "out_call_seconds": 0.0, "in_call_seconds": 0.0, "recompute_fallbacks": 0,
+            "recompute_tokens_avoided": 0, "checks": 0, "check_tokens": 0,
+            "mismatches": 0, "verify_seconds": 0.0, "failed_transfers": 0,
+            "prefix_offloads": 0, "prefix_offload_pages": 0, "prefix_offload_bytes": 0,
+            "prefix_loads": 0, "prefix_load_pages": 0, "prefix_load_bytes": 0}
+
+    def _swapping(self) -> bool:
+        """Whether a request is out of the running set because of a swap."""
+        return bool(self._swapped or self._in_flight or self._ready)
+
+    def _swap_out(self, victim: _Request) -> bool:
+        """Move a preempted request's live sequences to the host tier in one call and
+        wait for the copy (the decode step needs the device pages it frees); False,
+        with nothing changed, when the host tier has no room."""
+        cache, stats = self.cache, self._swap_stats
+        seqs = [seq for seq in victim.seq_ids if seq >= 0]
+        if cache.host_tier is None:   # --host-pages 0
+            return False
+        t0 = time.perf_counter_ns()
+        fits = cache.swap_out_pages(seqs) <= cache.num_free_host_pages
+        self._host_ns += time.perf_counter_ns() - t0
+        if not fits:
+            return False
+        start = time.perf_counter()
+        transfer = cache.swap_out(seqs)
+        called = time.perf_counter()
+        finished = cache.wait(transfer)
+        end = time.perf_counter()
+        self._device_ns += int((end - start) * 1e9)
+        # wait() also finishes any other transfer that is complete: swap-ins
+        self._on_transfers([t for t in finished if t is not transfer], end)
+        if not transfer.done:   # the sequences are resident again: recompute the victim
+            stats["failed_transfers"] += 1
+            self.result.invariant_failures += 1
+            return False
+        stats["swap_outs"] += 1
+        stats["requests_swapped"].add(victim.request_id)
+        stats["pages_out"] += transfer.num_pages
+        stats["bytes_out"] += transfer.nbytes
+        stats["out_seconds"] += end - start
+        stats["out_call_seconds"] += called - start
+        stats["recompute_tokens_avoided"] += victim.prompt_len + sum(victim.generated)
+        stats["host_pages_peak"] = max(stats["host_pages_peak"],
+                                       stats["host_pages"] - cache.num_free_host_pages)
+        self._swapped.append(victim)
+        return True
+
+    def _start_swap_in(self, running: list) -> None:
+        """Swap in the oldest swapped-out requests (admission order, stopping at the
+        first that does not fit) whose pages fit the free device pages with admission's
+        headroom (the watermark plus a decode step's pages per sequence), in one call.
+        With nothing else holding device pages, the oldest comes in if its pages fit."""
+        if not self._swapped:
+            return
+        cache = self.cache
+        self._swapped.sort(key=lambda r: (r.admitted_step, r.request_id))
+        alone = not (running or self._in_flight or self._ready)
+        free = cache.num_free_pages
+        chosen, seqs, pages = [], [], 0
+        t0 = time.perf_counter_ns()
+        for request in self._swapped:
+            live = [seq for seq in request.seq_ids if seq >= 0]
+            need = cache.swap_in_pages(live)
+            reserve = self._watermark + self._step_pages * (len(seqs) + len(live))
+            if not (pages + need + reserve <= free or (alone and not chosen and need <= free)):
+                break
+            chosen.append(request)
+            seqs += live
+            pages += need
+        self._host_ns += time.perf_counter_ns() - t0
+        if not chosen:
+            if alone:   # it held these pages before: unreachable unless the pool shrank
+                raise ConfigurationError(
+                    f"request {self._swapped[0].request_id} cannot be swapped back in even "
+                    f"into an empty pool; raise --pages")
+            return
+        start = time.perf_counter()
+        transfer = cache.swap_in(seqs)
+        called = time.perf_counter()
+        self._device_ns += int((called - start) * 1e9)
+        self._in_flight[transfer.id] = (chosen, start, called - start)
+        self._arriving_seqs += len(seqs)
+        del self._swapped[:len(chosen)]
+        self._swap_stats["swap_ins"] += 1
+        self._swap_stats["requests_swapped_in"] += len(chosen)
+
+    def _on_transfers(self, finished, now: float) -> None:
+        """Swap-ins that ``poll`` / ``wait`` finished at ``now``: their requests are
+        ready (checked, then run, at the next step's start); a failed one's go back to
+        waiting on the host."""
+        stats = self._swap_stats
+        for transfer in finished:
+            if transfer.id not in self._in_flight:   # kvcore's prefix offloads and loads
+                kind = getattr(transfer, "kind", None)
+                if kind in ("offload", "load") and transfer.done:
+                    stats[f"prefix_{kind}s"] += 1
+                    stats[f"prefix_{kind}_pages"] += transfer.num_pages
+                    stats[f"prefix_{kind}_bytes"] += transfer.nbytes
+                continue
+            requests, start, call_s = self._in_flight.pop(transfer.id)
+            self._arriving_seqs -= len(transfer.seq_ids)
+            if not transfer.done:
+                stats["failed_transfers"] += 1
+                self.result.invariant_failures += 1
+                self._swapped.extend(requests)
+                continue
+            stats["pages_in"] += transfer.num_pages
+            stats["bytes_in"] += transfer.nbytes
+            stats["in_seconds"] += now - start
+            stats["in_call_seconds"] += call_s
+            self._ready.extend(requests)
+
+    def _run_swapped_in(self, running: list) -> None:
+        """Check every sequence of the requests whose swap-in finished byte for byte
+        (every layer, every position: a page must come back with exactly what went
+        out), then let them run again."""
+        stats = self._swap_stats
+        t0 = time.perf_counter()
+        before = self.result.mismatches
+        for request in self._ready:
+            for sample, seq in enumerate(request.seq_ids):
+                if seq >= 0:
+                    self._verify(request, sample, swapped_in=True)
+        stats["mismatches"] += self.result.mismatches - before
+        stats["verify_seconds"] += time.perf_counter() - t0
+        running.extend(self._ready)
+        self._ready.clear()
+
+    def _wait_for_load(self, seq: int) -> None:
+        """A new sequence whose prefix hit kvcore is copying in from the host tier (a
+        cache that offloads evicted prefix pages there): wait for that copy, as
+        admission needs the sequence resident (host-timed with the admission)."""
+        cache = self.cache
+        load = next(t for t in cache.pending_transfers if seq in t.seq_ids.tolist())
+        finished = cache.wait(load)
+        self._on_transfers(finished, time.perf_counter())
+
+    def _swap_step(self, running: list) -> None:
+        """Start of a step: finish completed transfers (once per step), let the
+        swapped-in requests run again, then start the next swap-in."""
+        t0 = time.perf_counter_ns()
+        finished = self.cache.poll()
+        self._host_ns += time.perf_counter_ns() - t0
+        self._on_transfers(finished, time.perf_counter())
+        self._run_swapped_in(running)
+        self._start_swap_in(running)
+
+    def _finish_swap(self, res: SimResult) -> None:
+        """The --preempt swap figures of the run (also in ``--json``).
+
+        ``out_seconds`` / ``in_seconds`` add up, per transfer, the time from the
+        ``swap_out`` / ``swap_in`` call to the ``wait`` / ``poll`` that finished it, and
+        ``*_gb_per_s`` divide the bytes by them (GB = 1e9 bytes). A swap-out is waited
+        for at once, so that is its copy's latency (bookkeeping included); a swap-in is
+        finished by the next step's ``poll``, so its time also holds the rest of its step
+        (on the CPU, where the copy runs inside the call, mostly that).
+        ``*_call_seconds`` / ``*_call_gb_per_s`` count the time inside the calls alone:
+        on the CPU the NumPy copy itself, with CUDA the bookkeeping and the enqueue.
+        ``requests_swapped_in`` counts requests, ``swap_ins`` calls (at most one per
+        step). ``host_pages_peak`` is the host pages in
+        use right after a swap-out, at most. ``checks`` / ``check_tokens`` /
+        ``mismatches`` / ``verify_seconds``: the read-backs after swap-ins (included in
+        the run's read-backs, mismatches and wall time). ``recompute_tokens_avoided``:
+        the tokens (prompt plus generated) the swapped requests held, which recompute
+        would have computed again; ``recompute_tokens``: those of the fallbacks.
+        ``prefix_offloads`` / ``prefix_loads`` (with their pages and bytes): the copies
+        kvcore made on its own, as the host tier also holds evicted prefix pages (with
+        prefix caching and one layer group): cached pages offloaded there when a call
+        reused their device pages (``append``, ``add_sequence``, and ``swap_in``, whose
+        call time includes them), and host-tier prefix hits loaded back by
+        ``add_sequence`` (admission waits for those). None of them is in the swap
+        figures.
+        """
+        stats = dict(self._swap_stats)
+        stats["requests_swapped"] = len(stats["requests_swapped"])
+        for way in ("out", "in"):
+            for kind in ("", "call_"):
+                seconds = stats[f"{way}_{kind}seconds"]
+                stats[f"{way}_{kind}gb_per_s"] = (stats[f"bytes_{way}"] / seconds / 1e9
+                                                  if seconds else 0.0)
+        stats["recompute_tokens"] = res.recompute_tokens
+        stats["pending_at_end"] = len(self.cache.pending_transfers)
+        res.swap = stats
+
     # -- the run -----------------------------------------------------------------------------
 
     def run(self, progress=None) -> SimResult:
@@ -1163,19 +1449,25 @@ class Simulator:
             timeline.update(utilization=[], contiguous_utilization=[])
         if self._hybrid:
             timeline.update(window_pages=[], full_pages=[])
+        if self._swap:
+            timeline.update(swapped=[])
         start = time.perf_counter()
         step = 0
         total = len(self.requests)
-        while waiting or running:
-            if not running and waiting[0].arrival_step > step:
+        while waiting or running or self._swapping():
+            if not running and not self._swapping() and waiting[0].arrival_step > step:
                 # nothing to run until the next arrival: skip there, nothing would change
                 res.idle_steps += waiting[0].arrival_step - step
                 step = waiting[0].arrival_step
             self._host_ns = self._device_ns = 0
+            if self._swap:
+                self._swap_step(running)
             budget = cfg.max_step_tokens - sum(
                 len([s for s in r.seq_ids if s >= 0]) for r in running)
-            self._admit(waiting, running, step, max(budget, 0))
-            if not running and waiting and waiting[0].arrival_step <= step:
+            if not self._swapped:   # requests waiting on the host come first
+                self._admit(waiting, running, step, max(budget, 0))
+            if (not running and not self._swapping() and waiting
+                    and waiting[0].arrival_step <= step):
                 raise ConfigurationError(   # the checks up front should make this unreachable
                     f"request {waiting[0].request_id} cannot be admitted even into an empty "
                     f"pool; raise --pages, --max-running or --max-step-tokens")
@@ -1195,6 +1487,10 @@ class Simulator:
             timeline["waiting"].append(sum(1 for r in waiting if r.arrival_step <= step))
             stats = self.cache.prefix_stats
             timeline["hit_rate"].append(stats["hit_rate"] if stats else 0.0)
+            if self._swap:   # requests out of the running set: on the host or arriving
+                timeline["swapped"].append(
+                    len(self._swapped) + len(self._ready)
+                    + sum(len(requests) for requests, _, _ in self._in_flight.values()))
             if self._extras:
                 for name, value in self._account(running, used).items():
                     timeline[name].append(value)
@@ -1211,6 +1507,8 @@ class Simulator:
             for sample, seq in enumerate(request.seq_ids):
                 if seq >= 0:
                     self._verify(request, sample)
+        if self._swap:   # the last offloads kvcore started
+            self._on_transfers(self.cache.wait(), time.perf_counter())
         self._check_invariants()
         res.steps = step
         res.wall_s = time.perf_counter() - start
@@ -1227,4 +1525,6 @@ class Simulator:
             res.prefix_evictions = stats["evictions"]
         if self._extras:
             self._finish_extras(res)
+        if self._swap:
+            self._finish_swap(res)
         return res
