@@ -707,6 +707,14 @@ cdef class PrefixCache(PrefixHooks):
                                  self._seq_ns[s])
                     self._alloc.retain(page)
                     found = page
+                elif found >= self._num_device:
+                    # The block was offloaded and this sequence computed it again: the
+                    # device copy serves later hits without a load, so the entry (its
+                    # identity too) moves back to it and the host page is let go.
+                    self._index.relocate(found, page, True)
+                    self._alloc.retain(page)
+                    self._host.forget(found - self._num_device)
+                    found = page
                 self._chain_page[s] = self._index.ident_page(found)
                 self._chain_gen[s] = self._index.ident_gen(found)
                 self._chain_hash[s] = h
