@@ -152,10 +152,11 @@ class CacheMachine(RuleBasedStateMachine):
                     raise KernelError("injected load failure")
                 self.cache.backend.wait_transfer = broken
             try:
-                self.cache.wait(load)
+                finished = self.cache.wait(load)     # finishes whatever else completed too
             finally:
                 if fail_load:
                     del self.cache.backend.wait_transfer
+            self._finished([t for t in finished if t is not load], False)
             assert load.status == ("failed" if fail_load else "done")
             assert self.cache.seq_state(seq) == "resident"
             # Failed: only the hit before the first offloaded block is kept.
