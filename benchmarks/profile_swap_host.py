@@ -1,4 +1,15 @@
-"""Where the host time of a 256-sequence swap goes on CUDA: bookkeeping, the copy's launch, the facade, completion (a diagnosis; output in benchmarks/results/h200_logs/profile_swap_host.txt)."""
+"""Where the host time of a 256-sequence swap goes on CUDA (a diagnosis, not a benchmark).
+
+Times, per call, median of 20: the page table's bookkeeping (``HostTier.swap_out``), the
+copy's launch (``CudaBackend.swap_copy``: id upload, kernel, event), the whole
+``KVCache.swap_out`` / ``swap_in`` call, and the completion in ``wait`` (releasing the
+16,384 pages left behind); then a cProfile of the facade. The pool is tiny (one layer,
+head_dim 8): host cost does not depend on page bytes. Output of the H200 run:
+``benchmarks/results/h200_logs/profile_swap_host.txt``.
+
+    python benchmarks/profile_swap_host.py
+"""
+
 import cProfile
 import io
 import pstats
@@ -10,41 +21,61 @@ import torch
 
 from kvcore import KVCache, KVCacheConfig
 
-cfg = KVCacheConfig(num_layers=1, num_kv_heads=1, head_dim=8, page_size=16,
-                    num_pages=256 * 64 + 64, dtype="bfloat16", max_seqs=256,
-                    max_pages_per_seq=64, num_host_pages=256 * 64 + 64)
-cache = KVCache(cfg, device="cuda", framework="torch")
-ids = np.array([cache.add_sequence() for _ in range(256)], dtype=np.int64)
-cache.append(ids, 1024)
-stream = torch.cuda.current_stream()
+SEQS, PAGES_PER_SEQ = 256, 64
 
-def parts():
-    tier = cache.host_tier
-    out = {}
+
+def timed(fn) -> float:
+    start = time.perf_counter_ns()
+    fn()
+    return (time.perf_counter_ns() - start) / 1e3
+
+
+def main() -> None:
+    pages = SEQS * PAGES_PER_SEQ + 64
+    cfg = KVCacheConfig(num_layers=1, num_kv_heads=1, head_dim=8, page_size=16,
+                        num_pages=pages, dtype="bfloat16", max_seqs=SEQS,
+                        max_pages_per_seq=PAGES_PER_SEQ, num_host_pages=pages)
+    cache = KVCache(cfg, device="cuda", framework="torch")
+    ids = np.array([cache.add_sequence() for _ in range(SEQS)], dtype=np.int64)
+    cache.append(ids, PAGES_PER_SEQ * 16)
+    tier, backend = cache.host_tier, cache.backend
+    stream = torch.cuda.current_stream().cuda_stream
+    times: dict[str, list[float]] = {}
     for _ in range(20):
         torch.cuda.synchronize()
-        t0 = time.perf_counter_ns(); d, h = tier.swap_out(ids); t1 = time.perf_counter_ns()
-        ev = cache.backend.swap_copy("out", d, h, stream.cuda_stream); t2 = time.perf_counter_ns()
-        cache.backend.wait_transfer(ev); cache.backend.destroy_event(ev); tier.finish(ids, True)
-        d, h = tier.swap_in(ids); tier.finish(ids, True)
-        out.setdefault("bookkeeping", []).append((t1 - t0) / 1e3)
-        out.setdefault("swap_copy", []).append((t2 - t1) / 1e3)
+        start = time.perf_counter_ns()
+        device_pages, host_pages = tier.swap_out(ids)
+        middle = time.perf_counter_ns()
+        event = backend.swap_copy("out", device_pages, host_pages, stream)
+        end = time.perf_counter_ns()
+        times.setdefault("bookkeeping", []).append((middle - start) / 1e3)
+        times.setdefault("swap_copy", []).append((end - middle) / 1e3)
+        backend.wait_transfer(event)
+        backend.destroy_event(event)
+        tier.finish(ids, True)
+        tier.swap_in(ids)
+        tier.finish(ids, True)
     for _ in range(20):
         torch.cuda.synchronize()
-        t0 = time.perf_counter_ns(); t = cache.swap_out(ids); t1 = time.perf_counter_ns()
-        cache.wait(); t2 = time.perf_counter_ns()
-        t = cache.swap_in(ids); t3 = time.perf_counter_ns(); cache.wait()
-        out.setdefault("facade swap_out", []).append((t1 - t0) / 1e3)
-        out.setdefault("poll/wait finish", []).append((t2 - t1) / 1e3)
-        out.setdefault("facade swap_in", []).append((t3 - t2) / 1e3)
-    for k, v in out.items():
-        print(f"{k:20} median {statistics.median(v):8.1f} us  min {min(v):8.1f}")
+        times.setdefault("facade swap_out", []).append(timed(lambda: cache.swap_out(ids)))
+        times.setdefault("wait (completion)", []).append(timed(cache.wait))
+        times.setdefault("facade swap_in", []).append(timed(lambda: cache.swap_in(ids)))
+        cache.wait()
+    for name, values in times.items():
+        print(f"{name:20} median {statistics.median(values):8.1f} us  min {min(values):8.1f}")
+    profile = cProfile.Profile()
+    profile.enable()
+    for _ in range(20):
+        torch.cuda.synchronize()
+        cache.swap_out(ids)
+        cache.wait()
+        cache.swap_in(ids)
+        cache.wait()
+    profile.disable()
+    text = io.StringIO()
+    pstats.Stats(profile, stream=text).sort_stats("tottime").print_stats(25)
+    print(text.getvalue())
 
-parts()
-pr = cProfile.Profile()
-pr.enable()
-for _ in range(20):
-    torch.cuda.synchronize()
-    cache.swap_out(ids); cache.wait(); cache.swap_in(ids); cache.wait()
-pr.disable()
-s = io.StringIO(); pstats.Stats(pr, stream=s).sort_stats("tottime").print_stats(25); print(s.getvalue())
+
+if __name__ == "__main__":
+    main()
