@@ -6,7 +6,7 @@ needs no GPU; :class:`KVCache` adds the pool and its data movement on a NumPy or
 """
 
 from kvcore._core import AppendResult, PageAllocator, PageTable
-from kvcore._prefix import EVENT_EVICTED, EVENT_STORED
+from kvcore._prefix import EVENT_EVICTED, EVENT_HOST_EVICTED, EVENT_HOST_STORED, EVENT_STORED
 from kvcore._swap import HostTier
 from kvcore.cache import KVCache
 from kvcore.config import KVCacheConfig
@@ -34,6 +34,8 @@ __all__ = [
     "BackendUnavailableError",
     "CapacityError",
     "EVENT_EVICTED",
+    "EVENT_HOST_EVICTED",
+    "EVENT_HOST_STORED",
     "EVENT_STORED",
     "HostTier",
     "InvalidPageError",

@@ -1706,8 +1706,10 @@ cdef class PageTable:
     @property
     def prefix_stats(self):
         """dict or None: ``queries``, ``queried_tokens``, ``hit_tokens``, ``stored``,
-        ``evictions``, ``events_dropped``, ``num_cached_pages`` and ``hit_rate``
-        (hit_tokens / queried_tokens); None when caching is off."""
+        ``evictions``, ``events_dropped``, ``num_cached_pages`` (both tiers) and
+        ``hit_rate`` (hit_tokens / queried_tokens); with prefix offload to a host tier
+        also ``host_cached_pages``, ``offloaded`` and ``loaded`` (pages moved each way);
+        None when caching is off."""
         return self._prefix.stats()
 
     def take_events(self):
@@ -1716,8 +1718,12 @@ cdef class PageTable:
         Returns
         -------
         kind : numpy.ndarray of uint8, shape [n]
-            1 (``kvcore.EVENT_STORED``) or 2 (``kvcore.EVENT_EVICTED``).
+            1 (``kvcore.EVENT_STORED``) or 2 (``kvcore.EVENT_EVICTED``); with prefix
+            offload, 3 (``EVENT_HOST_STORED``) or 4 (``EVENT_HOST_EVICTED``) for a
+            host-tier page (an offload is an EVICTED then a HOST_STORED of one hash, a
+            load a HOST_EVICTED then a STORED).
         page_id : numpy.ndarray of int32, shape [n]
+            A device page id, or a host page id for kinds 3 and 4.
         page_hash : numpy.ndarray of uint64, shape [n]
             The page's chained hash (prefix, namespace and tokens): what a KV-aware
             router compares across replicas.
@@ -1730,8 +1736,9 @@ cdef class PageTable:
         return self._prefix.take_events()
 
     def clear_prefix_cache(self):
-        """Forget every cached prefix: evictable pages become clean, pages in use stay
-        mapped but are no longer found by lookups. Emits an evicted event per page."""
+        """Forget every cached prefix, in both tiers: evictable pages become clean, pages
+        in use stay mapped but are no longer found by lookups. Emits an evicted event
+        per page (a host-evicted event per host-tier page)."""
         self._prefix.clear()
 
     # -- checking ----------------------------------------------------------------------------

@@ -7,6 +7,8 @@ from kvcore._allocator import Evictor
 
 EVENT_STORED: int
 EVENT_EVICTED: int
+EVENT_HOST_STORED: int
+EVENT_HOST_EVICTED: int
 
 class PrefixIndex(Evictor):
     def __init__(
