@@ -141,6 +141,35 @@ def test_speculative_decoding_rolls_back_rejected_drafts(served):
     assert engine.cache.num_free_pages == engine.cache.config.num_pages
 
 
+@pytest.mark.parametrize("shape, speculative", [(TINY, 0), (TINY_HYBRID, 3)])
+def test_preemption_by_swap_keeps_every_logit(shape, speculative):
+    """Every few steps the newest request goes out to the host tier and comes back: the
+    model's logits after its swap-in must equal transformers' as before."""
+    engine = make_engine(shape, num_pages=96, speculative=speculative, preempt_every=3)
+    finished = engine.run(make_workload(shape, num_requests=12))
+    assert engine.stats.swap_outs == engine.stats.swap_ins >= 5
+    assert engine.stats.pages_swapped > 0
+    report = check_against_transformers(engine.model, finished)
+    assert report.passed, report.summary()
+    engine.cache.check_invariants()
+    assert engine.cache.num_free_pages == engine.cache.config.num_pages
+    assert engine.cache.num_free_host_pages == engine.cache.config.num_host_pages
+
+
+def test_the_check_fails_when_a_swapped_page_comes_back_wrong():
+    engine = make_engine(num_pages=96, preempt_every=3)
+    swap_copy = engine.cache.backend.swap_copy
+
+    def corrupting(direction, device_pages, host_pages, stream=None):
+        event = swap_copy(direction, device_pages, host_pages, stream)
+        if direction == "in":
+            engine.cache.kv[:, :, device_pages[:1]] *= 1.5
+        return event
+    engine.cache.backend.swap_copy = corrupting
+    finished = engine.run(make_workload(num_requests=12))
+    assert not check_against_transformers(engine.model, finished).passed
+
+
 def test_the_check_fails_when_rejected_drafts_stay():
     engine = make_engine(speculative=3, num_pages=96)
     engine.cache.truncate = lambda seq_ids, num_tokens: None     # rollback skipped
@@ -275,24 +304,28 @@ def test_cuda_float32_torch_attention_equals_transformers():
     torch.backends.cuda.matmul.allow_tf32 = False     # float32 means float32 here
     try:
         engine = make_engine(TINY_HYBRID, device="cuda", attention="torch", dtype="float32",
-                             num_pages=96, speculative=2)
+                             num_pages=96, speculative=2, preempt_every=3)
         finished = engine.run(make_workload(TINY_HYBRID))
         report = check_against_transformers(engine.model, finished, dtype="float32")
     finally:
         torch.backends.cuda.matmul.allow_tf32 = tf32
     assert report.passed, report.summary()
     assert engine.stats.cow_copies > 0 and engine.stats.prefix_hit_tokens > 0
+    assert engine.stats.swap_ins > 0            # preempted by swap through pinned memory
 
 
 @pytest.mark.cuda
 @needs_flashinfer
-@pytest.mark.parametrize("layout,shape,speculative",
-                         [("NHD", TINY, 0), ("HND", TINY, 0), ("NHD", TINY_HYBRID, 3)],
-                         ids=["NHD", "HND", "hybrid-window-speculative"])
-def test_cuda_bf16_flashinfer_matches_transformers_bf16(layout, shape, speculative):
+@pytest.mark.parametrize("layout,shape,speculative,preempt_every",
+                         [("NHD", TINY, 0, 0), ("HND", TINY, 0, 0), ("NHD", TINY_HYBRID, 3, 0),
+                          ("NHD", TINY, 2, 3)],
+                         ids=["NHD", "HND", "hybrid-window-speculative", "swap-preemption"])
+def test_cuda_bf16_flashinfer_matches_transformers_bf16(layout, shape, speculative,
+                                                        preempt_every):
     _cuda_ready()
     engine = make_engine(shape, device="cuda", attention="flashinfer", dtype="bfloat16",
-                         layout=layout, num_pages=96, speculative=speculative)
+                         layout=layout, num_pages=96, speculative=speculative,
+                         preempt_every=preempt_every)
     finished = engine.run(make_workload(shape))
     report = check_against_transformers(engine.model, finished, dtype="bfloat16")
     print(report.summary())

@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from kvcore import KVCache, KVCacheConfig, LayerGroup
+from kvcore import KVCache, KVCacheConfig, LayerGroup, Transfer
 from kvcore.examples.attention import FlashInferAttention, StepBatch, TorchPagedAttention
 from kvcore.examples.model import (
     MEDIUM,
@@ -130,6 +130,10 @@ class EngineStats:
     drafts_accepted: int = 0
     drafts_rejected: int = 0
     max_window_start: int = 0       # furthest first live page of a window group (released)
+    swap_outs: int = 0              # preemptions by swap (preempt_every)
+    swap_ins: int = 0
+    pages_swapped: int = 0          # pages copied out (and as many back in)
+    host_loads: int = 0             # prefix hits loaded from the host tier
     peak_pages_used: int = 0
     wall_s: float = 0.0
     kvcore_host_s: float = 0.0      # in append + metadata update (kvcore's host work)
@@ -168,11 +172,17 @@ class Engine:
         tokens; what matters is that rolled-back K/V never leaks into later steps.)
     draft_seed : int
         Seeds the drafts and the acceptance.
+    preempt_every : int
+        Every this many model steps (0: never), preempt the newest request: swap all its
+        running samples out to the cache's host tier in one ``swap_out``, and bring them
+        back with one ``swap_in`` when its pages fit again (one request away at a time).
+        A swapped sample resumes only once ``poll`` has seen its copy arrive, and the
+        check then proves the K/V came back exact. Needs ``num_host_pages``.
     """
 
     def __init__(self, model, cache: KVCache, attention, *, max_tokens_per_step: int = 64,
                  max_batch: int = 32, keep_logits: bool = True, speculative: int = 0,
-                 draft_seed: int = 0):
+                 draft_seed: int = 0, preempt_every: int = 0):
         cfg, mcfg = cache.config, model.config
         head_dim = getattr(mcfg, "head_dim", None) or mcfg.hidden_size // mcfg.num_attention_heads
         if (cfg.num_layers, cfg.num_kv_heads, cfg.head_dim) != (
@@ -186,6 +196,13 @@ class Engine:
         if speculative < 0:
             raise ValueError(f"speculative must be >= 0, got {speculative}")
         self.speculative = speculative
+        if preempt_every < 0:
+            raise ValueError(f"preempt_every must be >= 0, got {preempt_every}")
+        if preempt_every and cache.host_tier is None:
+            raise ValueError("preempt_every needs a cache with a host tier (num_host_pages)")
+        self.preempt_every = preempt_every
+        self._away: list[_Sample] = []      # the preempted request's samples (swapped out)
+        self._back: Transfer | None = None  # their swap-in, while in flight
         # Page entries count shared pages once per sequence that maps them (a system
         # prompt's pages appear in every request's row), so size them per sequence. One
         # metadata per layer group (a hybrid model's window group has its own pages).
@@ -224,7 +241,7 @@ class Engine:
 
     def _admit(self) -> None:
         """Admit waiting requests first come, first served while their pages fit."""
-        if not self._waiting:
+        if not self._waiting or self._away:   # a preempted request goes first
             return
         budget = self.cache.num_free_pages - self._pages_still_needed()
         while self._waiting:
@@ -236,6 +253,11 @@ class Engine:
                 return
             self._waiting.popleft()
             seq_id = self.cache.add_sequence(list(request.prompt))
+            if self.cache.seq_state(seq_id) == "swapping_in":
+                # Its prefix hit includes blocks offloaded to the host tier: wait for them.
+                load = self.cache.pending_transfers[-1]
+                self._finished_transfers(self.cache.wait(load))
+                self.stats.host_loads += 1
             cached = self.cache.num_tokens(seq_id)
             self.stats.prefix_hit_tokens += cached
             self._running.append(_Sample(request, 0, seq_id, list(request.prompt), cached,
@@ -282,12 +304,58 @@ class Engine:
         self.cache.write(layer, k, v, self.metadatas[self._layer_group[layer]])
         return self.attention.run(layer, q, scaling)
 
+    # -- preemption by swap ----------------------------------------------------------------
+
+    def _finished_transfers(self, transfers) -> None:
+        """Follow the transfers ``poll`` / ``wait`` finished: a preempted request whose
+        swap-in arrived resumes."""
+        for transfer in transfers:
+            if transfer.status != "done":
+                raise RuntimeError(f"a host-tier copy failed: {transfer!r}: {transfer.error}")
+            if transfer is self._back:
+                self._running.extend(self._away)
+                self._away, self._back = [], None
+                self.stats.swap_ins += 1
+
+    def _preempt(self) -> None:
+        """Swap the newest request's running samples out (one call, shared pages once)."""
+        if self._away or not self._running:
+            return
+        request = self._running[-1].request
+        samples = [s for s in self._running if s.request is request]
+        transfer = self.cache.swap_out([s.seq_id for s in samples])
+        for sample in samples:
+            self._running.remove(sample)
+        self._away = samples
+        self.stats.swap_outs += 1
+        self.stats.pages_swapped += transfer.num_pages
+
+    def _resume(self) -> None:
+        """Bring the preempted request back once its swap-out is done and its worst-case
+        pages fit (its samples resume when the swap-in has arrived)."""
+        if not self._away or self._back is not None:
+            return
+        ids = [s.seq_id for s in self._away]
+        if any(self.cache.seq_state(i) != "swapped" for i in ids):
+            return
+        budget = self.cache.num_free_pages - self._pages_still_needed()
+        if self._worst_pages(self._away[0].request) > budget:
+            return
+        self._back = self.cache.swap_in(ids)
+
     def step(self) -> bool:
         """Admit, run one model step, sample, roll back rejected drafts, retire. False
         when nothing could run."""
+        if self.cache.host_tier is not None:
+            self._finished_transfers(self.cache.poll())
+            self._resume()
         self._admit()
         chosen = self._schedule()
         if not chosen:
+            if self._away:                     # only the preempted request is left
+                self._finished_transfers(self.cache.wait())
+                self._resume()
+                return True
             return False
         seq_ids = np.array([s.seq_id for s, _, _ in chosen], dtype=np.int32)
         counts = np.array([n + len(d) for _, n, d in chosen], dtype=np.int64)
@@ -330,6 +398,8 @@ class Engine:
                                        and not all(s.prefilling for s, _, _ in chosen))
         used = self.cache.config.num_pages - self.cache.num_free_pages
         self.stats.peak_pages_used = max(self.stats.peak_pages_used, used)
+        if self.preempt_every and self.stats.model_steps % self.preempt_every == 0:
+            self._preempt()
         return True
 
     def _forward(self, tokens, positions, rows):
@@ -416,7 +486,7 @@ class Engine:
         """
         pending = deque(sorted(requests, key=lambda r: r.arrival_step))
         start = time.perf_counter()
-        while pending or self._waiting or self._running:
+        while pending or self._waiting or self._running or self._away:
             while pending and pending[0].arrival_step <= self.stats.steps:
                 self._waiting.append(pending.popleft())
             if not self.step() and not pending:
@@ -455,13 +525,15 @@ def make_engine(shape: ModelShape = TINY, *, device: str = "cpu", attention: str
                 dtype: str = "float32", num_pages: int = 64, page_size: int = 16,
                 layout: str = "NHD",
                 max_tokens_per_step: int = 64, max_batch: int = 16, keep_logits: bool = True,
-                speculative: int = 0, seed: int = 0) -> Engine:
+                speculative: int = 0, seed: int = 0, preempt_every: int = 0) -> Engine:
     """A model, a kvcore cache sized ``num_pages`` x ``page_size`` and an engine over them.
 
     ``layout``: the pool's, ``"NHD"`` or ``"HND"`` (both attention backends read either).
     ``shape.window``: the cache gets two layer groups, the full-attention layers and the
     sliding-window ones (``LayerGroup(window=shape.window)``), over one pool.
     ``speculative``: draft tokens per decode step (see :class:`Engine`).
+    ``preempt_every``: preempt by swap every this many steps (see :class:`Engine`); the
+    cache then gets a host tier as large as its pool.
 
     ``attention``: ``"torch"`` (reference, CPU or CUDA) or ``"flashinfer"`` (CUDA).
     ``dtype``: the model's and the pool's (``"float32"``, ``"bfloat16"``, ``"float16"``).
@@ -471,7 +543,8 @@ def make_engine(shape: ModelShape = TINY, *, device: str = "cpu", attention: str
     config = KVCacheConfig(num_layers=shape.num_layers, num_kv_heads=shape.num_kv_heads,
                            head_dim=shape.head_dim, page_size=page_size, num_pages=num_pages,
                            dtype=dtype, layout=layout, max_seqs=max(2 * max_batch, 8),
-                           enable_prefix_cache=True, layer_groups=layer_groups(shape))
+                           enable_prefix_cache=True, layer_groups=layer_groups(shape),
+                           num_host_pages=num_pages if preempt_every else 0)
     if device == "cpu":
         cache = KVCache(config, device="cpu")
     else:
@@ -484,7 +557,7 @@ def make_engine(shape: ModelShape = TINY, *, device: str = "cpu", attention: str
         raise ValueError(f"attention must be 'torch' or 'flashinfer', not {attention!r}")
     return Engine(model, cache, backend, max_tokens_per_step=max_tokens_per_step,
                   max_batch=max_batch, keep_logits=keep_logits, speculative=speculative,
-                  draft_seed=seed)
+                  draft_seed=seed, preempt_every=preempt_every)
 
 
 def layer_groups(shape: ModelShape):
@@ -511,6 +584,9 @@ def main(argv=None) -> int:
                         help="hybrid: 4 layers, the odd ones with a 24-token sliding window")
     parser.add_argument("--speculative", type=int, default=0, metavar="K",
                         help="draft tokens per decode step, rolled back with truncate")
+    parser.add_argument("--preempt-every", type=int, default=0, metavar="N",
+                        help="every N steps swap the newest request out to a host tier and "
+                             "back when it fits (its logits must still match)")
     parser.add_argument("--requests", type=int, default=24)
     parser.add_argument("--pages", type=int, default=64, help="pool pages (of 16 tokens)")
     parser.add_argument("--seed", type=int, default=0)
@@ -529,9 +605,11 @@ def main(argv=None) -> int:
     shape = {"tiny": TINY, "hybrid": TINY_HYBRID, "medium": MEDIUM}[args.shape]
     if args.speculative < 0:
         parser.error("--speculative must be >= 0")
+    if args.preempt_every < 0:
+        parser.error("--preempt-every must be >= 0")
     engine = make_engine(shape, device=args.device, attention=attention, dtype=dtype,
                          num_pages=args.pages, seed=args.seed, keep_logits=not args.no_check,
-                         speculative=args.speculative)
+                         speculative=args.speculative, preempt_every=args.preempt_every)
     requests = make_workload(shape, num_requests=args.requests, seed=args.seed)
     finished = engine.run(requests)
     report = {"device": args.device, "attention": attention, "dtype": dtype,
