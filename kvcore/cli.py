@@ -1,7 +1,9 @@
 """The ``kvcore`` command: ``simulate`` (the main job), ``bench`` and ``info``.
 
 ``kvcore simulate --preempt both`` runs the workload twice (recompute, then swap) and
-ends with a comparison of the two.
+ends with a comparison of the two; both runs get the same host tier (``--host-pages``,
+default as many pages as ``--pages``), so both offload evicted prefix pages there and
+only preemption differs (see :func:`_both_configs`).
 
 Bad input never gets a traceback: every invalid value or combination (including a pool
 that would not fit in memory, a run that could never finish, and an output path that
@@ -76,15 +78,20 @@ SIMULATE_HELP = {
                "its prompt; swap = they move to a host tier (--host-pages) and come back "
                "byte for byte (verified) once device pages are free, a victim the host "
                "tier has no room for being recomputed; both = run the workload twice, "
-               "recompute then swap, and compare",
-    "host_pages": "pages of the host tier that --preempt swap moves sequences to; a host "
-                  "page holds --page-size tokens of every layer, K and V, in as many bytes "
-                  "as a device page (host memory: N x the pool's bytes / --pages); 0 = no "
-                  "host tier (every victim is recomputed)",
+               "recompute then swap, with the same host tier, and compare",
+    "host_pages": "pages of the host tier (host memory: N x the pool's bytes / --pages; a "
+                  "host page holds --page-size tokens of every layer, K and V). --preempt "
+                  "swap moves victims there; with --prefix-cache (and no --window) kvcore "
+                  "also offloads evicted prefix pages there, and a later prompt that hits "
+                  "one loads it back (the only use with --preempt recompute, which needs "
+                  "--prefix-cache and no --window for it); 0 = no host tier",
 }
 
 #: Defaults that argparse's ``%(default)s`` would not say right.
-_DEFAULT_HELP = {"host_pages": " (default: as many as --pages with --preempt swap, else 0)"}
+_DEFAULT_HELP = {"host_pages": " (default: 0 with --preempt recompute; as many as --pages "
+                               "with --preempt swap, and with --preempt both, whose "
+                               "recompute run gets the same host tier as its swap run "
+                               "wherever it can use it)"}
 
 # formats matplotlib writes (used when matplotlib is missing, for the extension check)
 _PLOT_FORMATS = ("eps", "jpeg", "jpg", "pdf", "pgf", "png", "ps", "raw", "rgba", "svg",
@@ -199,7 +206,8 @@ def _add_simulate(sub) -> None:
         "verify every byte it wrote. A step is one scheduler iteration: admit waiting "
         "requests (prefill), then decode one token for every running sequence (plus "
         "drafts with --speculative). --window makes a hybrid sliding-window model; "
-        "--preempt swap preempts to a host tier instead of recomputing. Invalid "
+        "--preempt swap preempts to a host tier instead of recomputing; --host-pages "
+        "sizes that tier, which also holds evicted prefix-cache pages. Invalid "
         "options, and configs that could not be allocated or would never finish, are "
         "rejected before the run (exit status 2); the run exits 1 if verification finds "
         "a mismatch or an invariant failure.")
@@ -308,9 +316,12 @@ def _progress_printer(stream):
 
 
 def _summary_rows(result) -> list[tuple[str, str]]:
+    # with prefix offload, an evicted page left both tiers (an offload is not counted)
+    evicted = ("pages evicted" if result.prefix_offload is None else
+               "pages evicted from both tiers")
     hit = ("off" if result.prefix_hit_rate is None else
            f"{100 * result.prefix_hit_rate:.1f}% ({result.prefix_hit_tokens:,} tokens, "
-           f"{result.prefix_evictions:,} pages evicted)")
+           f"{result.prefix_evictions:,} {evicted})")
     steps = f"{result.steps:,}"
     if result.idle_steps:
         steps += f" ({result.idle_steps:,} idle, skipped)"
@@ -331,6 +342,7 @@ def _summary_rows(result) -> list[tuple[str, str]]:
         ("copy-on-write copies", f"{result.cow_copies:,}"),
         ("preemptions", _preemptions(result)),
         *_swap_rows(result),
+        *_offload_rows(result),
         *_extra_rows(result),
         ("wall time", f"{result.wall_s:.1f} s"),
     ]
@@ -374,12 +386,38 @@ def _swap_rows(result) -> list[tuple[str, str]]:
          f"{swap['mismatches']:,} mismatches ({swap['verify_seconds']:.2f} s of the wall "
          f"time)"),
     ]
-    if swap["prefix_offloads"] or swap["prefix_loads"]:
-        rows.append(("host-tier prefix cache (kvcore's)",
-                     f"{swap['prefix_offloads']:,} offloads of evicted prefix pages "
-                     f"({swap['prefix_offload_pages']:,} pages), {swap['prefix_loads']:,} "
-                     f"host hits loaded ({swap['prefix_load_pages']:,} pages); not in the "
-                     f"swap figures"))
+    return rows
+
+
+def _offload_rows(result) -> list[tuple[str, str]]:
+    """Rows of a run whose host tier holds offloaded prefix pages (none otherwise)."""
+    offload = result.prefix_offload
+    if offload is None:
+        return []
+    rows = []
+    if result.swap is None:   # a swap run says it in its own rows
+        rows.append(("host tier",
+                     f"{offload['host_pages']:,} pages ({_bytes(offload['host_bytes'])}): "
+                     f"prefix offload only (victims are recomputed)"))
+    admitted = result.admitted_hit_tokens + result.prefill_tokens
+    rows += [
+        ("prefix offload to the host tier",
+         f"{offload['offloads']:,} offloads of evicted prefix pages "
+         f"({offload['offload_pages']:,} pages, {_bytes(offload['offload_bytes'])}); "
+         f"{offload['host_cached_pages']:,} pages cached there at the end"
+         + ("; not in the swap figures" if result.swap is not None else "")),
+        ("host-tier prefix hits",
+         f"{offload['loads']:,} loaded ({offload['load_pages']:,} pages, "
+         f"{_bytes(offload['load_bytes'])}), admission waited "
+         f"{1e3 * offload['admission_wait_seconds']:.1f} ms for them; "
+         f"{offload['admitted_host_hit_tokens']:,} prompt tokens of admitted requests, "
+         f"{offload['loads_rolled_back']:,} loads ({offload['load_pages_rolled_back']:,} "
+         f"pages) for admissions then rolled back"),
+        ("admitted prompt tokens",
+         f"{admitted:,}: {result.admitted_hit_tokens:,} from the prefix cache "
+         f"({100 * result.admitted_hit_tokens / admitted if admitted else 0:.1f}%), "
+         f"{result.prefill_tokens:,} prefilled"),
+    ]
     return rows
 
 
@@ -483,6 +521,19 @@ def _error(command: str, message: str) -> int:
     return 2
 
 
+def _host_tier_line(recompute, swap) -> str:
+    """``--preempt both``: which runs had a host tier, and what it served."""
+    pages = swap.swap["host_pages"]
+    if not pages:
+        return "neither run (--host-pages 0): both recompute every victim"
+    if recompute.prefix_offload is not None:
+        return (f"both runs, {pages:,} pages each: both offload evicted prefix pages there "
+                f"(recompute: {recompute.prefix_offload['loads']:,} host hits loaded, swap: "
+                f"{swap.prefix_offload['loads']:,}); only the swap run moves victims there")
+    return (f"swap run only ({pages:,} pages, for its victims): prefix offload needs "
+            f"--prefix-cache and no --window, so neither run offloads prefix pages")
+
+
 def _comparison_rows(recompute, swap) -> list[tuple[str, str]]:
     """``--preempt both``: the figures that preemption changes, recompute -> swap."""
     def change(a, b, fmt) -> str:
@@ -493,12 +544,18 @@ def _comparison_rows(recompute, swap) -> list[tuple[str, str]]:
         return f"{x:,}"
 
     return [
+        ("host tier", _host_tier_line(recompute, swap)),
         ("steps run (idle ones not counted)",
          change(recompute.steps - recompute.idle_steps, swap.steps - swap.idle_steps, count)),
         ("wall time",
          change(recompute.wall_s, swap.wall_s, lambda x: f"{x:.2f} s")
          + f" (swap: {swap.swap['verify_seconds']:.2f} s of checks after swap-in)"),
         ("tokens written", change(recompute.tokens_written, swap.tokens_written, count)),
+        ("prompt tokens prefilled",
+         change(recompute.prefill_tokens, swap.prefill_tokens, count)),
+        ("prefix hits of admitted prompts",
+         change(recompute.admitted_hit_tokens, swap.admitted_hit_tokens, count)
+         + " tokens (recompute's include its victims' prompts, admitted again)"),
         ("preemptions", change(recompute.preemptions, swap.preemptions, count)),
         ("tokens to recompute",
          change(recompute.recompute_tokens, swap.recompute_tokens, count)
@@ -509,11 +566,28 @@ def _comparison_rows(recompute, swap) -> list[tuple[str, str]]:
 def _payload(result) -> dict:
     """What --json writes for one run."""
     payload = asdict(result)
-    for name in ("hybrid", "speculative", "utilization", "swap"):   # only with their options
+    for name in ("hybrid", "speculative", "utilization", "swap",   # only with their options
+                 "prefix_offload"):
         if payload[name] is None:
             del payload[name]
     payload["ok"] = result.ok
     return payload
+
+
+def _both_configs(swap):
+    """``--preempt both``: the recompute and swap configs of one workload, with the same
+    host tier (``--host-pages``, default as many pages as ``--pages``, as for --preempt
+    swap). kvcore offloads evicted prefix pages to a host tier on its own (with
+    --prefix-cache and no --window), so a swap run without a recompute run that has the
+    same tier would credit swapping with the prefix hits the host tier brings back. Where
+    prefix offload is off, the recompute run gets no host tier: it could not use one."""
+    from dataclasses import replace
+
+    host_pages = swap.num_host_pages()
+    recompute = replace(swap, preempt="recompute", host_pages=None)
+    if host_pages and recompute.prefix_cache and recompute.window is None:
+        recompute = replace(recompute, host_pages=host_pages)
+    return [recompute, swap]
 
 
 def _run_simulate(args) -> int:
@@ -528,10 +602,8 @@ def _run_simulate(args) -> int:
     if problem:
         return _error("simulate", problem)
     values = {f.name: getattr(args, f.name) for f in fields(SimConfig)}
-    modes = ("recompute", "swap") if both else (args.preempt,)
-    configs = [SimConfig(**{**values, "preempt": mode,
-                            "host_pages": values["host_pages"] if mode == "swap" or not both
-                            else None}) for mode in modes]
+    configs = (_both_configs(SimConfig(**{**values, "preempt": "swap"})) if both else
+               [SimConfig(**values)])
     on_step = None
     if args.corrupt_at_step is not None:   # test hook: flip a live page behind kvcore's back
         def on_step(sim, step):
@@ -569,13 +641,18 @@ def _run_simulate(args) -> int:
                 sys.stderr.write("\n")
         del sim   # its pools, before the next run allocates its own
         if both:   # a header over each run's table, a blank line between them
-            print(("\n" if results else "") + f"--preempt {config.preempt}", file=table)
+            host = (f" (host tier of {config.num_host_pages():,} pages)"
+                    if config.num_host_pages() else " (no host tier)")
+            print(("\n" if results else "") + f"--preempt {config.preempt}{host}",
+                  file=table)
         for name, value in _summary_rows(result):
             print(f"{name:<38} {value}", file=table)
         print(_integrity_line(result), file=table)
         results.append(result)
     if both:
-        print("\nswap against recompute (the same workload), recompute -> swap", file=table)
+        same = configs[0].num_host_pages() == configs[1].num_host_pages()
+        print(f"\nswap against recompute (the same workload{' and host tier' if same else ''})"
+              f", recompute -> swap", file=table)
         for name, value in _comparison_rows(*results):
             print(f"{name:<38} {value}", file=table)
     if args.json is not None:

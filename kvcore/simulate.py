@@ -53,6 +53,16 @@ request is decoded only once a later ``poll`` has finished its swap-in; every on
 sequences is then read back whole and compared with what was written (every layer,
 every position), so a page that came back different is a mismatch.
 
+A host tier also serves *prefix offload* (kvcore's own, with prefix caching and one layer
+group: docs/host_tier.md): a cached prompt page the device must reuse is copied to a host
+page first and stays findable, and a later prompt that hits it loads it back. With
+``preempt="recompute"`` and ``host_pages > 0`` that is all the host tier does (victims
+are still recomputed); the default there is no host tier. Either way the simulator
+handles those transfers alike: :meth:`KVCache.poll` at the start of every step, an
+admission whose prefix hit is being loaded waits for the load (it must be resident to be
+extended), and the end of the run waits for every transfer; the run reports them in
+``SimResult.prefix_offload``.
+
 With either option the run also reports KV memory utilization (token slots holding live
 tokens over the slots of the pages in use, time-averaged over steps) against a
 contiguous baseline that reserves ``prompt + max_output_len`` per sequence.
@@ -98,6 +108,9 @@ _OPTIONAL_FIELDS = {"window": None, "window_layers": 0.5, "speculative": 0,
 
 #: What ``SimConfig.preempt`` may be.
 PREEMPT_MODES = ("recompute", "swap")
+
+#: Transfer kinds kvcore starts on its own (prefix offload), not the simulator's swaps.
+_PREFIX_KINDS = ("offload", "load")
 
 #: Groups of a hybrid run's KVCacheConfig: full attention first (the prefix cache's anchor).
 _FULL_GROUP, _WINDOW_GROUP = 0, 1
@@ -179,7 +192,9 @@ class SimConfig:
     # requeued to start again) or "swap" (moved to a host tier, brought back later)
     preempt: str = "recompute"
     # pages of the host tier (each holds page_size tokens of every layer, K and V, as a
-    # device page does); None: as many as ``pages`` with preempt="swap", 0 otherwise
+    # device page does); None: as many as ``pages`` with preempt="swap", 0 otherwise.
+    # With preempt="recompute" it serves prefix offload only (needs prefix_cache and
+    # no window)
     host_pages: int | None = None
 
     def num_host_pages(self) -> int:
@@ -188,6 +203,11 @@ class SimConfig:
         if self.host_pages is not None:
             return self.host_pages
         return self.pages if self.preempt == "swap" else 0
+
+    def prefix_offload(self) -> bool:
+        """Whether kvcore offloads evicted prefix pages to the host tier in this run:
+        a host tier, prefix caching and one layer group (no ``window``)."""
+        return self.num_host_pages() > 0 and self.prefix_cache and self.window is None
 
     def max_request_tokens(self) -> int:
         return self.system_prompt_len + self.max_prompt_len + self.max_output_len
@@ -281,6 +301,12 @@ class SimResult:
     spot_check_tokens: int = 0
     mismatches: int = 0
     invariant_failures: int = 0
+    # admissions' prompt tokens (a request recomputed after a preemption counts again):
+    # those the prefix cache served (device hits, and host-tier hits loaded back) and
+    # those prefilled (computed and written); unlike prefix_hit_tokens, lookups of
+    # admissions rolled back for want of pages or budget are not counted
+    admitted_hit_tokens: int = 0
+    prefill_tokens: int = 0
     # tokens that preempted requests held (prompt plus every sample's generated tokens)
     # when they were removed to recompute: the work recompute does again (here the prompt
     # is prefilled again, partly from the prefix cache, and the outputs are decoded again)
@@ -288,6 +314,9 @@ class SimResult:
     # with --preempt swap only (None, and left out of --json, otherwise); see
     # Simulator._finish_swap for its keys
     swap: dict | None = None
+    # with a host tier and prefix caching (one layer group) only, in either --preempt
+    # mode (None, and left out of --json, otherwise); see Simulator._finish_offload
+    prefix_offload: dict | None = None
     # with --window / --speculative only (None, and left out of --json, otherwise); see
     # Simulator._finish_extras for their keys
     hybrid: dict | None = None
@@ -407,8 +436,18 @@ def _check_options(cfg: SimConfig) -> None:
             raise ConfigurationError(f"--host-pages must be an integer from 0 to 2**31 - 1, "
                                      f"got {cfg.host_pages!r}")
         if cfg.host_pages and cfg.preempt != "swap":
-            raise ConfigurationError("--host-pages needs --preempt swap (only swapping uses "
-                                     "the host tier)")
+            # without swapping, the host tier holds kvcore's offloaded prefix pages only
+            if not cfg.prefix_cache:
+                raise ConfigurationError(
+                    "--host-pages with --preempt recompute needs --prefix-cache: without "
+                    "swapping the host tier only holds evicted prefix-cache pages; use "
+                    "--preempt swap, or drop --host-pages")
+            if cfg.window is not None:
+                raise ConfigurationError(
+                    "--host-pages with --preempt recompute does not work with --window: "
+                    "without swapping the host tier only holds evicted prefix-cache pages, "
+                    "and prefix offload needs one layer group; use --preempt swap, or drop "
+                    "--host-pages")
     if cfg.window is not None and not (integer(cfg.window) and 1 <= cfg.window < 2**31):
         raise ConfigurationError(f"--window must be a positive integer below 2**31, got "
                                  f"{cfg.window!r}")
@@ -586,6 +625,10 @@ class Simulator:
         self._swap = config.preempt == "swap"
         if self._swap:
             reported["host_pages"] = kv_config.num_host_pages
+        # a host tier: transfers to poll and wait for (swaps, and kvcore's prefix offloads
+        # and loads); prefix offload: kvcore offloads evicted prefix pages there
+        self._host = kv_config.num_host_pages > 0
+        self._offload = config.prefix_offload()
         self.result = SimResult(config=reported, device=self.cache.device,
                                 pool_pages=config.pages)
         self._hybrid = config.window is not None
@@ -600,6 +643,14 @@ class Simulator:
         self._in_flight: dict = {}
         self._arriving_seqs = 0
         self._ready: list = []
+        if self._host:
+            self._offload_stats = {
+                "host_pages": kv_config.num_host_pages, "host_bytes": kv_config.host_bytes,
+                "offloads": 0, "offload_pages": 0, "offload_bytes": 0, "loads": 0,
+                "load_pages": 0, "load_bytes": 0, "failed_transfers": 0,
+                "admission_waits": 0, "admission_wait_seconds": 0.0,
+                "admitted_host_hit_tokens": 0, "loads_rolled_back": 0,
+                "load_pages_rolled_back": 0}
         if self._swap:
             self._init_swap(kv_config)
 
@@ -755,15 +806,21 @@ class Simulator:
             tokens = self._token_ids(self._keys(request, 0, np.arange(request.prompt_len)))
             t0 = time.perf_counter_ns()
             seq = cache.add_sequence(tokens if self.cfg.prefix_cache else None)
-            if self._swap and cache.seq_state(seq) != "resident":
-                self._wait_for_load(seq)
+            loaded = 0   # prompt tokens of the hit loaded back from the host tier
+            if self._host and cache.seq_state(seq) != "resident":
+                loaded = self._wait_for_load(seq)
             cached = cache.num_tokens(seq)
             pages = cache.pages_needed([seq], [request.prompt_len - cached])
             self._host_ns += time.perf_counter_ns() - t0
             if (used + request.prompt_len - cached > budget
                     or pending_pages + pages + reserve > cache.num_free_pages):
                 cache.remove(seq)
+                if loaded:   # the loaded blocks stay cached on the device
+                    self._offload_stats["loads_rolled_back"] += 1
+                    self._offload_stats["load_pages_rolled_back"] += loaded // self.cfg.page_size
                 break
+            if loaded:
+                self._offload_stats["admitted_host_hit_tokens"] += loaded
             waiting.popleft()
             request.seq_ids = [seq]
             request.generated = [0] * num_samples
@@ -777,6 +834,8 @@ class Simulator:
         seqs = [r.seq_ids[0] for r, _, _ in admitted]
         t0 = time.perf_counter_ns()
         chunks = [r.prompt_len - c for r, c, _ in admitted]
+        self.result.admitted_hit_tokens += sum(c for _, c, _ in admitted)
+        self.result.prefill_tokens += sum(chunks)
         step_result = cache.append(seqs, chunks,
                                    np.concatenate([t[c:] for _, c, t in admitted]))
         self._host_ns += time.perf_counter_ns() - t0
@@ -1074,7 +1133,7 @@ class Simulator:
         to), and no page belongs to two groups."""
         cache, cfg, ps = self.cache, self.cfg, self.cfg.page_size
         seqs = cache.table.active_seq_ids()
-        if self._swap:   # swapped-out sequences have no device pages to check
+        if self._host:   # swapped-out sequences have no device pages to check
             seqs = np.array([s for s in seqs.tolist() if cache.seq_state(s) == "resident"],
                             dtype=np.int32)
         self._win["table_checks"] += 1
@@ -1253,9 +1312,7 @@ class Simulator:
             "pages_in": 0, "bytes_in": 0, "out_seconds": 0.0, "in_seconds": 0.0,
             "out_call_seconds": 0.0, "in_call_seconds": 0.0, "recompute_fallbacks": 0,
             "recompute_tokens_avoided": 0, "checks": 0, "check_tokens": 0,
-            "mismatches": 0, "verify_seconds": 0.0, "failed_transfers": 0,
-            "prefix_offloads": 0, "prefix_offload_pages": 0, "prefix_offload_bytes": 0,
-            "prefix_loads": 0, "prefix_load_pages": 0, "prefix_load_bytes": 0}
+            "mismatches": 0, "verify_seconds": 0.0, "failed_transfers": 0}
 
     def _swapping(self) -> bool:
         """Whether a request is out of the running set because of a swap."""
@@ -1338,18 +1395,22 @@ class Simulator:
         self._swap_stats["requests_swapped_in"] += len(chosen)
 
     def _on_transfers(self, finished, now: float) -> None:
-        """Swap-ins that ``poll`` / ``wait`` finished at ``now``: their requests are
-        ready (checked, then run, at the next step's start); a failed one's go back to
-        waiting on the host."""
-        stats = self._swap_stats
+        """Transfers that ``poll`` / ``wait`` finished at ``now``. kvcore's prefix
+        offloads and loads are counted; a swap-in's requests are ready (checked, then
+        run, at the next step's start), a failed one's go back to waiting on the host."""
         for transfer in finished:
             if transfer.id not in self._in_flight:   # kvcore's prefix offloads and loads
-                kind = getattr(transfer, "kind", None)
-                if kind in ("offload", "load") and transfer.done:
-                    stats[f"prefix_{kind}s"] += 1
-                    stats[f"prefix_{kind}_pages"] += transfer.num_pages
-                    stats[f"prefix_{kind}_bytes"] += transfer.nbytes
+                kind = transfer.kind
+                if kind in _PREFIX_KINDS:
+                    offload = self._offload_stats
+                    if not transfer.done:   # kvcore drops the entries: nothing is lost
+                        offload["failed_transfers"] += 1
+                        continue
+                    offload[f"{kind}s"] += 1
+                    offload[f"{kind}_pages"] += transfer.num_pages
+                    offload[f"{kind}_bytes"] += transfer.nbytes
                 continue
+            stats = self._swap_stats
             requests, start, call_s = self._in_flight.pop(transfer.id)
             self._arriving_seqs -= len(transfer.seq_ids)
             if not transfer.done:
@@ -1379,24 +1440,34 @@ class Simulator:
         running.extend(self._ready)
         self._ready.clear()
 
-    def _wait_for_load(self, seq: int) -> None:
+    def _wait_for_load(self, seq: int) -> int:
         """A new sequence whose prefix hit kvcore is copying in from the host tier (a
         cache that offloads evicted prefix pages there): wait for that copy, as
-        admission needs the sequence resident (host-timed with the admission)."""
+        admission needs the sequence resident (host-timed with the admission). Returns
+        the tokens loaded (0 if the copy failed: the hit then stops before its first
+        host block)."""
         cache = self.cache
-        load = next(t for t in cache.pending_transfers if seq in t.seq_ids.tolist())
+        start = time.perf_counter()
+        load = next(t for t in cache.pending_transfers
+                    if t.kind == "load" and seq in t.seq_ids.tolist())
         finished = cache.wait(load)
-        self._on_transfers(finished, time.perf_counter())
+        now = time.perf_counter()
+        self._on_transfers(finished, now)
+        self._offload_stats["admission_waits"] += 1
+        self._offload_stats["admission_wait_seconds"] += now - start
+        return load.num_pages * self.cfg.page_size if load.done else 0
 
-    def _swap_step(self, running: list) -> None:
-        """Start of a step: finish completed transfers (once per step), let the
-        swapped-in requests run again, then start the next swap-in."""
+    def _host_step(self, running: list) -> None:
+        """Start of a step with a host tier: finish completed transfers (once per step);
+        with --preempt swap, let the swapped-in requests run again, then start the next
+        swap-in."""
         t0 = time.perf_counter_ns()
         finished = self.cache.poll()
         self._host_ns += time.perf_counter_ns() - t0
         self._on_transfers(finished, time.perf_counter())
-        self._run_swapped_in(running)
-        self._start_swap_in(running)
+        if self._swap:
+            self._run_swapped_in(running)
+            self._start_swap_in(running)
 
     def _finish_swap(self, res: SimResult) -> None:
         """The --preempt swap figures of the run (also in ``--json``).
@@ -1422,9 +1493,14 @@ class Simulator:
         reused their device pages (``append``, ``add_sequence``, and ``swap_in``, whose
         call time includes them), and host-tier prefix hits loaded back by
         ``add_sequence`` (admission waits for those). None of them is in the swap
-        figures.
+        figures; they repeat figures of ``SimResult.prefix_offload`` (see
+        :meth:`_finish_offload`), which has more.
         """
         stats = dict(self._swap_stats)
+        offload = self._offload_stats if self._host else {}
+        for kind in _PREFIX_KINDS:
+            for suffix in ("s", "_pages", "_bytes"):
+                stats[f"prefix_{kind}{suffix}"] = offload.get(f"{kind}{suffix}", 0)
         stats["requests_swapped"] = len(stats["requests_swapped"])
         for way in ("out", "in"):
             for kind in ("", "call_"):
@@ -1434,6 +1510,36 @@ class Simulator:
         stats["recompute_tokens"] = res.recompute_tokens
         stats["pending_at_end"] = len(self.cache.pending_transfers)
         res.swap = stats
+
+    def _finish_offload(self, res: SimResult) -> None:
+        """The prefix-offload figures of a run with a host tier and prefix caching (one
+        layer group), in either --preempt mode (also in ``--json``).
+
+        ``offloads`` / ``loads`` count kvcore's transfers that completed (one per call
+        that caused them), with their pages and bytes: cached device pages offloaded to
+        the host tier when a call reused them, and host-tier prefix hits loaded back by
+        ``add_sequence``. ``admission_waits`` / ``admission_wait_seconds``: admissions
+        whose hit was being loaded, and the time they waited for the load (host-timed
+        with the admission). ``admitted_host_hit_tokens``: prompt tokens of admitted
+        requests that came from the host tier (part of
+        ``SimResult.admitted_hit_tokens``); ``loads_rolled_back`` /
+        ``load_pages_rolled_back``: admissions that loaded a hit and were then rolled
+        back (no room or budget this step), and the pages they loaded: those blocks stay
+        cached on the device, where the retry usually finds them (a device hit then)
+        unless they were evicted again first. ``kvcore_offloaded`` / ``kvcore_loaded`` /
+        ``host_cached_pages``: ``prefix_stats["offloaded"]`` / ``["loaded"]`` /
+        ``["host_cached_pages"]`` at the end of the run (kvcore's own counts of blocks,
+        and the blocks left in the host tier). ``failed_transfers``: offloads and loads
+        that failed (kvcore drops those entries; nothing is lost but the hit).
+        ``pending_at_end``: transfers still in flight after the final wait (0).
+        """
+        offload = dict(self._offload_stats)
+        stats = self.cache.prefix_stats
+        offload["kvcore_offloaded"] = stats.get("offloaded", 0)
+        offload["kvcore_loaded"] = stats.get("loaded", 0)
+        offload["host_cached_pages"] = stats.get("host_cached_pages", 0)
+        offload["pending_at_end"] = len(self.cache.pending_transfers)
+        res.prefix_offload = offload
 
     # -- the run -----------------------------------------------------------------------------
 
@@ -1460,8 +1566,8 @@ class Simulator:
                 res.idle_steps += waiting[0].arrival_step - step
                 step = waiting[0].arrival_step
             self._host_ns = self._device_ns = 0
-            if self._swap:
-                self._swap_step(running)
+            if self._host:
+                self._host_step(running)
             budget = cfg.max_step_tokens - sum(
                 len([s for s in r.seq_ids if s >= 0]) for r in running)
             if not self._swapped:   # requests waiting on the host come first
@@ -1507,7 +1613,7 @@ class Simulator:
             for sample, seq in enumerate(request.seq_ids):
                 if seq >= 0:
                     self._verify(request, sample)
-        if self._swap:   # the last offloads kvcore started
+        if self._host:   # the last offloads kvcore started (and loads, swaps)
             self._on_transfers(self.cache.wait(), time.perf_counter())
         self._check_invariants()
         res.steps = step
@@ -1527,4 +1633,6 @@ class Simulator:
             self._finish_extras(res)
         if self._swap:
             self._finish_swap(res)
+        if self._offload:
+            self._finish_offload(res)
         return res

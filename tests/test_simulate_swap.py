@@ -137,7 +137,8 @@ def test_a_corrupted_host_page_is_caught_after_the_swap_in():
 
 @pytest.mark.parametrize(("changes", "needle"), [
     ({"preempt": "evict"}, "--preempt must be one of recompute, swap"),
-    ({"host_pages": 8}, "--host-pages needs --preempt swap"),
+    ({"host_pages": 8, "prefix_cache": False},
+     "--host-pages with --preempt recompute needs --prefix-cache"),
     ({"preempt": "swap", "host_pages": -1}, "--host-pages must be an integer"),
     ({"preempt": "swap", "host_pages": 2.5}, "--host-pages must be an integer"),
 ])
@@ -174,7 +175,8 @@ def test_cli_both_compares_the_two_runs(tmp_path):
 
 
 @pytest.mark.parametrize(("flags", "needle"), [
-    (["--host-pages", "8"], "--host-pages needs --preempt swap"),
+    (["--host-pages", "8", "--no-prefix-cache"],
+     "--host-pages with --preempt recompute needs --prefix-cache"),
     (["--preempt", "evict"], "--preempt must be one of recompute, swap, both"),
     (["--preempt", "both", "--plot", "x.png"], "--plot draws one run"),
 ])
