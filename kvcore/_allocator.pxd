@@ -51,6 +51,10 @@ cdef class PageAllocator:
         """Pages that ``take`` can hand out: clean plus evictable."""
         return self._num_clean + self._num_evictable
 
+    cdef inline int32_t clean_count(self) noexcept nogil:
+        """Free pages that are not cached: ``take`` hands out that many without evicting."""
+        return self._num_clean
+
     cdef inline refcount_t refs(self, page_id_t page) noexcept nogil:
         """Refcount of ``page`` (0 when free)."""
         return self._refcount[page]

@@ -220,3 +220,11 @@ def first_slot_out_of_range(cnp.ndarray slots not None, int64_t num_slots):
         if p[i] < -1 or p[i] >= num_slots:
             return p[i]
     return None
+
+
+def int64_copy(obj, name="seq_ids"):
+    """A 1-D int64 NumPy array owned by the caller, converted and checked exactly as
+    every batch argument of the core is (for Python code that must keep what a core
+    call was given: the core converts once, and so must its caller)."""
+    cdef cnp.ndarray arr = int64_array(obj, name)
+    return arr.copy() if arr is obj else arr

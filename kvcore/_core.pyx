@@ -373,10 +373,11 @@ cdef class PageTable:
         # The one place that decides whether prefix caching is on: every other use of
         # self._prefix goes through its doors, which do nothing on a plain PrefixHooks.
         # Evicted prefix pages are offloaded to the host tier when there is one and the
-        # table has one group (docs/host_tier.md says why not with several).
+        # table has one full-attention group (docs/host_tier.md says why not otherwise).
         self._prefix = (new_prefix_cache(allocator, ps, ms, mp, prefix_hash_bits,
                                          prefix_event_capacity,
-                                         host_allocator if ng == 1 else None)
+                                         host_allocator if ng == 1 and kinds[0] == _FULL
+                                         else None)
                         if bool(enable_prefix_cache) else PrefixHooks())
         self._version = 0
         self.host_allocator = host_allocator
@@ -718,7 +719,8 @@ cdef class PageTable:
         cdef int64_t s
         if tokens is None or not self._prefix.enabled():   # tokens are ignored when off
             if self._num_free_seqs == 0:
-                raise CapacityError(f"all {self._max_seqs} sequence slots are in use")
+                raise CapacityError(f"all {self._max_seqs} sequence slots are in use (by active "
+                                    "sequences or removed ones whose transfer is in flight)")
             s = self._new_seq()
             self._prefix.seq_started(s, ns, NULL, 0)
             return s
@@ -736,7 +738,8 @@ cdef class PageTable:
         cdef page_id_t* fresh = hits + max_hits * (self._num_groups + 1)
         # The critical part starts here. Look up first (nothing changes), then map.
         if self._num_free_seqs == 0:
-            raise CapacityError(f"all {self._max_seqs} sequence slots are in use")
+            raise CapacityError(f"all {self._max_seqs} sequence slots are in use (by active "
+                                    "sequences or removed ones whose transfer is in flight)")
         cdef int64_t i, lo, num_hits = self._prefix.lookup(tp, max_hits, ns, hits)
         cdef int32_t g
         cdef page_id_t page
@@ -952,7 +955,8 @@ cdef class PageTable:
         """
         cdef int64_t parent = self._seq_arg(seq_id)
         if self._num_free_seqs == 0:
-            raise CapacityError(f"all {self._max_seqs} sequence slots are in use")
+            raise CapacityError(f"all {self._max_seqs} sequence slots are in use (by active "
+                                    "sequences or removed ones whose transfer is in flight)")
         cdef int64_t i, lo, hi
         cdef int32_t g
         cdef page_id_t* src

@@ -116,6 +116,7 @@ cdef class PrefixHooks:
                                  page_id_t* host_pages) noexcept nogil
     cdef void writeback_done(self, page_id_t host_page, bint ok) noexcept nogil
     cdef bint writeback_holds(self, page_id_t host_page) noexcept nogil
+    cdef bint writeback_taken(self, page_id_t host_page) noexcept nogil
     cdef void page_loaded(self, page_id_t hit, page_id_t device_page) noexcept nogil
     cdef void load_done(self, page_id_t host_page, page_id_t device_page, bint ok) noexcept nogil
     cdef void clear(self) noexcept nogil
@@ -139,7 +140,8 @@ cdef class PrefixCache(PrefixHooks):
     cdef int32_t _num_device
     cdef page_id_t* _wb_device        # [num_device] write-back buffer
     cdef page_id_t* _wb_host
-    cdef uint8_t* _wb_held            # [num_host_pages] 1 while a write-back holds the page
+    cdef uint8_t* _wb_held            # [num_host_pages] a write-back holds the page: 1 in
+                                      # the buffer, 2 taken (its copy owed), 0 none
     cdef int64_t _wb_count
     cdef int64_t _offloaded, _loaded
     # per sequence [max_seqs]: the chain of its leading full pages

@@ -466,6 +466,10 @@ cdef class PrefixHooks:
         """Whether a write-back (taken or not) holds a reference to ``host_page``."""
         return False
 
+    cdef bint writeback_taken(self, page_id_t host_page) noexcept nogil:
+        """Whether ``host_page``'s write-back was taken and is not finished."""
+        return False
+
     cdef void page_loaded(self, page_id_t hit, page_id_t device_page) noexcept nogil:
         """A prefix hit on host entry ``hit`` (an index id) is being copied into
         ``device_page``: record its tokens there."""
@@ -809,9 +813,11 @@ cdef class PrefixCache(PrefixHooks):
 
     cdef int64_t take_writebacks(self, page_id_t* device_pages,
                                  page_id_t* host_pages) noexcept nogil:
-        cdef int64_t n = self._wb_count
+        cdef int64_t i, n = self._wb_count
         memcpy(device_pages, self._wb_device, n * sizeof(page_id_t))
         memcpy(host_pages, self._wb_host, n * sizeof(page_id_t))
+        for i in range(n):
+            self._wb_held[host_pages[i]] = 2
         self._wb_count = 0
         return n
 
@@ -828,6 +834,9 @@ cdef class PrefixCache(PrefixHooks):
 
     cdef bint writeback_holds(self, page_id_t host_page) noexcept nogil:
         return self._host is not None and self._wb_held[host_page] != 0
+
+    cdef bint writeback_taken(self, page_id_t host_page) noexcept nogil:
+        return self._host is not None and self._wb_held[host_page] == 2
 
     cdef void page_loaded(self, page_id_t hit, page_id_t device_page) noexcept nogil:
         self.page_copied(hit, device_page)

@@ -117,22 +117,13 @@ cdef class HostTier:
     def swap_out_pages(self, seq_ids):
         """Return the host pages :meth:`swap_out` would take for ``seq_ids`` (their
         distinct device pages); checks as it does and changes nothing."""
-        cdef cnp.ndarray sids = int64_array(seq_ids, "seq_ids")
-        cdef const int64_t* sp = <const int64_t*>cnp.PyArray_DATA(sids)
-        cdef Py_ssize_t batch = cnp.PyArray_DIM(sids, 0)
-        self._check_states(sp, batch, SEQ_RESIDENT)
-        return self._count_distinct(sp, batch, self._t._table, self._device_map, NULL, True)
+        return self._count(seq_ids, True)
 
     def swap_in_pages(self, seq_ids):
         """Return the device pages :meth:`swap_in` would take for ``seq_ids`` (their
         distinct host pages); checks as it does and changes nothing. Admission for a
         swap-in: compare it with ``allocator.num_free``."""
-        cdef cnp.ndarray sids = int64_array(seq_ids, "seq_ids")
-        cdef const int64_t* sp = <const int64_t*>cnp.PyArray_DATA(sids)
-        cdef Py_ssize_t batch = cnp.PyArray_DIM(sids, 0)
-        self._check_states(sp, batch, SEQ_SWAPPED)
-        return self._count_distinct(sp, batch, self._t._host_table, self._host_map, NULL,
-                                    True)
+        return self._count(seq_ids, False)
 
     # -- moves -------------------------------------------------------------------------------
 
@@ -313,13 +304,39 @@ cdef class HostTier:
         cdef cnp.ndarray pages = page_array(host_pages, "host_pages", self._host.page_count())
         cdef const page_id_t* hp = <const page_id_t*>cnp.PyArray_DATA(pages)
         cdef Py_ssize_t i, n = cnp.PyArray_DIM(pages, 0)
+        cdef page_id_t* seen = self._host_map      # NO_PAGE between calls; 0 marks "seen"
+        cdef bint twice
         for i in range(n):
-            if not self._t._prefix.writeback_holds(hp[i]):
-                raise ValueError(f"host page {hp[i]} has no write-back in flight")
+            if not self._t._prefix.writeback_taken(hp[i]) or seen[hp[i]] == 0:
+                twice = seen[hp[i]] == 0
+                self._unmark(hp, i, seen)
+                raise ValueError(
+                    f"host page {hp[i]} " + ("is given twice" if twice else
+                                             "has no write-back in flight (only pages "
+                                             "take_writebacks returned and not yet "
+                                             "finished have)"))
+            seen[hp[i]] = 0
+        self._unmark(hp, n, seen)
         for i in range(n):
             self._t._prefix.writeback_done(hp[i], bool(ok))
 
     # -- the work ----------------------------------------------------------------------------
+
+    cdef int64_t _count(self, object seq_ids, bint out) except -1:
+        """The distinct pages of the rows that a move of ``seq_ids`` would copy."""
+        cdef cnp.ndarray sids = int64_array(seq_ids, "seq_ids")
+        cdef const int64_t* sp = <const int64_t*>cnp.PyArray_DATA(sids)
+        cdef Py_ssize_t batch = cnp.PyArray_DIM(sids, 0)
+        cdef cnp.ndarray scratch = None
+        while True:   # the allocation may let another thread in: retry if the rows grew
+            if scratch is not None and cnp.PyArray_DIM(scratch, 0) >= self._upper_bound(
+                    sp, batch):
+                break
+            scratch = empty_int32(self._upper_bound(sp, batch))
+        self._check_states(sp, batch, SEQ_RESIDENT if out else SEQ_SWAPPED)
+        return self._count_distinct(sp, batch, self._t._table if out else self._t._host_table,
+                                    self._device_map if out else self._host_map,
+                                    <page_id_t*>cnp.PyArray_DATA(scratch), True)
 
     cdef void _finish_load(self, int64_t s, bint ok, bint doomed) noexcept:
         """Finish a prefix load of ``s``: each host entry moves to the device page it was
@@ -372,6 +389,16 @@ cdef class HostTier:
                 dst_pages = empty_int32(bound)
                 continue
             self._check_states(sp, batch, SEQ_RESIDENT if out else SEQ_SWAPPED)
+            if (dst_alloc.clean_count() >= bound
+                    and self._all_private(sp, batch, src_table, src_alloc)):
+                # The common case: no page shared, so no two entries are one page and
+                # there is nothing to deduplicate; and clean pages suffice, so nothing is
+                # evicted. One pass maps the k-th entry to the k-th page taken.
+                n = bound
+                self._map_private(sp, batch, src_table, dst_table, dst_alloc,
+                                  <page_id_t*>cnp.PyArray_DATA(src_pages),
+                                  <page_id_t*>cnp.PyArray_DATA(dst_pages), n)
+                break
             n = self._count_distinct(sp, batch, src_table, src_map,
                                      <page_id_t*>cnp.PyArray_DATA(src_pages), False)
             free = dst_alloc.free_count()
@@ -380,10 +407,10 @@ cdef class HostTier:
                 raise OutOfPagesError(
                     n, free, f"moving these sequences {'out' if out else 'in'} needs {n} "
                     f"{'host' if out else 'device'} pages but only {free} are free")
+            self._map_rows(sp, batch, src_table, dst_table, src_map, dst_alloc,
+                           <page_id_t*>cnp.PyArray_DATA(src_pages),
+                           <page_id_t*>cnp.PyArray_DATA(dst_pages), n)
             break
-        self._map_rows(sp, batch, src_table, dst_table, src_map, dst_alloc,
-                       <page_id_t*>cnp.PyArray_DATA(src_pages),
-                       <page_id_t*>cnp.PyArray_DATA(dst_pages), n)
         cdef Py_ssize_t i
         t._version += 1
         for i in range(batch):
@@ -430,9 +457,9 @@ cdef class HostTier:
     cdef int64_t _count_distinct(self, const int64_t* sp, Py_ssize_t batch,
                                  const page_id_t* table, page_id_t* seen_map,
                                  page_id_t* out, bint unmark) noexcept:
-        """List the distinct pages of the batch's rows of ``table`` in ``out`` (or just
-        count them when ``out`` is NULL), marking each in ``seen_map``; the marks are
-        cleared again when ``unmark`` (else ``_map_rows`` or ``_unmark`` clears them)."""
+        """List the distinct pages of the batch's rows of ``table`` in ``out`` (room for
+        ``_upper_bound`` entries), marking each in ``seen_map``; the marks are cleared
+        again when ``unmark`` (else ``_map_rows`` or ``_unmark`` clears them)."""
         cdef Py_ssize_t i
         cdef int32_t g
         cdef int64_t c, lo, hi, n = 0, s
@@ -440,8 +467,6 @@ cdef class HostTier:
         cdef const page_id_t* row
         cdef PageTable t = self._t
         cdef page_id_t* listed = out
-        if listed == NULL:   # counting only: list into the scratch of the other direction
-            listed = <page_id_t*>cnp.PyArray_DATA(empty_int32(self._upper_bound(sp, batch)))
         for i in range(batch):
             s = sp[i]
             for g in range(t._num_groups):
@@ -453,9 +478,52 @@ cdef class HostTier:
                         seen_map[page] = 0
                         listed[n] = page
                         n += 1
-        if unmark or out == NULL:
+        if unmark:
             self._unmark(listed, n, seen_map)
         return n
+
+    cdef bint _all_private(self, const int64_t* sp, Py_ssize_t batch, const page_id_t* table,
+                           PageAllocator alloc) noexcept:
+        """Whether every page of the batch's rows of ``table`` has refcount 1 (mapped by
+        that one entry only: no fork, prefix hit or other sequence shares it)."""
+        cdef Py_ssize_t i
+        cdef int32_t g
+        cdef int64_t c, lo, hi, s
+        cdef const page_id_t* row
+        cdef PageTable t = self._t
+        for i in range(batch):
+            s = sp[i]
+            for g in range(t._num_groups):
+                t._live_cols(g, s, &lo, &hi)
+                row = table + g * t._group_stride + s * t._max_pages_per_seq
+                for c in range(lo, hi):
+                    if alloc.refs(row[c]) != 1:
+                        return False
+        return True
+
+    cdef void _map_private(self, const int64_t* sp, Py_ssize_t batch,
+                           const page_id_t* src_table, page_id_t* dst_table,
+                           PageAllocator dst_alloc, page_id_t* src_pages, page_id_t* dst_pages,
+                           int64_t n) noexcept:
+        """``_map_rows`` for rows whose ``n`` entries are all distinct pages: take ``n``
+        pages and pair the k-th entry with the k-th."""
+        cdef Py_ssize_t i
+        cdef int32_t g
+        cdef int64_t c, lo, hi, s, k = 0
+        cdef const page_id_t* row
+        cdef page_id_t* dst_row
+        cdef PageTable t = self._t
+        dst_alloc.take(dst_pages, <int32_t>n)
+        for i in range(batch):
+            s = sp[i]
+            for g in range(t._num_groups):
+                t._live_cols(g, s, &lo, &hi)
+                row = src_table + g * t._group_stride + s * t._max_pages_per_seq
+                dst_row = dst_table + g * t._group_stride + s * t._max_pages_per_seq
+                for c in range(lo, hi):
+                    src_pages[k] = row[c]
+                    dst_row[c] = dst_pages[k]
+                    k += 1
 
     cdef void _unmark(self, const page_id_t* pages, int64_t n, page_id_t* seen_map) noexcept:
         cdef int64_t k

@@ -123,9 +123,9 @@ class KVCache:
         self.host_tier = HostTier(self.table) if host_allocator is not None else None
         self._transfers = (Transfers(self.host_tier, self.backend, config.page_bytes)
                            if host_allocator is not None else None)
-        # Whether evicted prefix pages are offloaded to the host tier (one group only).
+        # Whether evicted prefix pages are offloaded to the host tier (one full group).
         self._offloads = (host_allocator is not None and config.enable_prefix_cache
-                          and len(config.groups) == 1)
+                          and len(config.groups) == 1 and config.groups[0].kind == "full")
         self._single_group = len(config.groups) == 1
         # Per layer: its group, and whether that group holds K/V (not a recurrent state).
         self._layer_groups = tuple(config.layer_group(layer)
@@ -193,14 +193,12 @@ class KVCache:
         :attr:`pending_transfers`). Should the copy fail, the sequence keeps only the
         hit before its first offloaded block: check :meth:`num_tokens` then.
         """
+        if not self._offloads:
+            return self.table.add_sequence(tokens, namespace=namespace)
+        handle = self._stream(stream)
+        self.backend.refuse_capture(handle, "add_sequence")   # it may enqueue copies
         seq = self.table.add_sequence(tokens, namespace=namespace)
-        if self._offloads:
-            handle = self._stream(stream)
-            try:
-                self._transfers.load(seq, handle)
-            except BaseException:
-                self.table.remove(seq)
-                raise
+        self._transfers.load(seq, handle)     # never raises for a failed launch
         return seq
 
     def match_prefix(self, tokens, *, namespace: int = 0) -> int:
@@ -359,7 +357,9 @@ class KVCache:
             Too few free host pages (see :meth:`swap_out_pages`).
         KernelError
             On CUDA, while ``stream`` captures a graph (the page ids are host data), or
-            the copy could not be enqueued. Nothing changed in every case.
+            the copy could not be enqueued (the move is undone). Nothing changed in
+            every case, except that a ``swap_in`` whose copy could not be enqueued may
+            have offloaded cached pages to find room (those offloads stand).
         """
         return self._start("out", seq_ids, stream)
 

@@ -20,6 +20,7 @@ import itertools
 
 import numpy as np
 
+from kvcore._args import int64_copy
 from kvcore.errors import KernelError, KVCoreError
 
 __all__ = ["Transfer", "Transfers"]
@@ -99,6 +100,7 @@ class Transfers:
         self._backend = backend
         self._page_bytes = page_bytes
         self._pending: list[Transfer] = []
+        self._unreported: list[Transfer] = []   # failed at launch, for the next poll
         self._ids = itertools.count()
 
     @property
@@ -113,9 +115,9 @@ class Transfers:
         Raises what :meth:`HostTier.swap_out` / ``swap_in`` raise (nothing changed), or
         :class:`KernelError` when the copy cannot be enqueued (the move is undone).
         """
+        seq_ids = int64_copy(seq_ids)      # converted once: the move and the record agree
         move = self._tier.swap_out if direction == "out" else self._tier.swap_in
         device_pages, host_pages = move(seq_ids)
-        seq_ids = np.array(seq_ids, dtype=np.int64).reshape(-1)   # checked by move: exact
         if direction == "in":
             self.offload(stream)
         return self._launch(f"swap_{direction}", seq_ids, device_pages, host_pages, stream)
@@ -123,33 +125,48 @@ class Transfers:
     def offload(self, stream) -> Transfer | None:
         """Enqueue the copies of pages the last call offloaded (see
         :meth:`PageTable.take_writebacks`), if any. Call it right after any call that
-        may take device pages, before anything writes them."""
+        may take device pages, before anything writes them.
+
+        Never raises for a copy that cannot be enqueued: the call that caused the
+        offload has happened and must go on (its own copies follow). The offloaded
+        blocks then leave the index unserved, and the failed transfer is returned by
+        the next :meth:`poll`.
+        """
         table = self._tier.table
         if not table.num_writebacks:
             return None
         device_pages, host_pages = table.take_writebacks()
         return self._launch("offload", np.empty(0, np.int64), device_pages, host_pages,
-                            stream)
+                            stream, raise_failure=False)
 
     def load(self, seq_id: int, stream) -> Transfer | None:
         """Enqueue the copy of new sequence ``seq_id``'s host-tier prefix hits (after
-        the offloads its fresh pages caused); None when it had none."""
+        the offloads its fresh pages caused); None when it had none.
+
+        Never raises for a copy that cannot be enqueued: the load is finished as failed
+        at once (the sequence keeps the hit before its first offloaded block) and the
+        transfer is returned by the next :meth:`poll`.
+        """
         self.offload(stream)
         device_pages, host_pages = self._tier.load_pairs(seq_id)
         if not device_pages.size:
             return None
         return self._launch("load", np.array([seq_id], np.int64), device_pages, host_pages,
-                            stream)
+                            stream, raise_failure=False)
 
-    def _launch(self, kind: str, seq_ids, device_pages, host_pages, stream) -> Transfer:
+    def _launch(self, kind: str, seq_ids, device_pages, host_pages, stream, *,
+                raise_failure: bool = True) -> Transfer:
         transfer = Transfer(next(self._ids), kind, seq_ids, device_pages, host_pages,
                             int(device_pages.size) * self._page_bytes)
         try:
             transfer.event = self._backend.swap_copy(transfer.direction, device_pages,
                                                      host_pages, stream)
-        except BaseException as exc:
+        except Exception as exc:   # any launch failure fails the transfer
             self._end(transfer, False)
             transfer.status, transfer.error = "failed", exc
+            if not raise_failure:
+                self._unreported.append(transfer)
+                return transfer
             if isinstance(exc, KVCoreError):
                 raise
             raise KernelError(f"the {kind} copy could not be enqueued: {exc}") from exc
@@ -171,7 +188,7 @@ class Transfers:
         list of Transfer
             The ones finished by this call, oldest first; check ``status``.
         """
-        finished = []
+        finished, self._unreported = self._unreported, []
         for transfer in list(self._pending):
             try:
                 complete = self._backend.transfer_done(transfer.event)
@@ -208,8 +225,8 @@ class Transfers:
         return finished
 
     def _finish(self, transfer: Transfer, error: BaseException | None) -> None:
-        self._pending.remove(transfer)
         self._end(transfer, error is None)
+        self._pending.remove(transfer)
         transfer.status = "done" if error is None else "failed"
         transfer.error = error
         event, transfer.event = transfer.event, None

@@ -535,3 +535,109 @@ def test_errors_pickle():
     assert type(again) is TransferPendingError and again.seq_id == 3
     assert again.state == "swapping_in" and str(again) == "in flight"
     assert isinstance(again, SequenceStateError) and isinstance(again, ValueError)
+
+
+# -- review findings (issue 14): each once a bug -------------------------------------------------
+
+def offloading_cache(num_pages=6, host_pages=8):
+    """A cache whose prompt [0..15] (4 full pages) is cached and evictable."""
+    cache = make_cache(num_pages=num_pages, host_pages=host_pages, prefix=True)
+    a = cache.add_sequence()
+    fill(cache, a, 16, tokens=list(range(16)))
+    cache.remove(a)
+    return cache
+
+
+def test_admission_counts_survive_heap_churn():
+    cache = make_cache(num_pages=64, host_pages=64)
+    seqs = [cache.add_sequence() for _ in range(4)]
+    cache.append(seqs, [60, 50, 40, 30])
+    expected = sum(-(-n // PS) for n in (60, 50, 40, 30))
+    for _ in range(300):      # a scratch array freed too early would be reused by these
+        junk = [np.empty(k, np.int32) for k in range(1, 40)]
+        assert cache.swap_out_pages(seqs) == expected
+        del junk
+    cache.check_invariants()
+
+
+def test_an_offload_that_cannot_be_enqueued_does_not_fail_the_call():
+    cache = offloading_cache()
+    b = cache.add_sequence()
+    swap_copy = cache.backend.swap_copy
+
+    def offload_fails(direction, device_pages, host_pages, stream=None):
+        if direction == "out" and cache.table.seq_state(b) == "resident":
+            raise RuntimeError("injected launch failure")
+        return swap_copy(direction, device_pages, host_pages, stream)
+    cache.backend.swap_copy = offload_fails
+    child_src = cache.add_sequence()
+    fill(cache, child_src, 6, seed=3)
+    child = cache.fork(child_src)
+    before = contents(cache, [child])
+    step = cache.append([b, child], [12, 1])   # evicts (offloads) cached pages; CoW for child
+    assert step.copy_src.size == 1             # the copy-on-write copy still happened
+    after = contents(cache, [child])
+    for (k0, _), (k1, _) in zip(before, after, strict=True):
+        assert np.array_equal(k0, k1[:6])
+    failed = cache.poll()
+    assert [t.kind for t in failed] == ["offload"] and failed[0].status == "failed"
+    assert cache.match_prefix([*range(16), 0]) == 0    # never served
+    cache.check_invariants()
+
+
+def test_a_load_that_cannot_be_enqueued_keeps_the_device_part_of_the_hit():
+    cache = offloading_cache()
+    filler = cache.add_sequence()
+    cache.append([filler], [cache.num_free_pages * PS])
+    cache.remove(filler)
+    cache.poll()
+    assert cache.match_prefix([*range(16), 0]) == 16
+
+    def broken(*args):
+        raise RuntimeError("injected launch failure")
+    cache.backend.swap_copy = broken
+    seq = cache.add_sequence([*range(16), 0])
+    assert cache.seq_state(seq) == "resident" and cache.num_tokens(seq) == 0
+    assert [t.status for t in cache.poll()] == ["failed"]
+    del cache.backend.swap_copy
+    cache.remove(seq)
+    cache.check_invariants()
+
+
+def test_finish_writebacks_refuses_pages_not_taken_or_given_twice():
+    cache = offloading_cache()
+    table, tier = cache.table, cache.host_tier
+    b = table.add_sequence()
+    table.append([b], [24])                     # the KVCache is bypassed: nothing taken
+    assert table.num_writebacks == 4
+    refs = table.host_allocator.refcounts.copy()
+    with pytest.raises(ValueError, match="no write-back in flight"):
+        tier.finish_writebacks([0], True)       # not taken yet: nothing was copied
+    _, host = table.take_writebacks()
+    with pytest.raises(ValueError, match="is given twice"):
+        tier.finish_writebacks([host[0], host[0]], True)
+    assert np.array_equal(table.host_allocator.refcounts, refs)
+    tier.finish_writebacks(host, True)
+    table.check_invariants()
+
+
+def test_add_sequence_checks_its_stream_before_anything_changes():
+    cache = offloading_cache()
+    before = snapshot(cache)
+    with pytest.raises(TypeError):
+        cache.add_sequence([*range(16), 0], stream="not a stream")
+    assert _same(snapshot(cache), before)
+
+
+def test_a_window_group_drops_evicted_pages_instead_of_offloading():
+    cfg = KVCacheConfig(num_layers=1, num_kv_heads=1, head_dim=4, page_size=4, num_pages=6,
+                        dtype="float32", num_host_pages=8, enable_prefix_cache=True,
+                        layer_groups=(LayerGroup([0], window=4),))
+    cache = KVCache(cfg, device="cpu")
+    a = cache.add_sequence()
+    cache.append([a], [16], token_ids=list(range(16)))
+    cache.remove(a)
+    b = cache.add_sequence()
+    cache.append([b], [24])
+    assert cache.table.num_writebacks == 0 and cache.pending_transfers == ()
+    assert cache.prefix_stats.get("host_cached_pages", 0) == 0
