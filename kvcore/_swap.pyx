@@ -328,11 +328,12 @@ cdef class HostTier:
         cdef const int64_t* sp = <const int64_t*>cnp.PyArray_DATA(sids)
         cdef Py_ssize_t batch = cnp.PyArray_DIM(sids, 0)
         cdef cnp.ndarray scratch = None
+        cdef int64_t bound
         while True:   # the allocation may let another thread in: retry if the rows grew
-            if scratch is not None and cnp.PyArray_DIM(scratch, 0) >= self._upper_bound(
-                    sp, batch):
+            bound = self._upper_bound(sp, batch)
+            if scratch is not None and cnp.PyArray_DIM(scratch, 0) >= bound:
                 break
-            scratch = empty_int32(self._upper_bound(sp, batch))
+            scratch = empty_int32(bound)
         self._check_states(sp, batch, SEQ_RESIDENT if out else SEQ_SWAPPED)
         return self._count_distinct(sp, batch, self._t._table if out else self._t._host_table,
                                     self._device_map if out else self._host_map,

@@ -123,3 +123,18 @@ def assert_same_pools(cpu, gpu):
     for layer in range(cpu.config.num_layers):
         assert_same_bytes(cpu.k_cache(layer), gpu.k_cache(layer))
         assert_same_bytes(cpu.v_cache(layer), gpu.v_cache(layer))
+
+
+def adopted_pools(cfg, kind):
+    """Per-layer torch tensors laid out as an engine would allocate them, for ``pool=``:
+    ``"kv_first"`` ``[2, P, *page]``, ``"page_first"`` ``[P, 2, *page]`` or ``"pair"``
+    ``(k, v)`` of ``[P, *page]``."""
+    torch = pytest.importorskip("torch")
+    p, page = cfg.num_pages, cfg.page_shape
+    dtype = {"bfloat16": torch.bfloat16, "float16": torch.float16,
+             "float32": torch.float32}[cfg.dtype]
+    make = {"kv_first": lambda: torch.empty(2, p, *page, dtype=dtype, device="cuda"),
+            "page_first": lambda: torch.empty(p, 2, *page, dtype=dtype, device="cuda"),
+            "pair": lambda: (torch.empty(p, *page, dtype=dtype, device="cuda"),
+                             torch.empty(p, *page, dtype=dtype, device="cuda"))}[kind]
+    return [make() for _ in range(cfg.num_layers)]

@@ -12,6 +12,8 @@ from kvcore import KVCache, KVCacheConfig, LayerGroup
 from kvcore.backends.kernel_abi import ERR_PAGE_OUT_OF_RANGE
 from kvcore.errors import KernelError, ShapeError
 
+from ._twins import adopted_pools
+
 pytestmark = pytest.mark.cuda
 
 cupy = pytest.importorskip("cupy")
@@ -144,24 +146,12 @@ def test_grouped_pool_swaps_each_slot_once(layout):
     run_swaps(cpu, gpu, rng)
 
 
-def adopted(cfg, kind):
-    import torch
-
-    dtype = {"bfloat16": torch.bfloat16, "float32": torch.float32}[cfg.dtype]
-    p, page = cfg.num_pages, cfg.page_shape
-    make = {"kv_first": lambda: torch.empty(2, p, *page, dtype=dtype, device="cuda"),
-            "page_first": lambda: torch.empty(p, 2, *page, dtype=dtype, device="cuda"),
-            "pair": lambda: (torch.empty(p, *page, dtype=dtype, device="cuda"),
-                             torch.empty(p, *page, dtype=dtype, device="cuda"))}[kind]
-    return [make() for _ in range(cfg.num_layers)]
-
-
 @pytest.mark.parametrize("kind", ["kv_first", "page_first", "pair"])
 @pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
 def test_adopted_per_layer_pools(kind, dtype):
     pytest.importorskip("torch")
     cfg = make_config(dtype, "NHD")
-    pool = adopted(cfg, kind)
+    pool = adopted_pools(cfg, kind)
     cpu, gpu, rng = twins(cfg, pool=pool, seed=4)
     assert gpu.backend.adopted
     run_swaps(cpu, gpu, rng)
@@ -185,10 +175,10 @@ def test_adopted_grouped_pool_with_slots_apart_is_refused():
     groups = (LayerGroup([0, 2]), LayerGroup([1, 3]))
     cfg = make_config("bfloat16", "NHD", layers=4, groups=groups)
     with pytest.raises(ShapeError, match="share pool slot"):
-        KVCache(cfg, device="cuda", pool=adopted(cfg, "kv_first"))
+        KVCache(cfg, device="cuda", pool=adopted_pools(cfg, "kv_first"))
     # without a host tier the same pool is fine
     no_tier = make_config("bfloat16", "NHD", layers=4, groups=groups, host_pages=0)
-    KVCache(no_tier, device="cuda", pool=adopted(no_tier, "kv_first"))
+    KVCache(no_tier, device="cuda", pool=adopted_pools(no_tier, "kv_first"))
 
 
 @pytest.mark.parametrize("framework", ["torch", "cupy"])

@@ -177,3 +177,36 @@ def test_offload_and_host_hit_equal_numpy():
         assert np.array_equal(gpu.to_host(gpu.gather(layer, [hit])[0]),
                               cpu.gather(layer, [hit])[0])
     gpu.check_invariants()
+
+
+def test_swaps_and_host_tier_hits_refuse_graph_capture_and_change_nothing():
+    """Their page ids are host data a replay would not upload again: while the stream
+    captures, swap_out, swap_in and an offloading add_sequence raise, changing nothing;
+    the captured work beside them replays as usual."""
+    gpu = KVCache(config(num_pages=16, prefix=True), device="cuda", framework="torch")
+    a, b = gpu.add_sequence(), gpu.add_sequence()
+    gpu.append([a, b], [2 * S, S])
+    gpu.swap_out([b])
+    gpu.wait()
+    k = torch.ones(S, H, D, dtype=torch.bfloat16, device="cuda")
+    slots = torch.arange(S, dtype=torch.int64, device="cuda") + int(gpu.pages(a)[0]) * S
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        gpu.write(0, k, k, slots)                 # warm up off the default stream
+    torch.cuda.current_stream().wait_stream(side)
+    free, host_free = gpu.num_free_pages, gpu.num_free_host_pages
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for call in (lambda: gpu.swap_out([a]), lambda: gpu.swap_in([b]),
+                     lambda: gpu.add_sequence(list(range(3 * S)))):
+            with pytest.raises(KernelError, match="cannot be captured"):
+                call()
+        gpu.write(0, 2 * k, 2 * k, slots)
+    assert gpu.seq_state(a) == "resident" and gpu.seq_state(b) == "swapped"
+    assert (gpu.num_free_pages, gpu.num_free_host_pages) == (free, host_free)
+    assert gpu.pending_transfers == () and gpu.num_seqs == 2
+    graph.replay()
+    torch.cuda.synchronize()
+    assert (gpu.k_cache(0)[int(gpu.pages(a)[0])].float() == 2).all()
+    gpu.check_invariants()

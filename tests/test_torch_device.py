@@ -12,7 +12,14 @@ import pytest
 
 from kvcore import KernelError, KVCache, KVCacheConfig, ShapeError
 
-from ._twins import assert_same_bytes, assert_same_pools, random_kv, run_random_ops, to_host
+from ._twins import (
+    adopted_pools,
+    assert_same_bytes,
+    assert_same_pools,
+    random_kv,
+    run_random_ops,
+    to_host,
+)
 
 pytestmark = pytest.mark.cuda
 
@@ -250,18 +257,6 @@ def test_torch_owned_pool_is_torch_and_zero_copy():
     k_meta, v_meta, token_indptr = cache.gather(1, meta)     # outputs sized by the step
     assert torch.equal(k_meta, k) and torch.equal(v_meta, -k)
     assert token_indptr.tolist() == [0, 20, 20]
-
-
-def adopted_pools(cfg, kind):
-    """Per-layer tensors laid out as an engine would allocate them."""
-    p, page = cfg.num_pages, cfg.page_shape
-    dtype = {"bfloat16": torch.bfloat16, "float16": torch.float16,
-             "float32": torch.float32}[cfg.dtype]
-    make = {"kv_first": lambda: torch.empty(2, p, *page, dtype=dtype, device="cuda"),
-            "page_first": lambda: torch.empty(p, 2, *page, dtype=dtype, device="cuda"),
-            "pair": lambda: (torch.empty(p, *page, dtype=dtype, device="cuda"),
-                             torch.empty(p, *page, dtype=dtype, device="cuda"))}[kind]
-    return [make() for _ in range(cfg.num_layers)]
 
 
 @pytest.mark.parametrize("kind", ["kv_first", "page_first", "pair"])
