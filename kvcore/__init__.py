@@ -25,6 +25,7 @@ from kvcore.errors import (
     UnknownSequenceError,
 )
 from kvcore.groups import LayerGroup
+from kvcore.retention import Retention, TokenRange
 from kvcore.transfers import Transfer
 
 __version__ = "0.1.0"
@@ -48,9 +49,11 @@ __all__ = [
     "PageAllocator",
     "PageTable",
     "RefcountError",
+    "Retention",
     "RollbackError",
     "SequenceStateError",
     "ShapeError",
+    "TokenRange",
     "Transfer",
     "TransferPendingError",
     "UnknownSequenceError",

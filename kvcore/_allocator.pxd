@@ -7,9 +7,15 @@ into the caller, so a door costs no more than the field access it replaces.
 """
 
 cimport cython
-from libc.stdint cimport int32_t, uint8_t
+from libc.stdint cimport int32_t, int64_t, uint8_t, uint64_t
 
 from kvcore._typedefs cimport page_id_t, refcount_t
+
+
+cdef enum:
+    MAX_PRIORITY = 100          # retention priorities are 0 .. MAX_PRIORITY
+    DEFAULT_PRIORITY = 35       # TensorRT-LLM's default; an expired priority drops to it
+    _NUM_LEVELS = MAX_PRIORITY + 1
 
 
 cdef class Evictor:
@@ -24,22 +30,41 @@ cdef class PageAllocator:
     cdef page_id_t* _free_stack      # [num_pages]; [0, _num_clean) are free, top last
     cdef refcount_t* _refcount       # [num_pages]; 0 means free
     # Cached pages (their content is still findable by a prefix cache): a freed cached
-    # page is parked on the evictable list, an intrusive doubly linked list in freeing
-    # order, head = least recently freed = evicted first.
+    # page is parked on the evictable list of its retention priority, an intrusive
+    # doubly linked list in freeing order, head = least recently freed. Eviction takes
+    # the head of the lowest non-empty priority (found from a bitmap in O(1)).
     cdef uint8_t* _cached            # [num_pages]; 1 while a prefix cache indexes the page
     cdef int32_t _num_cached
     cdef page_id_t* _lru_prev        # [num_pages], -1 at the head / when not listed
     cdef page_id_t* _lru_next        # [num_pages], -1 at the tail / when not listed
-    cdef page_id_t _lru_head, _lru_tail
+    cdef page_id_t _lru_head[_NUM_LEVELS]
+    cdef page_id_t _lru_tail[_NUM_LEVELS]
+    cdef uint64_t _levels[2]         # bit p: the list of priority p is not empty
     cdef int32_t _num_evictable
+    # Retention: a page's priority, and how long it keeps it once freed (ns, 0: for
+    # good). A freed page with a duration waits in a binary min-heap of expiry times;
+    # an expired page drops to DEFAULT_PRIORITY (as if freed at that moment).
+    cdef uint8_t* _priority          # [num_pages]
+    cdef int64_t* _duration          # [num_pages]
+    cdef int64_t* _expiry            # [num_pages], valid while in the heap
+    cdef page_id_t* _heap            # [num_pages]
+    cdef int32_t* _heap_pos          # [num_pages], -1 when not in the heap
+    cdef int32_t _heap_size
+    cdef int64_t _evicted[_NUM_LEVELS]   # evictions per priority
     cdef Evictor _evictor            # told about evictions; the no-op base when none attached
     cdef bint _has_cache
     cdef object _owners              # NumPy owners of the C arrays above
     cdef object _refcount_view       # read-only view handed to users
+    cdef object _priority_view
 
     cdef void _release(self, page_id_t page) noexcept nogil
     cdef void _lru_append(self, page_id_t page) noexcept nogil
     cdef void _lru_unlink(self, page_id_t page) noexcept nogil
+    cdef page_id_t _lowest(self) noexcept nogil
+    cdef void _demote_expired(self) noexcept nogil
+    cdef void _heap_push(self, page_id_t page) noexcept nogil
+    cdef void _heap_remove(self, page_id_t page) noexcept nogil
+    cdef void _heap_sift(self, int32_t at) noexcept nogil
 
     # -- doors for the page table (it validated everything; none of them fails) --------
 
@@ -84,3 +109,14 @@ cdef class PageAllocator:
     cdef inline bint is_cached(self, page_id_t page) noexcept nogil:
         """Whether ``page`` is marked cached (see ``retain``)."""
         return self._cached[page] != 0
+
+    cdef void set_retention(self, page_id_t page, int32_t priority,
+                            int64_t duration) noexcept nogil
+    cdef void raise_retention(self, page_id_t page, int32_t priority,
+                              int64_t duration) noexcept nogil
+
+    cdef inline int32_t priority_of(self, page_id_t page) noexcept nogil:
+        return self._priority[page]
+
+    cdef inline int64_t duration_of(self, page_id_t page) noexcept nogil:
+        return self._duration[page]

@@ -14,10 +14,12 @@ import numpy as np
 
 cimport cython
 cimport numpy as cnp
-from libc.stdint cimport INT32_MAX, int32_t, int64_t, uint8_t, uint32_t
+from libc.stdint cimport INT32_MAX, int32_t, int64_t, uint8_t, uint32_t, uint64_t
+from posix.time cimport CLOCK_MONOTONIC, clock_gettime, timespec
 
 from kvcore._args cimport empty_int32, int_arg, page_arg, page_array, positive_int32, readonly_view
 from kvcore._typedefs cimport NO_PAGE, page_id_t, refcount_t
+from kvcore._allocator cimport DEFAULT_PRIORITY, MAX_PRIORITY, _NUM_LEVELS
 
 from kvcore.errors import InvalidPageError, KVCoreError, OutOfPagesError, RefcountError
 
@@ -42,6 +44,20 @@ cdef class Evictor:
 cdef Evictor _NO_EVICTOR = Evictor()
 
 
+cdef inline int64_t _now_ns() noexcept nogil:
+    """CLOCK_MONOTONIC in nanoseconds: what retention durations are measured on."""
+    cdef timespec ts
+    clock_gettime(CLOCK_MONOTONIC, &ts)
+    return <int64_t>ts.tv_sec * 1000000000 + ts.tv_nsec
+
+
+cdef extern from *:
+    """
+    static inline int kvcore_ctz64(unsigned long long x) { return __builtin_ctzll(x); }
+    """
+    int kvcore_ctz64(uint64_t x) nogil
+
+
 @cython.final
 cdef class PageAllocator:
     """A LIFO free-list stack of page ids with a reference count per page.
@@ -61,18 +77,24 @@ cdef class PageAllocator:
 
     With a prefix cache attached (``PageTable(..., enable_prefix_cache=True)``), a page
     that reaches refcount 0 while it is cached (``cached`` uint8 ``[num_pages]``, set by
-    the cache while it indexes the page) goes on the *evictable* list instead: an
-    intrusive doubly linked list (``lru_prev`` / ``lru_next`` int32 arrays) in freeing
-    order. Allocation takes clean pages first, then evicts from the list's head (the
-    least recently freed) and tells the cache; a prefix hit takes a page off the list in
-    O(1). Evictable pages count as free.
+    the cache while it indexes the page) goes on an *evictable* list instead: one
+    intrusive doubly linked list (``lru_prev`` / ``lru_next`` int32 arrays) per
+    retention priority (0 .. 100, ``priority`` uint8 ``[num_pages]``), in freeing order.
+    Allocation takes clean pages first, then evicts the head (least recently freed) of
+    the lowest non-empty priority, found in a two-word bitmap, and tells the cache; a
+    prefix hit takes a page off its list in O(1). Evictable pages count as free. A page
+    whose priority lasts a limited time (``duration`` ns) waits, while evictable, in a
+    binary min-heap of expiry times; eviction first drops every expired page to
+    priority 35 (at the tail of that list, as if freed when it expired): O(log n) each.
 
     Invariants (checked by :meth:`check_invariants`):
 
     - ``num_free + num_used == num_pages``, ``num_free = num_clean + num_evictable``;
     - a page has refcount 0 if and only if it is free, and a free page is on exactly one
       of the clean stack (not cached) and the evictable list (cached), once;
-    - no refcount is negative; ``num_cached`` pages are marked cached.
+    - no refcount is negative; ``num_cached`` pages are marked cached;
+    - a listed page is on the list of its own priority; the bitmap marks exactly the
+      non-empty lists; the heap holds exactly the listed pages with a duration.
 
     Examples
     --------
@@ -100,8 +122,25 @@ cdef class PageAllocator:
         self._num_cached = 0
         self._lru_prev = <page_id_t*>cnp.PyArray_DATA(lru_prev)
         self._lru_next = <page_id_t*>cnp.PyArray_DATA(lru_next)
-        self._lru_head = self._lru_tail = NO_PAGE
+        cdef int32_t level
+        for level in range(_NUM_LEVELS):
+            self._lru_head[level] = self._lru_tail[level] = NO_PAGE
+            self._evicted[level] = 0
+        self._levels[0] = self._levels[1] = 0
         self._num_evictable = 0
+        priority = np.full(n, DEFAULT_PRIORITY, dtype=np.uint8)
+        duration = np.zeros(n, dtype=np.int64)
+        expiry = np.zeros(n, dtype=np.int64)
+        heap = np.full(n, NO_PAGE, dtype=np.int32)
+        heap_pos = np.full(n, -1, dtype=np.int32)
+        self._owners += (priority, duration, expiry, heap, heap_pos)
+        self._priority = <uint8_t*>cnp.PyArray_DATA(priority)
+        self._duration = <int64_t*>cnp.PyArray_DATA(duration)
+        self._expiry = <int64_t*>cnp.PyArray_DATA(expiry)
+        self._heap = <page_id_t*>cnp.PyArray_DATA(heap)
+        self._heap_pos = <int32_t*>cnp.PyArray_DATA(heap_pos)
+        self._heap_size = 0
+        self._priority_view = readonly_view(priority)
         self._refcount_view = readonly_view(refcount)
         self._num_clean = n
         self._evictor = _NO_EVICTOR
@@ -132,6 +171,19 @@ cdef class PageAllocator:
         return self._num_pages - self._num_clean - self._num_evictable
 
     @property
+    def priorities(self):
+        """numpy.ndarray of uint8, shape [num_pages]: read-only view of every page's
+        retention priority (0 .. 100; 35 unless a prefix cache set another)."""
+        return self._priority_view
+
+    @property
+    def evictions_by_priority(self):
+        """dict of int to int: cached pages evicted so far, per retention priority
+        (priorities with none left out)."""
+        return {level: self._evicted[level] for level in range(_NUM_LEVELS)
+                if self._evicted[level]}
+
+    @property
     def refcounts(self):
         """numpy.ndarray of int32, shape [num_pages]: read-only view of every page's refcount."""
         return self._refcount_view
@@ -156,12 +208,23 @@ cdef class PageAllocator:
             rc[page] = 1
             out[i] = page
         self._num_clean = top
-        for i in range(from_clean, n):   # then evict the least recently freed cached pages
-            page = self._lru_head
-            self._lru_unlink(page)
-            self._cached[page] = 0
-            self._num_cached -= 1
-            self._evictor.evict(page)
+        if from_clean < n and self._heap_size:
+            self._demote_expired()
+        for i in range(from_clean, n):
+            if self._num_clean:
+                # An eviction dropped cached descendants (leaf-first eviction): they are
+                # clean now, and taking them spares other cached pages.
+                self._num_clean -= 1
+                page = stack[self._num_clean]
+            else:   # evict the least recently freed page of the lowest priority
+                page = self._lowest()
+                self._evicted[self._priority[page]] += 1
+                self._lru_unlink(page)
+                self._cached[page] = 0
+                self._num_cached -= 1
+                self._evictor.evict(page)   # reads its retention when it offloads it
+                self._priority[page] = DEFAULT_PRIORITY
+                self._duration[page] = 0
             rc[page] = 1
             out[i] = page
 
@@ -185,7 +248,8 @@ cdef class PageAllocator:
             self._num_cached += 1
 
     cdef void forget(self, page_id_t page) noexcept nogil:
-        """Unmark ``page``; if it waits on the evictable list it becomes clean."""
+        """Unmark ``page``; if it waits on the evictable list it becomes clean. Its
+        retention goes back to the default."""
         if not self._cached[page]:
             return
         self._cached[page] = 0
@@ -194,6 +258,31 @@ cdef class PageAllocator:
             self._lru_unlink(page)
             self._free_stack[self._num_clean] = page
             self._num_clean += 1
+        self._priority[page] = DEFAULT_PRIORITY
+        self._duration[page] = 0
+
+    cdef void set_retention(self, page_id_t page, int32_t priority,
+                            int64_t duration) noexcept nogil:
+        """Give ``page`` retention ``priority`` (0 .. 100) for ``duration`` ns after it
+        is freed (0: for good). An evictable page moves to the tail of its new list."""
+        cdef bint listed = self._refcount[page] == 0 and self._cached[page]
+        if listed:
+            self._lru_unlink(page)
+        self._priority[page] = <uint8_t>priority
+        self._duration[page] = duration
+        if listed:
+            self._lru_append(page)
+
+    cdef void raise_retention(self, page_id_t page, int32_t priority,
+                              int64_t duration) noexcept nogil:
+        """``set_retention`` if it keeps ``page`` at least as long: a higher priority,
+        or the same one for longer (0 is longest). Pages shared by requests keep the
+        strongest retention any of them asked for."""
+        cdef int32_t cur = self._priority[page]
+        cdef int64_t cur_dur = self._duration[page]
+        if priority > cur or (priority == cur and cur_dur != 0
+                              and (duration == 0 or duration > cur_dur)):
+            self.set_retention(page, priority, duration)
 
     # -- private helpers -------------------------------------------------------------------
 
@@ -206,27 +295,103 @@ cdef class PageAllocator:
             self._num_clean += 1
 
     cdef void _lru_append(self, page_id_t page) noexcept nogil:
-        self._lru_prev[page] = self._lru_tail
+        """Put ``page`` at the tail of its priority's list (and in the expiry heap when
+        its priority lasts a limited time)."""
+        cdef int32_t level = self._priority[page]
+        cdef page_id_t tail = self._lru_tail[level]
+        self._lru_prev[page] = tail
         self._lru_next[page] = NO_PAGE
-        if self._lru_tail != NO_PAGE:
-            self._lru_next[self._lru_tail] = page
+        if tail != NO_PAGE:
+            self._lru_next[tail] = page
         else:
-            self._lru_head = page
-        self._lru_tail = page
+            self._lru_head[level] = page
+            self._levels[level >> 6] |= 1ULL << (level & 63)
+        self._lru_tail[level] = page
         self._num_evictable += 1
+        if self._duration[page] != 0:
+            self._expiry[page] = _now_ns() + self._duration[page]
+            self._heap_push(page)
 
     cdef void _lru_unlink(self, page_id_t page) noexcept nogil:
+        cdef int32_t level = self._priority[page]
         cdef page_id_t prev = self._lru_prev[page], nxt = self._lru_next[page]
         if prev != NO_PAGE:
             self._lru_next[prev] = nxt
         else:
-            self._lru_head = nxt
+            self._lru_head[level] = nxt
         if nxt != NO_PAGE:
             self._lru_prev[nxt] = prev
         else:
-            self._lru_tail = prev
+            self._lru_tail[level] = prev
+        if self._lru_head[level] == NO_PAGE:
+            self._levels[level >> 6] &= ~(1ULL << (level & 63))
         self._lru_prev[page] = self._lru_next[page] = NO_PAGE
         self._num_evictable -= 1
+        if self._heap_pos[page] >= 0:
+            self._heap_remove(page)
+
+    cdef page_id_t _lowest(self) noexcept nogil:
+        """The next page to evict: head of the lowest non-empty priority list."""
+        if self._levels[0]:
+            return self._lru_head[kvcore_ctz64(self._levels[0])]
+        return self._lru_head[64 + kvcore_ctz64(self._levels[1])]
+
+    cdef void _demote_expired(self) noexcept nogil:
+        """Every evictable page whose retention expired drops to the default priority."""
+        cdef int64_t now = _now_ns()
+        cdef page_id_t page
+        while self._heap_size and self._expiry[self._heap[0]] <= now:
+            page = self._heap[0]
+            self._lru_unlink(page)          # leaves the heap too
+            self._priority[page] = DEFAULT_PRIORITY
+            self._duration[page] = 0
+            self._lru_append(page)
+
+    cdef void _heap_push(self, page_id_t page) noexcept nogil:
+        cdef int32_t at = self._heap_size
+        self._heap_size += 1
+        self._heap[at] = page
+        self._heap_pos[page] = at
+        self._heap_sift(at)
+
+    cdef void _heap_remove(self, page_id_t page) noexcept nogil:
+        cdef int32_t at = self._heap_pos[page]
+        cdef page_id_t last
+        self._heap_size -= 1
+        self._heap_pos[page] = -1
+        if at == self._heap_size:
+            return
+        last = self._heap[self._heap_size]
+        self._heap[at] = last
+        self._heap_pos[last] = at
+        self._heap_sift(at)
+
+    cdef void _heap_sift(self, int32_t at) noexcept nogil:
+        """Restore the heap order around position ``at`` (up, then down)."""
+        cdef page_id_t* heap = self._heap
+        cdef const int64_t* key = self._expiry
+        cdef page_id_t page = heap[at]
+        cdef int32_t parent, child
+        while at > 0:
+            parent = (at - 1) >> 1
+            if key[heap[parent]] <= key[page]:
+                break
+            heap[at] = heap[parent]
+            self._heap_pos[heap[at]] = at
+            at = parent
+        while True:
+            child = 2 * at + 1
+            if child >= self._heap_size:
+                break
+            if child + 1 < self._heap_size and key[heap[child + 1]] < key[heap[child]]:
+                child += 1
+            if key[page] <= key[heap[child]]:
+                break
+            heap[at] = heap[child]
+            self._heap_pos[heap[at]] = at
+            at = child
+        heap[at] = page
+        self._heap_pos[page] = at
 
     # -- public API ----------------------------------------------------------------------
 
@@ -344,6 +509,28 @@ cdef class PageAllocator:
                 self._release(f[i])
         return freed if num_freed == n else freed[:num_freed].copy()
 
+    def evictable_order(self):
+        """Return the evictable pages in the order they would be evicted.
+
+        Returns
+        -------
+        numpy.ndarray of int32, shape [num_evictable]
+            Lowest retention priority first, least recently freed first within a
+            priority. Expired priorities count as expired only once an allocation
+            evicts (they drop then).
+        """
+        out = np.empty(self._num_evictable, np.int32)
+        cdef int32_t[::1] o = out
+        cdef int32_t level, k = 0
+        cdef page_id_t page
+        for level in range(_NUM_LEVELS):
+            page = self._lru_head[level]
+            while page != NO_PAGE:
+                o[k] = page
+                k += 1
+                page = self._lru_next[page]
+        return out
+
     def refcount(self, page_id):
         """Return the refcount of ``page_id`` (0 when free).
 
@@ -374,22 +561,43 @@ cdef class PageAllocator:
                     f"page {page} is on the free stack with refcount {self._refcount[page]}")
             if self._cached[page]:
                 raise KVCoreError(f"page {page} is on the clean stack but still indexed")
-        page, prev = self._lru_head, NO_PAGE
-        while page != NO_PAGE:
-            if page < 0 or page >= self._num_pages or where[page]:
-                raise KVCoreError(f"evictable list reaches page {page} twice or off the pool")
-            where[page] = 2
-            count += 1
-            if self._lru_prev[page] != prev:
-                raise KVCoreError(f"evictable list links of page {page} disagree")
-            if self._refcount[page] != 0:
-                raise KVCoreError(f"evictable page {page} has refcount {self._refcount[page]}")
-            if not self._cached[page]:
-                raise KVCoreError(f"evictable page {page} is not in the prefix index")
-            prev, page = page, self._lru_next[page]
-        if prev != self._lru_tail or count != self._num_evictable:
-            raise KVCoreError(f"evictable list has {count} pages, num_evictable says "
+        cdef int32_t level, timed = 0
+        for level in range(_NUM_LEVELS):
+            if bool(self._levels[level >> 6] & (1ULL << (level & 63))) != (
+                    self._lru_head[level] != NO_PAGE):
+                raise KVCoreError(f"the bitmap disagrees with the list of priority {level}")
+            page, prev = self._lru_head[level], NO_PAGE
+            while page != NO_PAGE:
+                if page < 0 or page >= self._num_pages or where[page]:
+                    raise KVCoreError(f"evictable list reaches page {page} twice or off the pool")
+                where[page] = 2
+                count += 1
+                if self._lru_prev[page] != prev:
+                    raise KVCoreError(f"evictable list links of page {page} disagree")
+                if self._refcount[page] != 0:
+                    raise KVCoreError(f"evictable page {page} has refcount {self._refcount[page]}")
+                if not self._cached[page]:
+                    raise KVCoreError(f"evictable page {page} is not in the prefix index")
+                if self._priority[page] != level:
+                    raise KVCoreError(f"page {page} of priority {self._priority[page]} is on "
+                                      f"the list of priority {level}")
+                if (self._heap_pos[page] >= 0) != (self._duration[page] != 0):
+                    raise KVCoreError(f"evictable page {page} is {'' if self._heap_pos[page] >= 0 else 'not '}"
+                                      "in the expiry heap against its duration")
+                timed += self._duration[page] != 0
+                prev, page = page, self._lru_next[page]
+            if prev != self._lru_tail[level]:
+                raise KVCoreError(f"the tail of the list of priority {level} is wrong")
+        if count != self._num_evictable:
+            raise KVCoreError(f"evictable lists have {count} pages, num_evictable says "
                               f"{self._num_evictable}")
+        if timed != self._heap_size:
+            raise KVCoreError(f"the expiry heap holds {self._heap_size} pages, {timed} expected")
+        for i in range(self._heap_size):
+            if self._heap_pos[self._heap[i]] != i:
+                raise KVCoreError(f"expiry heap position {i} is not recorded")
+            if i and self._expiry[self._heap[(i - 1) >> 1]] > self._expiry[self._heap[i]]:
+                raise KVCoreError(f"expiry heap order broken at {i}")
         for page in range(self._num_pages):
             if self._refcount[page] < 0:
                 raise KVCoreError(f"page {page} has negative refcount {self._refcount[page]}")
@@ -404,3 +612,31 @@ cdef class PageAllocator:
         if num_cached != self._num_cached:
             raise KVCoreError(f"{num_cached} pages are marked cached but num_cached is "
                               f"{self._num_cached}")
+
+
+# -- test entry points: the prefix cache's doors, from Python ------------------------------
+
+def _retain_py(PageAllocator alloc not None, page):
+    """Test entry point: mark an in-use page cached (what a prefix cache does)."""
+    cdef page_id_t p = page_arg(page, "page", alloc._num_pages)
+    if alloc._refcount[p] == 0:
+        raise RefcountError(f"page {p} is free")
+    alloc.retain(p)
+
+
+def _forget_py(PageAllocator alloc not None, page):
+    """Test entry point: unmark a cached page."""
+    alloc.forget(page_arg(page, "page", alloc._num_pages))
+
+
+def _set_retention_py(PageAllocator alloc not None, page, priority, duration_ns=0,
+                      bint only_raise=False):
+    """Test entry point: the set_retention / raise_retention doors."""
+    cdef page_id_t p = page_arg(page, "page", alloc._num_pages)
+    cdef int64_t prio = int_arg(priority, "priority"), dur = int_arg(duration_ns, "duration_ns")
+    if not 0 <= prio <= MAX_PRIORITY or dur < 0:
+        raise ValueError("priority outside [0, 100] or a negative duration")
+    if only_raise:
+        alloc.raise_retention(p, <int32_t>prio, dur)
+    else:
+        alloc.set_retention(p, <int32_t>prio, dur)

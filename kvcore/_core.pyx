@@ -38,7 +38,7 @@ from kvcore._args cimport (
     readonly_view,
     token_array,
 )
-from kvcore._prefix cimport PrefixCache, PrefixHooks, new_prefix_cache
+from kvcore._prefix cimport MAX_RETENTION_RANGES, PrefixCache, PrefixHooks, new_prefix_cache
 from kvcore._typedefs cimport NO_PAGE, page_id_t, seq_id_t, slot_t
 
 from kvcore._args import first_slot_out_of_range
@@ -53,6 +53,7 @@ from kvcore.errors import (
     UnknownSequenceError,
 )
 from kvcore.groups import LayerGroup, group_codes
+from kvcore.retention import retention_arg
 
 cnp.import_array()
 
@@ -237,6 +238,29 @@ cdef class _RowCheck:
 
 
 @cython.final
+cdef class _Retention:
+    """A validated ``retention`` argument in C values, made before any state is read."""
+    cdef int32_t priority, num_ranges
+    cdef int64_t duration
+    cdef int64_t starts[MAX_RETENTION_RANGES]
+    cdef int64_t ends[MAX_RETENTION_RANGES]
+    cdef int32_t priorities[MAX_RETENTION_RANGES]
+    cdef int64_t durations[MAX_RETENTION_RANGES]
+
+    def __cinit__(self, retention):
+        priority, duration, starts, ends, priorities, durations = \
+            retention_arg(retention)._core_args()
+        self.priority, self.duration, self.num_ranges = priority, duration, len(starts)
+        cdef int32_t i
+        for i in range(self.num_ranges):
+            self.starts[i], self.ends[i] = starts[i], ends[i]
+            self.priorities[i], self.durations[i] = priorities[i], durations[i]
+
+    cdef inline void apply(self, PrefixHooks prefix, int64_t seq_id) noexcept nogil:
+        prefix.set_retention(seq_id, self.priority, self.duration, self.num_ranges,
+                             self.starts, self.ends, self.priorities, self.durations)
+
+
 cdef class PageTable:
     """Per-sequence page tables and lengths over one :class:`PageAllocator`.
 
@@ -676,7 +700,7 @@ cdef class PageTable:
 
     # -- sequences -------------------------------------------------------------------------
 
-    def add_sequence(self, tokens=None, *, namespace=0):
+    def add_sequence(self, tokens=None, *, namespace=0, retention=None):
         """Start a sequence and return its seq id; with prefix caching, map cached pages.
 
         Parameters
@@ -691,6 +715,12 @@ cdef class PageTable:
         namespace : int
             Tenant, adapter or cache salt: sequences of different namespaces never share
             cached pages.
+        retention : int or Retention, optional
+            Retention priority of the sequence's cached pages (0 .. 100, default 35),
+            optionally for a limited time and per token range (:class:`Retention`):
+            eviction takes the lowest priority first. Pages it hits keep at least this
+            retention for their blocks. A fork inherits it. Ignored when prefix caching
+            is off.
 
         Returns
         -------
@@ -717,11 +747,13 @@ cdef class PageTable:
         cdef int64_t ns = int_arg(namespace, "namespace")
         cdef cnp.ndarray tok
         cdef int64_t s
+        cdef _Retention ret = _Retention(retention)
         if tokens is None or not self._prefix.enabled():   # tokens are ignored when off
             if self._num_free_seqs == 0:
                 raise CapacityError(f"all {self._max_seqs} sequence slots are in use (by active "
                                     "sequences or removed ones whose transfer is in flight)")
             s = self._new_seq()
+            ret.apply(self._prefix, s)
             self._prefix.seq_started(s, ns, NULL, 0)
             return s
         tok = token_array(tokens, "tokens")
@@ -774,6 +806,7 @@ cdef class PageTable:
                     row[i] = page
                     alloc.add_ref(page)
         self._seq_lens[s] = <int32_t>(num_hits * self._page_size)
+        ret.apply(self._prefix, s)
         self._prefix.seq_started(s, ns, hits, num_hits)
         self._prefix.count_query(n, num_hits * self._page_size)
         return s
@@ -1855,3 +1888,16 @@ def _slot_token_py(PageTable table not None, page_id, offset):
     if off < 0 or off >= table._page_size:
         raise IndexError(f"offset {off} out of range [0, {table._page_size})")
     return table._prefix.slot_token(<slot_t>page * table._page_size + off)
+
+
+def _break_tree_py(PageTable table not None, page_id):
+    """Test entry point: cut the tree link of the prefix-index entry at ``page_id`` (as a
+    bug that leaves an unreachable entry would), so that ``check_invariants`` objects."""
+    if not table._prefix.enabled():
+        raise KVCoreError("prefix caching is off")
+    cdef PrefixCache cache = <PrefixCache>table._prefix
+    cdef page_id_t page = page_arg(page_id, "page_id", cache._index._num_pages)
+    if not cache._index.in_index(page):
+        raise KVCoreError(f"page {page} is not indexed")
+    cache._index._unlink_child(page)
+    cache._index._parent_gen[page] += 1

@@ -33,6 +33,19 @@ cdef class PrefixIndex(Evictor):
     cdef page_id_t* _birth_page       # [num_pages]
     cdef uint32_t* _birth_gen         # [num_pages]
     cdef uint8_t* _ready              # [num_pages] 0 while the page's content is in flight
+    # The tree of entries, by where each entry is now (moves keep it): the parent's
+    # page, and the children as an intrusive doubly linked sibling list. Leaf-first
+    # eviction walks it: an entry leaves the index with all its descendants, so no
+    # entry is ever left that no lookup can reach.
+    cdef page_id_t* _parent_at        # [num_pages] where the parent entry is, -1 at a root
+    cdef page_id_t* _first_child      # [num_pages]
+    cdef page_id_t* _next_sib         # [num_pages]
+    cdef page_id_t* _prev_sib         # [num_pages]
+    cdef page_id_t* _stack            # [num_pages] scratch of remove_tree
+    # Who is told when remove_tree drops an entry: the device pages' allocator (ids
+    # below _num_device) and the host tier's (the rest); either may be None.
+    cdef PageAllocator _device_alloc
+    cdef PageAllocator _host_alloc
     cdef int32_t* _slot_tokens        # [num_pages * page_size] token id held by each slot
     # open-addressing hash table: page ids, -1 empty; linear probing, backward-shift delete
     cdef page_id_t* _table
@@ -51,9 +64,13 @@ cdef class PrefixIndex(Evictor):
                              const int32_t* tokens) noexcept nogil
     cdef page_id_t find(self, uint64_t h, page_id_t parent, uint32_t parent_gen,
                         int64_t namespace, const int32_t* tokens) noexcept nogil
+    cdef page_id_t locate(self, uint64_t h, page_id_t ident_page,
+                          uint32_t ident_gen) noexcept nogil
     cdef void insert(self, page_id_t page, uint64_t h, page_id_t parent, uint32_t parent_gen,
-                     int64_t namespace) noexcept nogil
-    cdef void remove(self, page_id_t page) noexcept nogil
+                     int64_t namespace, page_id_t parent_at) noexcept nogil
+    cdef void remove_tree(self, page_id_t page) noexcept nogil
+    cdef void _remove_entry(self, page_id_t page) noexcept nogil
+    cdef void _unlink_child(self, page_id_t page) noexcept nogil
     cdef void relocate(self, page_id_t src, page_id_t dst, bint ready) noexcept nogil
     cdef void _event(self, uint8_t kind, page_id_t page, uint64_t h) noexcept nogil
 
@@ -90,9 +107,16 @@ cdef class PrefixIndex(Evictor):
         return self._slot_tokens[slot]
 
 
+cdef enum:
+    MAX_RETENTION_RANGES = 8    # token ranges of one request with their own priority
+
+
 cdef class PrefixHooks:
     """The page table's doors into the prefix cache; this base is caching switched off."""
     cdef bint enabled(self) noexcept
+    cdef void set_retention(self, int64_t seq_id, int32_t priority, int64_t duration,
+                            int32_t num_ranges, const int64_t* starts, const int64_t* ends,
+                            const int32_t* priorities, const int64_t* durations) noexcept nogil
     cdef int64_t lookup(self, const int32_t* tokens, int64_t max_pages, int64_t namespace,
                         page_id_t* hits) noexcept nogil
     cdef void seq_started(self, int64_t seq_id, int64_t namespace, const page_id_t* hits,
@@ -160,8 +184,21 @@ cdef class PrefixCache(PrefixHooks):
     cdef int64_t _queries, _queried_tokens, _hit_tokens
     cdef object _owners
 
+    # per sequence: its retention (priority, duration ns) and up to MAX_RETENTION_RANGES
+    # token ranges [start, end) with their own ([max_seqs, MAX_RETENTION_RANGES])
+    cdef int32_t* _seq_prio
+    cdef int64_t* _seq_dur
+    cdef int32_t* _num_ranges
+    cdef int64_t* _rng_start
+    cdef int64_t* _rng_end
+    cdef int32_t* _rng_prio
+    cdef int64_t* _rng_dur
+
+    cdef void _block_retention(self, int64_t seq_id, int64_t block, int32_t* prio,
+                               int64_t* dur) noexcept nogil
     cdef void _register_companion(self, int32_t group, page_id_t page, page_id_t anchor_page,
-                                  uint64_t anchor_hash, int64_t namespace) noexcept nogil
+                                  uint64_t anchor_hash, int64_t namespace, int32_t prio,
+                                  int64_t dur) noexcept nogil
     cdef void offload(self, page_id_t page) noexcept nogil
 
 

@@ -40,7 +40,7 @@ cimport cython
 from libc.stdint cimport int32_t, int64_t, uint8_t, uint32_t, uint64_t
 from libc.string cimport memcmp, memcpy
 
-from kvcore._allocator cimport Evictor, PageAllocator
+from kvcore._allocator cimport DEFAULT_PRIORITY, Evictor, PageAllocator
 from kvcore._args cimport int_arg, page_arg, positive_int32
 from kvcore._typedefs cimport NO_PAGE, page_id_t, slot_t
 
@@ -125,6 +125,11 @@ cdef class PrefixIndex(Evictor):
             namespace=np.zeros(num_pages, np.int64), in_index=np.zeros(num_pages, np.uint8),
             birth_page=np.full(num_pages, -1, np.int32),
             birth_gen=np.zeros(num_pages, np.uint32), ready=np.zeros(num_pages, np.uint8),
+            parent_at=np.full(num_pages, -1, np.int32),
+            first_child=np.full(num_pages, -1, np.int32),
+            next_sib=np.full(num_pages, -1, np.int32),
+            prev_sib=np.full(num_pages, -1, np.int32),
+            stack=np.full(num_pages, -1, np.int32),
             slot_tokens=np.zeros(int(num_pages) * int(page_size), np.int32),
             table=np.full(capacity, -1, np.int32),
             ev_kind=np.zeros(event_capacity, np.uint8),
@@ -140,6 +145,11 @@ cdef class PrefixIndex(Evictor):
         self._birth_page = <page_id_t*>cnp.PyArray_DATA(owners["birth_page"])
         self._birth_gen = <uint32_t*>cnp.PyArray_DATA(owners["birth_gen"])
         self._ready = <uint8_t*>cnp.PyArray_DATA(owners["ready"])
+        self._parent_at = <page_id_t*>cnp.PyArray_DATA(owners["parent_at"])
+        self._first_child = <page_id_t*>cnp.PyArray_DATA(owners["first_child"])
+        self._next_sib = <page_id_t*>cnp.PyArray_DATA(owners["next_sib"])
+        self._prev_sib = <page_id_t*>cnp.PyArray_DATA(owners["prev_sib"])
+        self._stack = <page_id_t*>cnp.PyArray_DATA(owners["stack"])
         self._slot_tokens = <int32_t*>cnp.PyArray_DATA(owners["slot_tokens"])
         self._table = <page_id_t*>cnp.PyArray_DATA(owners["table"])
         self._table_mask = capacity - 1
@@ -151,8 +161,9 @@ cdef class PrefixIndex(Evictor):
     # -- doors (declared in _prefix.pxd); callers validated everything -------------------
 
     cdef void evict(self, page_id_t page) noexcept nogil:
-        """The allocator reuses ``page``, free and cached: it leaves the index."""
-        self.remove(page)
+        """The allocator reuses ``page``, free and cached: it leaves the index, and its
+        descendants with it."""
+        self.remove_tree(page)
 
     cdef uint64_t chain_hash(self, uint64_t parent_hash, int64_t namespace,
                              const int32_t* tokens) noexcept nogil:
@@ -187,14 +198,40 @@ cdef class PrefixIndex(Evictor):
                 return page
             slot = (slot + 1) & self._table_mask
 
+    cdef page_id_t locate(self, uint64_t h, page_id_t ident_page,
+                          uint32_t ident_gen) noexcept nogil:
+        """Where the entry of hash ``h`` and identity ``(ident_page, ident_gen)`` is now
+        (in flight or not), or -1 when it left the index."""
+        cdef int64_t slot = <int64_t>(h & <uint64_t>self._table_mask)
+        cdef page_id_t page
+        while True:
+            page = self._table[slot]
+            if page == NO_PAGE or (self._birth_page[page] == ident_page
+                                   and self._birth_gen[page] == ident_gen
+                                   and self._page_hash[page] == h):
+                return page
+            slot = (slot + 1) & self._table_mask
+
     cdef void insert(self, page_id_t page, uint64_t h, page_id_t parent, uint32_t parent_gen,
-                     int64_t namespace) noexcept nogil:
+                     int64_t namespace, page_id_t parent_at) noexcept nogil:
         """Index ``page`` (its tokens are already in ``slot_tokens``) under a new
-        identity, ``(page, its generation)``, that its children link to."""
+        identity, ``(page, its generation)``, that its children link to. ``parent_at``
+        is where the parent entry ``(parent, parent_gen)`` is now (``locate``), which
+        must be in the index; -1 with ``parent`` -1 for a root."""
         cdef int64_t slot = <int64_t>(h & <uint64_t>self._table_mask)
         while self._table[slot] != NO_PAGE:
             slot = (slot + 1) & self._table_mask
         self._table[slot] = page
+        self._parent_at[page] = parent_at
+        self._prev_sib[page] = NO_PAGE
+        self._first_child[page] = NO_PAGE
+        if parent_at != NO_PAGE:
+            self._next_sib[page] = self._first_child[parent_at]
+            if self._next_sib[page] != NO_PAGE:
+                self._prev_sib[self._next_sib[page]] = page
+            self._first_child[parent_at] = page
+        else:
+            self._next_sib[page] = NO_PAGE
         self._page_hash[page] = h
         self._parent[page] = parent
         self._parent_gen[page] = parent_gen
@@ -226,6 +263,22 @@ cdef class PrefixIndex(Evictor):
                self._slot_tokens + <int64_t>src * self._page_size,
                self._page_size * sizeof(int32_t))
         self._ready[dst] = ready
+        # dst takes src's place in the tree: among its siblings, and as its children's parent.
+        cdef page_id_t up = self._parent_at[src], prev = self._prev_sib[src]
+        cdef page_id_t nxt = self._next_sib[src], child = self._first_child[src]
+        self._parent_at[dst], self._prev_sib[dst], self._next_sib[dst] = up, prev, nxt
+        self._first_child[dst] = child
+        if prev != NO_PAGE:
+            self._next_sib[prev] = dst
+        elif up != NO_PAGE:
+            self._first_child[up] = dst
+        if nxt != NO_PAGE:
+            self._prev_sib[nxt] = dst
+        while child != NO_PAGE:
+            self._parent_at[child] = dst
+            child = self._next_sib[child]
+        self._parent_at[src] = self._prev_sib[src] = self._next_sib[src] = NO_PAGE
+        self._first_child[src] = NO_PAGE
         self._in_index[dst] = 1
         self._in_index[src] = 0
         self._ready[src] = 0
@@ -233,8 +286,46 @@ cdef class PrefixIndex(Evictor):
         self._event(_EVICTED, src, self._page_hash[src])
         self._event(_STORED, dst, self._page_hash[dst])
 
-    cdef void remove(self, page_id_t page) noexcept nogil:
-        """Take ``page`` out of the index (eviction); its generation moves on."""
+    cdef void remove_tree(self, page_id_t root) noexcept nogil:
+        """Take the entry at ``root`` and every entry chained from it out of the index
+        (nothing could reach those any more), telling each page's allocator to forget it
+        (a free page becomes clean, one in use stays in use). Parents go before children."""
+        cdef int64_t top = 1
+        cdef page_id_t page, child
+        self._unlink_child(root)
+        self._stack[0] = root
+        while top:
+            top -= 1
+            page = self._stack[top]
+            child = self._first_child[page]
+            while child != NO_PAGE:
+                self._stack[top] = child
+                top += 1
+                child = self._next_sib[child]
+            self._first_child[page] = NO_PAGE
+            self._parent_at[page] = self._prev_sib[page] = self._next_sib[page] = NO_PAGE
+            self._remove_entry(page)
+            if page < self._num_device:
+                if self._device_alloc is not None:
+                    self._device_alloc.forget(page)
+            elif self._host_alloc is not None:
+                self._host_alloc.forget(page - self._num_device)
+
+    cdef void _unlink_child(self, page_id_t page) noexcept nogil:
+        """Take ``page`` out of its parent's list of children."""
+        cdef page_id_t up = self._parent_at[page], prev = self._prev_sib[page]
+        cdef page_id_t nxt = self._next_sib[page]
+        if prev != NO_PAGE:
+            self._next_sib[prev] = nxt
+        elif up != NO_PAGE:
+            self._first_child[up] = nxt
+        if nxt != NO_PAGE:
+            self._prev_sib[nxt] = prev
+        self._parent_at[page] = self._prev_sib[page] = self._next_sib[page] = NO_PAGE
+
+    cdef void _remove_entry(self, page_id_t page) noexcept nogil:
+        """Take ``page`` alone out of the hash table (its tree links are handled by the
+        caller); its generation moves on."""
         cdef int64_t mask = self._table_mask
         cdef int64_t slot = <int64_t>(self._page_hash[page] & <uint64_t>mask)
         cdef int64_t hole, probe, home
@@ -352,6 +443,53 @@ cdef class PrefixIndex(Evictor):
                 if self._table[probe] == NO_PAGE:
                     raise KVCoreError(f"indexed page {page} is not reachable from its hash")
                 probe = (probe + 1) & self._table_mask
+        self._check_tree()
+
+    def _check_tree(self):
+        """Raise KVCoreError unless every entry is reachable from a root: its parent
+        link names an indexed entry, which lists it as a child, and a walk down from the
+        roots visits every entry once."""
+        cdef page_id_t page, up, child, prev
+        where = {}
+        for page in range(self._num_pages):
+            if self._in_index[page]:
+                where[(self._birth_page[page], self._birth_gen[page])] = page
+        roots = []
+        for page in range(self._num_pages):
+            if not self._in_index[page]:
+                if (self._parent_at[page] != NO_PAGE or self._first_child[page] != NO_PAGE
+                        or self._next_sib[page] != NO_PAGE or self._prev_sib[page] != NO_PAGE):
+                    raise KVCoreError(f"page {page} is not indexed but keeps tree links")
+                continue
+            up = self._parent_at[page]
+            if self._parent[page] == NO_PAGE:
+                if up != NO_PAGE:
+                    raise KVCoreError(f"root entry {page} names a parent at {up}")
+                roots.append(page)
+                continue
+            if where.get((self._parent[page], self._parent_gen[page])) != up or up == NO_PAGE:
+                raise KVCoreError(
+                    f"entry {page} chains from ({self._parent[page]}, "
+                    f"{self._parent_gen[page]}), which is not the indexed entry at {up}: "
+                    "nothing can reach it")
+        seen = np.zeros(self._num_pages, np.uint8)
+        todo = list(roots)
+        visited = 0
+        while todo:
+            page = todo.pop()
+            if seen[page]:
+                raise KVCoreError(f"entry {page} is reached twice")
+            seen[page] = 1
+            visited += 1
+            child, prev = self._first_child[page], NO_PAGE
+            while child != NO_PAGE:
+                if self._parent_at[child] != page or self._prev_sib[child] != prev:
+                    raise KVCoreError(f"the child list of entry {page} is broken at {child}")
+                todo.append(child)
+                prev, child = child, self._next_sib[child]
+        if visited != self._num_indexed:
+            raise KVCoreError(f"{self._num_indexed - visited} indexed entries are not "
+                              "reachable from a root")
 
 
 def _is_indexed_py(PrefixIndex index not None, page_id):
@@ -387,6 +525,14 @@ cdef class PrefixHooks:
     cdef bint enabled(self) noexcept:
         """Whether this is a real prefix cache."""
         return False
+
+    cdef void set_retention(self, int64_t seq_id, int32_t priority, int64_t duration,
+                            int32_t num_ranges, const int64_t* starts, const int64_t* ends,
+                            const int32_t* priorities, const int64_t* durations) noexcept nogil:
+        """The retention of ``seq_id``'s cached pages: ``priority`` (0 .. 100) kept for
+        ``duration`` ns after a page is freed (0: for good), and ``num_ranges`` token
+        ranges ``[starts[i], ends[i])`` (sorted, disjoint) with their own. Validated."""
+        pass
 
     cdef int64_t lookup(self, const int32_t* tokens, int64_t max_pages, int64_t namespace,
                         page_id_t* hits) noexcept nogil:
@@ -595,8 +741,23 @@ cdef class PrefixCache(PrefixHooks):
         self._chain_page = <page_id_t*>cnp.PyArray_DATA(owners[3])
         self._chain_gen = <uint32_t*>cnp.PyArray_DATA(owners[4])
         self._chain_hash = <uint64_t*>cnp.PyArray_DATA(owners[5])
-        self._owners = owners + (wb_device, wb_host, wb_held)
+        retention = (np.full(max_seqs, DEFAULT_PRIORITY, np.int32), np.zeros(max_seqs, np.int64),
+                     np.zeros(max_seqs, np.int32),
+                     np.zeros(max_seqs * MAX_RETENTION_RANGES, np.int64),
+                     np.zeros(max_seqs * MAX_RETENTION_RANGES, np.int64),
+                     np.zeros(max_seqs * MAX_RETENTION_RANGES, np.int32),
+                     np.zeros(max_seqs * MAX_RETENTION_RANGES, np.int64))
+        self._seq_prio = <int32_t*>cnp.PyArray_DATA(retention[0])
+        self._seq_dur = <int64_t*>cnp.PyArray_DATA(retention[1])
+        self._num_ranges = <int32_t*>cnp.PyArray_DATA(retention[2])
+        self._rng_start = <int64_t*>cnp.PyArray_DATA(retention[3])
+        self._rng_end = <int64_t*>cnp.PyArray_DATA(retention[4])
+        self._rng_prio = <int32_t*>cnp.PyArray_DATA(retention[5])
+        self._rng_dur = <int64_t*>cnp.PyArray_DATA(retention[6])
+        self._owners = owners + (wb_device, wb_host, wb_held) + retention
         self._alloc = allocator
+        self._index._device_alloc = allocator
+        self._index._host_alloc = host_allocator
         if host_allocator is None:
             allocator.attach(self._index)
         else:
@@ -605,6 +766,45 @@ cdef class PrefixCache(PrefixHooks):
 
     cdef bint enabled(self) noexcept:
         return True
+
+    cdef void set_retention(self, int64_t seq_id, int32_t priority, int64_t duration,
+                            int32_t num_ranges, const int64_t* starts, const int64_t* ends,
+                            const int32_t* priorities, const int64_t* durations) noexcept nogil:
+        cdef int64_t at = seq_id * MAX_RETENTION_RANGES
+        cdef int32_t i
+        self._seq_prio[seq_id] = priority
+        self._seq_dur[seq_id] = duration
+        self._num_ranges[seq_id] = num_ranges
+        for i in range(num_ranges):
+            self._rng_start[at + i] = starts[i]
+            self._rng_end[at + i] = ends[i]
+            self._rng_prio[at + i] = priorities[i]
+            self._rng_dur[at + i] = durations[i]
+
+    cdef void _block_retention(self, int64_t seq_id, int64_t block, int32_t* prio,
+                               int64_t* dur) noexcept nogil:
+        """The retention of ``seq_id``'s block ``block``: the strongest of the ranges
+        that overlap its tokens, and of the request's own if a token is in no range."""
+        cdef int64_t lo = block * self._page_size, hi = lo + self._page_size
+        cdef int64_t at = seq_id * MAX_RETENTION_RANGES, covered = 0, a, b, d
+        cdef int32_t i, p
+        cdef int32_t best = -1
+        cdef int64_t best_dur = 0
+        for i in range(self._num_ranges[seq_id]):
+            a = self._rng_start[at + i] if self._rng_start[at + i] > lo else lo
+            b = self._rng_end[at + i] if self._rng_end[at + i] < hi else hi
+            if b <= a:
+                continue
+            covered += b - a
+            p, d = self._rng_prio[at + i], self._rng_dur[at + i]
+            if p > best or (p == best and best_dur != 0 and (d == 0 or d > best_dur)):
+                best, best_dur = p, d
+        if covered < hi - lo:
+            p, d = self._seq_prio[seq_id], self._seq_dur[seq_id]
+            if p > best or (p == best and best_dur != 0 and (d == 0 or d > best_dur)):
+                best, best_dur = p, d
+        prio[0] = best
+        dur[0] = best_dur
 
     cdef int64_t lookup(self, const int32_t* tokens, int64_t max_pages, int64_t namespace,
                         page_id_t* hits) noexcept nogil:
@@ -627,7 +827,16 @@ cdef class PrefixCache(PrefixHooks):
                           int64_t num_hits) noexcept nogil:
         cdef page_id_t last = hits[num_hits - 1] if num_hits > 0 else NO_PAGE
         cdef int64_t j
+        cdef int32_t prio = self._seq_prio[seq_id]
+        cdef int64_t dur = self._seq_dur[seq_id]
         for j in range(num_hits):
+            # A hit keeps the page at least as long as this request asks for its block.
+            if self._num_ranges[seq_id]:
+                self._block_retention(seq_id, j, &prio, &dur)
+            if hits[j] < self._num_device:
+                self._alloc.raise_retention(hits[j], prio, dur)
+            else:
+                self._host.raise_retention(hits[j] - self._num_device, prio, dur)
             self._history_page[seq_id * self._width + j] = self._index.ident_page(hits[j])
             self._history_gen[seq_id * self._width + j] = self._index.ident_gen(hits[j])
         self._seq_ns[seq_id] = namespace
@@ -651,6 +860,12 @@ cdef class PrefixCache(PrefixHooks):
         memcpy(self._history_gen + child * self._width,
                self._history_gen + parent * self._width,
                self._num_chained[parent] * sizeof(uint32_t))
+        self.set_retention(child, self._seq_prio[parent], self._seq_dur[parent],
+                           self._num_ranges[parent],
+                           self._rng_start + parent * MAX_RETENTION_RANGES,
+                           self._rng_end + parent * MAX_RETENTION_RANGES,
+                           self._rng_prio + parent * MAX_RETENTION_RANGES,
+                           self._rng_dur + parent * MAX_RETENTION_RANGES)
         self._seq_ns[child] = self._seq_ns[parent]
         self._chain_ok[child] = self._chain_ok[parent]
         self._num_chained[child] = self._num_chained[parent]
@@ -680,10 +895,12 @@ cdef class PrefixCache(PrefixHooks):
         cdef Py_ssize_t i
         cdef int64_t s, t, j = 0, page_idx, full, ps = self._page_size
         cdef int32_t g
-        cdef page_id_t page, found
+        cdef page_id_t page, found, parent_at
         cdef const int32_t* page_tokens
         cdef const page_id_t* block_table = tables + anchor * group_stride
         cdef uint64_t h
+        cdef int32_t prio = DEFAULT_PRIORITY
+        cdef int64_t dur = 0
         for i in range(batch):
             if counts[i] == 0:
                 continue
@@ -700,25 +917,48 @@ cdef class PrefixCache(PrefixHooks):
             if not self._chain_ok[s]:
                 continue
             full = seq_lens[s] // ps
+            if self._num_chained[s] >= full:
+                continue
+            # Where the chain's last entry is now. It may have left the index (evicted
+            # with its ancestors while another sequence's twin stood in for this one's
+            # page): pages chained from it could never be reached, so registering stops.
+            parent_at = NO_PAGE
+            if self._chain_page[s] != NO_PAGE:
+                parent_at = self._index.locate(self._chain_hash[s], self._chain_page[s],
+                                               self._chain_gen[s])
+                if parent_at == NO_PAGE:
+                    self._chain_ok[s] = 0
+                    continue
+            self._block_retention(s, self._num_chained[s], &prio, &dur)
             for page_idx in range(self._num_chained[s], full):
                 page = block_table[s * width + page_idx]
                 page_tokens = self._index.tokens_of(page)
                 h = self._index.chain_hash(self._chain_hash[s], self._seq_ns[s], page_tokens)
                 found = self._index.find(h, self._chain_page[s], self._chain_gen[s],
                                    self._seq_ns[s], page_tokens)
+                if self._num_ranges[s]:
+                    self._block_retention(s, page_idx, &prio, &dur)
                 if found == NO_PAGE:
                     self._index.insert(page, h, self._chain_page[s], self._chain_gen[s],
-                                 self._seq_ns[s])
+                                       self._seq_ns[s], parent_at)
                     self._alloc.retain(page)
+                    self._alloc.set_retention(page, prio, dur)
                     found = page
                 elif found >= self._num_device:
                     # The block was offloaded and this sequence computed it again: the
                     # device copy serves later hits without a load, so the entry (its
-                    # identity too) moves back to it and the host page is let go.
+                    # identity and retention too) moves back to it and the host page is
+                    # let go.
                     self._index.relocate(found, page, True)
                     self._alloc.retain(page)
+                    self._alloc.set_retention(page, self._host.priority_of(found - self._num_device),
+                                              self._host.duration_of(found - self._num_device))
+                    self._alloc.raise_retention(page, prio, dur)
                     self._host.forget(found - self._num_device)
                     found = page
+                else:
+                    self._alloc.raise_retention(found, prio, dur)
+                parent_at = found
                 self._chain_page[s] = self._index.ident_page(found)
                 self._chain_gen[s] = self._index.ident_gen(found)
                 self._chain_hash[s] = h
@@ -729,21 +969,26 @@ cdef class PrefixCache(PrefixHooks):
                             and page_idx >= first_live[g * max_seqs + s]:
                         self._register_companion(
                             g, tables[g * group_stride + s * width + page_idx], found, h,
-                            self._seq_ns[s])
+                            self._seq_ns[s], prio, dur)
             self._num_chained[s] = <int32_t>full
 
     cdef void _register_companion(self, int32_t group, page_id_t page, page_id_t anchor_page,
-                                  uint64_t anchor_hash, int64_t namespace) noexcept nogil:
-        """Index ``page`` of ``group`` as the companion of ``anchor_page`` (unless that
-        block already has one)."""
+                                  uint64_t anchor_hash, int64_t namespace, int32_t prio,
+                                  int64_t dur) noexcept nogil:
+        """Index ``page`` of ``group`` as the companion (a child) of the entry at
+        ``anchor_page`` (unless that block already has one), with the block's retention."""
         cdef int64_t ns = _companion_namespace(namespace, group)
         cdef const int32_t* page_tokens = self._index.tokens_of(page)
         cdef uint64_t h = self._index.chain_hash(anchor_hash, ns, page_tokens)
         cdef page_id_t anchor = self._index.ident_page(anchor_page)
         cdef uint32_t gen = self._index.ident_gen(anchor_page)
-        if self._index.find(h, anchor, gen, ns, page_tokens) == NO_PAGE:
-            self._index.insert(page, h, anchor, gen, ns)
+        cdef page_id_t found = self._index.find(h, anchor, gen, ns, page_tokens)
+        if found == NO_PAGE:
+            self._index.insert(page, h, anchor, gen, ns, anchor_page)
             self._alloc.retain(page)
+            self._alloc.set_retention(page, prio, dur)
+        elif found < self._num_device:
+            self._alloc.raise_retention(found, prio, dur)
 
     cdef page_id_t find_companion(self, int32_t group, page_id_t anchor_page,
                                   const int32_t* tokens, int64_t namespace) noexcept nogil:
@@ -754,8 +999,7 @@ cdef class PrefixCache(PrefixHooks):
 
     cdef void unregister(self, page_id_t page) noexcept nogil:
         if self._index.in_index(page):
-            self._index.remove(page)
-            self._alloc.forget(page)
+            self._index.remove_tree(page)
 
     cdef void truncated(self, int64_t seq_id, int64_t new_len,
                         const page_id_t* anchor_row) noexcept nogil:
@@ -797,11 +1041,18 @@ cdef class PrefixCache(PrefixHooks):
         with no host page to spare, drop it."""
         cdef page_id_t host_page
         if self._host.free_count() == 0 or self._wb_count == self._num_device:
-            self._index.remove(page)
+            self._index.remove_tree(page)
             return
         self._host.take(&host_page, 1)   # its reference is the pending copy's hold
+        if not self._index.in_index(page):
+            # Making room on the host evicted an ancestor of this block, and the block
+            # with it: nothing to move.
+            self._host.drop_ref(host_page)
+            return
         self._index.relocate(page, self._num_device + host_page, False)
         self._host.retain(host_page)
+        self._host.set_retention(host_page, self._alloc.priority_of(page),
+                                 self._alloc.duration_of(page))
         self._wb_held[host_page] = 1
         self._wb_device[self._wb_count] = page
         self._wb_host[self._wb_count] = host_page
@@ -827,8 +1078,7 @@ cdef class PrefixCache(PrefixHooks):
             if ok:
                 self._index._ready[entry] = 1
             else:
-                self._index.remove(entry)
-                self._host.forget(host_page)
+                self._index.remove_tree(entry)
         self._wb_held[host_page] = 0
         self._host.drop_ref(host_page)   # cached: it waits on the host's evictable list
 
@@ -848,20 +1098,18 @@ cdef class PrefixCache(PrefixHooks):
         if ok:
             self._index.relocate(entry, device_page, True)
             self._alloc.retain(device_page)
+            self._alloc.set_retention(device_page, self._host.priority_of(host_page),
+                                      self._host.duration_of(host_page))
             self._loaded += 1
+            self._host.forget(host_page)
         else:
-            self._index.remove(entry)
-        self._host.forget(host_page)
+            self._index.remove_tree(entry)
 
     cdef void clear(self) noexcept nogil:
         cdef page_id_t page
         for page in range(self._index._num_pages):
             if self._index.in_index(page):
-                self._index.remove(page)
-                if page < self._num_device:
-                    self._alloc.forget(page)
-                else:
-                    self._host.forget(page - self._num_device)
+                self._index.remove_tree(page)
 
     cdef int32_t num_cached(self) noexcept nogil:
         return self._index.size()
@@ -870,10 +1118,12 @@ cdef class PrefixCache(PrefixHooks):
         stats = {"queries": self._queries, "queried_tokens": self._queried_tokens,
                  "hit_tokens": self._hit_tokens, **self._index.stats()}
         stats["num_cached_pages"] = self._index.size()
+        stats["evictions_by_priority"] = self._alloc.evictions_by_priority
         if self._host is not None:
             stats["host_cached_pages"] = int(np.count_nonzero(
                 self._index._owners["in_index"][self._num_device:]))
             stats["offloaded"] = self._offloaded
+            stats["host_evictions_by_priority"] = self._host.evictions_by_priority
             stats["loaded"] = self._loaded
         # Python division of the two counts, as the stats are Python ints (cdivision
         # would truncate C integers).
@@ -943,4 +1193,4 @@ cdef class _HostEvictor(Evictor):
         self._offset = offset
 
     cdef void evict(self, page_id_t page) noexcept nogil:
-        self._index.remove(self._offset + page)
+        self._index.remove_tree(self._offset + page)

@@ -182,9 +182,12 @@ class KVCache:
 
     # -- bookkeeping, passed through to the PageTable -----------------------------------------
 
-    def add_sequence(self, tokens=None, *, namespace: int = 0, stream=None) -> int:
+    def add_sequence(self, tokens=None, *, namespace: int = 0, retention=None,
+                     stream=None) -> int:
         """Start a sequence (mapping cached prefix pages when prefix caching is on and
-        ``tokens`` are given); see :meth:`PageTable.add_sequence`.
+        ``tokens`` are given); see :meth:`PageTable.add_sequence`. ``retention`` (an int
+        priority 0 .. 100 or a :class:`~kvcore.Retention`) decides which cached pages
+        are evicted first (docs/prefix_cluster.md).
 
         With a host tier, a hit may include blocks offloaded there: they are copied
         into fresh device pages on the caller's stream (``stream``, as in
@@ -194,10 +197,10 @@ class KVCache:
         hit before its first offloaded block: check :meth:`num_tokens` then.
         """
         if not self._offloads:
-            return self.table.add_sequence(tokens, namespace=namespace)
+            return self.table.add_sequence(tokens, namespace=namespace, retention=retention)
         handle = self._stream(stream)
         self.backend.refuse_capture(handle, "add_sequence")   # it may enqueue copies
-        seq = self.table.add_sequence(tokens, namespace=namespace)
+        seq = self.table.add_sequence(tokens, namespace=namespace, retention=retention)
         self._transfers.load(seq, handle)     # never raises for a failed launch
         return seq
 
