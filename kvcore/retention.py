@@ -19,6 +19,8 @@ Examples
 
 from __future__ import annotations
 
+import itertools
+import itertools
 import math
 import operator
 from dataclasses import dataclass, field
@@ -153,7 +155,7 @@ class Retention:
         if len(ranges) > MAX_RANGES:
             raise ValueError(f"Retention.ranges has {len(ranges)} ranges; at most {MAX_RANGES}")
         ranges = tuple(sorted(ranges, key=lambda r: r.start))
-        for a, b in zip(ranges, ranges[1:]):
+        for a, b in itertools.pairwise(ranges):
             if a.end is None or a.end > b.start:
                 raise ValueError(f"token ranges [{a.start}, {a.end}) and [{b.start}, {b.end}) "
                                  "overlap")

@@ -18,9 +18,9 @@ from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, 
 from kvcore import (
     HostTier,
     KVCoreError,
+    OutOfPagesError,
     PageAllocator,
     PageTable,
-    RefcountError,
     Retention,
     TokenRange,
 )
@@ -64,7 +64,7 @@ class AllocatorModel(RuleBasedStateMachine):
     def allocate(self, n):
         free = len(self.clean) + len(self.evictable)
         if n > free:
-            with pytest.raises(Exception):
+            with pytest.raises(OutOfPagesError):
                 self.alloc.allocate(n)
             return
         expected = []
@@ -190,7 +190,8 @@ def test_bad_retention_values(bad, error):
 
 
 @pytest.mark.parametrize("bad, error", [
-    (dict(start=-1, end=4, priority=1), ValueError), (dict(start=4, end=4, priority=1), ValueError),
+    (dict(start=-1, end=4, priority=1), ValueError),
+    (dict(start=4, end=4, priority=1), ValueError),
     (dict(start=0, end=4, priority=200), ValueError), (dict(start=0.0, end=4, priority=1), TypeError),
     (dict(start=0, end="4", priority=1), TypeError),
     (dict(start=0, end=4, priority=1, duration=0.0), ValueError),
@@ -232,9 +233,9 @@ def test_add_sequence_rejects_bad_retention_and_changes_nothing(bad, error):
 # -- the prefix cache: who is evicted first ------------------------------------------------
 
 def test_a_system_prompt_outlives_one_off_documents():
-    alloc, table = _table(num_pages=12)
+    _alloc, table = _table(num_pages=12)
     system = list(range(1000, 1008))
-    s = _prompt(table, system + [1], retention=Retention(ranges=[TokenRange(0, 8, 90)]))
+    s = _prompt(table, [*system, 1], retention=Retention(ranges=[TokenRange(0, 8, 90)]))
     table.remove(s)
     # A flood of one-off prompts at the default priority: each one evicts the oldest
     # one-off, never the system prompt.
@@ -242,12 +243,12 @@ def test_a_system_prompt_outlives_one_off_documents():
         s = _prompt(table, [k * 100 + t for t in range(9)])
         table.remove(s)
         table.check_invariants()
-    assert table.match_prefix(system + [1]) == 8
+    assert table.match_prefix([*system, 1]) == 8
     assert table.prefix_stats["evictions_by_priority"].keys() == {DEFAULT_PRIORITY}
 
 
 def test_lru_within_a_priority_and_lowest_priority_first():
-    alloc, table = _table(num_pages=6)
+    _alloc, table = _table(num_pages=6)
     a = _prompt(table, list(range(5)), retention=50)       # pages: 1 cached
     b = _prompt(table, list(range(10, 15)), retention=20)
     c = _prompt(table, list(range(20, 25)), retention=50)
@@ -301,7 +302,7 @@ def test_a_fork_inherits_retention():
 
 
 def test_a_timed_priority_expires_in_the_cache():
-    alloc, table = _table(num_pages=4)
+    _alloc, table = _table(num_pages=4)
     a = _prompt(table, list(range(5)), retention=Retention(90, duration=0.02))
     b = _prompt(table, list(range(10, 15)), retention=60)
     table.remove(a)
@@ -324,7 +325,7 @@ def test_offload_keeps_retention_on_the_host():
     table.remove(b)
     s = table.add_sequence()
     table.append([s], [16])    # evicts both cached pages: they move to the host
-    device, hostp = table.take_writebacks()
+    _device, hostp = table.take_writebacks()
     assert sorted(host.priorities[hostp].tolist()) == [15, 90]
     table.check_invariants()
 
@@ -332,7 +333,7 @@ def test_offload_keeps_retention_on_the_host():
 # -- leaf-first eviction -------------------------------------------------------------------
 
 def test_a_freed_chain_is_evicted_from_its_leaf():
-    alloc, table = _table(num_pages=8)
+    _alloc, table = _table(num_pages=8)
     a = _prompt(table, list(range(13)))          # 3 cached pages chained
     table.remove(a)                              # freed leaf first: the leaf goes first
     b = table.add_sequence()
@@ -360,7 +361,7 @@ def test_a_chain_whose_twin_parent_left_stops_registering():
     """Sequence y continues the chain from x's equal page; x's page is evicted while y
     runs: y's later pages are not indexed (they could never be found)."""
     alloc, table = _table(num_pages=8)
-    x = _prompt(table, list(range(4)) + [99])     # x registers page P for tokens 0..3
+    x = _prompt(table, [*list(range(4)), 99])     # x registers page P for tokens 0..3
     y = table.add_sequence()                      # y computes the same block itself
     table.append([y], [4], token_ids=np.arange(4))
     table.remove(x)
@@ -368,7 +369,7 @@ def test_a_chain_whose_twin_parent_left_stops_registering():
     assert alloc.num_free == 7 and alloc.num_evictable == 1
     table.append([filler], [4 * 6])               # the 6 clean pages
     table.append([filler], [4])                   # now evicts P (x's page)
-    assert table.match_prefix(list(range(4)) + [99]) == 0
+    assert table.match_prefix([*list(range(4)), 99]) == 0
     table.truncate([filler], [0])                 # room for y's next page
     table.append([y], [4], token_ids=np.arange(4, 8))
     assert table.prefix_stats["num_cached_pages"] == 0
@@ -377,7 +378,7 @@ def test_a_chain_whose_twin_parent_left_stops_registering():
 
 def test_check_invariants_catches_an_unreachable_entry():
     from kvcore._core import _break_tree_py
-    alloc, table = _table()
+    _alloc, table = _table()
     s = _prompt(table, list(range(9)))
     table.check_invariants()
     _break_tree_py(table, table.block_table[s, 1])
