@@ -20,7 +20,6 @@ Examples
 from __future__ import annotations
 
 import itertools
-import itertools
 import math
 import operator
 from dataclasses import dataclass, field

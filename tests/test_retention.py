@@ -192,7 +192,8 @@ def test_bad_retention_values(bad, error):
 @pytest.mark.parametrize("bad, error", [
     (dict(start=-1, end=4, priority=1), ValueError),
     (dict(start=4, end=4, priority=1), ValueError),
-    (dict(start=0, end=4, priority=200), ValueError), (dict(start=0.0, end=4, priority=1), TypeError),
+    (dict(start=0, end=4, priority=200), ValueError),
+    (dict(start=0.0, end=4, priority=1), TypeError),
     (dict(start=0, end="4", priority=1), TypeError),
     (dict(start=0, end=4, priority=1, duration=0.0), ValueError),
 ])
