@@ -1749,6 +1749,23 @@ cdef class PageTable:
         None when caching is off."""
         return self._prefix.stats()
 
+    def cached_hashes(self):
+        """Return the hash of every page in the prefix index, both tiers.
+
+        What a router that applied every event (stored minus removed) must hold; see
+        ``kvcore.router``. Changes nothing.
+
+        Returns
+        -------
+        numpy.ndarray of uint64, shape [num_indexed]
+            Sorted; a block indexed twice (while a copy of it is in flight) twice.
+            Empty when prefix caching is off.
+        """
+        if not self._prefix.enabled():
+            return np.empty(0, np.uint64)
+        owners = (<PrefixCache>self._prefix)._index._owners
+        return np.sort(owners["page_hash"][owners["in_index"].astype(bool)])
+
     def take_events(self):
         """Return and clear the cache's events since the last call, oldest first.
 

@@ -303,6 +303,10 @@ class KVCache:
         """Pages in the prefix index."""
         return self.table.num_cached_pages
 
+    def cached_hashes(self):
+        """Hashes of every prefix-cached page, both tiers; see :meth:`PageTable.cached_hashes`."""
+        return self.table.cached_hashes()
+
     def take_events(self):
         """Prefix-cache events since the last call; see :meth:`PageTable.take_events`."""
         return self.table.take_events()

@@ -247,6 +247,12 @@ def _add_simulate(sub) -> None:
                    "matplotlib: pip install 'kvcore[plot]'")
     p.add_argument("--quiet", action="store_true",
                    help="no progress bar (it is drawn on stderr only when that is a terminal)")
+    p.add_argument("--replicas", type=_positive_int, default=1, metavar="N",
+                   help="N >= 2: a cluster run instead: N replicas publish their prefix-cache "
+                   "events over ZeroMQ on localhost to a prefix-aware router (kvcore.router), "
+                   "against random routing on the same workload; uses --requests, --seed, "
+                   "--page-size, --device and --json; needs kvcore[events] "
+                   "(default: %(default)s, the single-replica run)")
     p.add_argument("--corrupt-at-step", type=int, default=None, help=argparse.SUPPRESS)
 
 
@@ -594,6 +600,8 @@ def _run_simulate(args) -> int:
     from kvcore.errors import BackendUnavailableError
     from kvcore.simulate import ConfigurationError, SimConfig, Simulator, _check_config
 
+    if args.replicas > 1:
+        return _run_cluster(args)
     both = args.preempt == "both"
     if both and args.plot is not None:
         return _error("simulate", "--plot draws one run; give it --preempt recompute or "
@@ -676,6 +684,51 @@ def _run_simulate(args) -> int:
         except (OSError, ValueError) as exc:
             return _error("simulate", f"--plot {args.plot}: could not draw the plot ({exc})")
     return 0 if all(r.ok for r in results) else 1
+
+
+def _run_cluster(args) -> int:
+    """``kvcore simulate --replicas N``: prefix-aware against random routing."""
+    from kvcore.cluster_sim import ClusterConfig, format_cluster, run_cluster
+    from kvcore.errors import BackendUnavailableError
+
+    problem = _check_outputs(args)
+    if problem:
+        return _error("simulate", problem)
+    try:
+        import msgspec  # noqa: F401
+        import zmq  # noqa: F401
+    except ImportError:
+        return _error("simulate", "--replicas needs msgspec and pyzmq: "
+                      "pip install 'kvcore[events]'")
+    try:
+        cfg = ClusterConfig(replicas=args.replicas, requests=args.requests, seed=args.seed,
+                            page_size=args.page_size, device=args.device)
+        prefix = run_cluster(cfg, "prefix")
+        random = run_cluster(cfg, "random")
+    except (ValueError, TypeError, BackendUnavailableError) as exc:
+        return _error("simulate", str(exc))
+    except AssertionError as exc:     # a verification failed: the run's verdict
+        print(f"kvcore simulate: verification FAILED: {exc}", file=sys.stderr)
+        return 1
+    json_to_stdout = args.json is not None and str(args.json) == "-"
+    out = sys.stderr if json_to_stdout else sys.stdout
+    print(f"{cfg.replicas} replicas of {cfg.num_pages:,} pages, {cfg.requests} requests over "
+          f"{cfg.prefixes} shared prefixes of {cfg.prefix_tokens} tokens, on "
+          f"{prefix['device']}", file=out)
+    print(format_cluster(prefix, random), file=out)
+    if args.json is not None:
+        text = json.dumps({"config": asdict(cfg), "prefix": prefix,
+                           "random": random, "ok": True}, indent=1) + "\n"
+        if json_to_stdout:
+            sys.stdout.write(text)
+        else:
+            try:
+                args.json.parent.mkdir(parents=True, exist_ok=True)
+                args.json.write_text(text)
+            except OSError as exc:
+                return _error("simulate", f"--json {args.json}: cannot write there "
+                              f"({exc.strerror or exc})")
+    return 0
 
 
 def _run_bench(args) -> int:

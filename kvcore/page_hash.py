@@ -61,7 +61,8 @@ def page_hash(parent_hash: int, tokens: Sequence[int], namespace: int = 0) -> in
     int
         In ``[0, 2**64)``: the value kvcore's events carry as ``page_hash``.
     """
-    h = _mix((parent_hash & _MASK) ^ _mix(((namespace & _MASK) + _GOLDEN) & _MASK))
+    tokens = [int(t) for t in tokens]    # NumPy integers would overflow the mixing
+    h = _mix((int(parent_hash) & _MASK) ^ _mix(((int(namespace) & _MASK) + _GOLDEN) & _MASK))
     n = len(tokens)
     i = 0
     while i + 1 < n:      # two tokens per 64-bit step, as the C code does
