@@ -50,7 +50,8 @@ def test_match_equals_each_caches_own_match_prefix():
     for step in range(60):
         name = "ab"[step % 2]
         cache = caches[name]
-        tokens = stems[int(rng.integers(5))] + rng.integers(0, 20, size=int(rng.integers(1, 9))).tolist()
+        suffix = rng.integers(0, 20, size=int(rng.integers(1, 9))).tolist()
+        tokens = stems[int(rng.integers(5))] + suffix
         if cache.num_free_pages < 6 or cache.num_seqs == 8:
             for s in cache.table.active_seq_ids().tolist():
                 cache.remove(s)
