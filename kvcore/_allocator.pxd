@@ -112,8 +112,15 @@ cdef class PageAllocator:
 
     cdef void set_retention(self, page_id_t page, int32_t priority,
                             int64_t duration) noexcept nogil
-    cdef void raise_retention(self, page_id_t page, int32_t priority,
-                              int64_t duration) noexcept nogil
+    cdef inline void raise_retention(self, page_id_t page, int32_t priority,
+                                     int64_t duration) noexcept nogil:
+        """``set_retention`` if it keeps ``page`` at least as long: a higher priority,
+        or the same one for longer (0 is longest). Pages shared by requests keep the
+        strongest retention any of them asked for. Inline: a prefix hit calls it per page."""
+        cdef int32_t cur = self._priority[page]
+        if priority > cur or (priority == cur and self._duration[page] != 0
+                              and (duration == 0 or duration > self._duration[page])):
+            self.set_retention(page, priority, duration)
 
     cdef inline int32_t priority_of(self, page_id_t page) noexcept nogil:
         return self._priority[page]

@@ -273,17 +273,6 @@ cdef class PageAllocator:
         if listed:
             self._lru_append(page)
 
-    cdef void raise_retention(self, page_id_t page, int32_t priority,
-                              int64_t duration) noexcept nogil:
-        """``set_retention`` if it keeps ``page`` at least as long: a higher priority,
-        or the same one for longer (0 is longest). Pages shared by requests keep the
-        strongest retention any of them asked for."""
-        cdef int32_t cur = self._priority[page]
-        cdef int64_t cur_dur = self._duration[page]
-        if priority > cur or (priority == cur and cur_dur != 0
-                              and (duration == 0 or duration > cur_dur)):
-            self.set_retention(page, priority, duration)
-
     # -- private helpers -------------------------------------------------------------------
 
     cdef void _release(self, page_id_t page) noexcept nogil:

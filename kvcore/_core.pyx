@@ -261,6 +261,9 @@ cdef class _Retention:
                              self.starts, self.ends, self.priorities, self.durations)
 
 
+cdef _Retention _DEFAULT_RETENTION = _Retention(None)
+
+
 cdef class PageTable:
     """Per-sequence page tables and lengths over one :class:`PageAllocator`.
 
@@ -747,7 +750,7 @@ cdef class PageTable:
         cdef int64_t ns = int_arg(namespace, "namespace")
         cdef cnp.ndarray tok
         cdef int64_t s
-        cdef _Retention ret = _Retention(retention)
+        cdef _Retention ret = _DEFAULT_RETENTION if retention is None else _Retention(retention)
         if tokens is None or not self._prefix.enabled():   # tokens are ignored when off
             if self._num_free_seqs == 0:
                 raise CapacityError(f"all {self._max_seqs} sequence slots are in use (by active "

@@ -829,9 +829,10 @@ cdef class PrefixCache(PrefixHooks):
         cdef int64_t j
         cdef int32_t prio = self._seq_prio[seq_id]
         cdef int64_t dur = self._seq_dur[seq_id]
+        cdef bint ranges = self._num_ranges[seq_id] != 0
         for j in range(num_hits):
             # A hit keeps the page at least as long as this request asks for its block.
-            if self._num_ranges[seq_id]:
+            if ranges:
                 self._block_retention(seq_id, j, &prio, &dur)
             if hits[j] < self._num_device:
                 self._alloc.raise_retention(hits[j], prio, dur)
