@@ -59,9 +59,12 @@ lookup = prefix_lookup("kvcore")
 lookup()
 decode = decode_step("kvcore")
 decode()
+def median_us(run):
+    return statistics.median(run() for _ in range(repeats)) / 1e3
+
 print(json.dumps({
-    "prefix lookup, 4,096-token prompt (us)": statistics.median(lookup() for _ in range(repeats)) / 1e3,
-    "decode step, 256 seqs (us)": statistics.median(decode() for _ in range(repeats)) / 1e3,
+    "prefix lookup, 4,096-token prompt (us)": median_us(lookup),
+    "decode step, 256 seqs (us)": median_us(decode),
     "allocation evicting cached pages (ns/page)": eviction(),
 }))
 """
