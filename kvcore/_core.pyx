@@ -288,6 +288,12 @@ cdef class PageTable:
         verified exactly.
     prefix_event_capacity : int, keyword-only
         Events kept for :meth:`take_events`; older ones are dropped and counted.
+    prefix_hash : {"fast", "sha256"}, keyword-only
+        The page identity's hash (``docs/prefix_cluster.md``): ``"fast"`` (splitmix64
+        mixing, the default) or ``"sha256"``, a SHA-256 chain over the parent's full
+        digest, the namespace and the tokens, for routers that need a cryptographic
+        hash; its first 8 bytes are the 64-bit hash events carry. Both reproduce in
+        Python (``kvcore.page_hash``); every hit is verified token for token in both.
     groups : sequence of LayerGroup, keyword-only
         Layer groups (full attention, sliding window, state pages; see
         ``docs/groups.md``), each with its own rows over the one allocator; default one
@@ -327,9 +333,12 @@ cdef class PageTable:
 
     def __cinit__(self, PageAllocator allocator not None, page_size, max_seqs, max_pages_per_seq,
                   *, enable_prefix_cache=False, prefix_hash_bits=64,
-                  prefix_event_capacity=65536, groups=None, host_allocator=None):
+                  prefix_event_capacity=65536, groups=None, host_allocator=None,
+                  prefix_hash="fast"):
         cdef int32_t ps = positive_int32(page_size, "page_size")
         cdef int32_t ms = positive_int32(max_seqs, "max_seqs")
+        if not (isinstance(prefix_hash, str) and prefix_hash in ("fast", "sha256")):
+            raise ValueError(f"prefix_hash must be 'fast' or 'sha256', got {prefix_hash!r}")
         cdef int32_t mp = positive_int32(max_pages_per_seq, "max_pages_per_seq")
         if not isinstance(enable_prefix_cache, (bool, np.bool_)):   # as KVCacheConfig
             raise TypeError(f"enable_prefix_cache must be a bool, got "
@@ -404,7 +413,7 @@ cdef class PageTable:
         self._prefix = (new_prefix_cache(allocator, ps, ms, mp, prefix_hash_bits,
                                          prefix_event_capacity,
                                          host_allocator if ng == 1 and kinds[0] == _FULL
-                                         else None)
+                                         else None, prefix_hash)
                         if bool(enable_prefix_cache) else PrefixHooks())
         self._version = 0
         self.host_allocator = host_allocator

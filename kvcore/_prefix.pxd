@@ -47,6 +47,12 @@ cdef class PrefixIndex(Evictor):
     cdef PageAllocator _device_alloc
     cdef PageAllocator _host_alloc
     cdef int32_t* _slot_tokens        # [num_pages * page_size] token id held by each slot
+    # sha256 identities (PageTable(prefix_hash="sha256")): each entry's full digest,
+    # which its children's digests chain on; the 64-bit hash is its first 8 bytes.
+    cdef bint _sha256
+    cdef uint8_t* _digest             # [num_pages * 32] (empty in fast mode)
+    cdef uint8_t _new_digest[32]      # chain_hash's digest, which insert stores
+    cdef uint8_t _zero_digest[32]     # the root's parent
     # open-addressing hash table: page ids, -1 empty; linear probing, backward-shift delete
     cdef page_id_t* _table
     cdef int64_t _table_mask
@@ -60,7 +66,7 @@ cdef class PrefixIndex(Evictor):
     cdef int64_t _evictions, _stored
     cdef object _owners
 
-    cdef uint64_t chain_hash(self, uint64_t parent_hash, int64_t namespace,
+    cdef uint64_t chain_hash(self, page_id_t parent_at, int64_t namespace,
                              const int32_t* tokens) noexcept nogil
     cdef page_id_t find(self, uint64_t h, page_id_t parent, uint32_t parent_gen,
                         int64_t namespace, const int32_t* tokens) noexcept nogil
@@ -204,4 +210,5 @@ cdef class PrefixCache(PrefixHooks):
 
 cdef PrefixCache new_prefix_cache(PageAllocator allocator, int32_t page_size, int32_t max_seqs,
                                   int32_t max_pages_per_seq, object hash_bits,
-                                  object event_capacity, PageAllocator host_allocator)
+                                  object event_capacity, PageAllocator host_allocator,
+                                  object hash_algorithm=*)

@@ -63,6 +63,70 @@ EVENT_HOST_EVICTED = _HOST_EVICTED
 
 cdef uint64_t _ROOT_HASH = 0x6A09E667F3BCC908ULL
 
+cdef extern from *:
+    """
+    /* SHA-256 (FIPS 180-4) of a short message, for the prefix cache's optional
+       cryptographic page identity. Plain C, no allocation. */
+    #include <stdint.h>
+    #include <string.h>
+    static const uint32_t kvcore_sha_k[64] = {
+      0x428a2f98,0x71374491,0xb5c0fbcf,0xe9b5dba5,0x3956c25b,0x59f111f1,0x923f82a4,0xab1c5ed5,
+      0xd807aa98,0x12835b01,0x243185be,0x550c7dc3,0x72be5d74,0x80deb1fe,0x9bdc06a7,0xc19bf174,
+      0xe49b69c1,0xefbe4786,0x0fc19dc6,0x240ca1cc,0x2de92c6f,0x4a7484aa,0x5cb0a9dc,0x76f988da,
+      0x983e5152,0xa831c66d,0xb00327c8,0xbf597fc7,0xc6e00bf3,0xd5a79147,0x06ca6351,0x14292967,
+      0x27b70a85,0x2e1b2138,0x4d2c6dfc,0x53380d13,0x650a7354,0x766a0abb,0x81c2c92e,0x92722c85,
+      0xa2bfe8a1,0xa81a664b,0xc24b8b70,0xc76c51a3,0xd192e819,0xd6990624,0xf40e3585,0x106aa070,
+      0x19a4c116,0x1e376c08,0x2748774c,0x34b0bcb5,0x391c0cb3,0x4ed8aa4a,0x5b9cca4f,0x682e6ff3,
+      0x748f82ee,0x78a5636f,0x84c87814,0x8cc70208,0x90befffa,0xa4506ceb,0xbef9a3f7,0xc67178f2};
+    #define KVCORE_ROTR(x, n) (((x) >> (n)) | ((x) << (32 - (n))))
+    static void kvcore_sha_block(uint32_t* st, const uint8_t* p) {
+      uint32_t w[64], a, b, c, d, e, f, g, h, t1, t2; int i;
+      for (i = 0; i < 16; i++)
+        w[i] = ((uint32_t)p[4*i] << 24) | ((uint32_t)p[4*i+1] << 16)
+             | ((uint32_t)p[4*i+2] << 8) | (uint32_t)p[4*i+3];
+      for (i = 16; i < 64; i++) {
+        uint32_t s0 = KVCORE_ROTR(w[i-15], 7) ^ KVCORE_ROTR(w[i-15], 18) ^ (w[i-15] >> 3);
+        uint32_t s1 = KVCORE_ROTR(w[i-2], 17) ^ KVCORE_ROTR(w[i-2], 19) ^ (w[i-2] >> 10);
+        w[i] = w[i-16] + s0 + w[i-7] + s1;
+      }
+      a = st[0]; b = st[1]; c = st[2]; d = st[3]; e = st[4]; f = st[5]; g = st[6]; h = st[7];
+      for (i = 0; i < 64; i++) {
+        t1 = h + (KVCORE_ROTR(e, 6) ^ KVCORE_ROTR(e, 11) ^ KVCORE_ROTR(e, 25))
+               + ((e & f) ^ (~e & g)) + kvcore_sha_k[i] + w[i];
+        t2 = (KVCORE_ROTR(a, 2) ^ KVCORE_ROTR(a, 13) ^ KVCORE_ROTR(a, 22))
+               + ((a & b) ^ (a & c) ^ (b & c));
+        h = g; g = f; f = e; e = d + t1; d = c; c = b; b = a; a = t1 + t2;
+      }
+      st[0] += a; st[1] += b; st[2] += c; st[3] += d;
+      st[4] += e; st[5] += f; st[6] += g; st[7] += h;
+    }
+    /* digest of (parent digest 32 B, namespace int64 LE, n tokens uint32 LE) */
+    static void kvcore_page_sha256(const uint8_t* parent, int64_t ns, const int32_t* tokens,
+                                   int32_t n, uint8_t* out) {
+      uint32_t st[8] = {0x6a09e667,0xbb67ae85,0x3c6ef372,0xa54ff53a,
+                        0x510e527f,0x9b05688c,0x1f83d9ab,0x5be0cd19};
+      uint8_t buf[64]; int fill = 0, i, k; uint64_t total = 0; uint8_t word[8];
+      #define KVCORE_PUT(byte) do { buf[fill++] = (byte); total++; \
+          if (fill == 64) { kvcore_sha_block(st, buf); fill = 0; } } while (0)
+      for (i = 0; i < 32; i++) KVCORE_PUT(parent[i]);
+      for (k = 0; k < 8; k++) KVCORE_PUT((uint8_t)((uint64_t)ns >> (8 * k)));
+      for (i = 0; i < n; i++)
+        for (k = 0; k < 4; k++) KVCORE_PUT((uint8_t)((uint32_t)tokens[i] >> (8 * k)));
+      uint64_t bits = total * 8;
+      buf[fill++] = 0x80;
+      if (fill > 56) { while (fill < 64) buf[fill++] = 0; kvcore_sha_block(st, buf); fill = 0; }
+      while (fill < 56) buf[fill++] = 0;
+      for (k = 0; k < 8; k++) buf[56 + k] = (uint8_t)(bits >> (56 - 8 * k));
+      kvcore_sha_block(st, buf);
+      for (i = 0; i < 8; i++)
+        for (k = 0; k < 4; k++) out[4 * i + k] = (uint8_t)(st[i] >> (24 - 8 * k));
+      (void)word;
+      #undef KVCORE_PUT
+    }
+    """
+    void kvcore_page_sha256(const uint8_t* parent, int64_t ns, const int32_t* tokens,
+                            int32_t n, uint8_t* out) nogil
+
 # Kind code of a state group (kvcore.groups.GROUP_STATE): it has no K/V tokens to record.
 cdef enum:
     _GROUP_STATE = 2
@@ -101,7 +165,7 @@ cdef class PrefixIndex(Evictor):
     """
 
     def __cinit__(self, num_pages, page_size, hash_bits=64, event_capacity=65536,
-                  num_device_pages=None):
+                  num_device_pages=None, hash_algorithm="fast"):
         self._num_pages = positive_int32(num_pages, "num_pages")
         self._num_device = (self._num_pages if num_device_pages is None
                             else positive_int32(num_device_pages, "num_device_pages"))
@@ -157,6 +221,13 @@ cdef class PrefixIndex(Evictor):
         self._ev_page = <page_id_t*>cnp.PyArray_DATA(owners["ev_page"])
         self._ev_hash = <uint64_t*>cnp.PyArray_DATA(owners["ev_hash"])
         self._ev_capacity = event_capacity
+        if hash_algorithm not in ("fast", "sha256"):
+            raise ValueError(f"prefix_hash must be 'fast' or 'sha256', got {hash_algorithm!r}")
+        self._sha256 = hash_algorithm == "sha256"
+        digest = np.zeros(int(num_pages) * 32 if self._sha256 else 0, np.uint8)
+        self._owners["digest"] = digest
+        self._digest = <uint8_t*>cnp.PyArray_DATA(digest)
+        self._zero_digest[:] = [0] * 32
 
     # -- doors (declared in _prefix.pxd); callers validated everything -------------------
 
@@ -165,9 +236,25 @@ cdef class PrefixIndex(Evictor):
         descendants with it."""
         self.remove_tree(page)
 
-    cdef uint64_t chain_hash(self, uint64_t parent_hash, int64_t namespace,
+    cdef uint64_t chain_hash(self, page_id_t parent_at, int64_t namespace,
                              const int32_t* tokens) noexcept nogil:
-        """Hash of a page given its parent's hash, its namespace and its tokens."""
+        """Hash of a page given where its parent entry is (-1 at the root), its namespace
+        and its tokens. With sha256 identities, the page's full digest is left in
+        ``_new_digest`` for ``insert``, and the hash is the digest's first 8 bytes
+        (little-endian)."""
+        cdef uint64_t parent_hash = 0 if parent_at == NO_PAGE else self._page_hash[parent_at]
+        cdef uint64_t word = 0
+        cdef int k
+        cdef const uint8_t* parent_digest
+        if self._sha256:
+            parent_digest = &self._zero_digest[0]
+            if parent_at != NO_PAGE:
+                parent_digest = self._digest + <int64_t>parent_at * 32
+            kvcore_page_sha256(parent_digest, namespace, tokens, self._page_size,
+                               self._new_digest)
+            for k in range(8):
+                word |= <uint64_t>self._new_digest[k] << (8 * k)
+            return word & self._hash_mask
         cdef uint64_t h = _mix(parent_hash ^ _mix(<uint64_t>namespace + 0x9E3779B97F4A7C15ULL))
         cdef int32_t i = 0, n = self._page_size
         # Two tokens per 64-bit step halves the chain of dependent multiplies.
@@ -222,6 +309,8 @@ cdef class PrefixIndex(Evictor):
         while self._table[slot] != NO_PAGE:
             slot = (slot + 1) & self._table_mask
         self._table[slot] = page
+        if self._sha256:
+            memcpy(self._digest + <int64_t>page * 32, self._new_digest, 32)
         self._parent_at[page] = parent_at
         self._prev_sib[page] = NO_PAGE
         self._first_child[page] = NO_PAGE
@@ -262,6 +351,8 @@ cdef class PrefixIndex(Evictor):
         memcpy(self._slot_tokens + <int64_t>dst * self._page_size,
                self._slot_tokens + <int64_t>src * self._page_size,
                self._page_size * sizeof(int32_t))
+        if self._sha256:
+            memcpy(self._digest + <int64_t>dst * 32, self._digest + <int64_t>src * 32, 32)
         self._ready[dst] = ready
         # dst takes src's place in the tree: among its siblings, and as its children's parent.
         cdef page_id_t up = self._parent_at[src], prev = self._prev_sib[src]
@@ -657,13 +748,14 @@ cdef bint _from_factory = False
 
 cdef PrefixCache new_prefix_cache(PageAllocator allocator, int32_t page_size, int32_t max_seqs,
                                   int32_t max_pages_per_seq, object hash_bits,
-                                  object event_capacity, PageAllocator host_allocator):
+                                  object event_capacity, PageAllocator host_allocator,
+                                  object hash_algorithm="fast"):
     """The one way to make a PrefixCache (from Cython: PageTable's constructor)."""
     global _from_factory
     _from_factory = True
     try:
         return PrefixCache(allocator, page_size, max_seqs, max_pages_per_seq, hash_bits,
-                           event_capacity, host_allocator)
+                           event_capacity, host_allocator, hash_algorithm)
     finally:
         _from_factory = False
 
@@ -701,7 +793,7 @@ cdef class PrefixCache(PrefixHooks):
 
     def __cinit__(self, PageAllocator allocator not None, int32_t page_size, int32_t max_seqs,
                   int32_t max_pages_per_seq, hash_bits, event_capacity,
-                  PageAllocator host_allocator=None):
+                  PageAllocator host_allocator=None, hash_algorithm="fast"):
         if not _from_factory:   # it attaches to the allocator for good: only PageTable may
             raise TypeError("a PrefixCache is made by PageTable(..., enable_prefix_cache=True)")
         allocator.ensure_unattached()
@@ -715,7 +807,7 @@ cdef class PrefixCache(PrefixHooks):
         self._index = PrefixIndex(num_ids, page_size,
                                   int_arg(hash_bits, "prefix_hash_bits"),
                                   int_arg(event_capacity, "prefix_event_capacity"),
-                                  num_device)
+                                  num_device, hash_algorithm)
         self._num_device = num_device
         self._host = host_allocator
         wb_device = np.full(num_device, NO_PAGE, np.int32)
@@ -809,18 +901,18 @@ cdef class PrefixCache(PrefixHooks):
     cdef int64_t lookup(self, const int32_t* tokens, int64_t max_pages, int64_t namespace,
                         page_id_t* hits) noexcept nogil:
         cdef int64_t i, ps = self._page_size
-        cdef page_id_t parent = NO_PAGE, page
+        cdef page_id_t parent = NO_PAGE, page, prev = NO_PAGE
         cdef uint32_t parent_gen = 0
-        cdef uint64_t h = 0, hh
+        cdef uint64_t hh
         for i in range(max_pages):
-            hh = self._index.chain_hash(h, namespace, tokens + i * ps)
+            hh = self._index.chain_hash(prev, namespace, tokens + i * ps)
             page = self._index.find(hh, parent, parent_gen, namespace, tokens + i * ps)
             if page == NO_PAGE:
                 return i
             if hits != NULL:
                 hits[i] = page
-            parent, parent_gen, h = (self._index.ident_page(page), self._index.ident_gen(page),
-                                     hh)
+            parent, parent_gen, prev = (self._index.ident_page(page),
+                                        self._index.ident_gen(page), page)
         return max_pages
 
     cdef void seq_started(self, int64_t seq_id, int64_t namespace, const page_id_t* hits,
@@ -934,7 +1026,7 @@ cdef class PrefixCache(PrefixHooks):
             for page_idx in range(self._num_chained[s], full):
                 page = block_table[s * width + page_idx]
                 page_tokens = self._index.tokens_of(page)
-                h = self._index.chain_hash(self._chain_hash[s], self._seq_ns[s], page_tokens)
+                h = self._index.chain_hash(parent_at, self._seq_ns[s], page_tokens)
                 found = self._index.find(h, self._chain_page[s], self._chain_gen[s],
                                    self._seq_ns[s], page_tokens)
                 if self._num_ranges[s]:
@@ -980,7 +1072,7 @@ cdef class PrefixCache(PrefixHooks):
         ``anchor_page`` (unless that block already has one), with the block's retention."""
         cdef int64_t ns = _companion_namespace(namespace, group)
         cdef const int32_t* page_tokens = self._index.tokens_of(page)
-        cdef uint64_t h = self._index.chain_hash(anchor_hash, ns, page_tokens)
+        cdef uint64_t h = self._index.chain_hash(anchor_page, ns, page_tokens)
         cdef page_id_t anchor = self._index.ident_page(anchor_page)
         cdef uint32_t gen = self._index.ident_gen(anchor_page)
         cdef page_id_t found = self._index.find(h, anchor, gen, ns, page_tokens)
@@ -994,7 +1086,7 @@ cdef class PrefixCache(PrefixHooks):
     cdef page_id_t find_companion(self, int32_t group, page_id_t anchor_page,
                                   const int32_t* tokens, int64_t namespace) noexcept nogil:
         cdef int64_t ns = _companion_namespace(namespace, group)
-        cdef uint64_t h = self._index.chain_hash(self._index.hash_of(anchor_page), ns, tokens)
+        cdef uint64_t h = self._index.chain_hash(anchor_page, ns, tokens)
         return self._index.find(h, self._index.ident_page(anchor_page),
                                 self._index.ident_gen(anchor_page), ns, tokens)
 

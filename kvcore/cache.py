@@ -119,7 +119,8 @@ class KVCache:
         self.table = PageTable(self.allocator, config.page_size, config.max_seqs,
                                config.max_pages_per_seq,
                                enable_prefix_cache=config.enable_prefix_cache,
-                               groups=config.groups, host_allocator=host_allocator)
+                               groups=config.groups, host_allocator=host_allocator,
+                               prefix_hash=config.prefix_hash)
         self.host_tier = HostTier(self.table) if host_allocator is not None else None
         self._transfers = (Transfers(self.host_tier, self.backend, config.page_bytes)
                            if host_allocator is not None else None)

@@ -108,6 +108,7 @@ class KVCacheConfig:
     enable_prefix_cache: bool = False
     layer_groups: tuple[LayerGroup, ...] | None = None
     num_host_pages: int = 0
+    prefix_hash: str = "fast"
 
     def __post_init__(self):
         for name in ("num_layers", "num_kv_heads", "head_dim", "page_size", "num_pages",
@@ -139,6 +140,8 @@ class KVCacheConfig:
             raise TypeError(f"enable_prefix_cache must be a bool, got "
                             f"{type(self.enable_prefix_cache).__name__}")
         object.__setattr__(self, "enable_prefix_cache", bool(self.enable_prefix_cache))
+        if self.prefix_hash not in ("fast", "sha256"):
+            raise ValueError(f"prefix_hash must be 'fast' or 'sha256', got {self.prefix_hash!r}")
         self._check_groups()
         # Per layer: (group, slot), looked up on every write.
         places = {layer: (g, slot) for g, group in enumerate(self.groups)

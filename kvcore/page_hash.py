@@ -11,6 +11,13 @@ The hash only finds candidates: kvcore accepts a hit after comparing the parent,
 namespace and every token id exactly, so a collision can cost a router a misrouted
 request but never serve one request another's KV.
 
+With ``PageTable(prefix_hash="sha256")`` (``KVCacheConfig(prefix_hash="sha256")``) the
+identity is cryptographic instead: a page's digest is SHA-256 over its parent's full
+32-byte digest (32 zero bytes for the first page), the namespace as 8 bytes
+little-endian (two's complement) and each token id as 4 bytes little-endian; its
+64-bit hash, the one events carry, is the digest's first 8 bytes read little-endian
+(:func:`page_digest`, ``prompt_hashes(..., algorithm="sha256")``).
+
 This module is the reference of the C function (``PrefixIndex.chain_hash`` in
 ``kvcore/_prefix.pyx``); ``tests/test_page_hash.py`` checks that they agree bit for bit.
 
@@ -25,9 +32,13 @@ True
 
 from __future__ import annotations
 
+import hashlib
+import struct
 from collections.abc import Sequence
 
-__all__ = ["page_hash", "prompt_hashes"]
+__all__ = ["page_digest", "page_hash", "prompt_hashes"]
+
+_ZERO_DIGEST = bytes(32)
 
 _MASK = (1 << 64) - 1
 _GOLDEN = 0x9E3779B97F4A7C15
@@ -74,17 +85,50 @@ def page_hash(parent_hash: int, tokens: Sequence[int], namespace: int = 0) -> in
     return _mix(h ^ n)
 
 
-def prompt_hashes(tokens: Sequence[int], page_size: int, namespace: int = 0) -> list[int]:
+def page_digest(parent_digest: bytes, tokens: Sequence[int], namespace: int = 0) -> bytes:
+    """SHA-256 identity of one full page (``prefix_hash="sha256"``).
+
+    Parameters
+    ----------
+    parent_digest : bytes, length 32
+        The previous page's digest; 32 zero bytes for the first page.
+    tokens : sequence of int, length page_size
+        The page's token ids, each in ``[0, 2**31 - 1]``.
+    namespace : int
+        The sequence's namespace, a signed 64-bit int.
+
+    Returns
+    -------
+    bytes, length 32
+        The digest; ``int.from_bytes(digest[:8], "little")`` is the page's 64-bit hash.
+    """
+    if len(parent_digest) != 32:
+        raise ValueError(f"parent_digest must be 32 bytes, got {len(parent_digest)}")
+    tokens = [int(t) & 0xFFFFFFFF for t in tokens]
+    return hashlib.sha256(bytes(parent_digest) + struct.pack("<Q", int(namespace) & _MASK)
+                          + struct.pack(f"<{len(tokens)}I", *tokens)).digest()
+
+
+def prompt_hashes(tokens: Sequence[int], page_size: int, namespace: int = 0, *,
+                  algorithm: str = "fast") -> list[int]:
     """Hashes of every full page of ``tokens``, in order (a partial last page has none).
 
     A replica that published hash ``prompt_hashes(prompt, ...)[k]`` holds the first
     ``k + 1`` pages of ``prompt``; ``add_sequence`` maps at most
     ``(len(prompt) - 1) // page_size`` of them (one token is always left to compute).
+    ``algorithm`` is the replicas' ``prefix_hash``: ``"fast"`` or ``"sha256"``.
     """
     if page_size < 1:
         raise ValueError(f"page_size must be >= 1, got {page_size}")
-    hashes, parent = [], 0
+    if algorithm not in ("fast", "sha256"):
+        raise ValueError(f"algorithm must be 'fast' or 'sha256', got {algorithm!r}")
+    hashes, parent, digest = [], 0, _ZERO_DIGEST
     for start in range(0, len(tokens) - page_size + 1, page_size):
-        parent = page_hash(parent, tokens[start:start + page_size], namespace)
+        page = tokens[start:start + page_size]
+        if algorithm == "sha256":
+            digest = page_digest(digest, page, namespace)
+            parent = int.from_bytes(digest[:8], "little")
+        else:
+            parent = page_hash(parent, page, namespace)
         hashes.append(parent)
     return hashes

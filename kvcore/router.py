@@ -39,6 +39,8 @@ class PrefixRouter:
     namespace : int
         The namespace the replicas cache these prompts under (their
         ``add_sequence(namespace=...)``): it is part of every page hash.
+    algorithm : {"fast", "sha256"}
+        The replicas' ``prefix_hash``.
 
     Notes
     -----
@@ -48,7 +50,7 @@ class PrefixRouter:
     a prefill.
     """
 
-    def __init__(self, page_size: int, *, namespace: int = 0):
+    def __init__(self, page_size: int, *, namespace: int = 0, algorithm: str = "fast"):
         try:
             page_size = operator.index(page_size)
         except TypeError:
@@ -57,6 +59,9 @@ class PrefixRouter:
             raise ValueError(f"page_size must be >= 1, got {page_size}")
         self.page_size = page_size
         self.namespace = operator.index(namespace)
+        if algorithm not in ("fast", "sha256"):
+            raise ValueError(f"algorithm must be 'fast' or 'sha256', got {algorithm!r}")
+        self.algorithm = algorithm
         self._blocks: dict[str, Counter] = {}
         self._subscribers: dict = {}
         self.batches = 0
@@ -156,7 +161,8 @@ class PrefixRouter:
         """
         tokens = [int(t) for t in tokens]    # NumPy ints would overflow the 64-bit mixing
         usable = max(0, len(tokens) - 1) // self.page_size * self.page_size
-        hashes = prompt_hashes(tokens[:usable], self.page_size, self.namespace)
+        hashes = prompt_hashes(tokens[:usable], self.page_size, self.namespace,
+                               algorithm=self.algorithm)
         out = {}
         for name, blocks in self._blocks.items():
             k = 0

@@ -21,10 +21,11 @@ from kvcore.events import EventPublisher, to_batch
 from kvcore.router import PrefixRouter
 
 
-def _cache(num_pages=64, page_size=4):
+def _cache(num_pages=64, page_size=4, prefix_hash="fast"):
     return KVCache(KVCacheConfig(num_layers=1, num_kv_heads=1, head_dim=8,
                                  page_size=page_size, num_pages=num_pages, max_seqs=8,
-                                 enable_prefix_cache=True), device="cpu")
+                                 enable_prefix_cache=True, prefix_hash=prefix_hash),
+                   device="cpu")
 
 
 def _feed(router, name, cache):
@@ -40,10 +41,11 @@ def _run(cache, tokens, retention=None):
     return s
 
 
-def test_match_equals_each_caches_own_match_prefix():
+@pytest.mark.parametrize("algorithm", ["fast", "sha256"])
+def test_match_equals_each_caches_own_match_prefix(algorithm):
     rng = np.random.default_rng(3)
-    caches = {"a": _cache(num_pages=24), "b": _cache(num_pages=24)}
-    router = PrefixRouter(4)
+    caches = {"a": _cache(24, prefix_hash=algorithm), "b": _cache(24, prefix_hash=algorithm)}
+    router = PrefixRouter(4, algorithm=algorithm)
     for name in caches:
         router.add_replica(name)
     stems = [rng.integers(0, 20, size=12).tolist() for _ in range(5)]
@@ -84,6 +86,8 @@ def test_router_rejects_bad_use():
         PrefixRouter(0)
     with pytest.raises(TypeError):
         PrefixRouter(4.0)
+    with pytest.raises(ValueError):
+        PrefixRouter(4, algorithm="md5")
     router = PrefixRouter(4)
     with pytest.raises(RuntimeError):
         router.route([1, 2, 3])
