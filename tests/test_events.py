@@ -431,7 +431,9 @@ def random_step(cache, rng, live, prompts, bases):
             base = bases[rng.integers(len(bases))][:rng.integers(0, 30)]
             prompt = base + rng.integers(0, 3, rng.integers(1, 9)).tolist()
             ns = int(rng.integers(0, 2))
-            seq = cache.add_sequence(prompt, namespace=ns)
+            # Random retention priorities: evictions take the lowest first.
+            seq = cache.add_sequence(prompt, namespace=ns,
+                                     retention=int(rng.integers(0, 101)))
             cache.wait()                  # a host-tier hit is loaded
             rest = prompt[cache.num_tokens(seq):]
             try:
@@ -483,6 +485,8 @@ def check_view(view, model, cache, prompts):
     assert len(model.tiers["GPU"]) + len(model.tiers["CPU"]) == cache.num_cached_pages
     # 3. Every prefix a lookup finds is in the view, under the hash a router computes.
     held = view.hashes("GPU") + view.hashes("CPU")
+    # 4. The view is the index's own set of hashes (both tiers).
+    assert held == collections.Counter(int(h) for h in cache.cached_hashes())
     for prompt, ns in prompts[-12:]:
         hits = cache.match_prefix([*prompt, 0], namespace=ns) // 4
         assert all(h in held for h in prompt_hashes(prompt, 4, ns)[:hits])
