@@ -147,6 +147,30 @@ def event_cost(batch: int = 64, tokens: int = 2048, page_size: int = 16,
             "publish_us_per_stored_page": (q - p) / stored / 1e3}
 
 
+def lookup_by_algorithm(tokens: int = 4096, page_size: int = 16, rounds: int = 30) -> dict:
+    """``add_sequence`` of a cached 4,096-token prompt (256 pages hit), per hash
+    algorithm: µs per lookup and per page."""
+    import kvcore
+    out = {}
+    prompt = np.random.default_rng(7).integers(0, 32000, size=tokens + 1).astype(np.int32)
+    for algorithm in ("fast", "sha256"):
+        pages = tokens // page_size + 16
+        table = kvcore.PageTable(kvcore.PageAllocator(pages), page_size, 4, pages,
+                                 enable_prefix_cache=True, prefix_hash=algorithm)
+        seq = table.add_sequence()
+        table.append([seq], [tokens + 1], token_ids=prompt)
+        times = []
+        for _ in range(rounds):
+            start = time.perf_counter_ns()
+            hit = table.add_sequence(prompt)
+            times.append(time.perf_counter_ns() - start)
+            assert table.num_tokens(hit) == tokens
+            table.remove(hit)
+        us = statistics.median(times) / 1e3
+        out[algorithm] = {"lookup_us": us, "per_page_ns": us * 1e3 / (tokens // page_size)}
+    return out
+
+
 def route_cost(prompts: int = 200, page_size: int = 16) -> dict:
     """PrefixRouter.route of 312-token prompts against two replicas' views."""
     from kvcore.router import PrefixRouter
@@ -175,6 +199,7 @@ def main(argv=None) -> int:
     result["events"] = event_cost(rounds=3 if args.quick else 7)
     result["priority_eviction_ns_per_page"] = priority_eviction(rounds=2 if args.quick else 5)
     result["route"] = route_cost()
+    result["lookup_by_algorithm"] = lookup_by_algorithm()
     if args.baseline is not None:
         result["against_baseline"] = ab_compare(args.baseline.resolve(), rounds, repeats)
     ev = result["events"]
@@ -183,6 +208,9 @@ def main(argv=None) -> int:
           f"{ev['publish_us_per_stored_page']:.3f} us per stored page (target <= 2)")
     print(f"eviction with random priorities 0..100: "
           f"{result['priority_eviction_ns_per_page']:.1f} ns per evicted page")
+    for algorithm, row in result["lookup_by_algorithm"].items():
+        print(f"prefix lookup of 4,096 tokens, {algorithm:>6} hash: {row['lookup_us']:8.1f} us "
+              f"({row['per_page_ns']:.0f} ns per page)")
     print(f"route a 312-token prompt (pure Python hashing): {result['route']['route_us']:.1f} us")
     if "against_baseline" in result:
         print(f"\n{'workload':<46} {'this':>10} {'baseline':>10} {'ratio':>7}  target")
