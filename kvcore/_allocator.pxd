@@ -43,8 +43,11 @@ cdef class PageAllocator:
     cdef int32_t _num_evictable
     # Retention: a page's priority, and how long it keeps it once freed (ns, 0: for
     # good). A freed page with a duration waits in a binary min-heap of expiry times;
-    # an expired page drops to DEFAULT_PRIORITY (as if freed at that moment).
+    # an expired page drops to its floor (at the tail of that list when an eviction finds it).
     cdef uint8_t* _priority          # [num_pages]
+    cdef uint8_t* _floor             # [num_pages] what the priority drops to on expiry: the
+                                     # strongest level any request asked for after its own
+                                     # duration (its priority if it had none, else 35)
     cdef int64_t* _duration          # [num_pages]
     cdef int64_t* _expiry            # [num_pages], valid while in the heap
     cdef page_id_t* _heap            # [num_pages]
@@ -110,20 +113,31 @@ cdef class PageAllocator:
         """Whether ``page`` is marked cached (see ``retain``)."""
         return self._cached[page] != 0
 
-    cdef void set_retention(self, page_id_t page, int32_t priority,
-                            int64_t duration) noexcept nogil
+    cdef void set_retention(self, page_id_t page, int32_t priority, int64_t duration,
+                            int32_t floor) noexcept nogil
     cdef inline void raise_retention(self, page_id_t page, int32_t priority,
-                                     int64_t duration) noexcept nogil:
-        """``set_retention`` if it keeps ``page`` at least as long: a higher priority,
-        or the same one for longer (0 is longest). Pages shared by requests keep the
-        strongest retention any of them asked for. Inline: a prefix hit calls it per page."""
+                                     int64_t duration, int32_t floor) noexcept nogil:
+        """Keep ``page`` at least as long as (``priority`` for ``duration``, then
+        ``floor``) asks, besides what it keeps already: the higher floor, and the
+        stronger of the two current priorities (higher, or equal and longer; 0 is
+        longest). Pages shared by requests keep the strongest any of them asked for.
+        Inline: a prefix hit calls it per page."""
         cdef int32_t cur = self._priority[page]
+        if floor < self._floor[page]:
+            floor = self._floor[page]
         if priority > cur or (priority == cur and self._duration[page] != 0
                               and (duration == 0 or duration > self._duration[page])):
-            self.set_retention(page, priority, duration)
+            self.set_retention(page, priority, duration, floor)
+        elif floor > self._floor[page]:
+            self._floor[page] = <uint8_t>floor
+            if floor > cur:   # a timed priority below the new floor: the floor, for good
+                self.set_retention(page, floor, 0, floor)
 
     cdef inline int32_t priority_of(self, page_id_t page) noexcept nogil:
         return self._priority[page]
 
     cdef inline int64_t duration_of(self, page_id_t page) noexcept nogil:
         return self._duration[page]
+
+    cdef inline int32_t floor_of(self, page_id_t page) noexcept nogil:
+        return self._floor[page]

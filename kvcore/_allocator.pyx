@@ -84,8 +84,9 @@ cdef class PageAllocator:
     the lowest non-empty priority, found in a two-word bitmap, and tells the cache; a
     prefix hit takes a page off its list in O(1). Evictable pages count as free. A page
     whose priority lasts a limited time (``duration`` ns) waits, while evictable, in a
-    binary min-heap of expiry times; eviction first drops every expired page to
-    priority 35 (at the tail of that list, as if freed when it expired): O(log n) each.
+    binary min-heap of expiry times; eviction first drops every expired page to its
+    floor (``floor`` uint8: 35 unless a request asked for another level for good), at
+    the tail of that list: O(log n) each.
 
     Invariants (checked by :meth:`check_invariants`):
 
@@ -129,12 +130,14 @@ cdef class PageAllocator:
         self._levels[0] = self._levels[1] = 0
         self._num_evictable = 0
         priority = np.full(n, DEFAULT_PRIORITY, dtype=np.uint8)
+        floor = np.full(n, DEFAULT_PRIORITY, dtype=np.uint8)
         duration = np.zeros(n, dtype=np.int64)
         expiry = np.zeros(n, dtype=np.int64)
         heap = np.full(n, NO_PAGE, dtype=np.int32)
         heap_pos = np.full(n, -1, dtype=np.int32)
-        self._owners += (priority, duration, expiry, heap, heap_pos)
+        self._owners += (priority, duration, expiry, heap, heap_pos, floor)
         self._priority = <uint8_t*>cnp.PyArray_DATA(priority)
+        self._floor = <uint8_t*>cnp.PyArray_DATA(floor)
         self._duration = <int64_t*>cnp.PyArray_DATA(duration)
         self._expiry = <int64_t*>cnp.PyArray_DATA(expiry)
         self._heap = <page_id_t*>cnp.PyArray_DATA(heap)
@@ -223,7 +226,7 @@ cdef class PageAllocator:
                 self._cached[page] = 0
                 self._num_cached -= 1
                 self._evictor.evict(page)   # reads its retention when it offloads it
-                self._priority[page] = DEFAULT_PRIORITY
+                self._priority[page] = self._floor[page] = DEFAULT_PRIORITY
                 self._duration[page] = 0
             rc[page] = 1
             out[i] = page
@@ -258,18 +261,20 @@ cdef class PageAllocator:
             self._lru_unlink(page)
             self._free_stack[self._num_clean] = page
             self._num_clean += 1
-        self._priority[page] = DEFAULT_PRIORITY
+        self._priority[page] = self._floor[page] = DEFAULT_PRIORITY
         self._duration[page] = 0
 
-    cdef void set_retention(self, page_id_t page, int32_t priority,
-                            int64_t duration) noexcept nogil:
+    cdef void set_retention(self, page_id_t page, int32_t priority, int64_t duration,
+                            int32_t floor) noexcept nogil:
         """Give ``page`` retention ``priority`` (0 .. 100) for ``duration`` ns after it
-        is freed (0: for good). An evictable page moves to the tail of its new list."""
+        is freed (0: for good), then ``floor``. An evictable page moves to the tail of
+        its new list."""
         cdef bint listed = self._refcount[page] == 0 and self._cached[page]
         if listed:
             self._lru_unlink(page)
         self._priority[page] = <uint8_t>priority
         self._duration[page] = duration
+        self._floor[page] = <uint8_t>(priority if duration == 0 else floor)
         if listed:
             self._lru_append(page)
 
@@ -326,13 +331,14 @@ cdef class PageAllocator:
         return self._lru_head[64 + kvcore_ctz64(self._levels[1])]
 
     cdef void _demote_expired(self) noexcept nogil:
-        """Every evictable page whose retention expired drops to the default priority."""
+        """Every evictable page whose retention expired drops to its floor (35 unless a
+        request asked for another level for good), at the tail of that list."""
         cdef int64_t now = _now_ns()
         cdef page_id_t page
         while self._heap_size and self._expiry[self._heap[0]] <= now:
             page = self._heap[0]
             self._lru_unlink(page)          # leaves the heap too
-            self._priority[page] = DEFAULT_PRIORITY
+            self._priority[page] = self._floor[page]
             self._duration[page] = 0
             self._lru_append(page)
 
@@ -619,13 +625,16 @@ def _forget_py(PageAllocator alloc not None, page):
 
 
 def _set_retention_py(PageAllocator alloc not None, page, priority, duration_ns=0,
-                      bint only_raise=False):
-    """Test entry point: the set_retention / raise_retention doors."""
+                      bint only_raise=False, floor=None):
+    """Test entry point: the set_retention / raise_retention doors (``floor`` by
+    default what a request's retention drops to: its priority if for good, else 35)."""
     cdef page_id_t p = page_arg(page, "page", alloc._num_pages)
     cdef int64_t prio = int_arg(priority, "priority"), dur = int_arg(duration_ns, "duration_ns")
-    if not 0 <= prio <= MAX_PRIORITY or dur < 0:
-        raise ValueError("priority outside [0, 100] or a negative duration")
+    cdef int64_t fl = (prio if dur == 0 else DEFAULT_PRIORITY) if floor is None else int_arg(
+        floor, "floor")
+    if not (0 <= prio <= MAX_PRIORITY and 0 <= fl <= MAX_PRIORITY) or dur < 0:
+        raise ValueError("priority or floor outside [0, 100], or a negative duration")
     if only_raise:
-        alloc.raise_retention(p, <int32_t>prio, dur)
+        alloc.raise_retention(p, <int32_t>prio, dur, <int32_t>fl)
     else:
-        alloc.set_retention(p, <int32_t>prio, dur)
+        alloc.set_retention(p, <int32_t>prio, dur, <int32_t>fl)

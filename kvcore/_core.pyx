@@ -250,6 +250,11 @@ cdef class _Retention:
     def __cinit__(self, retention):
         priority, duration, starts, ends, priorities, durations = \
             retention_arg(retention)._core_args()
+        # Checked again where C arrays are indexed with them (retention_arg validated).
+        if not (0 <= priority <= 100 and duration >= 0 and len(starts) <= MAX_RETENTION_RANGES
+                and all(0 <= p <= 100 for p in priorities) and all(d >= 0 for d in durations)
+                and all(0 <= a < b <= 2**62 for a, b in zip(starts, ends, strict=True))):
+            raise ValueError(f"invalid retention {retention!r}")
         self.priority, self.duration, self.num_ranges = priority, duration, len(starts)
         cdef int32_t i
         for i in range(self.num_ranges):
@@ -820,6 +825,13 @@ cdef class PageTable:
         self._seq_lens[s] = <int32_t>(num_hits * self._page_size)
         ret.apply(self._prefix, s)
         self._prefix.seq_started(s, ns, hits, num_hits)
+        if self._num_groups > 1:   # companions keep the request's retention too
+            for g in range(self._num_groups):
+                if g != self._anchor:
+                    for i in range(self._hit_start(g, num_hits), num_hits):
+                        page = companions[g * max_hits + i]
+                        if page != NO_PAGE and page < num_device:
+                            self._prefix.companion_hit(s, i, page)
         self._prefix.count_query(n, num_hits * self._page_size)
         return s
 
@@ -1190,7 +1202,10 @@ cdef class PageTable:
                     if c < lo:
                         c = lo
                     while c < hi:
-                        self._prefix.unregister(row[c])
+                        # A page others hold keeps its content (this sequence copies it
+                        # before writing into it), so it stays findable.
+                        if alloc.refs(row[c]) == 1:
+                            self._prefix.unregister(row[c])
                         c += 1
                 for c in range(hi - 1, keep - 1, -1):
                     alloc.drop_ref(row[c])

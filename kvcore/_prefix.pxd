@@ -63,7 +63,7 @@ cdef class PrefixIndex(Evictor):
     cdef uint64_t* _ev_hash
     cdef int64_t _ev_capacity, _ev_start, _ev_count, _ev_dropped
     # statistics of the index itself (query statistics live in PrefixCache)
-    cdef int64_t _evictions, _stored
+    cdef int64_t _evictions, _stored, _cascaded
     cdef object _owners
 
     cdef uint64_t chain_hash(self, page_id_t parent_at, int64_t namespace,
@@ -127,6 +127,7 @@ cdef class PrefixHooks:
                         page_id_t* hits) noexcept nogil
     cdef void seq_started(self, int64_t seq_id, int64_t namespace, const page_id_t* hits,
                           int64_t num_hits) noexcept nogil
+    cdef void companion_hit(self, int64_t seq_id, int64_t block, page_id_t page) noexcept nogil
     cdef void count_query(self, int64_t num_tokens, int64_t num_hit_tokens) noexcept nogil
     cdef void seq_forked(self, int64_t child, int64_t parent) noexcept nogil
     cdef void page_copied(self, page_id_t src, page_id_t dst) noexcept nogil
@@ -201,11 +202,13 @@ cdef class PrefixCache(PrefixHooks):
     cdef int64_t* _rng_dur
 
     cdef void _block_retention(self, int64_t seq_id, int64_t block, int32_t* prio,
-                               int64_t* dur) noexcept nogil
+                               int64_t* dur, int32_t* floor) noexcept nogil
     cdef void _register_companion(self, int32_t group, page_id_t page, page_id_t anchor_page,
-                                  uint64_t anchor_hash, int64_t namespace, int32_t prio,
-                                  int64_t dur) noexcept nogil
+                                  int64_t namespace, int32_t prio, int64_t dur,
+                                  int32_t floor) noexcept nogil
     cdef void offload(self, page_id_t page) noexcept nogil
+    cdef void _carry_retention(self, PageAllocator src_alloc, page_id_t src,
+                               PageAllocator dst_alloc, page_id_t dst) noexcept nogil
 
 
 cdef PrefixCache new_prefix_cache(PageAllocator allocator, int32_t page_size, int32_t max_seqs,

@@ -396,6 +396,8 @@ cdef class PrefixIndex(Evictor):
             self._first_child[page] = NO_PAGE
             self._parent_at[page] = self._prev_sib[page] = self._next_sib[page] = NO_PAGE
             self._remove_entry(page)
+            if page != root:
+                self._cascaded += 1
             if page < self._num_device:
                 if self._device_alloc is not None:
                     self._device_alloc.forget(page)
@@ -463,9 +465,11 @@ cdef class PrefixIndex(Evictor):
         return self._num_indexed
 
     def stats(self):
-        """dict of the index's counters: stored, evictions, events_dropped."""
+        """dict of the index's counters: stored, evictions (every page that left the
+        index), removed_with_ancestor (those among them that left because an ancestor
+        did: leaf-first eviction), events_dropped."""
         return {"stored": self._stored, "evictions": self._evictions,
-                "events_dropped": self._ev_dropped}
+                "removed_with_ancestor": self._cascaded, "events_dropped": self._ev_dropped}
 
     def take_events(self):
         """Return and clear the events since the last call, oldest first.
@@ -634,6 +638,11 @@ cdef class PrefixHooks:
     cdef void seq_started(self, int64_t seq_id, int64_t namespace, const page_id_t* hits,
                           int64_t num_hits) noexcept nogil:
         """``seq_id`` starts in ``namespace`` with the ``num_hits`` pages of ``hits``."""
+        pass
+
+    cdef void companion_hit(self, int64_t seq_id, int64_t block, page_id_t page) noexcept nogil:
+        """``seq_id`` (started) maps companion ``page`` (a device page of another group)
+        at ``block`` from a hit: it keeps at least this sequence's retention for it."""
         pass
 
     cdef void count_query(self, int64_t num_tokens, int64_t num_hit_tokens) noexcept nogil:
@@ -874,13 +883,14 @@ cdef class PrefixCache(PrefixHooks):
             self._rng_dur[at + i] = durations[i]
 
     cdef void _block_retention(self, int64_t seq_id, int64_t block, int32_t* prio,
-                               int64_t* dur) noexcept nogil:
+                               int64_t* dur, int32_t* floor) noexcept nogil:
         """The retention of ``seq_id``'s block ``block``: the strongest of the ranges
-        that overlap its tokens, and of the request's own if a token is in no range."""
+        that overlap its tokens, and of the request's own if a token is in no range;
+        ``floor``, the strongest level among them once their durations are over."""
         cdef int64_t lo = block * self._page_size, hi = lo + self._page_size
         cdef int64_t at = seq_id * MAX_RETENTION_RANGES, covered = 0, a, b, d
         cdef int32_t i, p
-        cdef int32_t best = -1
+        cdef int32_t best = -1, best_floor = DEFAULT_PRIORITY
         cdef int64_t best_dur = 0
         for i in range(self._num_ranges[seq_id]):
             a = self._rng_start[at + i] if self._rng_start[at + i] > lo else lo
@@ -891,12 +901,17 @@ cdef class PrefixCache(PrefixHooks):
             p, d = self._rng_prio[at + i], self._rng_dur[at + i]
             if p > best or (p == best and best_dur != 0 and (d == 0 or d > best_dur)):
                 best, best_dur = p, d
+            if d == 0 and p > best_floor:
+                best_floor = p
         if covered < hi - lo:
             p, d = self._seq_prio[seq_id], self._seq_dur[seq_id]
             if p > best or (p == best and best_dur != 0 and (d == 0 or d > best_dur)):
                 best, best_dur = p, d
+            if d == 0 and p > best_floor:
+                best_floor = p
         prio[0] = best
         dur[0] = best_dur
+        floor[0] = best_floor
 
     cdef int64_t lookup(self, const int32_t* tokens, int64_t max_pages, int64_t namespace,
                         page_id_t* hits) noexcept nogil:
@@ -919,17 +934,18 @@ cdef class PrefixCache(PrefixHooks):
                           int64_t num_hits) noexcept nogil:
         cdef page_id_t last = hits[num_hits - 1] if num_hits > 0 else NO_PAGE
         cdef int64_t j
-        cdef int32_t prio = self._seq_prio[seq_id]
-        cdef int64_t dur = self._seq_dur[seq_id]
+        cdef int32_t prio, floor
+        cdef int64_t dur
+        self._block_retention(seq_id, 0, &prio, &dur, &floor)
         cdef bint ranges = self._num_ranges[seq_id] != 0
         for j in range(num_hits):
             # A hit keeps the page at least as long as this request asks for its block.
             if ranges:
-                self._block_retention(seq_id, j, &prio, &dur)
+                self._block_retention(seq_id, j, &prio, &dur, &floor)
             if hits[j] < self._num_device:
-                self._alloc.raise_retention(hits[j], prio, dur)
+                self._alloc.raise_retention(hits[j], prio, dur, floor)
             else:
-                self._host.raise_retention(hits[j] - self._num_device, prio, dur)
+                self._host.raise_retention(hits[j] - self._num_device, prio, dur, floor)
             self._history_page[seq_id * self._width + j] = self._index.ident_page(hits[j])
             self._history_gen[seq_id * self._width + j] = self._index.ident_gen(hits[j])
         self._seq_ns[seq_id] = namespace
@@ -940,6 +956,12 @@ cdef class PrefixCache(PrefixHooks):
         self._chain_page[seq_id] = self._index.ident_page(last) if last != NO_PAGE else NO_PAGE
         self._chain_gen[seq_id] = self._index.ident_gen(last) if last != NO_PAGE else 0
         self._chain_hash[seq_id] = self._index.hash_of(last) if last != NO_PAGE else 0
+
+    cdef void companion_hit(self, int64_t seq_id, int64_t block, page_id_t page) noexcept nogil:
+        cdef int32_t prio, floor
+        cdef int64_t dur
+        self._block_retention(seq_id, block, &prio, &dur, &floor)
+        self._alloc.raise_retention(page, prio, dur, floor)
 
     cdef void count_query(self, int64_t num_tokens, int64_t num_hit_tokens) noexcept nogil:
         self._queries += 1
@@ -992,7 +1014,7 @@ cdef class PrefixCache(PrefixHooks):
         cdef const int32_t* page_tokens
         cdef const page_id_t* block_table = tables + anchor * group_stride
         cdef uint64_t h
-        cdef int32_t prio = DEFAULT_PRIORITY
+        cdef int32_t prio = DEFAULT_PRIORITY, floor = DEFAULT_PRIORITY
         cdef int64_t dur = 0
         for i in range(batch):
             if counts[i] == 0:
@@ -1022,7 +1044,7 @@ cdef class PrefixCache(PrefixHooks):
                 if parent_at == NO_PAGE:
                     self._chain_ok[s] = 0
                     continue
-            self._block_retention(s, self._num_chained[s], &prio, &dur)
+            self._block_retention(s, self._num_chained[s], &prio, &dur, &floor)
             for page_idx in range(self._num_chained[s], full):
                 page = block_table[s * width + page_idx]
                 page_tokens = self._index.tokens_of(page)
@@ -1030,12 +1052,12 @@ cdef class PrefixCache(PrefixHooks):
                 found = self._index.find(h, self._chain_page[s], self._chain_gen[s],
                                    self._seq_ns[s], page_tokens)
                 if self._num_ranges[s]:
-                    self._block_retention(s, page_idx, &prio, &dur)
+                    self._block_retention(s, page_idx, &prio, &dur, &floor)
                 if found == NO_PAGE:
                     self._index.insert(page, h, self._chain_page[s], self._chain_gen[s],
                                        self._seq_ns[s], parent_at)
                     self._alloc.retain(page)
-                    self._alloc.set_retention(page, prio, dur)
+                    self._alloc.set_retention(page, prio, dur, floor)
                     found = page
                 elif found >= self._num_device:
                     # The block was offloaded and this sequence computed it again: the
@@ -1044,13 +1066,13 @@ cdef class PrefixCache(PrefixHooks):
                     # let go.
                     self._index.relocate(found, page, True)
                     self._alloc.retain(page)
-                    self._alloc.set_retention(page, self._host.priority_of(found - self._num_device),
-                                              self._host.duration_of(found - self._num_device))
-                    self._alloc.raise_retention(page, prio, dur)
+                    self._carry_retention(self._host, found - self._num_device,
+                                          self._alloc, page)
+                    self._alloc.raise_retention(page, prio, dur, floor)
                     self._host.forget(found - self._num_device)
                     found = page
                 else:
-                    self._alloc.raise_retention(found, prio, dur)
+                    self._alloc.raise_retention(found, prio, dur, floor)
                 parent_at = found
                 self._chain_page[s] = self._index.ident_page(found)
                 self._chain_gen[s] = self._index.ident_gen(found)
@@ -1061,13 +1083,13 @@ cdef class PrefixCache(PrefixHooks):
                     if g != anchor and kinds[g] != _GROUP_STATE \
                             and page_idx >= first_live[g * max_seqs + s]:
                         self._register_companion(
-                            g, tables[g * group_stride + s * width + page_idx], found, h,
-                            self._seq_ns[s], prio, dur)
+                            g, tables[g * group_stride + s * width + page_idx], found,
+                            self._seq_ns[s], prio, dur, floor)
             self._num_chained[s] = <int32_t>full
 
     cdef void _register_companion(self, int32_t group, page_id_t page, page_id_t anchor_page,
-                                  uint64_t anchor_hash, int64_t namespace, int32_t prio,
-                                  int64_t dur) noexcept nogil:
+                                  int64_t namespace, int32_t prio, int64_t dur,
+                                  int32_t floor) noexcept nogil:
         """Index ``page`` of ``group`` as the companion (a child) of the entry at
         ``anchor_page`` (unless that block already has one), with the block's retention."""
         cdef int64_t ns = _companion_namespace(namespace, group)
@@ -1079,9 +1101,9 @@ cdef class PrefixCache(PrefixHooks):
         if found == NO_PAGE:
             self._index.insert(page, h, anchor, gen, ns, anchor_page)
             self._alloc.retain(page)
-            self._alloc.set_retention(page, prio, dur)
+            self._alloc.set_retention(page, prio, dur, floor)
         elif found < self._num_device:
-            self._alloc.raise_retention(found, prio, dur)
+            self._alloc.raise_retention(found, prio, dur, floor)
 
     cdef page_id_t find_companion(self, int32_t group, page_id_t anchor_page,
                                   const int32_t* tokens, int64_t namespace) noexcept nogil:
@@ -1128,6 +1150,13 @@ cdef class PrefixCache(PrefixHooks):
 
     # -- the host tier ------------------------------------------------------------------
 
+    cdef void _carry_retention(self, PageAllocator src_alloc, page_id_t src,
+                               PageAllocator dst_alloc, page_id_t dst) noexcept nogil:
+        """A block moved between tiers keeps its retention (a duration counts again
+        from when the page is next freed in its new tier)."""
+        dst_alloc.set_retention(dst, src_alloc.priority_of(src), src_alloc.duration_of(src),
+                                src_alloc.floor_of(src))
+
     cdef void offload(self, page_id_t page) noexcept nogil:
         """The device allocator reuses cached ``page``: move its entry to a host page
         (taking the least recently used one when none is clean) and queue the copy, or,
@@ -1144,8 +1173,7 @@ cdef class PrefixCache(PrefixHooks):
             return
         self._index.relocate(page, self._num_device + host_page, False)
         self._host.retain(host_page)
-        self._host.set_retention(host_page, self._alloc.priority_of(page),
-                                 self._alloc.duration_of(page))
+        self._carry_retention(self._alloc, page, self._host, host_page)
         self._wb_held[host_page] = 1
         self._wb_device[self._wb_count] = page
         self._wb_host[self._wb_count] = host_page
@@ -1191,8 +1219,7 @@ cdef class PrefixCache(PrefixHooks):
         if ok:
             self._index.relocate(entry, device_page, True)
             self._alloc.retain(device_page)
-            self._alloc.set_retention(device_page, self._host.priority_of(host_page),
-                                      self._host.duration_of(host_page))
+            self._carry_retention(self._host, host_page, self._alloc, device_page)
             self._loaded += 1
             self._host.forget(host_page)
         else:

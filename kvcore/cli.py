@@ -694,6 +694,16 @@ def _run_cluster(args) -> int:
     problem = _check_outputs(args)
     if problem:
         return _error("simulate", problem)
+    from kvcore.simulate import SimConfig
+    defaults = SimConfig()
+    used = {"requests", "seed", "page_size", "device"}
+    ignored = [f"--{f.name.replace('_', '-')}" for f in fields(SimConfig)
+               if f.name not in used and getattr(args, f.name) != getattr(defaults, f.name)]
+    if args.plot is not None:
+        ignored.append("--plot")
+    if ignored:
+        return _error("simulate", f"--replicas runs its own cluster workload; it does not "
+                      f"take {', '.join(ignored)}")
     try:
         import msgspec  # noqa: F401
         import zmq  # noqa: F401

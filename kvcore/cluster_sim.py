@@ -60,8 +60,9 @@ class ClusterConfig:
                 continue
             if isinstance(value, bool) or not isinstance(value, int):
                 raise TypeError(f"{name} must be an int, got {type(value).__name__}")
-            if value < (0 if name == "seed" else 1):
-                raise ValueError(f"{name} must be >= 1, got {value}")
+            low = 0 if name == "seed" else 1
+            if value < low:
+                raise ValueError(f"{name} must be >= {low}, got {value}")
         if self.replicas < 2:
             raise ValueError("a cluster needs --replicas >= 2")
         if self.suffix_min > self.suffix_max:

@@ -7,8 +7,9 @@ outlives one-off documents at 35. A priority may last a limited time: ``duration
 seconds after the page is freed it drops back to the default. Parts of a prompt can
 have their own priority through :class:`TokenRange`.
 
-A page shared by several requests keeps the strongest retention any of them asked for
-(the higher priority; at equal priorities the longer duration, ``None`` being longest).
+A page shared by several requests keeps the strongest retention any of them asked for:
+the highest permanent priority, and the strongest timed one until it expires (then the
+page drops to that permanent floor, 35 if nobody asked for one).
 
 Examples
 --------
@@ -24,6 +25,8 @@ import math
 import operator
 from dataclasses import dataclass, field
 
+import numpy as np
+
 __all__ = ["DEFAULT_PRIORITY", "MAX_PRIORITY", "MAX_RANGES", "Retention", "TokenRange"]
 
 #: Priority of pages nobody gave another one, and what a priority drops to when its
@@ -35,9 +38,22 @@ MAX_PRIORITY = 100
 MAX_RANGES = 8
 # Durations are kept in int64 nanoseconds: about 292 years.
 _MAX_DURATION_S = 9.0e9
+# Token positions past any sequence (the core's "to the end").
+_MAX_TOKEN = 1 << 62
+
+
+def _integer(value, name: str) -> int:
+    if isinstance(value, (bool, np.bool_)):
+        raise TypeError(f"{name} must be an integer, got bool")
+    try:
+        return operator.index(value)
+    except TypeError:
+        raise TypeError(f"{name} must be an integer, got {type(value).__name__}") from None
 
 
 def _priority(value, name: str) -> int:
+    if isinstance(value, (bool, np.bool_)):
+        raise TypeError(f"{name} must be an integer, got bool")
     try:
         value = operator.index(value)
     except TypeError:
@@ -50,9 +66,11 @@ def _priority(value, name: str) -> int:
 def _duration(value, name: str) -> float | None:
     if value is None:
         return None
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
+    if isinstance(value, (bool, np.bool_)) or not isinstance(
+            value, (int, float, np.integer, np.floating)):
         raise TypeError(f"{name} must be a number of seconds or None, got "
                         f"{type(value).__name__}")
+    value = float(value)
     if not (math.isfinite(value) and 0 < value <= _MAX_DURATION_S):
         raise ValueError(f"{name} must be in (0, {_MAX_DURATION_S:g}] seconds or None, "
                          f"got {value}")
@@ -92,20 +110,15 @@ class TokenRange:
     duration: float | None = None
 
     def __post_init__(self):
-        try:
-            start = operator.index(self.start)
-        except TypeError:
-            raise TypeError("TokenRange.start must be an integer") from None
-        if start < 0:
-            raise ValueError(f"TokenRange.start must be >= 0, got {start}")
+        start = _integer(self.start, "TokenRange.start")
+        if not 0 <= start < _MAX_TOKEN:
+            raise ValueError(f"TokenRange.start must be in [0, 2**62), got {start}")
         end = self.end
         if end is not None:
-            try:
-                end = operator.index(end)
-            except TypeError:
-                raise TypeError("TokenRange.end must be an integer or None") from None
+            end = _integer(end, "TokenRange.end")
             if end <= start:
                 raise ValueError(f"TokenRange.end ({end}) must exceed start ({start})")
+            end = min(end, _MAX_TOKEN)   # no sequence is that long: the same range
         object.__setattr__(self, "start", start)
         object.__setattr__(self, "end", end)
         object.__setattr__(self, "priority", _priority(self.priority, "TokenRange.priority"))
@@ -165,7 +178,7 @@ class Retention:
         priorities, durations_ns), ``end`` None as 2**62."""
         return (self.priority, _nanoseconds(self.duration),
                 [r.start for r in self.ranges],
-                [(1 << 62) if r.end is None else r.end for r in self.ranges],
+                [_MAX_TOKEN if r.end is None else r.end for r in self.ranges],
                 [r.priority for r in self.ranges],
                 [_nanoseconds(r.duration) for r in self.ranges])
 
@@ -181,8 +194,16 @@ def retention_arg(value) -> Retention:
     if value is None:
         return _DEFAULT
     if isinstance(value, Retention):
-        return value
-    if isinstance(value, bool):
+        # Rebuilt, not trusted: a subclass, a pickle or object.__setattr__ could have
+        # put anything in its fields, and the C core indexes arrays with them.
+        try:
+            ranges = tuple(value.ranges)
+        except TypeError:
+            raise TypeError("Retention.ranges must be a sequence of TokenRange") from None
+        return Retention(value.priority, value.duration, tuple(
+            TokenRange(r.start, r.end, r.priority, r.duration) if isinstance(r, TokenRange)
+            else r for r in ranges))
+    if isinstance(value, (bool, np.bool_)):
         raise TypeError("retention must be None, an int priority or a Retention, got bool")
     try:
         return Retention(priority=operator.index(value))

@@ -48,6 +48,12 @@ class PrefixRouter:
     copy and a host copy, or two entries while one is in flight) counts until both are
     removed. Blocks in either tier count as cached: a host-tier hit costs a copy, not
     a prefill.
+
+    Limits: the router sees full-attention pages only. A replica with sliding-window
+    layer groups serves a hit only where the window group's companion pages are cached
+    too, which the events do not say, so :meth:`match` can overestimate there. Replicas
+    with ``prefix_hash_bits < 64`` (a test setting) publish truncated hashes that
+    :meth:`match` does not reproduce.
     """
 
     def __init__(self, page_size: int, *, namespace: int = 0, algorithm: str = "fast"):
@@ -153,16 +159,17 @@ class PrefixRouter:
 
     # -- routing --------------------------------------------------------------------
 
-    def match(self, tokens: Sequence[int]) -> dict[str, int]:
+    def match(self, tokens: Sequence[int], *, namespace: int | None = None) -> dict[str, int]:
         """Leading tokens of ``tokens`` each replica would serve from its cache.
 
-        As ``KVCache.match_prefix`` counts them: whole pages, leaving at least the last
-        token to compute.
+        As ``KVCache.match_prefix`` counts them for a single-group cache: whole pages,
+        leaving at least the last token to compute. ``namespace``: the request's (a
+        tenant, an adapter), default the router's.
         """
         tokens = [int(t) for t in tokens]    # NumPy ints would overflow the 64-bit mixing
         usable = max(0, len(tokens) - 1) // self.page_size * self.page_size
-        hashes = prompt_hashes(tokens[:usable], self.page_size, self.namespace,
-                               algorithm=self.algorithm)
+        ns = self.namespace if namespace is None else operator.index(namespace)
+        hashes = prompt_hashes(tokens[:usable], self.page_size, ns, algorithm=self.algorithm)
         out = {}
         for name, blocks in self._blocks.items():
             k = 0
@@ -171,7 +178,8 @@ class PrefixRouter:
             out[name] = k * self.page_size
         return out
 
-    def route(self, tokens: Sequence[int], load: Mapping[str, float] | None = None) -> str:
+    def route(self, tokens: Sequence[int], load: Mapping[str, float] | None = None, *,
+              namespace: int | None = None) -> str:
         """The replica holding the longest cached prefix of ``tokens``; among equals the
         least loaded (``load``: any number per replica, e.g. running requests), then the
         first added.
@@ -183,7 +191,7 @@ class PrefixRouter:
         """
         if not self._blocks:
             raise RuntimeError("no replica to route to: add_replica first")
-        matched = self.match(tokens)
+        matched = self.match(tokens, namespace=namespace)
         order = {name: i for i, name in enumerate(self._blocks)}
         load = load or {}
         return min(matched, key=lambda n: (-matched[n], load.get(n, 0), order[n]))

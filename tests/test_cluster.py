@@ -148,3 +148,21 @@ def test_the_cli_runs_a_cluster(tmp_path, capsys):
     assert "prefix-aware" in text and "random" in text
     data = json.loads(out.read_text())
     assert data["ok"] and data["prefix"]["requests"] == 60
+
+
+def test_the_cli_refuses_options_a_cluster_run_would_ignore(capsys):
+    assert main(["simulate", "--replicas", "2", "--window", "32", "--host-pages", "8"]) == 2
+    err = capsys.readouterr().err
+    assert "--window" in err and "--host-pages" in err
+
+
+def test_match_takes_a_request_namespace():
+    cache = _cache()
+    router = PrefixRouter(4)
+    router.add_replica("a")
+    s = cache.add_sequence(namespace=7)
+    cache.append([s], [9], token_ids=list(range(9)))
+    _feed(router, "a", cache)
+    assert router.match(list(range(10))) == {"a": 0}
+    assert router.match(list(range(10)), namespace=7) == {"a": 8}
+    assert router.route(list(range(10)), namespace=7) == "a"

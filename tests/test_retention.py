@@ -44,6 +44,7 @@ class AllocatorModel(RuleBasedStateMachine):
         self.refs = [0] * self.NUM_PAGES
         self.cached = [False] * self.NUM_PAGES
         self.prio = [DEFAULT_PRIORITY] * self.NUM_PAGES
+        self.floor = [DEFAULT_PRIORITY] * self.NUM_PAGES
         self.dur = [0] * self.NUM_PAGES
         self.evictable = []          # freeing order
         self.evicted = {}
@@ -77,6 +78,7 @@ class AllocatorModel(RuleBasedStateMachine):
                 self.evicted[self.prio[page]] = self.evicted.get(self.prio[page], 0) + 1
                 self.cached[page] = False
                 self.prio[page], self.dur[page] = DEFAULT_PRIORITY, 0
+                self.floor[page] = DEFAULT_PRIORITY
             self.refs[page] = 1
             expected.append(page)
         assert self.alloc.allocate(n).tolist() == expected
@@ -116,6 +118,7 @@ class AllocatorModel(RuleBasedStateMachine):
             return
         self.cached[page] = False
         self.prio[page], self.dur[page] = DEFAULT_PRIORITY, 0
+        self.floor[page] = DEFAULT_PRIORITY
         if self.refs[page] == 0:
             self.evictable.remove(page)
             self.clean.append(page)
@@ -125,14 +128,24 @@ class AllocatorModel(RuleBasedStateMachine):
     def set_retention(self, page, prio, forever, only_raise):
         dur = 0 if forever else 3600 * 10**9   # an hour: never expires in the run
         _set_retention_py(self.alloc, page, prio, dur, only_raise)
+        # What the request's retention drops to once its duration is over.
+        floor = prio if dur == 0 else DEFAULT_PRIORITY
         if only_raise:
             cur, cur_dur = self.prio[page], self.dur[page]
+            floor = max(floor, self.floor[page])
             if not (prio > cur or (prio == cur and cur_dur != 0 and (dur == 0 or dur > cur_dur))):
+                if floor > self.floor[page]:
+                    self.floor[page] = floor
+                    if floor > cur:
+                        self._move(page, floor, 0, floor)
                 return
+        self._move(page, prio, dur, prio if dur == 0 else floor)
+
+    def _move(self, page, prio, dur, floor):
         if page in self.evictable:   # moves to the tail of its new priority
             self.evictable.remove(page)
             self.evictable.append(page)
-        self.prio[page], self.dur[page] = prio, dur
+        self.prio[page], self.dur[page], self.floor[page] = prio, dur, floor
 
     @invariant()
     def agrees(self):
@@ -426,3 +439,113 @@ def test_random_workload_with_priorities_keeps_every_invariant():
         table.check_invariants()
     stats = table.prefix_stats
     assert stats["evictions"] > 0 and stats["offloaded"] > 0 and stats["loaded"] > 0
+
+
+# -- review findings -------------------------------------------------------------------
+
+class _Sneaky(Retention):
+    def __post_init__(self):   # skips validation
+        pass
+
+
+@pytest.mark.parametrize("make", [
+    lambda: _Sneaky(priority=200),
+    lambda: _Sneaky(priority=-1),
+    lambda: _Sneaky(ranges=tuple(TokenRange(8 * i, 8 * i + 8, 50) for i in range(64))),
+    lambda: _set(Retention(), "priority", 101),
+    lambda: _set(Retention(), "duration", -3.0),
+    lambda: _set(Retention(), "ranges", (TokenRange(0, 4, 1), TokenRange(2, 9, 2))),
+    lambda: _set(Retention(ranges=[TokenRange(0, 4, 1)]), "ranges", ("x",)),
+])
+def test_a_retention_that_skipped_validation_is_refused_and_changes_nothing(make):
+    alloc, table = _table()
+    s = _prompt(table, list(range(9)), retention=80)
+    table.remove(s)
+    before = (table.num_seqs, alloc.num_free, alloc.priorities.copy())
+    with pytest.raises((ValueError, TypeError)):
+        table.add_sequence(list(range(9)), retention=make())
+    assert (table.num_seqs, alloc.num_free) == before[:2]
+    assert np.array_equal(alloc.priorities, before[2])
+    table.check_invariants()
+
+
+def _set(obj, name, value):
+    object.__setattr__(obj, name, value)
+    return obj
+
+
+def test_values_are_checked_alike():
+    with pytest.raises(TypeError):
+        Retention(priority=True)
+    with pytest.raises(TypeError):
+        TokenRange(True, 5, 50)
+    with pytest.raises(TypeError):
+        TokenRange(0, 5, np.True_)
+    assert Retention(duration=np.int64(5)).duration == 5.0
+    assert Retention(duration=np.float32(0.5)).duration == 0.5
+    assert Retention(priority=np.int32(7)).priority == 7
+    huge = Retention(ranges=[TokenRange(0, 2**70, 50)])   # past any sequence: to the end
+    alloc, table = _table()
+    s = _prompt(table, list(range(9)), retention=huge)
+    assert alloc.priorities[table.block_table[s, :2]].tolist() == [50, 50]
+
+
+def test_a_hit_raises_the_companion_pages_too():
+    from kvcore import LayerGroup
+    alloc = PageAllocator(40)
+    table = PageTable(alloc, 4, 8, 16, enable_prefix_cache=True,
+                      groups=[LayerGroup([0]), LayerGroup([1], window=64)])
+    tokens = list(range(13))
+    s = _prompt(table, tokens, retention=5)
+    companions = table.group_block_table(1)[s, :3].copy()
+    assert alloc.priorities[companions].tolist() == [5, 5, 5]
+    t = table.add_sequence(tokens, retention=90)
+    assert table.num_tokens(t) == 12
+    assert alloc.priorities[table.block_table[t, :3]].tolist() == [90, 90, 90]
+    assert alloc.priorities[companions].tolist() == [90, 90, 90]
+    table.check_invariants()
+
+
+def test_a_timed_priority_over_a_permanent_one_drops_back_to_it():
+    alloc, table = _table(num_pages=4)
+    a = _prompt(table, list(range(5)), retention=50)                    # 50 for good
+    hit = table.add_sequence(list(range(5)), retention=Retention(80, duration=0.02))
+    page = table.block_table[a, 0]
+    assert alloc.priorities[page] == 80
+    b = _prompt(table, list(range(10, 15)), retention=40)
+    for s in (a, hit, b):
+        table.remove(s)
+    time.sleep(0.05)
+    s = table.add_sequence()
+    table.append([s], [12])    # 2 clean + 1 eviction: 80 expired to 50, above b's 40
+    assert alloc.priorities[page] == 50
+    assert table.match_prefix(list(range(5))) == 4
+    assert table.match_prefix(list(range(10, 15))) == 0
+    table.check_invariants()
+
+
+def test_truncating_into_a_shared_page_keeps_it_cached():
+    _alloc, table = _table(num_pages=16)
+    tokens = list(range(13))
+    a = _prompt(table, tokens)
+    b = table.add_sequence(tokens)           # hits 3 pages
+    table.append([b], [1], token_ids=[13])
+    cached = table.num_cached_pages
+    table.truncate([b], [6])                 # inside the first two shared pages
+    assert table.num_cached_pages == cached
+    assert table.match_prefix([*tokens, 99]) == 12
+    res = table.append([b], [1], token_ids=[77])
+    assert len(res.copy_src) == 1            # b copies the shared page before writing
+    table.remove(a)
+    table.check_invariants()
+
+
+def test_cascade_removals_are_counted():
+    _alloc, table = _table(num_pages=8)
+    a = _prompt(table, list(range(13)), retention=Retention(50, ranges=[TokenRange(0, 4, 10)]))
+    table.remove(a)
+    b = table.add_sequence()
+    table.append([b], [4 * 6])
+    stats = table.prefix_stats
+    assert stats["evictions"] == 3 and stats["removed_with_ancestor"] == 2
+    assert stats["evictions_by_priority"] == {10: 1}
