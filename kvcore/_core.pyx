@@ -1202,10 +1202,9 @@ cdef class PageTable:
                     if c < lo:
                         c = lo
                     while c < hi:
-                        # A page others hold keeps its content (this sequence copies it
-                        # before writing into it), so it stays findable.
-                        if alloc.refs(row[c]) == 1:
-                            self._prefix.unregister(row[c])
+                        # Also a page others hold: they may release it before this
+                        # sequence writes into it, in place then.
+                        self._prefix.unregister(row[c])
                         c += 1
                 for c in range(hi - 1, keep - 1, -1):
                     alloc.drop_ref(row[c])

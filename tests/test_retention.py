@@ -524,19 +524,20 @@ def test_a_timed_priority_over_a_permanent_one_drops_back_to_it():
     table.check_invariants()
 
 
-def test_truncating_into_a_shared_page_keeps_it_cached():
-    _alloc, table = _table(num_pages=16)
+def test_truncating_into_a_cached_page_unindexes_it_and_its_descendants():
+    """A rollback into a cached page (shared or not) takes it and what chains from it out
+    of the index: the page may be written in place later (once its other holders let
+    go), and nothing could reach its descendants."""
+    _, table = _table(num_pages=16)
     tokens = list(range(13))
     a = _prompt(table, tokens)
     b = table.add_sequence(tokens)           # hits 3 pages
     table.append([b], [1], token_ids=[13])
-    cached = table.num_cached_pages
-    table.truncate([b], [6])                 # inside the first two shared pages
-    assert table.num_cached_pages == cached
-    assert table.match_prefix([*tokens, 99]) == 12
-    res = table.append([b], [1], token_ids=[77])
-    assert len(res.copy_src) == 1            # b copies the shared page before writing
+    table.truncate([b], [6])                 # inside the second shared page
+    assert table.match_prefix([*tokens, 99]) == 4     # the first page only
+    assert table.prefix_stats["removed_with_ancestor"] == 1
     table.remove(a)
+    table.append([b], [1], token_ids=[77])
     table.check_invariants()
 
 
