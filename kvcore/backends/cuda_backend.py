@@ -533,8 +533,8 @@ class CudaBackend:
             shape = (rows, cfg.num_kv_heads, cfg.head_dim)
             out = (self.framework.empty(shape, out_dtype, stream),
                    None if cfg.key_only else self.framework.empty(shape, out_dtype, stream))
-        if not isinstance(out, tuple) or len(out) != 2:
-            raise ShapeError("out must be a (k_out, v_out) tuple")
+        if not isinstance(out, (tuple, list)) or len(out) != 2:
+            raise ShapeError("out must be a (k_out, v_out) pair")
         k_out, v_out = out
         k_ptr, rows = self._out_array(k_out, "k_out", total, out_dtype)
         if cfg.key_only:
@@ -775,7 +775,7 @@ class CudaBackend:
             words = array.dtype == np.uint16
             tensor = torch.from_numpy(array.view(np.int16) if words else array)
             tensor = tensor.to(self.framework.device)
-            if words and self.config.dtype == "bfloat16":
+            if words and self.config.model_dtype == "bfloat16":
                 tensor = tensor.view(torch.bfloat16)
             return tensor
         with cupy.cuda.Device(self.device_id):

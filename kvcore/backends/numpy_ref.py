@@ -231,11 +231,12 @@ class NumpyBackend:
         if out is None:
             k_out = np.empty((total, cfg.num_kv_heads, cfg.head_dim), dtype=dtype)
             return (k_out, None if cfg.key_only else np.empty_like(k_out))
-        if not isinstance(out, tuple) or len(out) != 2:
-            raise ShapeError("out must be a (k_out, v_out) tuple")
+        if not isinstance(out, (tuple, list)) or len(out) != 2:
+            raise ShapeError("out must be a (k_out, v_out) pair")
         if cfg.key_only and out[1] is not None:
             raise ShapeError("out must be (k_out, None): the cache is key-only")
-        for name, array in zip(("k_out", "v_out"), out[:cfg.tensors_per_token], strict=True):
+        names = ("k_out", "v_out")[:cfg.tensors_per_token]
+        for name, array in zip(names, out[:cfg.tensors_per_token], strict=True):
             if type(array) is not np.ndarray:
                 raise ShapeError(f"{name} must be a NumPy array on a cpu cache")
             check_kv_shape(array.shape, cfg, name)
