@@ -26,8 +26,8 @@ from __future__ import annotations
 
 import numpy as np
 
-__all__ = ["E4M3_MAX", "E4M3_NAN", "dequantize", "e4m3_to_float32", "quantize",
-           "scale_for_amax"]
+__all__ = ["E4M3_MAX", "E4M3_NAN", "dequantize", "e4m3_to_float32", "float32_to_bfloat16",
+           "quantize", "scale_for_amax"]
 
 #: Largest finite float8_e4m3fn value.
 E4M3_MAX = 448.0
