@@ -15,6 +15,7 @@ from hypothesis.extra import numpy as hnp
 from kvcore import KVCache, KVCacheConfig, ShapeError, fp8
 
 ALL_WORDS = np.arange(2**16, dtype=np.uint32).astype(np.uint16)
+FP8_NAME = "float8_e4m3fn"
 SCALES = [1.0, 0.0173, 3.7, 2.0**-10, 1234.5, 1e-30]
 
 
@@ -455,3 +456,25 @@ def test_key_only_pool_against_a_dict_model(ops):
     assert v is None
     for b, seq in enumerate(seqs):
         np.testing.assert_array_equal(k[indptr[b]:indptr[b + 1], 0, 0], model[seq])
+
+
+# -- kvcore simulate on an fp8 pool -------------------------------------------------------------
+
+def test_simulate_verifies_an_fp8_pool_and_reports_tokens_per_gib():
+    from kvcore.simulate import SimConfig, Simulator
+
+    cfg = SimConfig(requests=12, pages=384, max_running=8, device="cpu", dtype=FP8_NAME,
+                    page_size=8, system_prompt_len=40, seed=1, max_prompt_len=512,
+                    max_output_len=256)
+    result = Simulator(cfg).run()
+    assert result.ok and result.requests_done == 12 and result.tokens_verified > 0
+    assert result.tokens_per_gib == 2 * result.tokens_per_gib_bf16
+
+    def corrupt(sim, step):
+        if step == 20:
+            seqs = sim.cache.table.active_seq_ids()
+            page = int(sim.cache.pages(int(seqs[0]))[0])
+            sim.cache.v_cache(1)[page, 0, 0, 0] ^= 1    # one code of one page
+
+    result = Simulator(cfg, on_step=corrupt).run()
+    assert result.mismatches >= 1 and not result.ok
