@@ -88,7 +88,8 @@ __device__ __forceinline__ void block_copy(V* __restrict__ dst, const V* __restr
 
 // scatter: blocks stride over tokens, UNROLL tokens per trip; each thread owns fixed
 // (head, vector) positions of a token row, so the division that splits them is done
-// once per thread. K and V move in the same launch.
+// once per thread. K and V move in the same launch; a key-only pool (MLA) passes
+// v = v_pool = nullptr and moves K alone.
 template <typename V>
 __device__ void scatter(const V* __restrict__ k,        // [T, H, D] with strides below
                         const V* __restrict__ v,        // [T, H, D] with strides below
@@ -102,6 +103,7 @@ __device__ void scatter(const V* __restrict__ k,        // [T, H, D] with stride
                         long long row_vecs, int* __restrict__ error_word) {
   const int vecs_per_token = (int)(num_heads * row_vecs);
   const long long stride = (long long)gridDim.x * UNROLL;
+  const bool has_v = v_pool != nullptr;
   for (int j = threadIdx.x; j < vecs_per_token; j += blockDim.x) {
     const int head = j / (int)row_vecs;
     const int w = j - head * (int)row_vecs;
@@ -116,7 +118,7 @@ __device__ void scatter(const V* __restrict__ k,        // [T, H, D] with stride
         slot[u] = t < num_tokens ? slot_mapping[t] : KVCORE_PADDING_SLOT;
         if (slot[u] != KVCORE_PADDING_SLOT) {
           kbuf[u] = k[t * k_stride_t + k_src];
-          vbuf[u] = v[t * v_stride_t + v_src];
+          if (has_v) vbuf[u] = v[t * v_stride_t + v_src];
         }
       }
 #pragma unroll
@@ -131,7 +133,7 @@ __device__ void scatter(const V* __restrict__ k,        // [T, H, D] with stride
         const long long dst = page * page_stride +
                               in_page_row(layout, off, head, page_size, num_heads, row_vecs) + w;
         k_pool[dst] = kbuf[u];
-        v_pool[dst] = vbuf[u];
+        if (has_v) v_pool[dst] = vbuf[u];
       }
     }
   }
@@ -141,6 +143,7 @@ __device__ void scatter(const V* __restrict__ k,        // [T, H, D] with stride
 // sequence by binary search over page_indptr, then copies the page's valid tokens. In
 // NHD those tokens are one contiguous run of the page, so the copy is a straight one.
 // Entries beyond page_indptr[batch] (padding of fixed-size metadata) are never read.
+// A key-only pool passes v_pool = v_out = nullptr.
 template <typename V>
 __device__ void gather(const V* __restrict__ k_pool, const V* __restrict__ v_pool,
                        const int* __restrict__ page_indptr,    // [B + 1], first element 0
@@ -177,8 +180,12 @@ __device__ void gather(const V* __restrict__ k_pool, const V* __restrict__ v_poo
     const long long out_base = first_row * vecs_per_token;
     const long long page_base = page * page_stride;
     if (layout == KVCORE_LAYOUT_NHD) {
-      block_copy2(k_out + out_base, k_pool + page_base, v_out + out_base, v_pool + page_base,
-                  count * vecs_per_token);
+      if (v_pool != nullptr) {
+        block_copy2(k_out + out_base, k_pool + page_base, v_out + out_base,
+                    v_pool + page_base, count * vecs_per_token);
+      } else {
+        block_copy(k_out + out_base, k_pool + page_base, count * vecs_per_token);
+      }
       continue;
     }
     for (int j = threadIdx.x; j < vecs_per_token; j += blockDim.x) {
@@ -190,7 +197,7 @@ __device__ void gather(const V* __restrict__ k_pool, const V* __restrict__ v_poo
             page_base + in_page_row(layout, off, head, page_size, num_heads, row_vecs) + w;
         const long long dst = out_base + off * vecs_per_token + j;
         k_out[dst] = k_pool[src];
-        v_out[dst] = v_pool[src];
+        if (v_pool != nullptr) v_out[dst] = v_pool[src];
       }
     }
   }
@@ -257,6 +264,201 @@ __device__ void swap_pages(const page_id_t* __restrict__ device_pages,  // [num_
   }
 }
 
+// ---- fp8 e4m3 pools --------------------------------------------------------------------
+// The conversions of kvcore/fp8.py, bit for bit (tests/test_fp8.py checks the NumPy side
+// exhaustively; the CUDA tests compare the two byte for byte). Real value = fp8 value x
+// scale. Quantize: y = x / scale in float32 (IEEE division), NaN -> 0x7F, clamp to
+// +-448, then the hardware's round-to-nearest-even conversion. Dequantize: e4m3 value x
+// scale in float32, rounded to nearest even to float16 / bfloat16; NaN -> canonical NaN.
+
+__device__ __forceinline__ float half_to_float(unsigned short h, int bf16) {
+  if (bf16) return __uint_as_float(((unsigned int)h) << 16);
+  float f;
+  asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(h));
+  return f;
+}
+
+__device__ __forceinline__ unsigned short float_to_half(float f, int bf16) {
+  if (f != f) return bf16 ? 0x7FC0 : 0x7E00;
+  if (bf16) {
+    const unsigned int bits = __float_as_uint(f);
+    return (unsigned short)((bits + 0x7FFFu + ((bits >> 16) & 1u)) >> 16);
+  }
+  unsigned short h;
+  asm("cvt.rn.f16.f32 %0, %1;" : "=h"(h) : "f"(f));
+  return h;
+}
+
+__device__ __forceinline__ unsigned char quantize_e4m3(float x, float scale) {
+  float y = __fdiv_rn(x, scale);
+  if (y != y) return 0x7F;
+  y = fminf(fmaxf(y, -448.0f), 448.0f);
+  unsigned short pair;   // two lanes of one value: the low byte is ours either way
+  asm("cvt.rn.satfinite.e4m3x2.f32 %0, %1, %2;" : "=h"(pair) : "f"(y), "f"(y));
+  return (unsigned char)(pair & 0xFF);
+}
+
+__device__ __forceinline__ float e4m3_value(unsigned int c) {
+  if ((c & 0x7Fu) == 0x7Fu) return __uint_as_float(0x7FC00000u);
+  const unsigned int e = (c >> 3) & 0xFu, m = c & 0x7u;
+  const float v = e == 0 ? (float)m * 0.001953125f   // subnormal: m * 2**-9
+                         : __uint_as_float(((e + 120u) << 23) | (m << 20));
+  return (c & 0x80u) ? -v : v;
+}
+
+// E fp8 codes per vector: Codes<E> holds them (E bytes), Halves<E> the E 16-bit inputs.
+template <int E> struct Codes;
+template <> struct Codes<8> { typedef uint2 T; typedef uint4 H; };
+template <> struct Codes<4> { typedef unsigned int T; typedef uint2 H; };
+template <> struct Codes<2> { typedef unsigned short T; typedef unsigned int H; };
+template <> struct Codes<1> { typedef unsigned char T; typedef unsigned short H; };
+
+template <int E>
+__device__ __forceinline__ typename Codes<E>::T quantize_vec(typename Codes<E>::H in,
+                                                             float scale, int bf16) {
+  typename Codes<E>::T out;
+  const unsigned short* h = reinterpret_cast<const unsigned short*>(&in);
+  unsigned char* c = reinterpret_cast<unsigned char*>(&out);
+#pragma unroll
+  for (int i = 0; i < E; ++i) c[i] = quantize_e4m3(half_to_float(h[i], bf16), scale);
+  return out;
+}
+
+template <int E>
+__device__ __forceinline__ typename Codes<E>::H dequantize_vec(typename Codes<E>::T in,
+                                                               float scale, int bf16) {
+  typename Codes<E>::H out;
+  const unsigned char* c = reinterpret_cast<const unsigned char*>(&in);
+  unsigned short* h = reinterpret_cast<unsigned short*>(&out);
+#pragma unroll
+  for (int i = 0; i < E; ++i) h[i] = float_to_half(__fmul_rn(e4m3_value(c[i]), scale), bf16);
+  return out;
+}
+
+// scatter_fp8: scatter's loop, quantizing on the way. Inputs are float16 / bfloat16
+// (bf16 = 1) [T, H, D] with strides in elements; the pools hold codes, page p at
+// p * page_stride bytes; scales[0] / scales[1] are this layer's k_scale / v_scale. Each
+// thread moves E elements of a row: 2E bytes in, E bytes out.
+template <int E>
+__device__ void scatter_fp8(const unsigned short* __restrict__ k,
+                            const unsigned short* __restrict__ v,
+                            long long k_stride_t, long long k_stride_h, long long v_stride_t,
+                            long long v_stride_h, const slot_t* __restrict__ slot_mapping,
+                            unsigned char* __restrict__ k_pool,
+                            unsigned char* __restrict__ v_pool,  // nullptr: key-only
+                            const float* __restrict__ scales,    // [2] k_scale, v_scale
+                            long long num_tokens, long long num_slots, long long page_stride,
+                            int layout, long long page_size, int page_shift,
+                            long long num_heads, long long head_dim, int bf16,
+                            int* __restrict__ error_word) {
+  typedef typename Codes<E>::T C;
+  typedef typename Codes<E>::H H;
+  const long long row_vecs = head_dim / E;
+  const int vecs_per_token = (int)(num_heads * row_vecs);
+  const long long stride = (long long)gridDim.x * UNROLL;
+  const bool has_v = v_pool != nullptr;
+  const float k_scale = scales[0];
+  const float v_scale = has_v ? scales[1] : 1.0f;
+  for (int j = threadIdx.x; j < vecs_per_token; j += blockDim.x) {
+    const int head = j / (int)row_vecs;
+    const int w = (j - head * (int)row_vecs) * E;   // element offset in the row
+    const long long k_src = head * k_stride_h + w;
+    const long long v_src = head * v_stride_h + w;
+    for (long long t0 = (long long)blockIdx.x * UNROLL; t0 < num_tokens; t0 += stride) {
+      slot_t slot[UNROLL];
+      H kbuf[UNROLL], vbuf[UNROLL];
+#pragma unroll
+      for (int u = 0; u < UNROLL; ++u) {
+        const long long t = t0 + u;
+        slot[u] = t < num_tokens ? slot_mapping[t] : KVCORE_PADDING_SLOT;
+        if (slot[u] != KVCORE_PADDING_SLOT) {
+          kbuf[u] = *reinterpret_cast<const H*>(k + t * k_stride_t + k_src);
+          if (has_v) vbuf[u] = *reinterpret_cast<const H*>(v + t * v_stride_t + v_src);
+        }
+      }
+#pragma unroll
+      for (int u = 0; u < UNROLL; ++u) {
+        if (slot[u] == KVCORE_PADDING_SLOT) continue;
+        if (slot[u] < 0 || slot[u] >= num_slots) {
+          if (j == 0) atomicOr(error_word, KVCORE_ERR_SLOT_OUT_OF_RANGE);
+          continue;
+        }
+        const long long page = page_of(slot[u], page_size, page_shift);
+        const long long off = slot[u] - page * page_size;
+        const long long dst = page * page_stride +
+                              in_page_row(layout, off, head, page_size, num_heads, head_dim) + w;
+        *reinterpret_cast<C*>(k_pool + dst) = quantize_vec<E>(kbuf[u], k_scale, bf16);
+        if (has_v) *reinterpret_cast<C*>(v_pool + dst) = quantize_vec<E>(vbuf[u], v_scale, bf16);
+      }
+    }
+  }
+}
+
+// gather_fp8: gather's walk over page entries, dequantizing each code to float16 /
+// bfloat16 (bf16 = 1) into contiguous [out_rows, H, D] outputs. Offsets in elements.
+template <int E>
+__device__ void gather_fp8(const unsigned char* __restrict__ k_pool,
+                           const unsigned char* __restrict__ v_pool,   // nullptr: key-only
+                           const int* __restrict__ page_indptr,    // [B + 1], first element 0
+                           const int* __restrict__ page_indices,   // [page_indptr[B]]
+                           const int* __restrict__ last_page_len,  // [B], in [0, S]
+                           const long long* __restrict__ token_indptr,  // [B + 1]
+                           unsigned short* __restrict__ k_out,     // [out_rows, H, D]
+                           unsigned short* __restrict__ v_out,     // [out_rows, H, D]
+                           const float* __restrict__ scales,       // [2] k_scale, v_scale
+                           int batch, long long out_rows, long long num_pages,
+                           long long page_stride, int layout, long long page_size,
+                           long long num_heads, long long head_dim, int bf16,
+                           int* __restrict__ error_word) {
+  typedef typename Codes<E>::T C;
+  typedef typename Codes<E>::H H;
+  const int nnz = page_indptr[batch];
+  const long long row_vecs = head_dim / E;
+  const int vecs_per_token = (int)(num_heads * row_vecs);
+  const bool has_v = v_pool != nullptr;
+  const float k_scale = scales[0];
+  const float v_scale = has_v ? scales[1] : 1.0f;
+  for (long long e = blockIdx.x; e < nnz; e += gridDim.x) {
+    int lo = 0, hi = batch - 1;  // last b with page_indptr[b] <= e
+    while (lo < hi) {
+      const int mid = (lo + hi + 1) >> 1;
+      if (page_indptr[mid] <= e) lo = mid; else hi = mid - 1;
+    }
+    const int b = lo;
+    const long long page = page_indices[e];
+    if (page < 0 || page >= num_pages) {
+      if (threadIdx.x == 0) atomicOr(error_word, KVCORE_ERR_PAGE_OUT_OF_RANGE);
+      continue;
+    }
+    const long long pos = e - page_indptr[b];
+    const bool is_last = (e == page_indptr[b + 1] - 1);
+    const long long count = is_last ? last_page_len[b] : page_size;
+    const long long first_row = token_indptr[b] + pos * page_size;
+    if (first_row + count > out_rows) {
+      if (threadIdx.x == 0) atomicOr(error_word, KVCORE_ERR_OUTPUT_TOO_SMALL);
+      continue;
+    }
+    const long long out_base = first_row * num_heads * head_dim;
+    const long long page_base = page * page_stride;
+    const long long n = count * vecs_per_token;
+    for (long long i = threadIdx.x; i < n; i += blockDim.x) {
+      const long long off = i / vecs_per_token;       // token in the page
+      const long long j = i - off * vecs_per_token;   // (head, vector) in the row
+      const long long head = j / row_vecs;
+      const long long w = (j - head * row_vecs) * E;
+      const long long src =
+          page_base + in_page_row(layout, off, head, page_size, num_heads, head_dim) + w;
+      const long long dst = out_base + i * E;
+      *reinterpret_cast<H*>(k_out + dst) =
+          dequantize_vec<E>(*reinterpret_cast<const C*>(k_pool + src), k_scale, bf16);
+      if (has_v) {
+        *reinterpret_cast<H*>(v_out + dst) =
+            dequantize_vec<E>(*reinterpret_cast<const C*>(v_pool + src), v_scale, bf16);
+      }
+    }
+  }
+}
+
 }  // namespace kvcore
 
 // extern "C" entry points, one per vector width: kvcore_<op>_w<bytes>. Keep each list in
@@ -302,3 +504,37 @@ KVCORE_INSTANTIATE(uint4, 16)
 KVCORE_INSTANTIATE(uint2, 8)
 KVCORE_INSTANTIATE(unsigned int, 4)
 KVCORE_INSTANTIATE(unsigned short, 2)
+KVCORE_INSTANTIATE(unsigned char, 1)
+
+// fp8 entry points, one per codes-per-vector count: kvcore_<op>_w<E> moves E codes (E
+// bytes of the pool, 2E bytes of float16 / bfloat16) per vector.
+#define KVCORE_INSTANTIATE_FP8(BYTES)                                                        \
+  extern "C" __global__ void kvcore_scatter_fp8_w##BYTES(                                   \
+      const unsigned short* k, const unsigned short* v, long long k_stride_t,                \
+      long long k_stride_h, long long v_stride_t, long long v_stride_h,                      \
+      const slot_t* slot_mapping, unsigned char* k_pool, unsigned char* v_pool,              \
+      const float* scales, long long num_tokens, long long num_slots, long long page_stride, \
+      int layout, long long page_size, int page_shift, long long num_heads,                  \
+      long long head_dim, int bf16, int* error_word) {                                       \
+    kvcore::scatter_fp8<BYTES>(k, v, k_stride_t, k_stride_h, v_stride_t, v_stride_h,         \
+                               slot_mapping, k_pool, v_pool, scales, num_tokens, num_slots,  \
+                               page_stride, layout, page_size, page_shift, num_heads,        \
+                               head_dim, bf16, error_word);                                  \
+  }                                                                                          \
+  extern "C" __global__ void kvcore_gather_fp8_w##BYTES(                                    \
+      const unsigned char* k_pool, const unsigned char* v_pool, const int* page_indptr,      \
+      const int* page_indices, const int* last_page_len, const long long* token_indptr,      \
+      unsigned short* k_out, unsigned short* v_out, const float* scales, int batch,          \
+      long long out_rows, long long num_pages, long long page_stride, int layout,            \
+      long long page_size, long long num_heads, long long head_dim, int bf16,                \
+      int* error_word) {                                                                     \
+    kvcore::gather_fp8<BYTES>(k_pool, v_pool, page_indptr, page_indices, last_page_len,      \
+                              token_indptr, k_out, v_out, scales, batch, out_rows, num_pages, \
+                              page_stride, layout, page_size, num_heads, head_dim, bf16,     \
+                              error_word);                                                   \
+  }
+
+KVCORE_INSTANTIATE_FP8(8)
+KVCORE_INSTANTIATE_FP8(4)
+KVCORE_INSTANTIATE_FP8(2)
+KVCORE_INSTANTIATE_FP8(1)

@@ -12,17 +12,29 @@ from kvcore.config import KVCacheConfig
 from kvcore.errors import InvalidPageError, ShapeError
 
 __all__ = ["check_host_slots", "check_kv_shape", "host_index_array", "host_page_pair",
-           "kv_dtype_ok"]
+           "kv_dtype_ok", "takes"]
 
-#: dtypes accepted for K/V besides the cache's own: bfloat16 also arrives as raw words.
-_BFLOAT16_WORDS = ("bfloat16", "uint16", "int16")
+#: dtypes accepted for K/V besides the cache's own: bfloat16 also arrives as raw words,
+#: fp8 codes as bytes.
+_WORDS = {"bfloat16": ("bfloat16", "uint16", "int16"),
+          "float8_e4m3fn": ("float8_e4m3fn", "uint8")}
 
 
 def kv_dtype_ok(cache_dtype: str, dtype_name: str) -> bool:
-    """Whether K/V of ``dtype_name`` can be moved into a pool of ``cache_dtype``."""
-    if cache_dtype == "bfloat16":
-        return dtype_name in _BFLOAT16_WORDS
+    """Whether K/V of ``dtype_name`` hold elements of ``cache_dtype`` (a pool dtype or a
+    model dtype): bfloat16 also as uint16 / int16 words, float8_e4m3fn as uint8 codes."""
+    words = _WORDS.get(cache_dtype)
+    if words is not None:
+        return dtype_name in words
     return dtype_name == cache_dtype
+
+
+def takes(config: KVCacheConfig) -> str:
+    """What a write takes, for error messages: the pool's dtype, or an fp8 pool's
+    model dtype."""
+    if config.quantized:
+        return f"the {config.dtype} cache takes {config.model_dtype}"
+    return f"the cache holds {config.dtype}"
 
 
 def check_kv_shape(shape, config: KVCacheConfig, name: str) -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from kvcore import fp8
 from kvcore._core import AppendResult, PageAllocator, PageTable
 from kvcore._swap import HostTier
 from kvcore.backends import make_backend
@@ -457,8 +458,141 @@ class KVCache:
         return self.backend.k_views[self._layer(layer)]
 
     def v_cache(self, layer: int):
-        """View of layer ``layer``'s V cache (see :meth:`k_cache`)."""
-        return self.backend.v_views[self._layer(layer)]
+        """View of layer ``layer``'s V cache (see :meth:`k_cache`).
+
+        Raises
+        ------
+        ValueError
+            The cache is key-only (``config.key_only``): it has no V.
+        """
+        layer = self._layer(layer)
+        if self.config.key_only:
+            raise ValueError("the cache is key-only (key_only=True): it has no V cache; "
+                             "k_cache(layer) holds each token's one tensor")
+        return self.backend.v_views[layer]
+
+    # -- fp8 scales -------------------------------------------------------------------------------
+
+    def set_kv_scales(self, layer: int, k_scale, v_scale=None) -> None:
+        """Set the static scales of layer ``layer`` of an fp8 pool (as engines load them
+        from checkpoints): real value = fp8 value x scale.
+
+        Parameters
+        ----------
+        layer : int
+            In ``[0, num_layers)``.
+        k_scale, v_scale : float
+            Finite float32 values > 0; ``v_scale`` is required for K/V pools and must be
+            None for a key-only pool. Every scale starts at 1.0.
+
+        Raises
+        ------
+        ValueError
+            The pool is not fp8, or a scale is missing, not finite or not > 0; nothing
+            changes.
+        TypeError
+            A scale that is not a real number.
+
+        Notes
+        -----
+        Scales apply to later writes and gathers: tokens written before a change were
+        quantized with the old scale (set scales before writing). On CUDA the new
+        scales reach the device's scale table (:attr:`scale_table`) synchronously (the
+        device is synchronized around the copy): a once-per-load call, not a per-step
+        one.
+        """
+        layer = self._layer(layer)
+        self._quantized("set_kv_scales")
+        k_scale = _scale(k_scale, "k_scale")
+        if self.config.key_only:
+            if v_scale is not None:
+                raise ValueError("v_scale must be None: the cache is key-only")
+            v_scale = np.float32(1.0)
+        else:
+            if v_scale is None:
+                raise ValueError("v_scale is required: the cache holds K and V")
+            v_scale = _scale(v_scale, "v_scale")
+        self.backend.set_scales(layer, k_scale, v_scale)
+
+    def calibrate_kv_scales(self, layer: int, k, v=None) -> tuple[float, float | None]:
+        """Compute layer ``layer``'s scales from sample K and V and set them.
+
+        Each scale is ``fp8.scale_for_amax(max |x|)``: ``amax / 448`` in float32, so the
+        largest sample element lands on +-448 exactly (1.0 for an all-zero sample or one
+        holding inf / NaN).
+
+        Parameters
+        ----------
+        layer : int
+        k, v : array, shape [T, num_kv_heads, head_dim]
+            ``model_dtype`` arrays, as :meth:`write` takes (``v`` None when key-only).
+            Not modified.
+
+        Returns
+        -------
+        (k_scale, v_scale) : floats, ``v_scale`` None when key-only.
+
+        Raises
+        ------
+        ValueError
+            The pool is not fp8.
+        ShapeError
+            ``k`` / ``v`` as :meth:`write` refuses them; nothing changes.
+
+        Notes
+        -----
+        Waits for the device (the maxima are read back): a calibration call, not a
+        per-step one.
+        """
+        layer = self._layer(layer)
+        self._quantized("calibrate_kv_scales")
+        if self.config.key_only:
+            if v is not None:
+                raise ShapeError("v must be None: the cache is key-only")
+            arrays = (k,)
+        else:
+            if v is None:
+                raise ShapeError("v is None, but the cache holds K and V")
+            arrays = (k, v)
+        amax = [self.backend.amax(a, name) for a, name in zip(arrays, "kv", strict=False)]
+        scales = [fp8.scale_for_amax(a) for a in amax] + [np.float32(1.0)]
+        self.backend.set_scales(layer, scales[0], scales[1])
+        return (float(scales[0]), None if self.config.key_only else float(scales[1]))
+
+    def kv_scales(self, layer: int) -> tuple[float, float | None]:
+        """Layer ``layer``'s ``(k_scale, v_scale)`` as Python floats (what FlashInfer's
+        ``run(..., k_scale=, v_scale=)`` and vLLM's ``_k_scale_float`` take); ``v_scale``
+        None when key-only.
+
+        Raises
+        ------
+        ValueError
+            The pool is not fp8.
+        """
+        layer = self._layer(layer)
+        self._quantized("kv_scales")
+        k_scale, v_scale = (float(s) for s in self.backend.scales[layer])
+        return k_scale, None if self.config.key_only else v_scale
+
+    @property
+    def scale_table(self):
+        """The scales the kernels read: float32 ``[num_layers, 2]``, row ``l`` is layer
+        ``l``'s ``(k_scale, v_scale)`` (``v_scale`` unused when key-only), on the cache's
+        device and in its framework (vLLM keeps them as tensors, ``layer._k_scale``).
+        Read-only by contract: change scales with :meth:`set_kv_scales`.
+
+        Raises
+        ------
+        ValueError
+            The pool is not fp8.
+        """
+        self._quantized("scale_table")
+        return self.backend.scale_table
+
+    def _quantized(self, what: str) -> None:
+        if not self.config.quantized:
+            raise ValueError(f"{what}: the pool holds {self.config.dtype}, which has no "
+                             "scales (only dtype='float8_e4m3fn' pools do)")
 
     def step_metadata(self, max_tokens: int, *, max_batch: int | None = None,
                       max_pages: int | None = None, block_tables: bool = True,
@@ -501,10 +635,12 @@ class KVCache:
         layer : int
             In ``[0, num_layers)``.
         k, v : array, shape [T, num_kv_heads, head_dim]
-            The cache's dtype (bfloat16 also as uint16/int16 words); NumPy for a CPU
-            cache, a CUDA array (torch, CuPy, JAX: read in place, never converted) for a
-            CUDA cache. Not modified. Any strides over T and heads; a last axis that is
-            not contiguous is copied first (on ``stream``).
+            The cache's dtype (bfloat16 also as uint16/int16 words; an fp8 pool takes
+            its ``model_dtype`` and stores ``fp8.quantize(k, k_scale)``, V likewise, see
+            :meth:`set_kv_scales`); NumPy for a CPU cache, a CUDA array (torch, CuPy,
+            JAX: read in place, never converted) for a CUDA cache. Not modified. Any
+            strides over T and heads; a last axis that is not contiguous is copied first
+            (on ``stream``). ``v`` is None for a key-only cache (and only then).
         slot_mapping : array of int, shape [T], or StepMetadata
             Slot of each token (``-1``: skip it), e.g. ``append(...).slot_mapping``:
             NumPy (checked on the host, then uploaded) or, on CUDA, a device int64
@@ -545,7 +681,7 @@ class KVCache:
         else:
             self.backend.write(layer, k, v, self._group_slots(slot_mapping, layer), handle)
 
-    def gather(self, layer: int, seq_ids, *, out=None, stream=None):
+    def gather(self, layer: int, seq_ids, *, out=None, stream=None, raw: bool = False):
         """Read a batch of sequences out of the pool into contiguous arrays.
 
         Parameters
@@ -557,17 +693,24 @@ class KVCache:
             whose uploaded batch is read with nothing going back to the host (the
             capturable form: give ``out``).
         out : (k_out, v_out), optional
-            Contiguous ``[rows, num_kv_heads, head_dim]`` arrays of the cache's dtype on
-            its device to fill in place; ``rows`` at least the batch's tokens. Default:
-            new arrays from the cache's framework (on CUDA, allocated on ``stream``).
+            Contiguous ``[rows, num_kv_heads, head_dim]`` arrays of the output dtype (the
+            cache's dtype; an fp8 pool's ``model_dtype``, or its fp8 codes with ``raw``)
+            on its device to fill in place; ``rows`` at least the batch's tokens;
+            ``v_out`` None for a key-only cache. Default: new arrays from the cache's
+            framework (on CUDA, allocated on ``stream``).
         stream : optional
             As in :meth:`write`.
+        raw : bool
+            fp8 pools: return the stored e4m3 codes (uint8 in NumPy and CuPy,
+            ``torch.float8_e4m3fn`` in torch) instead of dequantizing them to
+            ``model_dtype`` (``fp8.dequantize(code, scale)``). Ignored otherwise.
 
         Returns
         -------
         k, v : array, shape [total_tokens, num_kv_heads, head_dim]
             ``out`` or new arrays; sequence ``b``'s tokens are rows
-            ``token_indptr[b]:token_indptr[b + 1]``.
+            ``token_indptr[b]:token_indptr[b + 1]``. ``v`` is None for a key-only
+            cache.
         token_indptr : int64 array, shape [B + 1]
             NumPy for ``seq_ids``; the StepMetadata's device ``token_indptr`` (padded to
             ``max_batch + 1``) for a StepMetadata.
@@ -583,7 +726,7 @@ class KVCache:
         handle = self._stream(stream)
         if type(seq_ids) is StepMetadata:
             self._own(seq_ids, layer)
-            k, v = self.backend.gather(layer, seq_ids, out, handle)
+            k, v = self.backend.gather(layer, seq_ids, out, handle, raw)
             return k, v, seq_ids.token_indptr
         self._kv_layer(layer)
         page_indptr, page_indices, last_page_len = self.table.flashinfer_metadata(
@@ -595,11 +738,12 @@ class KVCache:
         np.cumsum(lengths, out=token_indptr[1:])
         index = (page_indptr, page_indices, last_page_len, token_indptr,
                  int(token_indptr[-1]), int(page_indptr[-1]))
-        k, v = self.backend.gather(layer, index, out, handle)
+        k, v = self.backend.gather(layer, index, out, handle, raw)
         return k, v, token_indptr
 
     def copy_pages(self, src, dst, *, stream=None) -> None:
-        """Copy page ``src[i]`` to page ``dst[i]`` in every layer, K and V (one launch).
+        """Copy page ``src[i]`` to page ``dst[i]`` in every layer, K and V (one launch;
+        the raw bytes, so an fp8 pool's codes move as they are).
 
         Parameters
         ----------
@@ -681,3 +825,16 @@ class KVCache:
         if type(layer) is int and 0 <= layer < self.config.num_layers:   # the common case
             return layer
         return self.config.layer_index(layer)
+
+
+def _scale(value, name: str) -> np.float32:
+    """A scale as float32: a real number, finite and > 0 after the float32 rounding."""
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, float, np.number)):
+        raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
+    if isinstance(value, np.complexfloating):
+        raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
+    with np.errstate(over="ignore"):
+        scale = np.float32(value)
+    if not (np.isfinite(scale) and scale > 0):
+        raise ValueError(f"{name} must be finite and > 0 as a float32, got {value!r}")
+    return scale

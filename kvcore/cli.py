@@ -216,12 +216,12 @@ def _add_simulate(sub) -> None:
                "verify_every": _non_negative_int, "check_every": _non_negative_int,
                "seed": _seed, "system_prompts": _non_negative_int,
                "system_prompt_len": _non_negative_int,
-               "dtype": _one_of("float16", "bfloat16", "float32"),
+               "dtype": _one_of("float16", "bfloat16", "float32", "float8_e4m3fn"),
                "layout": _one_of("NHD", "HND"), "device": _device,
                "window": _window, "window_layers": _open_share,
                "speculative": _non_negative_int,
                "preempt": _one_of("recompute", "swap", "both"), "host_pages": _host_pages}
-    metavars = {"dtype": "{float16,bfloat16,float32}", "layout": "{NHD,HND}",
+    metavars = {"dtype": "{float16,bfloat16,float32,float8_e4m3fn}", "layout": "{NHD,HND}",
                 "device": "DEVICE", "arrival_rate": "RATE", "system_prompt_share": "FRACTION",
                 "multi_sample_share": "FRACTION", "verify_every": "STEPS",
                 "check_every": "STEPS", "window": "W", "window_layers": "FRACTION",
@@ -344,6 +344,8 @@ def _summary_rows(result) -> list[tuple[str, str]]:
         ("peak pages used / pool",
          f"{result.peak_pages_used:,} / {result.pool_pages:,} "
          f"({100 * result.peak_pages_used / result.pool_pages:.0f}%)"),
+        ("tokens per GiB of pool (bfloat16)",
+         f"{result.tokens_per_gib:,} ({result.tokens_per_gib_bf16:,})"),
         ("prefix-cache hit rate", hit),
         ("copy-on-write copies", f"{result.cow_copies:,}"),
         ("preemptions", _preemptions(result)),

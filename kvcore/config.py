@@ -9,14 +9,21 @@ import numpy as np
 
 from kvcore.groups import LayerGroup
 
-__all__ = ["KVCacheConfig", "LAYOUTS", "DTYPES"]
+__all__ = ["KVCacheConfig", "LAYOUTS", "DTYPES", "MODEL_DTYPES", "QUANTIZED_DTYPES"]
 
 #: Supported pool layouts (see DESIGN.md, "Memory layout").
 LAYOUTS = ("NHD", "HND")
 
 #: Supported element types and their sizes in bytes. bfloat16 is stored and moved as
-#: 2-byte words, so it needs no bfloat16 dtype in NumPy or CuPy.
-DTYPES = {"float16": 2, "bfloat16": 2, "float32": 4}
+#: 2-byte words, so it needs no bfloat16 dtype in NumPy or CuPy; float8_e4m3fn (fp8
+#: e4m3, quantized with scales, see :mod:`kvcore.fp8`) as 1-byte codes.
+DTYPES = {"float16": 2, "bfloat16": 2, "float32": 4, "float8_e4m3fn": 1}
+
+#: The pool dtypes that hold quantized codes, not the model's values.
+QUANTIZED_DTYPES = ("float8_e4m3fn",)
+
+#: What a quantized pool's K and V are quantized from and dequantized to.
+MODEL_DTYPES = ("float16", "bfloat16")
 
 
 def _positive_int(value, name: str) -> int:
@@ -35,7 +42,8 @@ def _dtype_name(dtype) -> str:
     """Normalise 'float16', np.float16, torch.bfloat16 or 'bf16' to a DTYPES key."""
     name = str(dtype).removeprefix("torch.").lower()
     name = {"bf16": "bfloat16", "fp16": "float16", "half": "float16", "fp32": "float32",
-            "float": "float32"}.get(name, name)
+            "float": "float32", "fp8": "float8_e4m3fn", "fp8_e4m3": "float8_e4m3fn",
+            "float8_e4m3": "float8_e4m3fn"}.get(name, name)
     if name not in DTYPES:
         try:
             name = np.dtype(dtype).name
@@ -59,10 +67,14 @@ class KVCacheConfig:
     num_pages : int
         Pages in the pool; a page id addresses the same page in every layer.
     dtype : str
-        ``"float16"``, ``"bfloat16"`` or ``"float32"`` (NumPy / torch dtypes accepted).
+        ``"float16"``, ``"bfloat16"``, ``"float32"`` (NumPy / torch dtypes accepted) or
+        ``"float8_e4m3fn"`` (alias ``"fp8"``; ``torch.float8_e4m3fn``): a pool of fp8
+        e4m3 codes with scales, written from and read back as ``model_dtype`` (see
+        :mod:`kvcore.fp8` and :meth:`KVCache.set_kv_scales`).
     layout : str
         ``"NHD"``: ``kv[num_layers, 2, num_pages, page_size, num_kv_heads, head_dim]``;
-        ``"HND"``: ``kv[num_layers, 2, num_pages, num_kv_heads, page_size, head_dim]``.
+        ``"HND"``: ``kv[num_layers, 2, num_pages, num_kv_heads, page_size, head_dim]``
+        (``1`` in place of ``2`` with ``key_only``).
     max_seqs : int
         Sequence slots of the page table.
     max_pages_per_seq : int or None
@@ -82,6 +94,16 @@ class KVCacheConfig:
         ``host_pool_shape`` in host memory (page-locked on CUDA) that :meth:`KVCache.swap_out`
         moves sequences into and :meth:`KVCache.swap_in` brings them back from (see
         ``docs/host_tier.md``). Host page ids are ``0 .. num_host_pages - 1``.
+    model_dtype : str or None
+        An fp8 pool's unquantized dtype: what :meth:`KVCache.write` takes and
+        :meth:`KVCache.gather` dequantizes to, ``"float16"`` or ``"bfloat16"`` (None,
+        the default, means ``"bfloat16"``). For the other dtypes it is ``dtype`` itself
+        (None or equal to ``dtype``).
+    key_only : bool
+        One tensor per token instead of K and V: an MLA (DeepSeek) latent cache, e.g.
+        ``num_kv_heads=1, head_dim=576`` (512 latent + 64 rope), or any key-only cache.
+        The pool's K/V axis has length 1 and :meth:`KVCache.write` takes ``v=None``;
+        a token costs half of what K and V cost.
 
     Notes
     -----
@@ -108,6 +130,8 @@ class KVCacheConfig:
     enable_prefix_cache: bool = False
     layer_groups: tuple[LayerGroup, ...] | None = None
     num_host_pages: int = 0
+    model_dtype: str | None = None
+    key_only: bool = False
     prefix_hash: str = "fast"
 
     def __post_init__(self):
@@ -132,6 +156,10 @@ class KVCacheConfig:
                 f"max_pages_per_seq * page_size = {self.max_pages_per_seq * self.page_size} "
                 f"tokens exceeds 2**31 - 1")
         object.__setattr__(self, "dtype", _dtype_name(self.dtype))
+        self._check_model_dtype()
+        if not isinstance(self.key_only, (bool, np.bool_)):
+            raise TypeError(f"key_only must be a bool, got {type(self.key_only).__name__}")
+        object.__setattr__(self, "key_only", bool(self.key_only))
         layout = str(self.layout).upper()
         if layout not in LAYOUTS:
             raise ValueError(f"layout must be one of {LAYOUTS}, got {self.layout!r}")
@@ -148,6 +176,24 @@ class KVCacheConfig:
                   for slot, layer in enumerate(group.layers)}
         object.__setattr__(self, "_places", tuple(places[layer]
                                                   for layer in range(self.num_layers)))
+
+    def _check_model_dtype(self) -> None:
+        if self.model_dtype is None:
+            model = "bfloat16" if self.quantized else self.dtype
+        else:
+            try:
+                model = _dtype_name(self.model_dtype)
+            except ValueError:
+                raise ValueError(f"model_dtype must be one of {list(MODEL_DTYPES)}, got "
+                                 f"{self.model_dtype!r}") from None
+            if self.quantized and model not in MODEL_DTYPES:
+                raise ValueError(f"model_dtype of a {self.dtype} pool must be one of "
+                                 f"{list(MODEL_DTYPES)}, got {self.model_dtype!r}")
+            if not self.quantized and model != self.dtype:
+                raise ValueError(f"model_dtype must be None or the pool's dtype "
+                                 f"({self.dtype}) unless the pool is quantized, got "
+                                 f"{self.model_dtype!r}")
+        object.__setattr__(self, "model_dtype", model)
 
     def _check_groups(self) -> None:
         if self.layer_groups is None:
@@ -230,10 +276,28 @@ class KVCacheConfig:
         return DTYPES[self.dtype]
 
     @property
+    def quantized(self) -> bool:
+        """Whether the pool holds fp8 codes with scales (``dtype="float8_e4m3fn"``)."""
+        return self.dtype in QUANTIZED_DTYPES
+
+    @property
+    def tensors_per_token(self) -> int:
+        """Tensors each token keeps per layer: 2 (K and V), 1 with ``key_only``; the
+        length of the pool's K/V axis."""
+        return 1 if self.key_only else 2
+
+    @property
     def storage_dtype(self) -> np.dtype:
-        """NumPy dtype a NumPy or CuPy pool stores (bfloat16 as its raw uint16 words)."""
+        """NumPy dtype a NumPy or CuPy pool stores (bfloat16 as its raw uint16 words,
+        fp8 as its uint8 codes)."""
         return np.dtype({"float16": np.float16, "float32": np.float32,
-                         "bfloat16": np.uint16}[self.dtype])
+                         "bfloat16": np.uint16, "float8_e4m3fn": np.uint8}[self.dtype])
+
+    @property
+    def model_storage_dtype(self) -> np.dtype:
+        """NumPy dtype of ``model_dtype`` arrays (bfloat16 as uint16 words)."""
+        return np.dtype({"float16": np.float16, "float32": np.float32,
+                         "bfloat16": np.uint16}[self.model_dtype])
 
     @property
     def page_elems(self) -> int:
@@ -243,13 +307,13 @@ class KVCacheConfig:
     @property
     def page_bytes(self) -> int:
         """Bytes one page id costs: every layer slot, K and V (every layer without
-        groups)."""
-        return self.num_slots * 2 * self.page_elems * self.itemsize
+        groups; K only with ``key_only``)."""
+        return self.num_slots * self.tensors_per_token * self.page_elems * self.itemsize
 
     @property
     def layer_bytes(self) -> int:
         """Bytes of one layer's K and V pools."""
-        return 2 * self.num_pages * self.page_elems * self.itemsize
+        return self.tensors_per_token * self.num_pages * self.page_elems * self.itemsize
 
     @property
     def total_bytes(self) -> int:
@@ -271,17 +335,20 @@ class KVCacheConfig:
     @property
     def pool_shape(self) -> tuple[int, ...]:
         """Shape of the pool ``kv``: ``(num_slots, 2, num_pages) + page_shape``
-        (``num_slots == num_layers`` without groups)."""
-        return (self.num_slots, 2, self.num_pages, *self.page_shape)
+        (``num_slots == num_layers`` without groups; ``1`` in place of ``2`` with
+        ``key_only``)."""
+        return (self.num_slots, self.tensors_per_token, self.num_pages, *self.page_shape)
 
     @property
     def host_pool_shape(self) -> tuple[int, ...]:
-        """Shape of the host tier's pool: ``(num_host_pages, num_slots, 2) + page_shape``.
+        """Shape of the host tier's pool: ``(num_host_pages, num_slots, 2) + page_shape``
+        (``1`` in place of ``2`` with ``key_only``).
 
         Page-major, unlike the device pool: one host page (every layer slot, K and V) is
         ``page_bytes`` contiguous bytes, so a page moves as one run over PCIe.
         """
-        return (self.num_host_pages, self.num_slots, 2, *self.page_shape)
+        return (self.num_host_pages, self.num_slots, self.tensors_per_token,
+                *self.page_shape)
 
     @property
     def host_bytes(self) -> int:

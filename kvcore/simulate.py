@@ -83,6 +83,7 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
+from kvcore import fp8
 from kvcore.cache import KVCache
 from kvcore.config import DTYPES, KVCacheConfig
 from kvcore.errors import KVCoreError
@@ -287,6 +288,9 @@ class SimResult:
     device_us_p99: float = 0.0
     peak_pages_used: int = 0
     pool_pages: int = 0
+    # tokens (every layer, K and V) one GiB of the pool holds, and with bfloat16 instead
+    tokens_per_gib: int = 0
+    tokens_per_gib_bf16: int = 0
     prefix_hit_rate: float | None = None
     prefix_hit_tokens: int = 0
     prefix_evictions: int = 0
@@ -613,9 +617,14 @@ class Simulator:
                 f"{config.pages:,} pages) on {config.device}{host}: out of memory; lower "
                 f"--pages, --layers, --heads or --head-dim"
                 + (" or --host-pages" if host else "")) from exc
-        self._itemsize = kv_config.itemsize
+        # Content is generated as words of the model dtype (what write takes); an fp8
+        # pool stores their codes (kvcore.fp8.quantize at scale 1.0), read back raw.
+        self._itemsize = DTYPES[kv_config.model_dtype]
         self._words = np.uint16 if self._itemsize == 2 else np.uint32
-        self._storage = kv_config.storage_dtype   # words viewed as the pool's dtype
+        self._storage = kv_config.model_storage_dtype   # words viewed as the model dtype
+        self._quantized = kv_config.quantized
+        self._model_dtype = kv_config.model_dtype
+        self._pool_words = np.uint8 if kv_config.quantized else self._words
         reported = asdict(config)
         for name, default in _OPTIONAL_FIELDS.items():
             if name != "window_layers" and reported[name] == default:
@@ -629,8 +638,12 @@ class Simulator:
         # and loads); prefix offload: kvcore offloads evicted prefix pages there
         self._host = kv_config.num_host_pages > 0
         self._offload = config.prefix_offload()
+        token_bytes = kv_config.page_bytes // ps
         self.result = SimResult(config=reported, device=self.cache.device,
-                                pool_pages=config.pages)
+                                pool_pages=config.pages,
+                                tokens_per_gib=2**30 // token_bytes,
+                                tokens_per_gib_bf16=2**30 // (
+                                    token_bytes * 2 // kv_config.itemsize))
         self._hybrid = config.window is not None
         self._extras = self._hybrid or config.speculative > 0
         if self._extras:
@@ -759,6 +772,13 @@ class Simulator:
         request_key, sample_key, positions, _ = keys
         return token_words(request_key.view(np.uint64), sample_key, positions, layer, which,
                            self.cfg.heads, self.cfg.head_dim, self._itemsize)
+
+    def _stored(self, keys, layer: int, which: int) -> np.ndarray:
+        """What the pool holds for those tokens: the words, or an fp8 pool's codes."""
+        words = self._content(keys, layer, which)
+        if self._quantized:
+            return fp8.quantize(words.view(self._storage), 1.0, self._model_dtype)
+        return words
 
     # -- one step --------------------------------------------------------------------------
 
@@ -976,11 +996,11 @@ class Simulator:
             return
         keys = self._keys(request, sample, np.arange(length))
         for layer in self._full_layers:   # every layer without --window
-            k, v, _ = self.cache.gather(layer, [seq])
+            k, v, _ = self.cache.gather(layer, [seq], raw=True)   # fp8: the codes
             k, v = self.cache.to_host(k), self.cache.to_host(v)
             for which, got in ((0, k), (1, v)):
-                want = self._content(keys, layer, which)
-                bad = ~(got.view(self._words) == want).reshape(length, -1).all(axis=1)
+                want = self._stored(keys, layer, which)
+                bad = ~(got.view(self._pool_words) == want).reshape(length, -1).all(axis=1)
                 self.result.mismatches += int(bad.sum())
         if self._window_layers:
             self._verify_window(seq, length, keys)
@@ -1036,8 +1056,8 @@ class Simulator:
                 if cfg.layout == "HND":
                     got = got.transpose(0, 2, 1, 3)
                 got = np.ascontiguousarray(got).reshape(-1, *shape)[:count]
-                want = self._content(sub, layer, which)
-                bad = ~(got.view(self._words) == want).reshape(count, -1).all(axis=1)
+                want = self._stored(sub, layer, which)
+                bad = ~(got.view(self._pool_words) == want).reshape(count, -1).all(axis=1)
                 self.result.mismatches += int(bad.sum())
         self._win["tokens_verified"] += count
 

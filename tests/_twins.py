@@ -10,11 +10,12 @@ cupy = pytest.importorskip("cupy")
 
 
 def twin_caches(dtype, layout, page_size, head_dim, heads=2, layers=2, tokens=768, seed=0,
-                framework="cupy"):
+                framework="cupy", **config):
+    """``config``: more KVCacheConfig fields (``model_dtype``, ``key_only``, ...)."""
     num_pages = max(8, tokens // page_size + 8)
     cfg = KVCacheConfig(num_layers=layers, num_kv_heads=heads, head_dim=head_dim,
                         page_size=page_size, num_pages=num_pages, dtype=dtype, layout=layout,
-                        max_seqs=16)
+                        max_seqs=16, **config)
     if framework == "torch":
         pytest.importorskip("torch")
     cpu, gpu = KVCache(cfg, device="cpu"), KVCache(cfg, device="cuda", framework=framework)
@@ -43,27 +44,33 @@ def to_host(device_array):
 
     if device_array.dtype == torch.bfloat16:
         return device_array.view(torch.int16).cpu().numpy().view(np.uint16)
+    if device_array.dtype == torch.float8_e4m3fn:
+        return device_array.view(torch.uint8).cpu().numpy()
     return device_array.cpu().numpy()
 
 
 def assert_same_bytes(host_array, device_array):
+    if host_array is None:      # a key-only cache's V
+        assert device_array is None
+        return
     got = to_host(device_array)
     assert got.shape == host_array.shape and got.dtype.itemsize == host_array.dtype.itemsize
     assert np.array_equal(got.view(np.uint8), host_array.view(np.uint8))
 
 
 def random_kv(rng, cache, n):
+    """Random finite ``[n, H, D]`` values of what ``write`` takes (the model dtype)."""
     cfg = cache.config
     shape = (n, cfg.num_kv_heads, cfg.head_dim)
     # random finite values, never zeros: build from normal floats, reinterpret as words
     values = rng.standard_normal(shape).astype(np.float32) + 3.0
-    if cfg.dtype == "float16":
+    if cfg.model_dtype == "float16":
         arr = values.astype(np.float16)
-    elif cfg.dtype == "bfloat16":
+    elif cfg.model_dtype == "bfloat16":
         arr = (values.view(np.uint32) >> 16).astype(np.uint16)
     else:
         arr = values
-    return arr.view(cfg.storage_dtype)
+    return arr.view(cfg.model_storage_dtype)
 
 
 def run_random_ops(cpu, gpu, rng, steps=25):
@@ -99,18 +106,21 @@ def run_random_ops(cpu, gpu, rng, steps=25):
             np.testing.assert_array_equal(step.slot_mapping, step_gpu.slot_mapping)
             slots = step.slot_mapping.copy()
             slots[rng.random(slots.size) < 0.1] = -1      # padding is skipped
+            key_only = cpu.config.key_only
             for layer in range(cpu.config.num_layers):
                 k = random_kv(rng, cpu, slots.size)
-                v = random_kv(rng, cpu, slots.size)
+                v = None if key_only else random_kv(rng, cpu, slots.size)
                 cpu.write(layer, k, v, slots)
-                gpu.write(layer, gpu.from_host(k), gpu.from_host(v), slots)
+                gpu.write(layer, gpu.from_host(k), None if key_only else gpu.from_host(v),
+                          slots)
         if live and rng.random() < 0.3:
             layer = int(rng.integers(cpu.config.num_layers))
-            k, v, indptr = cpu.gather(layer, live)
-            kg, vg, indptr_g = gpu.gather(layer, live)
-            np.testing.assert_array_equal(indptr, indptr_g)
-            assert_same_bytes(k, kg)
-            assert_same_bytes(v, vg)
+            for raw in (False, True) if cpu.config.quantized else (False,):
+                k, v, indptr = cpu.gather(layer, live, raw=raw)
+                kg, vg, indptr_g = gpu.gather(layer, live, raw=raw)
+                np.testing.assert_array_equal(indptr, indptr_g)
+                assert_same_bytes(k, kg)
+                assert_same_bytes(v, vg)
     gpu.synchronize()
     assert_same_pools(cpu, gpu)
 
@@ -122,7 +132,8 @@ def assert_same_pools(cpu, gpu):
         return
     for layer in range(cpu.config.num_layers):
         assert_same_bytes(cpu.k_cache(layer), gpu.k_cache(layer))
-        assert_same_bytes(cpu.v_cache(layer), gpu.v_cache(layer))
+        if not cpu.config.key_only:
+            assert_same_bytes(cpu.v_cache(layer), gpu.v_cache(layer))
 
 
 def adopted_pools(cfg, kind):

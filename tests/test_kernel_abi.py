@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from kvcore.backends.kernel_abi import KERNELS, VECTOR_WIDTHS
+from kvcore.backends.kernel_abi import FP8_WIDTHS, KERNELS, VECTOR_WIDTHS
 
 SOURCE = Path(__file__).resolve().parent.parent / "cuda" / "kvcore_kernels.cu"
 
@@ -48,6 +48,8 @@ def test_every_width_is_instantiated():
     widths = sorted(int(w) for w in re.findall(r"KVCORE_INSTANTIATE\(\w+(?: \w+)?, (\d+)\)",
                                                    text))
     assert widths == sorted(VECTOR_WIDTHS)
+    fp8 = sorted(int(w) for w in re.findall(r"KVCORE_INSTANTIATE_FP8\((\d+)\)", text))
+    assert fp8 == sorted(FP8_WIDTHS)
 
 
 def test_error_bits_agree_with_the_cuda_header():

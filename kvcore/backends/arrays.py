@@ -26,7 +26,7 @@ __all__ = ["ArrayView", "CupyFramework", "TorchFramework", "describe", "stream_h
 
 #: dtype names kvcore understands, with their sizes in bytes.
 ITEMSIZE = {"float16": 2, "bfloat16": 2, "float32": 4, "int64": 8, "int32": 4, "int16": 2,
-            "uint16": 2, "uint8": 1, "uint64": 8, "float64": 8, "int8": 1}
+            "uint16": 2, "uint8": 1, "uint64": 8, "float64": 8, "int8": 1, "float8_e4m3fn": 1}
 
 _TYPESTR = {"f2": "float16", "f4": "float32", "f8": "float64", "i8": "int64", "i4": "int32",
             "i2": "int16", "i1": "int8", "u2": "uint16", "u1": "uint8", "u8": "uint64"}
@@ -228,7 +228,8 @@ class TorchFramework:
             self.current_stream = lambda: torch.cuda.current_stream(self.device).cuda_stream
         self._dtypes = {"bfloat16": torch.bfloat16, "float16": torch.float16,
                         "float32": torch.float32, "int64": torch.int64, "int32": torch.int32,
-                        "uint8": torch.uint8, "int16": torch.int16}
+                        "uint8": torch.uint8, "int16": torch.int16,
+                        "float8_e4m3fn": torch.float8_e4m3fn}
 
     def empty(self, shape, dtype: str, stream: int | None = None):
         """A new tensor on the device; with ``stream``, allocated for use on it."""
@@ -236,6 +237,9 @@ class TorchFramework:
             return self.torch.empty(shape, dtype=self._dtypes[dtype], device=self.device)
 
     def zeros(self, shape, dtype: str):
+        if dtype == "float8_e4m3fn":   # zero bytes, viewed: fills need no fp8 kernels
+            return self.torch.zeros(shape, dtype=self.torch.uint8,
+                                    device=self.device).view(self._dtypes[dtype])
         return self.torch.zeros(shape, dtype=self._dtypes[dtype], device=self.device)
 
     def view_as(self, byte_array, offset: int, dtype: str, shape):
@@ -273,7 +277,7 @@ class CupyFramework:
         self.current_stream = lambda: get_stream(device_id).ptr
 
     def _storage(self, dtype: str):
-        return np.dtype("uint16") if dtype == "bfloat16" else np.dtype(dtype)
+        return np.dtype({"bfloat16": "uint16", "float8_e4m3fn": "uint8"}.get(dtype, dtype))
 
     def empty(self, shape, dtype: str, stream: int | None = None):
         with self.cupy.cuda.Device(self.device_id), self.on_stream(stream):

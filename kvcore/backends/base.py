@@ -46,6 +46,12 @@ class Backend(Protocol):
         ``host_kv[h]``, every layer slot, K and V) in the storage dtype (bfloat16 as
         uint16 words); page-locked and mapped for the device on CUDA. None when
         ``config.num_host_pages == 0``.
+    scales : numpy.ndarray or None
+        fp8 pools: the float32 ``[num_layers, 2]`` ``(k_scale, v_scale)`` of each layer,
+        on the host (None for other pools).
+    scale_table : array or None
+        The same scales where the kernels read them (the device on CUDA; ``scales``
+        itself on the CPU).
     """
 
     name: str
@@ -57,6 +63,8 @@ class Backend(Protocol):
     v_views: tuple
     scatter_fast_path: Any
     host_kv: Any
+    scales: Any
+    scale_table: Any
 
     # -- streams --------------------------------------------------------------------------
     def current_stream(self) -> int | None: ...
@@ -70,9 +78,13 @@ class Backend(Protocol):
 
     # -- data movement ----------------------------------------------------------------------
     def write(self, layer: int, k, v, slot_mapping, stream, metadata=None) -> None: ...
-    def gather(self, layer: int, index, out, stream): ...
+    def gather(self, layer: int, index, out, stream, raw: bool = False): ...
     def copy_pages(self, src, dst, stream) -> None: ...
     def synchronize(self, stream) -> int: ...
+
+    # -- fp8 scales ------------------------------------------------------------------------
+    def set_scales(self, layer: int, k_scale, v_scale) -> None: ...
+    def amax(self, array, name: str) -> float: ...
 
     # -- step metadata buffers -------------------------------------------------------------
     def metadata_storage(self, nbytes: int, count: int): ...

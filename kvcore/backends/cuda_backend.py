@@ -20,11 +20,17 @@ import ctypes
 
 import numpy as np
 
-from kvcore._checks import check_host_slots, check_kv_shape, host_page_pair, kv_dtype_ok
+from kvcore._checks import (
+    check_host_slots,
+    check_kv_shape,
+    host_page_pair,
+    kv_dtype_ok,
+    takes,
+)
 from kvcore._launch import TorchScatter
 from kvcore.backends.arrays import CupyFramework, TorchFramework, describe, stream_handle
 from kvcore.backends.cuda_kernels import cupy, launcher, load_module
-from kvcore.backends.kernel_abi import VECTOR_WIDTHS
+from kvcore.backends.kernel_abi import FP8_WIDTHS, VECTOR_WIDTHS
 from kvcore.backends.pool_layout import adopt_layers
 from kvcore.backends.uploads import PinnedRing, refuse_capture
 from kvcore.config import KVCacheConfig
@@ -160,15 +166,17 @@ class CudaBackend:
         self.error_word = fw.zeros((1,), "int32")
         self._error_ptr = describe(self.error_word).ptr
         # copy_pages copies each distinct pool once: layers of different groups may share
-        # a slot (docs/groups.md), and a page id belongs to one group at a time.
+        # a slot (docs/groups.md), and a page id belongs to one group at a time. A
+        # key-only pool's V pointers are 0: there is no V to copy.
         pools = np.array(list(dict.fromkeys(
-            p for pair in zip(layers.k_ptrs, layers.v_ptrs, strict=True) for p in pair)),
+            p for pair in zip(layers.k_ptrs, layers.v_ptrs, strict=True) for p in pair if p)),
             dtype=np.uint64)
         self._num_pools = int(pools.size)
         self._pool_table = fw.empty((pools.size,), "int64")
         cupy.cuda.runtime.memcpy(describe(self._pool_table).ptr, pools.ctypes.data,
                                  pools.nbytes, 1)
         self.uploader = PinnedRing(fw)
+        self._init_scales(config)
         self._init_host_tier(config, layers)
         # The pool's zero fill and the buffers above were enqueued on the stream current
         # now; wait once, so first use on any other stream cannot race them.
@@ -179,7 +187,63 @@ class CudaBackend:
         # The framework's current-stream reader itself: one call per lookup.
         self.current_stream = fw.current_stream
         self.framework_name = fw.name
-        self.scatter_fast_path = self._make_torch_scatter() if fw.name == "torch" else None
+        # The C hot path moves K and V of a 16/32-bit pool as they are.
+        plain = not (config.quantized or config.key_only)
+        self.scatter_fast_path = (self._make_torch_scatter() if fw.name == "torch" and plain
+                                  else None)
+
+    def _init_scales(self, config: KVCacheConfig) -> None:
+        """fp8 pools: the float32 ``[num_layers, 2]`` scale table the kernels read (every
+        scale 1.0), and its host copy ``scales``."""
+        self.scales = self.scale_table = None
+        self._scale_ptr = 0
+        if not config.quantized:
+            return
+        self.scales = np.ones((config.num_layers, 2), dtype=np.float32)
+        self.scale_table = self.framework.empty((config.num_layers, 2), "float32")
+        self._scale_ptr = describe(self.scale_table).ptr
+        cupy.cuda.runtime.memcpy(self._scale_ptr, self.scales.ctypes.data, self.scales.nbytes,
+                                 1)
+
+    def set_scales(self, layer: int, k_scale: np.float32, v_scale: np.float32) -> None:
+        """Set layer ``layer``'s scales (checked by the facade) on the host and the device.
+
+        The device is synchronized before the copy (work already queued on any stream
+        used the old scales) and after it (work queued next uses the new ones).
+        """
+        runtime = cupy.cuda.runtime
+        with cupy.cuda.Device(self.device_id):
+            runtime.deviceSynchronize()
+            self.scales[layer] = (k_scale, v_scale)
+            row = self.scales[layer]
+            runtime.memcpy(self._scale_ptr + layer * 8, row.ctypes.data, 8, 1)
+            runtime.deviceSynchronize()
+
+    def amax(self, array, name: str) -> float:
+        """Largest magnitude of a float16 / bfloat16 K or V input (NaN if it holds one);
+        waits for the device."""
+        view = self._on_device(array, name)
+        check_kv_shape(view.shape, self.config, name)
+        if not kv_dtype_ok(self.config.model_dtype, view.dtype):
+            raise ShapeError(f"{name} has dtype {view.dtype}, {takes(self.config)}")
+        _check_aligned(view, name)
+        with cupy.cuda.Device(self.device_id):
+            cupy.cuda.runtime.deviceSynchronize()    # the caller's stream made the data
+            if 0 in view.shape:
+                return 0.0
+            extent = 1 + sum((n - 1) * st for n, st in zip(view.shape, view.strides,
+                                                            strict=True))
+            memory = cupy.cuda.UnownedMemory(view.ptr, extent * 2, view.owner, self.device_id)
+            words = cupy.ndarray(view.shape, dtype=np.uint16,
+                                 memptr=cupy.cuda.MemoryPointer(memory, 0),
+                                 strides=tuple(2 * st for st in view.strides))
+            if self.config.model_dtype == "bfloat16":
+                values = (words.astype(np.uint32) << 16).view(np.float32)
+            else:
+                values = words.view(np.float16).astype(np.float32)
+            result = float(cupy.abs(values).max())
+            cupy.cuda.runtime.deviceSynchronize()
+        return result
 
     def _init_host_tier(self, config: KVCacheConfig, layers) -> None:
         """Pin the host tier (``host_kv``) and upload the (slot, K/V) pool table that
@@ -189,7 +253,7 @@ class CudaBackend:
         self._host_ptr = 0
         self._swap_table = None
         self._swap_table_ptr = 0
-        self._swap_pools = 2 * config.num_slots
+        self._swap_pools = config.tensors_per_token * config.num_slots
         if not config.num_host_pages:
             return
         # Host page h holds slot j's K and V: for slot j, the pools of the first layer in
@@ -212,7 +276,7 @@ class CudaBackend:
                     "same K and V tensors")
         for slot in range(config.num_slots):
             layer = first[slot]
-            table += [layers.k_ptrs[layer], layers.v_ptrs[layer]]
+            table += [layers.k_ptrs[layer], layers.v_ptrs[layer]][:config.tensors_per_token]
         table = np.array(table, dtype=np.uint64)
         self._swap_table = self.framework.empty((table.size,), "int64")
         self._swap_table_ptr = describe(self._swap_table).ptr
@@ -233,7 +297,7 @@ class CudaBackend:
         """The C hot path of ``write`` for torch tensors (see :class:`TorchScatter`)."""
         torch = self.framework.torch
         launchers = tuple(self._launcher("scatter", w) if w >= self._item else None
-                          for w in VECTOR_WIDTHS)
+                          for w in VECTOR_WIDTHS if w >= 2)
         dtype = {"bfloat16": torch.bfloat16, "float16": torch.float16,
                  "float32": torch.float32}[self.config.dtype]
         return TorchScatter(torch.Tensor, dtype, torch.int64, self.device_id,
@@ -260,6 +324,17 @@ class CudaBackend:
                 "copy_pages": dict(common, num_pools=self._num_pools,
                                    num_pages=cfg.num_pages,
                                    page_vecs=cfg.page_elems * self._item // width),
+                "scatter_fp8": dict(common, num_slots=cfg.num_pages * cfg.page_size,
+                                    layout=LAYOUT_CODE[cfg.layout], page_size=cfg.page_size,
+                                    page_shift=self._page_shift, num_heads=cfg.num_kv_heads,
+                                    head_dim=cfg.head_dim,
+                                    bf16=int(cfg.model_dtype == "bfloat16"),
+                                    page_stride=self._page_stride_bytes),
+                "gather_fp8": dict(common, num_pages=cfg.num_pages,
+                                   layout=LAYOUT_CODE[cfg.layout], page_size=cfg.page_size,
+                                   num_heads=cfg.num_kv_heads, head_dim=cfg.head_dim,
+                                   bf16=int(cfg.model_dtype == "bfloat16"),
+                                   page_stride=self._page_stride_bytes),
                 "swap_pages": dict(common, pools=self._swap_table_ptr,
                                    host_pool=self._host_ptr, num_pools=self._swap_pools,
                                    num_pages=cfg.num_pages,
@@ -289,9 +364,8 @@ class CudaBackend:
         otherwise."""
         view = self._on_device(array, name)
         check_kv_shape(view.shape, self.config, name)
-        if not kv_dtype_ok(self.config.dtype, view.dtype):
-            raise ShapeError(f"{name} has dtype {view.dtype}, the cache holds "
-                             f"{self.config.dtype}")
+        if not kv_dtype_ok(self.config.model_dtype, view.dtype):
+            raise ShapeError(f"{name} has dtype {view.dtype}, {takes(self.config)}")
         array, view = self._last_axis_contiguous(array, view, name, stream)
         return view.ptr, view.shape[0], view.strides[0], view.strides[1], array
 
@@ -371,9 +445,17 @@ class CudaBackend:
                     layer, k, v, slot_mapping, 0, 0, stream):
                 return
         k_ptr, rows, k_st, k_sh, k_keep = self._kv_input(k, "k", stream)
-        v_ptr, v_rows, v_st, v_sh, v_keep = self._kv_input(v, "v", stream)
-        if v_rows != rows:
-            raise ShapeError(f"k and v differ in shape: {rows} != {v_rows} tokens")
+        if self.config.key_only:
+            if v is not None:
+                raise ShapeError("v must be None: the cache is key-only (key_only=True, one "
+                                 "tensor per token)")
+            v_ptr, v_st, v_sh, v_keep = 0, 0, 0, None
+        else:
+            if v is None:
+                raise ShapeError("v is None, but the cache holds K and V (key_only=False)")
+            v_ptr, v_rows, v_st, v_sh, v_keep = self._kv_input(v, "v", stream)
+            if v_rows != rows:
+                raise ShapeError(f"k and v differ in shape: {rows} != {v_rows} tokens")
         keep = None
         if metadata is not None:
             slots_ptr = metadata.slot_mapping_ptr(rows)
@@ -388,6 +470,11 @@ class CudaBackend:
             (slots_ptr,), keep = self.uploader.upload([np.ascontiguousarray(slots)], stream)
         if rows == 0:
             return
+        if self.config.quantized:
+            self._scatter_fp8(layer, stream, rows, slots_ptr, k_ptr, k_st, k_sh, v_ptr, v_st,
+                              v_sh)
+            del k_keep, v_keep, keep
+            return
         item = self._item
         width = self._vector_width(k_ptr | v_ptr | (k_st * item) | (k_sh * item)
                                    | (v_st * item) | (v_sh * item))
@@ -401,7 +488,29 @@ class CudaBackend:
             self._v_ptrs[layer], rows)
         del k_keep, v_keep, keep
 
-    def gather(self, layer: int, index, out, stream: int):
+    def _fp8_width(self, combined_in: int, combined_out: int) -> int:
+        """Most fp8 codes per vector ``E``: 2E-byte float16 / bfloat16 vectors must divide
+        ``combined_in`` (pointers and strides in bytes, OR-ed) and E-byte code vectors
+        ``combined_out``; rows and the pool's alignment are folded in here."""
+        head_dim = self.config.head_dim
+        combined_in |= 2 * head_dim
+        combined_out |= head_dim | self._pool_align
+        return next(e for e in FP8_WIDTHS
+                    if combined_in % (2 * e) == 0 and combined_out % e == 0)
+
+    def _scatter_fp8(self, layer, stream, rows, slots_ptr, k_ptr, k_st, k_sh, v_ptr, v_st,
+                     v_sh) -> None:
+        """Quantizing scatter: strides in elements of the 2-byte inputs."""
+        cfg = self.config
+        width = self._fp8_width(k_ptr | v_ptr | 2 * (k_st | k_sh | v_st | v_sh), 0)
+        vecs_per_token = cfg.num_kv_heads * (cfg.head_dim // width)
+        block = min(_MAX_BLOCK, _round_up(vecs_per_token, 32))
+        grid = max(1, min(-(-rows // _UNROLL), self.num_sms * 32))
+        self._launcher("scatter_fp8", width)(
+            grid, block, stream, k_ptr, v_ptr, k_st, k_sh, v_st, v_sh, slots_ptr,
+            self._k_ptrs[layer], self._v_ptrs[layer], self._scale_ptr + layer * 8, rows)
+
+    def gather(self, layer: int, index, out, stream: int, raw: bool = False):
         """K and V of a batch into ``out`` (or new ``[total_tokens, H, D]`` arrays).
 
         ``index`` is either ``(page_indptr, page_indices, last_page_len, token_indptr,
@@ -416,17 +525,26 @@ class CudaBackend:
             max_entries = nnz
         else:
             total, batch, max_entries = None, index.max_batch, index.max_pages
+        dequantize = cfg.quantized and not raw
+        out_dtype = cfg.model_dtype if dequantize else cfg.dtype
         if out is None:
             # with a StepMetadata, sized by its live step (known on the host)
             rows = total if total is not None else index.num_live_tokens
             shape = (rows, cfg.num_kv_heads, cfg.head_dim)
-            out = (self.framework.empty(shape, cfg.dtype, stream),
-                   self.framework.empty(shape, cfg.dtype, stream))
+            out = (self.framework.empty(shape, out_dtype, stream),
+                   None if cfg.key_only else self.framework.empty(shape, out_dtype, stream))
+        if not isinstance(out, (tuple, list)) or len(out) != 2:
+            raise ShapeError("out must be a (k_out, v_out) pair")
         k_out, v_out = out
-        k_ptr, rows = self._out_array(k_out, "k_out", total)
-        v_ptr, v_rows = self._out_array(v_out, "v_out", total)
-        if rows != v_rows:
-            raise ShapeError(f"k_out and v_out differ in rows: {rows} != {v_rows}")
+        k_ptr, rows = self._out_array(k_out, "k_out", total, out_dtype)
+        if cfg.key_only:
+            if v_out is not None:
+                raise ShapeError("out must be (k_out, None): the cache is key-only")
+            v_ptr = 0
+        else:
+            v_ptr, v_rows = self._out_array(v_out, "v_out", total, out_dtype)
+            if rows != v_rows:
+                raise ShapeError(f"k_out and v_out differ in rows: {rows} != {v_rows}")
         if max_entries == 0 or batch == 0 or (total is not None and total == 0):
             return out
         if isinstance(index, tuple):
@@ -437,23 +555,32 @@ class CudaBackend:
                  np.ascontiguousarray(token_indptr, dtype=np.int64)], stream)
         else:
             indptr_p, indices_p, last_p, tok_p = index.gather_pointers()
+        grid = max(1, min(max_entries, self.num_sms * 32))
+        if dequantize:
+            width = self._fp8_width(k_ptr | v_ptr, 0)
+            block = min(_MAX_BLOCK, _round_up(cfg.num_kv_heads * (cfg.head_dim // width), 32))
+            self._launcher("gather_fp8", width)(
+                grid, block, stream, self._k_ptrs[layer], self._v_ptrs[layer], indptr_p,
+                indices_p, last_p, tok_p, k_ptr, v_ptr, self._scale_ptr + layer * 8, batch,
+                rows)
+            del keep
+            return out
         width = self._vector_width(k_ptr | v_ptr)
         block = min(_MAX_BLOCK, _round_up(cfg.num_kv_heads * (self._row_bytes // width), 32))
-        grid = max(1, min(max_entries, self.num_sms * 32))
         self._launcher("gather", width)(
             grid, block, stream, self._k_ptrs[layer], self._v_ptrs[layer], indptr_p,
             indices_p, last_p, tok_p, k_ptr, v_ptr, batch, rows)
         del keep
         return out
 
-    def _out_array(self, array, name: str, rows: int | None):
+    def _out_array(self, array, name: str, rows: int | None, dtype: str):
         view = self._on_device(array, name)
         check_kv_shape(view.shape, self.config, name)
         if rows is not None and view.shape[0] < rows:
             raise ShapeError(f"{name} has {view.shape[0]} rows, the batch holds {rows} tokens")
-        if not kv_dtype_ok(self.config.dtype, view.dtype):
-            raise ShapeError(f"{name} has dtype {view.dtype}, the cache holds "
-                             f"{self.config.dtype}")
+        if not kv_dtype_ok(dtype, view.dtype):
+            what = ("the cache holds" if dtype == self.config.dtype else "the gather gives")
+            raise ShapeError(f"{name} has dtype {view.dtype}, {what} {dtype}")
         if not view.is_contiguous():
             raise ShapeError(f"{name} must be contiguous, got strides {view.strides}")
         _check_aligned(view, name)
@@ -634,6 +761,8 @@ class CudaBackend:
             torch = self.framework.torch
             if array.dtype == torch.bfloat16:
                 return array.view(torch.int16).cpu().numpy().view(np.uint16)
+            if array.dtype == torch.float8_e4m3fn:
+                return array.view(torch.uint8).cpu().numpy()
             return array.cpu().numpy()
         return cupy.asnumpy(array)
 
@@ -646,7 +775,7 @@ class CudaBackend:
             words = array.dtype == np.uint16
             tensor = torch.from_numpy(array.view(np.int16) if words else array)
             tensor = tensor.to(self.framework.device)
-            if words and self.config.dtype == "bfloat16":
+            if words and self.config.model_dtype == "bfloat16":
                 tensor = tensor.view(torch.bfloat16)
             return tensor
         with cupy.cuda.Device(self.device_id):

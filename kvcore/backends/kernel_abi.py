@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from typing import NamedTuple
 
-__all__ = ["KERNELS", "KernelABI"]
+__all__ = ["FP8_OPS", "FP8_WIDTHS", "KERNELS", "KernelABI", "VECTOR_WIDTHS"]
 
 
 class KernelABI(NamedTuple):
@@ -65,10 +65,34 @@ KERNELS: dict[str, KernelABI] = {
                ("num_host_pages", "q"), ("page_stride", "q"), ("page_vecs", "q"),
                ("error_word", "p")),
     ),
+    # fp8 pools: quantize float16 / bfloat16 on the way in, dequantize on the way out.
+    # Widths count fp8 codes per vector (FP8_WIDTHS); offsets and strides are in elements.
+    "scatter_fp8": KernelABI(
+        leading=(("k", "p"), ("v", "p"), ("k_stride_t", "q"), ("k_stride_h", "q"),
+                 ("v_stride_t", "q"), ("v_stride_h", "q"), ("slot_mapping", "p"),
+                 ("k_pool", "p"), ("v_pool", "p"), ("scales", "p"), ("num_tokens", "q")),
+        bound=(("num_slots", "q"), ("page_stride", "q"), ("layout", "i"), ("page_size", "q"),
+               ("page_shift", "i"), ("num_heads", "q"), ("head_dim", "q"), ("bf16", "i"),
+               ("error_word", "p")),
+    ),
+    "gather_fp8": KernelABI(
+        leading=(("k_pool", "p"), ("v_pool", "p"), ("page_indptr", "p"), ("page_indices", "p"),
+                 ("last_page_len", "p"), ("token_indptr", "p"), ("k_out", "p"), ("v_out", "p"),
+                 ("scales", "p"), ("batch", "i"), ("out_rows", "q")),
+        bound=(("num_pages", "q"), ("page_stride", "q"), ("layout", "i"), ("page_size", "q"),
+               ("num_heads", "q"), ("head_dim", "q"), ("bf16", "i"), ("error_word", "p")),
+    ),
 }
 
-#: Vector widths in bytes, one entry point per width (``kvcore_<op>_w<bytes>``).
-VECTOR_WIDTHS = (16, 8, 4, 2)
+#: Vector widths in bytes, one entry point per width (``kvcore_<op>_w<bytes>``); 1 serves
+#: fp8 pools whose rows or pointers are odd.
+VECTOR_WIDTHS = (16, 8, 4, 2, 1)
+
+#: fp8 codes per vector of ``scatter_fp8`` / ``gather_fp8`` (``kvcore_<op>_w<codes>``).
+FP8_WIDTHS = (8, 4, 2, 1)
+
+#: The kernels instantiated at FP8_WIDTHS; the others are at VECTOR_WIDTHS.
+FP8_OPS = ("scatter_fp8", "gather_fp8")
 
 #: Bits of the device error word (cuda/kvcore_common.cuh).
 ERR_SLOT_OUT_OF_RANGE = 1

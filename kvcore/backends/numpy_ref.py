@@ -10,7 +10,14 @@ from __future__ import annotations
 
 import numpy as np
 
-from kvcore._checks import check_host_slots, check_kv_shape, host_page_pair, kv_dtype_ok
+from kvcore import fp8
+from kvcore._checks import (
+    check_host_slots,
+    check_kv_shape,
+    host_page_pair,
+    kv_dtype_ok,
+    takes,
+)
 from kvcore._interop import bfloat16_as_int16
 from kvcore.backends.arrays import stream_handle
 from kvcore.config import KVCacheConfig
@@ -41,8 +48,15 @@ class NumpyBackend:
         # Layer l lives in pool slot layer_slot(l) (slot l without layer groups).
         self._slots = tuple(config.layer_slot(layer) for layer in range(config.num_layers))
         self.k_views = tuple(self.kv[slot, 0] for slot in self._slots)
-        self.v_views = tuple(self.kv[slot, 1] for slot in self._slots)
+        self.v_views = (tuple(self.kv[slot, 1] for slot in self._slots)
+                        if not config.key_only else (None,) * config.num_layers)
         self._dtype = self.kv.dtype
+        # What write takes and gather returns unless raw: the model dtype's storage (the
+        # pool's own, except for an fp8 pool).
+        self._in_dtype = config.model_storage_dtype
+        # fp8 pools: per (layer, K/V) float32 scales, real value = code value x scale.
+        self.scales = (np.ones((config.num_layers, 2), dtype=np.float32)
+                       if config.quantized else None)
         # The host tier: page-major, [H, num_slots, 2, *page_shape] (None without one).
         self.host_kv = (np.zeros(config.host_pool_shape, dtype=config.storage_dtype)
                         if config.num_host_pages else None)
@@ -68,13 +82,44 @@ class NumpyBackend:
             except Exception as exc:   # a caller's __array__ may raise anything
                 raise ShapeError(f"{name} cannot be read as an array: {exc!r}") from None
         check_kv_shape(array.shape, self.config, name)
-        if array.dtype != self._dtype:
-            if array.dtype.byteorder == ">" or not kv_dtype_ok(self.config.dtype,
+        if array.dtype != self._in_dtype:
+            if array.dtype.byteorder == ">" or not kv_dtype_ok(self.config.model_dtype,
                                                                 array.dtype.name):
-                raise ShapeError(f"{name} has dtype {array.dtype}, the cache holds "
-                                 f"{self.config.dtype}")
-            array = array.view(self._dtype)
+                raise ShapeError(f"{name} has dtype {array.dtype}, "
+                                 f"{takes(self.config)}")
+            array = array.view(self._in_dtype)
         return array
+
+    def _kv_pair(self, k, v):
+        """``k`` and ``v`` read and checked; ``v`` must be None exactly when key-only."""
+        k = self._kv_input(k, "k")
+        if self.config.key_only:
+            if v is not None:
+                raise ShapeError("v must be None: the cache is key-only (key_only=True, one "
+                                 "tensor per token)")
+            return k, None
+        if v is None:
+            raise ShapeError("v is None, but the cache holds K and V (key_only=False)")
+        v = self._kv_input(v, "v")
+        if k.shape != v.shape:
+            raise ShapeError(f"k and v differ in shape: {k.shape} != {v.shape}")
+        return k, v
+
+    # -- fp8 scales -----------------------------------------------------------------------
+
+    def set_scales(self, layer: int, k_scale: np.float32, v_scale: np.float32) -> None:
+        """Set layer ``layer``'s scales (already checked by the facade)."""
+        self.scales[layer] = (k_scale, v_scale)
+
+    @property
+    def scale_table(self) -> np.ndarray:
+        """float32 ``[num_layers, 2]``: the scales themselves on the CPU."""
+        return self.scales
+
+    def amax(self, array, name: str) -> float:
+        """Largest magnitude of a K or V input (float32; NaN if it holds one)."""
+        values = fp8._as_float32(self._kv_input(array, name), self.config.model_dtype)
+        return float(np.max(np.abs(values))) if values.size else 0.0
 
     def to_host(self, array) -> np.ndarray:
         return np.asarray(array)
@@ -127,11 +172,9 @@ class NumpyBackend:
     # -- data movement ----------------------------------------------------------------------
 
     def write(self, layer: int, k, v, slot_mapping, stream=None, metadata=None) -> None:
-        """Scatter ``k``, ``v`` ``[T, H, D]`` to the slots in ``slot_mapping`` (-1 skipped)."""
-        k = self._kv_input(k, "k")
-        v = self._kv_input(v, "v")
-        if k.shape != v.shape:
-            raise ShapeError(f"k and v differ in shape: {k.shape} != {v.shape}")
+        """Scatter ``k``, ``v`` ``[T, H, D]`` to the slots in ``slot_mapping`` (-1 skipped);
+        an fp8 pool stores ``fp8.quantize(k, k_scale)`` (and V likewise)."""
+        k, v = self._kv_pair(k, v)
         if metadata is not None:
             slots = metadata.slot_mapping_view(k.shape[0])
         else:
@@ -142,27 +185,58 @@ class NumpyBackend:
         ps = self.config.page_size
         keep = slots >= 0
         pages, offsets = np.divmod(slots[keep], ps)
-        for which, src in ((0, k), (1, v)):
+        for which, src in enumerate((k, v)[:self.config.tensors_per_token]):
             pool = self.kv[self._slots[layer], which]
+            if self.scales is not None:
+                src = fp8.quantize(src, self.scales[layer, which], self.config.model_dtype)
             if self.config.layout == "NHD":
                 pool[pages, offsets] = src[keep]          # pool [P, S, H, D]
             else:
                 pool[pages, :, offsets] = src[keep]       # pool [P, H, S, D] -> [n, H, D]
 
-    def gather(self, layer: int, index, out=None, stream=None):
+    def gather(self, layer: int, index, out=None, stream=None, raw: bool = False):
         """K and V of every token of a batch into ``out`` or new ``[total, H, D]`` arrays.
 
         ``index``: ``(page_indptr, page_indices, last_page_len, token_indptr, total, nnz)``
-        host arrays, or a StepMetadata (its live batch).
+        host arrays, or a StepMetadata (its live batch). An fp8 pool's codes come back
+        dequantized to the model dtype, or as they are (uint8) with ``raw``. A key-only
+        pool gives ``(k, None)``.
         """
         cfg = self.config
         if not isinstance(index, tuple):
             index = index.host_gather_index()
         page_indptr, page_indices, last_page_len, token_indptr, total, _ = index
+        raw = raw or not cfg.quantized
+        out_dtype, out_name = (self._dtype, cfg.dtype) if raw else (self._in_dtype,
+                                                                    cfg.model_dtype)
+        out = self._gather_outputs(out, total, out_dtype, out_name)
+        outs = [a.view(out_dtype) for a in out[:cfg.tensors_per_token]]
+        for b in range(len(last_page_len)):
+            pages = page_indices[page_indptr[b]:page_indptr[b + 1]]
+            start, stop = int(token_indptr[b]), int(token_indptr[b + 1])
+            for which, dst in enumerate(outs):
+                chunk = self.kv[self._slots[layer], which][pages]  # [n, S, H, D] / [n, H, S, D]
+                if cfg.layout == "HND":
+                    chunk = chunk.transpose(0, 2, 1, 3)           # -> [n, S, H, D]
+                chunk = chunk.reshape(-1, cfg.num_kv_heads, cfg.head_dim)[: stop - start]
+                if out_dtype is not self._dtype:
+                    chunk = fp8.dequantize(chunk, self.scales[layer, which], cfg.model_dtype)
+                dst[start:stop] = chunk
+        return out
+
+    def _gather_outputs(self, out, total: int, dtype: np.dtype, dtype_name: str):
+        """``out`` checked (or new arrays): ``(k_out, v_out)``, ``v_out`` None when
+        key-only."""
+        cfg = self.config
         if out is None:
-            k_out = np.empty((total, cfg.num_kv_heads, cfg.head_dim), dtype=self._dtype)
-            out = (k_out, np.empty_like(k_out))
-        for name, array in zip(("k_out", "v_out"), out, strict=True):
+            k_out = np.empty((total, cfg.num_kv_heads, cfg.head_dim), dtype=dtype)
+            return (k_out, None if cfg.key_only else np.empty_like(k_out))
+        if not isinstance(out, (tuple, list)) or len(out) != 2:
+            raise ShapeError("out must be a (k_out, v_out) pair")
+        if cfg.key_only and out[1] is not None:
+            raise ShapeError("out must be (k_out, None): the cache is key-only")
+        names = ("k_out", "v_out")[:cfg.tensors_per_token]
+        for name, array in zip(names, out[:cfg.tensors_per_token], strict=True):
             if type(array) is not np.ndarray:
                 raise ShapeError(f"{name} must be a NumPy array on a cpu cache")
             check_kv_shape(array.shape, cfg, name)
@@ -170,20 +244,11 @@ class NumpyBackend:
                 raise ShapeError(f"{name} has {array.shape[0]} rows, the batch holds {total} "
                                  "tokens")
             if array.dtype.byteorder == ">" or (
-                    array.dtype != self._dtype and not kv_dtype_ok(cfg.dtype, array.dtype.name)):
-                raise ShapeError(f"{name} has dtype {array.dtype}, the cache holds {cfg.dtype}")
+                    array.dtype != dtype and not kv_dtype_ok(dtype_name, array.dtype.name)):
+                raise ShapeError(f"{name} has dtype {array.dtype}, the gather gives "
+                                 f"{dtype_name}")
             if not array.flags.writeable:
                 raise ShapeError(f"{name} is read-only")
-        k_out, v_out = (a.view(self._dtype) for a in out)
-        for b in range(len(last_page_len)):
-            pages = page_indices[page_indptr[b]:page_indptr[b + 1]]
-            start, stop = int(token_indptr[b]), int(token_indptr[b + 1])
-            for which, dst in ((0, k_out), (1, v_out)):
-                chunk = self.kv[self._slots[layer], which][pages]  # [n, S, H, D] / [n, H, S, D]
-                if cfg.layout == "HND":
-                    chunk = chunk.transpose(0, 2, 1, 3)           # -> [n, S, H, D]
-                dst[start:stop] = chunk.reshape(-1, cfg.num_kv_heads, cfg.head_dim)[
-                    : stop - start]
         return out
 
     def copy_pages(self, src, dst, stream=None) -> None:

@@ -16,6 +16,10 @@ a pair ``(k [P, S, H, D], v)``    as given                  16,384
 ===============================  =======================  ==========================
 
 HND is the same with ``[H, S, D]`` in place of ``[S, H, D]``.
+
+A key-only pool (``config.key_only``, MLA) has no V: each layer entry is one ``[P, S, H,
+D]`` array (vLLM's MLA ``[P, S, 576]`` viewed with ``H = 1``), or kvcore's own ``kv[L,
+1, P, ...]``; its ``v_ptrs`` are 0 and ``v_views`` None.
 """
 
 from __future__ import annotations
@@ -67,7 +71,10 @@ def adopt_layers(config: KVCacheConfig, pool) -> LayerPools:
                              f"or one array of shape {config.pool_shape}, got {view.shape}")
         # Layers of different groups share a slot (docs/groups.md): layer l is slot
         # layer_slot(l) of the one array.
-        pool = [pool[config.layer_slot(layer)] for layer in range(config.num_layers)]
+        if config.key_only:
+            pool = [pool[config.layer_slot(layer), 0] for layer in range(config.num_layers)]
+        else:
+            pool = [pool[config.layer_slot(layer)] for layer in range(config.num_layers)]
     if len(pool) != config.num_layers:
         raise ShapeError(f"pool has {len(pool)} layer entries, the config has "
                          f"{config.num_layers} layers")
@@ -77,7 +84,14 @@ def adopt_layers(config: KVCacheConfig, pool) -> LayerPools:
     strides, devices = set(), set()
     for layer, entry in enumerate(pool):
         name = f"pool[{layer}]"
-        if isinstance(entry, (list, tuple)):
+        if config.key_only:
+            view = describe(entry, name)
+            kv_views = [view]
+            _check_pages(view, config, page_shape, view.shape, view.strides, name)
+            k_ptr, v_ptr = view.ptr, 0
+            page_strides = (view.strides[0],)
+            views = (entry, None)
+        elif isinstance(entry, (list, tuple)):
             if len(entry) != 2:
                 raise ShapeError(f"{name} must be a (k, v) pair, got {len(entry)} arrays")
             k, v = entry
@@ -130,17 +144,19 @@ def adopt_layers(config: KVCacheConfig, pool) -> LayerPools:
     item = config.itemsize
     for name, ptr in zip(_pool_names(config.num_layers), _interleave(k_ptrs, v_ptrs),
                          strict=True):
-        if ptr % item:
+        if ptr and ptr % item:
             raise ShapeError(f"{name} starts at address {ptr:#x}, not a multiple of its "
                              f"{item}-byte element")
     groups = [config.layer_group(layer) for layer in range(config.num_layers)]
-    clash = _first_overlap(_interleave(k_ptrs, v_ptrs), page_stride * item,
-                           page_elems * item, config.num_pages,
-                           [g for g in groups for _ in ("K", "V")])
+    names = _pool_names(config.num_layers)
+    pools = [(ptr, g, n) for ptr, g, n in zip(_interleave(k_ptrs, v_ptrs),
+                                              [g for g in groups for _ in ("K", "V")], names,
+                                              strict=True) if ptr]   # key-only: no V
+    clash = _first_overlap([p for p, _, _ in pools], page_stride * item, page_elems * item,
+                           config.num_pages, [g for _, g, _ in pools])
     if clash is not None:
-        names = _pool_names(config.num_layers)
-        raise ShapeError(f"the pages of {names[clash[0]]} and {names[clash[1]]} overlap in "
-                         "memory: every layer's K and V need pages of their own")
+        raise ShapeError(f"the pages of {pools[clash[0]][2]} and {pools[clash[1]][2]} "
+                         "overlap in memory: every layer's K and V need pages of their own")
     return LayerPools(tuple(k_ptrs), tuple(v_ptrs), page_stride, tuple(k_views),
                       tuple(v_views), tuple(owners), devices.pop())
 

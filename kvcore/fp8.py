@@ -1,0 +1,210 @@
+"""fp8 e4m3 quantization, bit for bit as kvcore's CUDA kernels do it (the NumPy oracle).
+
+One convention everywhere, the one vLLM and FlashInfer use: **real value = fp8 value x
+scale**. Quantizing a float16 / bfloat16 element ``x`` with a float32 ``scale``:
+
+1. ``y = float32(x) / scale`` in float32 (IEEE division, round to nearest even);
+2. NaN stays NaN, as the code ``0x7F``; otherwise ``y`` is clamped to ``[-448, 448]``
+   (e4m3fn has no infinity: a plain cast past 448 gives NaN, CUDA's saturating
+   conversion gives +-448);
+3. ``y`` is rounded to the nearest e4m3fn value, ties to the even code (what
+   ``cvt.rn.satfinite.e4m3x2.f32`` does on the GPU).
+
+Dequantizing code ``c``: ``float32(e4m3(c)) * scale`` in float32, then rounded to
+float16 / bfloat16 (nearest even); a NaN code gives that dtype's canonical quiet NaN
+(``0x7E00`` / ``0x7FC0``).
+
+e4m3fn, worked example: ``0x4C`` is sign 0, exponent ``0b1001`` = 9, mantissa ``0b100``
+= 4, so ``(1 + 4/8) * 2**(9 - 7) = 6.0``; codes with exponent 0 are subnormal, ``m *
+2**-9``; ``0x7F`` and ``0xFF`` are NaN; the largest finite value is ``0x7E`` = 448.
+
+bfloat16 arrays are uint16 words here (as everywhere in kvcore), float16 arrays are
+``numpy.float16``; which one a word array means is said by ``dtype``.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+__all__ = ["E4M3_MAX", "E4M3_NAN", "dequantize", "e4m3_to_float32", "float32_to_bfloat16",
+           "quantize", "scale_for_amax"]
+
+#: Largest finite float8_e4m3fn value.
+E4M3_MAX = 448.0
+#: The NaN code quantize writes (positive; e4m3fn's NaNs are 0x7F and 0xFF).
+E4M3_NAN = 0x7F
+
+_MIN_NORMAL_EXP = -6     # 2**-6, the smallest normal e4m3fn value
+_SUBNORMAL_STEP = 2.0 ** -9
+
+
+def _decode_table() -> np.ndarray:
+    """float32 value of every code 0..255 (NaN for 0x7F, 0xFF), built from the fields."""
+    codes = np.arange(256, dtype=np.uint32)
+    sign = codes >> 7
+    exponent = (codes >> 3) & 0xF
+    mantissa = codes & 0x7
+    normal = ((sign << 31) | ((exponent + 120) << 23) | (mantissa << 20)).view(np.float32)
+    subnormal = (mantissa.astype(np.float32) * np.float32(_SUBNORMAL_STEP)
+                 * np.where(sign == 1, np.float32(-1), np.float32(1)))
+    values = np.where(exponent == 0, subnormal, normal).astype(np.float32)
+    values[(codes & 0x7F) == 0x7F] = np.nan
+    return values
+
+
+_TABLE = _decode_table()
+_TABLE.flags.writeable = False
+
+
+def e4m3_to_float32(codes) -> np.ndarray:
+    """Float32 values of e4m3fn codes.
+
+    Parameters
+    ----------
+    codes : array_like of uint8, any shape
+
+    Returns
+    -------
+    numpy.ndarray of float32, the same shape (a new array; NaN for 0x7F and 0xFF)
+    """
+    return _TABLE[np.asarray(codes, dtype=np.uint8)]
+
+
+def _as_float32(x, dtype: str) -> np.ndarray:
+    if dtype == "bfloat16":
+        words = np.asarray(x).view(np.uint16)
+        return (words.astype(np.uint32) << 16).view(np.float32)
+    if dtype == "float16":
+        return np.asarray(x, dtype=np.float16).astype(np.float32)
+    raise ValueError(f"dtype must be 'float16' or 'bfloat16', got {dtype!r}")
+
+
+def quantize(x, scale, dtype: str) -> np.ndarray:
+    """Quantize float16 / bfloat16 elements to e4m3fn codes (see the module docstring).
+
+    Parameters
+    ----------
+    x : numpy.ndarray, any shape
+        float16 values (``dtype="float16"``) or bfloat16 as uint16 / int16 words
+        (``dtype="bfloat16"``). Not modified.
+    scale : float or numpy.ndarray of float32
+        Real value = code value x scale; finite and > 0. An array broadcasts against
+        ``x`` (per token and head: shape ``[T, H, 1]``).
+    dtype : {"float16", "bfloat16"}
+
+    Returns
+    -------
+    numpy.ndarray of uint8, ``x``'s shape (a new array)
+
+    Raises
+    ------
+    ValueError
+        A scale that is not finite and > 0, or an unknown ``dtype``.
+
+    Examples
+    --------
+    >>> quantize(np.array([6.0, 1000.0, -0.001, -0.0005], dtype=np.float16), 1.0, "float16")
+    array([ 76, 126, 129, 128], dtype=uint8)
+    """
+    scale = np.asarray(scale, dtype=np.float32)
+    if not (np.isfinite(scale).all() and (scale > 0).all()):
+        raise ValueError("scale must be finite float32 values > 0")
+    with np.errstate(over="ignore", invalid="ignore"):
+        y = _as_float32(x, dtype) / scale
+    return _round_to_e4m3(y)
+
+
+def _round_to_e4m3(y: np.ndarray) -> np.ndarray:
+    """float32 -> e4m3fn codes: NaN to 0x7F, clamp to +-448, round to nearest even.
+
+    The value is rounded on the grid of its binade: ``q = 2**(e - 3)`` for ``|y|`` in
+    ``[2**e, 2**(e + 1))`` (three mantissa bits), ``q = 2**-9`` below ``2**-6``
+    (subnormals). ``rint(|y| / q)`` is exact division by a power of two followed by
+    NumPy's round-half-even, and the integer's parity is the code's last mantissa bit,
+    so ties go to the even code. Worked example: ``|y| = 17`` lies in ``[16, 32)``, ``q
+    = 2``, ``17 / 2 = 8.5`` rounds to 8, so 16 (code 0x58); ``19 / 2 = 9.5`` rounds to
+    10, so 20 (code 0x5A).
+    """
+    y = np.asarray(y, dtype=np.float32)
+    nan = np.isnan(y)
+    negative = np.signbit(y)
+    magnitude = np.minimum(np.abs(np.where(nan, np.float32(0), y)), np.float32(E4M3_MAX))
+    magnitude = magnitude.astype(np.float64)    # exact; the grid arithmetic below too
+    _, exp = np.frexp(magnitude)                # magnitude = m * 2**exp, m in [0.5, 1)
+    binade = np.maximum(exp - 1, _MIN_NORMAL_EXP)
+    step = np.ldexp(1.0, binade - 3)
+    steps = np.rint(magnitude / step)           # integer; in [8, 16] for normals
+    rounded = steps * step
+    # Encode: below 2**-6 the code is the subnormal step count (8 steps is 2**-6 itself,
+    # code 0x08, the smallest normal: the two encodings meet).
+    _, rexp = np.frexp(rounded)
+    rbinade = rexp - 1
+    mant = np.rint(np.ldexp(rounded, -rbinade) * 8 - 8)
+    normal_code = ((rbinade + 7) << 3).astype(np.int64) + mant.astype(np.int64)
+    sub_code = np.rint(rounded / _SUBNORMAL_STEP).astype(np.int64)
+    code = np.where(rounded < 2.0 ** _MIN_NORMAL_EXP, sub_code, normal_code)
+    code = code | np.where(negative, 0x80, 0)
+    code = np.where(nan, E4M3_NAN, code)
+    return code.astype(np.uint8)
+
+
+def dequantize(codes, scale, dtype: str) -> np.ndarray:
+    """e4m3fn codes back to float16 / bfloat16: ``value(code) * scale`` in float32, then
+    rounded to nearest even (see the module docstring).
+
+    Parameters
+    ----------
+    codes : numpy.ndarray of uint8, any shape
+    scale : float or numpy.ndarray of float32
+        Finite and > 0; an array broadcasts against ``codes``.
+    dtype : {"float16", "bfloat16"}
+
+    Returns
+    -------
+    numpy.ndarray
+        float16, or bfloat16 as uint16 words; ``codes``' shape (a new array).
+
+    Examples
+    --------
+    >>> dequantize(np.array([76, 126], dtype=np.uint8), 0.5, "float16")
+    array([  3., 224.], dtype=float16)
+    """
+    scale = np.asarray(scale, dtype=np.float32)
+    values = e4m3_to_float32(codes) * scale      # float32 * float32: one rounding
+    nan = np.isnan(values)
+    if dtype == "float16":
+        with np.errstate(over="ignore"):
+            out = values.astype(np.float16)
+        out[nan] = np.uint16(0x7E00).view(np.float16)
+        return out
+    if dtype == "bfloat16":
+        return float32_to_bfloat16(values)
+    raise ValueError(f"dtype must be 'float16' or 'bfloat16', got {dtype!r}")
+
+
+def float32_to_bfloat16(values) -> np.ndarray:
+    """float32 to bfloat16 words, round to nearest even; NaN to ``0x7FC0``.
+
+    Worked example: ``1 + 2**-8`` is ``0x3F808000``; the low half ``0x8000`` is exactly
+    half way and the kept half ``0x3F80`` is even, so it stays ``0x3F80`` (1.0).
+    """
+    bits = np.asarray(values, dtype=np.float32).view(np.uint32)
+    rounded = (bits + np.uint32(0x7FFF) + ((bits >> np.uint32(16)) & np.uint32(1)))
+    words = (rounded >> np.uint32(16)).astype(np.uint16)
+    return np.where(np.isnan(values), np.uint16(0x7FC0), words)
+
+
+def scale_for_amax(amax) -> np.float32:
+    """The computed scale of a tensor whose largest magnitude is ``amax``: ``amax / 448``
+    in float32, so the largest element quantizes to +-448 exactly; 1.0 when that is not a
+    finite value > 0 (an all-zero tensor, or one holding inf / NaN).
+
+    Examples
+    --------
+    >>> float(scale_for_amax(8.96))
+    0.019999999552965164
+    """
+    value = np.float32(amax) / np.float32(E4M3_MAX)
+    if not (np.isfinite(value) and value > 0):
+        return np.float32(1.0)
+    return value
