@@ -21,6 +21,7 @@ from kvcore.errors import (
     RollbackError,
     SequenceStateError,
     ShapeError,
+    TransferError,
     TransferPendingError,
     UnknownSequenceError,
 )
@@ -52,6 +53,7 @@ __all__ = [
     "SequenceStateError",
     "ShapeError",
     "Transfer",
+    "TransferError",
     "TransferPendingError",
     "UnknownSequenceError",
     "__version__",

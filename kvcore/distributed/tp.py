@@ -1,0 +1,390 @@
+"""Tensor parallelism: one page table (on the scheduler rank) driving N per-rank pools.
+
+Each of the N ranks of a process group holds ``num_kv_heads / N`` KV heads of every
+page: rank ``r`` heads ``[r * H / N, (r + 1) * H / N)``. The scheduler rank (``src``,
+rank 0 by default) owns the only :class:`~kvcore.PageTable` that decides anything;
+each step's bookkeeping result is broadcast to the other ranks once (not per layer),
+and every rank applies it to its own pool: the copy-on-write copies, then its
+:class:`~kvcore.StepMetadata` (slot mapping, FlashInfer / vLLM attention metadata),
+filled with the same C pass and uploaded with one copy as on one GPU. Every rank's
+pool has the same layout with a head count of ``H / N``, so page ids, slots and the
+metadata mean the same on every rank, and each rank's bytes equal the head shard of a
+single-device cache that ran the same steps.
+
+The step message, int32 ``[8 + body]`` (one broadcast when it fits ``inline_ints``,
+else the header in the inline buffer and the body in a second broadcast of its exact
+size): header ``[MAGIC, kind, B, nnz, T, k, 0, 0]``, body ``page_indptr [B + 1],
+last_page_len [B], page_indices [nnz], slot_mapping [T], copy_src [k], copy_dst [k]``.
+A decode step of 64 sequences of 1,000 tokens (page 16) is 8 + 65 + 64 + 4,032 + 64 =
+4,233 ints (17 KB).
+
+The broadcast goes over a group that carries CPU tensors (gloo, or torch's default
+``"cpu:gloo,cuda:nccl"``): every rank needs the step on the host anyway (kernel launch
+sizes, an attention library's planning), and the pools exchange nothing.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+
+from kvcore._core import AppendResult
+from kvcore.cache import KVCache
+from kvcore.config import KVCacheConfig
+from kvcore.distributed._comm import (
+    backend_name,
+    check_group,
+    cpu_capable,
+    geometry,
+    torch_dist,
+)
+from kvcore.errors import CapacityError
+
+__all__ = ["TensorParallelCache"]
+
+_MAGIC = 0x6B76_7470     # "kvtp"
+_STEP, _STOP, _FAILED = 1, 2, 3
+_HEADER = 8
+_RING = 4
+
+
+class TensorParallelCache:
+    """One rank's share of a tensor-parallel KV cache.
+
+    Every rank of ``group`` constructs one with the same arguments (the full model's
+    ``config``); the scheduler rank ``src`` then drives all of them.
+
+    Parameters
+    ----------
+    config : KVCacheConfig
+        The whole model's cache: ``num_kv_heads`` is the model's KV heads, which must
+        divide evenly by the group's size. One full-attention layer group, no host tier.
+    max_tokens : int
+        Most new tokens in one step (the StepMetadata capacity).
+    group : ProcessGroup, optional
+        Carries CPU tensors (gloo, or ``"cpu:gloo,cuda:nccl"``); default: the default
+        group.
+    src : int
+        The scheduler rank (owner of the page table), a rank of ``group``.
+    device, framework, pool
+        This rank's pool, as :class:`~kvcore.KVCache` takes them (``pool`` holds this
+        rank's heads: ``num_kv_heads / N``).
+    max_batch : int, optional
+        Most sequences in one step's attention batch (default ``config.max_seqs``).
+    block_tables : bool
+        Keep vLLM-style block tables in the StepMetadata.
+    inline_ints : int
+        int32 words of the first broadcast of a step (default 8,192: 32 KB); a step
+        whose message is longer takes a second broadcast.
+
+    Attributes
+    ----------
+    cache : KVCache
+        This rank's cache over its heads (``cache.config.num_kv_heads == H / N``). On
+        the scheduler rank its table is the page table; on the others it is never used.
+    metadata : StepMetadata
+        This rank's step metadata, filled by every :meth:`step`; pass it to
+        ``cache.write(layer, k, v, tp.metadata)`` and to attention kernels.
+    rank, world_size, src : int
+    heads : slice
+        This rank's heads of the model's ``num_kv_heads``.
+
+    Raises
+    ------
+    ValueError
+        Heads that do not divide evenly, a config the ranks disagree on (raised on every
+        rank), a group that cannot carry CPU tensors, an unsupported config.
+
+    Notes
+    -----
+    Invariants: after every :meth:`step` every rank's pool equals, byte for byte, the
+    head shard ``[..., heads, ...]`` of a single cache that ran the same calls; every
+    rank's metadata buffers hold the same bytes. Bookkeeping (``add_sequence``,
+    ``fork``, ``remove``, ``truncate``, ``match_prefix``) runs on the scheduler rank
+    only and moves no bytes, so the other ranks need not hear of it: the next step's
+    message carries everything they must do (copy-on-write copies included).
+    """
+
+    def __init__(self, config: KVCacheConfig, max_tokens: int, *, group=None, src: int = 0,
+                 device: str = "auto", framework: str | None = None, pool=None,
+                 max_batch: int | None = None, block_tables: bool = True,
+                 inline_ints: int = 8192):
+        torch, dist = torch_dist()
+        if not isinstance(config, KVCacheConfig):
+            raise TypeError(f"config must be a KVCacheConfig, got {type(config).__name__}")
+        check_group(dist, group)
+        if not cpu_capable(dist, group):
+            raise ValueError(f"process group backend {backend_name(dist, group)!r} cannot "
+                             "broadcast the step's metadata from the host; use gloo or "
+                             "backend='cpu:gloo,cuda:nccl'")
+        self._torch, self._dist, self._group = torch, dist, group
+        self.rank, self.world_size = dist.get_rank(group), dist.get_world_size(group)
+        if isinstance(src, bool) or not isinstance(src, (int, np.integer)) \
+                or not 0 <= src < self.world_size:
+            raise ValueError(f"src {src!r} is not a rank of the group [0, "
+                             f"{self.world_size})")
+        self.src = int(src)
+        self._src_global = src if group is None else dist.get_global_rank(group, self.src)
+        if isinstance(inline_ints, bool) or not isinstance(inline_ints, (int, np.integer)) \
+                or inline_ints < 64:
+            raise ValueError(f"inline_ints must be an integer >= 64, got {inline_ints!r}")
+        self._agree(config, max_tokens, max_batch, block_tables, inline_ints)
+        heads = config.num_kv_heads
+        if heads % self.world_size:
+            raise ValueError(f"num_kv_heads {heads} does not split over {self.world_size} "
+                             "ranks (each rank holds num_kv_heads / world_size heads)")
+        if len(config.groups) != 1 or config.groups[0].kind != "full":
+            raise ValueError("TensorParallelCache supports one full-attention layer group")
+        if config.num_host_pages:
+            raise ValueError("TensorParallelCache does not support a host tier "
+                             "(num_host_pages)")
+        if config.num_pages * config.page_size > 2**31 - 1:
+            raise ValueError("num_pages * page_size must fit int32 (the step message's "
+                             "slots)")
+        per = heads // self.world_size
+        self.heads = slice(self.rank * per, (self.rank + 1) * per)
+        self.config = config
+        self.cache = KVCache(dataclasses.replace(config, num_kv_heads=per), device,
+                             framework=framework, pool=pool)
+        self.metadata = self.cache.step_metadata(max_tokens, max_batch=max_batch,
+                                                 block_tables=block_tables)
+        self._inline = int(inline_ints)
+        self._ring = [(torch.zeros(self._inline, dtype=torch.int32), None)
+                      for _ in range(_RING)]
+        self._next = 0
+        self._closed = False
+
+    def _agree(self, config, max_tokens, max_batch, block_tables, inline_ints) -> None:
+        """Every rank must pass the same arguments: compare them on every rank."""
+        c = config
+        mine = [*geometry(c), c.num_pages, c.max_seqs,
+                c.max_pages_per_seq, int(c.enable_prefix_cache), int(max_tokens),
+                -1 if max_batch is None else int(max_batch), int(bool(block_tables)),
+                int(inline_ints), self.src]
+        local = self._torch.tensor(mine, dtype=self._torch.int64)
+        every = [self._torch.zeros_like(local) for _ in range(self.world_size)]
+        self._dist.all_gather(every, local, group=self._group)
+        differ = [r for r, t in enumerate(every) if not self._torch.equal(t, local)]
+        if differ:
+            raise ValueError(f"ranks {differ} constructed TensorParallelCache with another "
+                             f"config or capacities than rank {self.rank}")
+
+    # -- who may call what ----------------------------------------------------------------
+
+    @property
+    def is_scheduler(self) -> bool:
+        """Whether this rank owns the page table (``rank == src``)."""
+        return self.rank == self.src
+
+    def _scheduler(self, what: str):
+        if not self.is_scheduler:
+            raise ValueError(f"{what} runs on the scheduler rank {self.src} only (this is "
+                             f"rank {self.rank})")
+        if self._closed:
+            raise ValueError("this TensorParallelCache is closed")
+        return self.cache
+
+    # -- bookkeeping, on the scheduler rank ---------------------------------------------------
+
+    @property
+    def table(self):
+        """The page table (scheduler rank only)."""
+        return self._scheduler("table").table
+
+    def add_sequence(self, tokens=None, *, namespace: int = 0) -> int:
+        """See :meth:`kvcore.KVCache.add_sequence` (scheduler rank only)."""
+        return self._scheduler("add_sequence").add_sequence(tokens, namespace=namespace)
+
+    def match_prefix(self, tokens, *, namespace: int = 0) -> int:
+        """See :meth:`kvcore.KVCache.match_prefix` (scheduler rank only)."""
+        return self._scheduler("match_prefix").match_prefix(tokens, namespace=namespace)
+
+    def fork(self, seq_id: int) -> int:
+        """See :meth:`kvcore.KVCache.fork` (scheduler rank only)."""
+        return self._scheduler("fork").fork(seq_id)
+
+    def remove(self, seq_id: int) -> None:
+        """See :meth:`kvcore.KVCache.remove` (scheduler rank only)."""
+        self._scheduler("remove").remove(seq_id)
+
+    def truncate(self, seq_ids, num_tokens) -> None:
+        """See :meth:`kvcore.KVCache.truncate` (scheduler rank only)."""
+        self._scheduler("truncate").truncate(seq_ids, num_tokens)
+
+    def num_tokens(self, seq_id: int) -> int:
+        """See :meth:`kvcore.KVCache.num_tokens` (scheduler rank only)."""
+        return self._scheduler("num_tokens").num_tokens(seq_id)
+
+    def pages(self, seq_id: int):
+        """See :meth:`kvcore.KVCache.pages` (scheduler rank only)."""
+        return self._scheduler("pages").pages(seq_id)
+
+    def pages_needed(self, seq_ids, num_new_tokens) -> int:
+        """See :meth:`kvcore.KVCache.pages_needed` (scheduler rank only)."""
+        return self._scheduler("pages_needed").pages_needed(seq_ids, num_new_tokens)
+
+    @property
+    def num_free_pages(self) -> int:
+        """Free pages of the page table (scheduler rank only)."""
+        return self._scheduler("num_free_pages").num_free_pages
+
+    # -- the step -------------------------------------------------------------------------------
+
+    def step(self, seq_ids=None, num_new_tokens=None, token_ids=None, *, batch=None):
+        """One scheduler step on every rank: the scheduler appends and broadcasts, every
+        rank applies.
+
+        On the scheduler rank: ``append(seq_ids, num_new_tokens, token_ids)`` on the
+        page table (copy-on-write copies enqueued on this rank's pool), the attention
+        metadata of ``batch`` (default ``seq_ids``) filled into :attr:`metadata`, and the
+        step's message broadcast. On every other rank: call ``step()`` with no
+        arguments; it waits for the message, enqueues the copy-on-write copies on its
+        pool and fills its :attr:`metadata` (one upload).
+
+        Parameters
+        ----------
+        seq_ids, num_new_tokens, token_ids
+            As :meth:`kvcore.PageTable.append` (scheduler rank only).
+        batch : array_like of int, shape [B], optional
+            The step's attention batch, as :meth:`kvcore.StepMetadata.update` takes it.
+
+        Returns
+        -------
+        AppendResult or None
+            The same ``slot_mapping`` (int64 [T]) and copy pairs on every rank; None on
+            the other ranks once the scheduler called :meth:`close`.
+
+        Raises
+        ------
+        ValueError
+            Arguments on a non-scheduler rank; a closed cache.
+        CapacityError
+            More than ``max_batch`` sequences or ``max_tokens`` tokens (nothing changed,
+            nothing sent); more page entries than the metadata holds, found after the
+            append: the copies are still sent and applied everywhere, and every rank
+            raises.
+        UnknownSequenceError, OutOfPagesError, ValueError
+            As :meth:`kvcore.PageTable.append`; nothing changed, nothing sent.
+        """
+        if not self.is_scheduler:
+            if seq_ids is not None or num_new_tokens is not None or token_ids is not None \
+                    or batch is not None:
+                raise ValueError(f"rank {self.rank} is not the scheduler: call step() with "
+                                 "no arguments")
+            return self._receive()
+        cache = self._scheduler("step")
+        meta = self.metadata
+        if seq_ids is None:
+            seq_ids = ()
+        if batch is None:
+            batch = seq_ids
+        num_batch = len(batch)
+        if num_batch > meta.max_batch:
+            raise CapacityError(f"batch of {num_batch} sequences exceeds max_batch "
+                                f"{meta.max_batch}")
+        if num_new_tokens is None:
+            num_new_tokens = 0
+        tokens = (int(num_new_tokens) * len(seq_ids) if isinstance(num_new_tokens, int)
+                  else int(np.sum(num_new_tokens)))
+        if tokens > meta.max_tokens:
+            raise CapacityError(f"{tokens} tokens exceed max_tokens {meta.max_tokens}")
+        result = cache.append(seq_ids, num_new_tokens, token_ids)
+        indptr, indices, last = cache.table.flashinfer_metadata(batch)
+        try:
+            meta._fill(indptr, indices, last, result.slot_mapping, None)
+        except Exception:
+            self._broadcast(_FAILED, None, None, None, result)
+            raise
+        self._broadcast(_STEP, indptr, indices, last, result)
+        return result
+
+    def close(self) -> None:
+        """Scheduler rank: tell the other ranks the steps are over (their :meth:`step`
+        returns None). Other ranks: nothing. Idempotent."""
+        if self.is_scheduler and not self._closed:
+            self._broadcast(_STOP, None, None, None, None)
+        self._closed = True
+
+    def _broadcast(self, kind, indptr, indices, last, result) -> None:
+        torch, dist = self._torch, self._dist
+        copies = 0 if result is None else len(result.copy_src)
+        parts = [] if result is None else [result.copy_src, result.copy_dst]
+        if kind == _STEP:
+            parts = [indptr, last, indices, result.slot_mapping, *parts]
+        b, nnz = (len(last), int(indptr[-1])) if kind == _STEP else (0, 0)
+        t = len(result.slot_mapping) if kind == _STEP else 0
+        head = np.array([_MAGIC, kind, b, nnz, t, copies, 0, 0], dtype=np.int32)
+        body = (np.concatenate([p.astype(np.int32, copy=False) for p in parts])
+                if parts else np.zeros(0, np.int32))
+        slot = self._next
+        self._next = (slot + 1) % _RING
+        buf, works = self._ring[slot]
+        for work in works or ():
+            work.wait()            # that buffer's previous broadcast has left
+        arr = buf.numpy()
+        arr[:_HEADER] = head
+        works = []
+        if _HEADER + len(body) <= self._inline:
+            arr[_HEADER:_HEADER + len(body)] = body
+            extra = None
+        else:
+            extra = torch.from_numpy(body)
+        works.append(dist.broadcast(buf, self._src_global, group=self._group, async_op=True))
+        if extra is not None:
+            works.append(dist.broadcast(extra, self._src_global, group=self._group,
+                                        async_op=True))
+            works.append(_Keep(extra))
+        self._ring[slot] = (buf, works)
+
+    def _receive(self):
+        if self._closed:
+            return None
+        torch, dist = self._torch, self._dist
+        buf = self._ring[0][0]
+        dist.broadcast(buf, self._src_global, group=self._group)
+        arr = buf.numpy()
+        magic, kind, b, nnz, t, k = (int(x) for x in arr[:6])
+        if magic != _MAGIC or kind not in (_STEP, _STOP, _FAILED):
+            raise RuntimeError(f"rank {self.rank} received a message that is not a "
+                               f"TensorParallelCache step (magic {magic:#x}, kind {kind})")
+        if kind == _STOP:
+            self._closed = True
+            return None
+        size = (b + 1 + b + nnz + t if kind == _STEP else 0) + 2 * k
+        if _HEADER + size <= self._inline:
+            body = arr[_HEADER:_HEADER + size].copy()
+        else:
+            extra = torch.empty(size, dtype=torch.int32)
+            dist.broadcast(extra, self._src_global, group=self._group)
+            body = extra.numpy()
+        pos = 0
+
+        def take(n):
+            nonlocal pos
+            pos += n
+            return body[pos - n:pos]
+
+        if kind == _STEP:
+            indptr, last, indices = take(b + 1), take(b), take(nnz)
+            slots = take(t).astype(np.int64)
+        copy_src, copy_dst = take(k), take(k)
+        if k:
+            self.cache.copy_pages(copy_src, copy_dst)
+        if kind == _FAILED:
+            raise CapacityError("the scheduler's step did not fit this StepMetadata after "
+                                "its append; its copy-on-write copies were applied")
+        self.metadata._fill(indptr, indices, last, slots, None)
+        return AppendResult(slots, copy_src.copy(), copy_dst.copy())
+
+
+class _Keep:
+    """Holds a tensor until the ring slot is reused (``wait`` is a no-op)."""
+
+    __slots__ = ("tensor",)
+
+    def __init__(self, tensor):
+        self.tensor = tensor
+
+    def wait(self) -> None:
+        pass

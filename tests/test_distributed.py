@@ -1,0 +1,447 @@
+"""kvcore.distributed on CPU: page transfer and tensor parallelism over gloo.
+
+Every scenario runs in spawned processes (one per rank, torch.distributed with gloo and
+a file rendezvous), several scenarios per session so the file stays fast on two cores;
+each session is bounded in time. Needs torch.distributed: without it these tests skip,
+except under ``CI=true`` (CI installs the model extra), where that is a failure.
+"""
+
+from __future__ import annotations
+
+import datetime
+import hashlib
+import multiprocessing as mp
+import os
+import tempfile
+import traceback
+
+import numpy as np
+import pytest
+
+if os.environ.get("CI") != "true":
+    dist = pytest.importorskip("torch.distributed")
+    if not dist.is_available() or not dist.is_gloo_available():
+        pytest.skip("torch.distributed with gloo is not available", allow_module_level=True)
+
+import kvcore
+from kvcore import KVCache, KVCacheConfig
+from kvcore.distributed import (
+    TensorParallelCache,
+    TransferError,
+    recv_pages,
+    send_pages,
+)
+from kvcore.distributed._comm import chunk_plan
+from kvcore.simulate import token_words
+
+SESSION_TIMEOUT = 90
+
+
+# -- the harness --------------------------------------------------------------------------------
+
+def _entry(rank, world, init_file, scenarios, queue, timeout_s):
+    import torch.distributed as dist
+
+    results = {}
+    try:
+        dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank,
+                                world_size=world,
+                                timeout=datetime.timedelta(seconds=timeout_s))
+        for name in scenarios:
+            try:
+                globals()[name](rank, world)
+                results[name] = "ok"
+            except Exception:
+                results[name] = traceback.format_exc()
+            dist.barrier()
+    except Exception:
+        results["session"] = traceback.format_exc()
+    queue.put((rank, results))
+
+
+def run_session(scenarios, world=2, timeout_s=20, expect=None):
+    """Run scenario functions on ``world`` spawned ranks; {rank: {name: "ok" | traceback}}
+    from the ranks in ``expect`` (default: all)."""
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    with tempfile.TemporaryDirectory() as tmp:
+        init_file = os.path.join(tmp, "rendezvous")
+        procs = [ctx.Process(target=_entry, args=(r, world, init_file, scenarios, queue,
+                                                  timeout_s)) for r in range(world)]
+        for p in procs:
+            p.start()
+        out = {}
+        try:
+            for _ in range(world if expect is None else len(expect)):
+                rank, results = queue.get(timeout=SESSION_TIMEOUT)
+                out[rank] = results
+        finally:
+            for p in procs:
+                p.join(timeout=10)
+                if p.is_alive():
+                    p.kill()
+    return out
+
+
+def _check(results, name):
+    for rank, res in sorted(results.items()):
+        assert "session" not in res, f"rank {rank}: {res['session']}"
+        assert res.get(name) == "ok", f"rank {rank}, {name}: {res.get(name)}"
+
+
+# -- content and state ----------------------------------------------------------------------------
+
+def content(tokens, positions, layer, which, cfg):
+    """K or V of tokens from (token id, position) alone: equal prefixes, equal bytes."""
+    words = token_words(tokens, np.zeros(len(tokens)), positions, layer, which,
+                        cfg.num_kv_heads, cfg.head_dim, cfg.itemsize)
+    return words.view(np.float32) if cfg.itemsize == 4 else words
+
+
+def fill(cache, seq, tokens, slots):
+    """Write every layer's K and V of ``tokens`` (positions from 0) at ``slots``."""
+    pos = np.arange(len(tokens))
+    for layer in range(cache.config.num_layers):
+        cache.write(layer, content(tokens, pos, layer, 0, cache.config),
+                    content(tokens, pos, layer, 1, cache.config), slots)
+
+
+def expect_seq(cache, seq, tokens):
+    """Every layer's K and V of ``seq`` equals the content of ``tokens``, byte for byte."""
+    assert cache.num_tokens(seq) == len(tokens)
+    pos = np.arange(len(tokens))
+    for layer in range(cache.config.num_layers):
+        k, v, _ = cache.gather(layer, [seq])
+        assert k.tobytes() == content(tokens, pos, layer, 0, cache.config).tobytes()
+        assert v.tobytes() == content(tokens, pos, layer, 1, cache.config).tobytes()
+
+
+def snapshot(cache, probes=()):
+    t = cache.table
+    return (cache.allocator.refcounts.copy().tobytes(), t.block_table.copy().tobytes(),
+            t.seq_lens.copy().tobytes(), cache.num_free_pages, cache.num_cached_pages,
+            cache.num_seqs, tuple(t.match_prefix(p) for p in probes),
+            hashlib.sha256(np.ascontiguousarray(cache.kv).tobytes()).hexdigest())
+
+
+CFG = KVCacheConfig(3, 2, 4, 4, 64, dtype="float32", max_seqs=16, enable_prefix_cache=True)
+CFG_BF16 = KVCacheConfig(2, 2, 8, 4, 40, dtype="bfloat16", layout="HND", max_seqs=8,
+                         enable_prefix_cache=True)
+PROMPTS = [list(range(100, 109)), list(range(200, 204)), list(range(300, 317))]
+
+
+def prefill(cfg, prompts):
+    """A sender cache holding one sequence per prompt, written."""
+    cache = KVCache(cfg, device="cpu")
+    seqs = []
+    for tokens in prompts:
+        seq = cache.add_sequence()
+        step = cache.append([seq], [len(tokens)], tokens)
+        fill(cache, seq, np.array(tokens), step.slot_mapping)
+        seqs.append(seq)
+    return cache, seqs
+
+
+# -- transfer scenarios (rank 0 sends, rank 1 receives) ------------------------------------------
+
+def transfer_basic(rank, world):
+    for cfg, chunk in ((CFG, 64 << 20), (CFG_BF16, 3 * 2 * CFG_BF16.page_elems * 2)):
+        if rank == 0:
+            cache, seqs = prefill(cfg, PROMPTS)
+            stats = send_pages(cache, seqs, 1, token_ids=PROMPTS, chunk_bytes=chunk)
+            assert stats.num_pages == 3 + 1 + 5 and stats.hit_pages.tolist() == [0, 0, 0]
+            expected = chunk_plan(cfg.num_layers, 9, cfg.page_elems * cfg.itemsize, chunk)
+            assert stats.num_chunks == len(expected)
+            assert stats.nbytes == 9 * cfg.num_layers * 2 * cfg.page_elems * cfg.itemsize
+            cache.check_invariants()
+        else:
+            cache = KVCache(cfg, device="cpu")
+            other = cache.add_sequence()         # so that page ids differ from the sender's
+            cache.append([other], [7])
+            stats = recv_pages(cache, 0)
+            assert len(stats.seq_ids) == 3 and stats.num_pages == 9
+            for seq, tokens in zip(stats.seq_ids.tolist(), PROMPTS, strict=True):
+                expect_seq(cache, seq, tokens)
+                # the prefix cache learned every full page but the last token's
+                assert cache.match_prefix([*tokens, 1]) == len(tokens) // 4 * 4
+            assert cache.pages(int(stats.seq_ids[0]))[0] != 0
+            cache.check_invariants()
+
+
+def transfer_prefix_hit(rank, world):
+    """The receiver already holds a prefix: those pages are not sent, bytes still exact."""
+    shared = list(range(500, 508))                # two full pages
+    first, second = [*shared, 1, 2, 3], [*shared, 7, 8, 9, 10, 11]
+    if rank == 0:
+        cache, seqs = prefill(CFG, [first, second])
+        a = send_pages(cache, seqs[:1], 1, token_ids=[first])
+        b = send_pages(cache, seqs[1:], 1, token_ids=[second])
+        assert a.hit_pages.tolist() == [0] and a.num_pages == 3
+        assert b.hit_pages.tolist() == [2] and b.num_pages == 2
+    else:
+        cache = KVCache(CFG, device="cpu")
+        a = recv_pages(cache, 0)
+        cache.remove(int(a.seq_ids[0]))             # its full pages stay cached
+        b = recv_pages(cache, 0)
+        assert b.hit_pages.tolist() == [2]
+        expect_seq(cache, int(b.seq_ids[0]), second)
+        cache.check_invariants()
+
+
+def transfer_refusals(rank, world):
+    """Each refusal: the receiver raises its typed error, the sender a TransferError, and
+    neither cache changes."""
+    cases = [("out_of_pages", dict(num_pages=8)), ("capacity", dict(max_seqs=2)),
+             ("config", dict(head_dim=8))]
+    for reason, change in cases:
+        if rank == 0:
+            cache, seqs = prefill(CFG, PROMPTS)
+            before = snapshot(cache)
+            with pytest.raises(TransferError) as info:
+                send_pages(cache, seqs, 1, token_ids=PROMPTS)
+            assert info.value.reason == reason, (reason, info.value.reason)
+            assert snapshot(cache) == before
+        else:
+            fields = dict(num_layers=3, num_kv_heads=2, head_dim=4, page_size=4,
+                          num_pages=64, dtype="float32", max_seqs=16,
+                          enable_prefix_cache=True)
+            cache = KVCache(KVCacheConfig(**{**fields, **change}), device="cpu")
+            seq = cache.add_sequence(list(range(100, 105)))
+            cache.append([seq], [5], list(range(100, 105)))
+            cache.remove(seq)                           # a cached, evictable page
+            before = snapshot(cache, [list(range(100, 109))])
+            error = {"out_of_pages": kvcore.OutOfPagesError,
+                     "capacity": kvcore.CapacityError, "config": ValueError}[reason]
+            with pytest.raises(error):
+                recv_pages(cache, 0)
+            assert snapshot(cache, [list(range(100, 109))]) == before
+            cache.check_invariants()
+
+
+def transfer_sender_invalid(rank, world):
+    if rank == 0:
+        cache, seqs = prefill(CFG, PROMPTS[:1])
+        before = snapshot(cache)
+        with pytest.raises(kvcore.UnknownSequenceError):
+            send_pages(cache, [seqs[0], 9], 1)
+        with pytest.raises(ValueError, match="has 3 ids for its 9 tokens"):
+            send_pages(cache, seqs, 1, token_ids=[[1, 2, 3]])
+        assert snapshot(cache) == before
+    else:
+        cache = KVCache(CFG, device="cpu")
+        before = snapshot(cache)
+        for _ in range(2):
+            with pytest.raises(TransferError) as info:
+                recv_pages(cache, 0)
+            assert info.value.reason == "sender"
+        assert snapshot(cache) == before
+
+
+def transfer_arguments(rank, world):
+    """Local argument errors raise before anything is sent (on both ranks alike)."""
+    cache = KVCache(CFG, device="cpu")
+    with pytest.raises(ValueError, match="is not another rank"):
+        send_pages(cache, [], rank)
+    with pytest.raises(ValueError, match="is not another rank"):
+        recv_pages(cache, 5)
+    with pytest.raises(ValueError, match="below one page"):
+        send_pages(cache, [], 1 - rank, chunk_bytes=8)
+
+
+def transfer_dies_midway(rank, world):
+    """The sender vanishes after the handshake: the receiver undoes its new sequences
+    (un-indexing the pages they registered) and raises TransferError('failed')."""
+    import kvcore.distributed.transfer as transfer
+
+    if rank == 0:
+        cache, seqs = prefill(CFG, PROMPTS)
+
+        def vanish(*args, **kwargs):
+            os._exit(0)
+
+        transfer._send_data = vanish
+        send_pages(cache, seqs, 1, token_ids=PROMPTS)
+    else:
+        cache = KVCache(CFG, device="cpu")
+        seq = cache.add_sequence(PROMPTS[0][:5])
+        cache.append([seq], [5], PROMPTS[0][:5])
+        cache.remove(seq)                               # one cached page, evictable
+        probes = [[*p, 1] for p in PROMPTS]
+        before = snapshot(cache, probes)
+        with pytest.raises(TransferError) as info:
+            recv_pages(cache, 0)
+        assert info.value.reason == "failed"
+        after = snapshot(cache, probes)
+        # the page table, allocator (free count) and prefix index are as before; the
+        # cached page's place in the LRU may differ, which refcounts do not show
+        assert after == before, (after, before)
+        cache.check_invariants()
+
+
+TRANSFER_SCENARIOS = ["transfer_basic", "transfer_prefix_hit", "transfer_refusals",
+                      "transfer_sender_invalid", "transfer_arguments"]
+
+
+# -- tensor-parallel scenarios --------------------------------------------------------------------
+
+TP_CFGS = [KVCacheConfig(2, 4, 8, 4, 48, dtype="float32", max_seqs=8,
+                         enable_prefix_cache=True),
+           KVCacheConfig(2, 4, 8, 4, 48, dtype="bfloat16", layout="HND", max_seqs=8)]
+
+
+def step_content(cfg, step, t, layer, which):
+    """The full model's K or V of the step's ``t`` tokens (all heads)."""
+    return content(np.full(t, step), np.arange(t), layer, which, cfg)
+
+
+def head_shard(cfg, kv, heads):
+    return kv[..., heads, :] if cfg.layout == "NHD" else kv[..., heads, :, :]
+
+
+def tp_matches_single(rank, world):
+    """Every rank's pool and metadata equal the head shard of one NumPy cache that ran
+    the same calls, step after step (prefix hits, forks with copy-on-write, removes,
+    truncates, a refused step)."""
+    for cfg in TP_CFGS:
+        _tp_run(cfg, rank, world)
+
+
+def _tp_run(cfg, rank, world):
+    import torch.distributed as dist
+
+    tp = TensorParallelCache(cfg, 32, device="cpu", max_batch=8, inline_ints=64)
+    per = cfg.num_kv_heads // world
+    assert tp.heads == slice(rank * per, (rank + 1) * per)
+    assert tp.cache.config.num_kv_heads == per
+    digests = []
+
+    def write_step(step, result, write_to):
+        t = len(result.slot_mapping)
+        for layer in range(cfg.num_layers):
+            k = step_content(cfg, step, t, layer, 0)
+            v = step_content(cfg, step, t, layer, 1)
+            for cache, heads in write_to:
+                cache.write(layer, np.ascontiguousarray(k[:, heads]),
+                            np.ascontiguousarray(v[:, heads]), result.slot_mapping)
+
+    def digest(cache, heads=None):
+        kv = cache.kv if heads is None else head_shard(cfg, cache.kv, heads)
+        meta = tp.metadata
+        arrays = [np.ascontiguousarray(kv)] + [np.asarray(getattr(meta, name)) for name in
+                  ("page_indptr", "last_page_len", "seq_lens", "token_indptr",
+                   "slot_mapping", "page_indices", "block_tables")]
+        return hashlib.sha256(b"".join(a.tobytes() for a in arrays)).hexdigest()
+
+    if tp.is_scheduler:
+        ref = KVCache(cfg, device="cpu")
+        rng = np.random.default_rng(7)
+        live, step = [], 0
+        prompt = list(range(40, 50))
+        for it in range(14):
+            # bookkeeping on both tables, identically
+            if it in (0, 3, 6):
+                a, b = tp.add_sequence(prompt), ref.add_sequence(prompt)
+                assert a == b
+                live.append(a)
+            if it == 5 and live:
+                a, b = tp.fork(live[0]), ref.fork(live[0])
+                assert a == b
+                live.append(a)
+            if it == 9 and len(live) > 2:
+                tp.remove(live[1])
+                ref.remove(live[1])
+                live.pop(1)
+            if it == 11:
+                tp.truncate([live[0]], [tp.num_tokens(live[0]) - 2])
+                ref.truncate([live[0]], [ref.num_tokens(live[0]) - 2])
+            if it == 7:   # refused before anything changes or is sent
+                before = snapshot(tp.cache)
+                with pytest.raises(kvcore.CapacityError):
+                    tp.step(live, 40)
+                assert snapshot(tp.cache) == before
+            counts = [int(rng.integers(1, 6)) for _ in live]
+            ids = [int(x) for x in rng.integers(0, 1000, sum(counts))]
+            if it == 0:
+                counts, ids = [len(prompt)], prompt
+            result = tp.step(live, counts, ids if cfg.enable_prefix_cache else None)
+            expected = ref.append(live, counts, ids if cfg.enable_prefix_cache else None)
+            assert result.slot_mapping.tolist() == expected.slot_mapping.tolist()
+            assert result.copy_src.tolist() == expected.copy_src.tolist()
+            write_step(step, result, [(tp.cache, tp.heads), (ref, slice(None))])
+            digests.append([digest(ref, slice(r * per, (r + 1) * per))
+                            for r in range(world)])
+            step += 1
+        assert any(len(tp.cache.table.pages(s)) for s in live)
+        tp.close()
+    else:
+        with pytest.raises(ValueError, match="scheduler rank 0 only"):
+            tp.add_sequence()
+        with pytest.raises(ValueError, match="no arguments"):
+            tp.step([0], 1)
+        step = 0
+        while (result := tp.step()) is not None:
+            write_step(step, result, [(tp.cache, tp.heads)])
+            digests.append(digest(tp.cache))
+            step += 1
+        assert step == 14
+    every = [None] * world
+    dist.all_gather_object(every, digests)
+    ref_digests = every[0]
+    for r in range(1, world):
+        mine = every[r]
+        assert len(mine) == len(ref_digests)
+        for i, d in enumerate(mine):
+            assert d == ref_digests[i][r], f"rank {r} differs at step {i}"
+
+
+def tp_validation(rank, world):
+    with pytest.raises(ValueError, match="does not split over 2 ranks"):
+        TensorParallelCache(KVCacheConfig(1, 3, 4, 4, 8, dtype="float32"), 8, device="cpu")
+    # ranks that disagree all raise
+    heads = 2 if rank == 0 else 4
+    with pytest.raises(ValueError, match="another config"):
+        TensorParallelCache(KVCacheConfig(1, heads, 4, 4, 8, dtype="float32"), 8,
+                            device="cpu")
+    with pytest.raises(ValueError, match="src 5"):
+        TensorParallelCache(KVCacheConfig(1, 2, 4, 4, 8, dtype="float32"), 8, device="cpu",
+                            src=5)
+
+
+TP_SCENARIOS = ["tp_matches_single", "tp_validation"]
+
+
+# -- the tests ------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def gloo_results():
+    return run_session(TRANSFER_SCENARIOS + TP_SCENARIOS)
+
+
+@pytest.mark.parametrize("name", TRANSFER_SCENARIOS + TP_SCENARIOS)
+def test_gloo(gloo_results, name):
+    _check(gloo_results, name)
+
+
+def test_transfer_failure_midway_undoes_receiver():
+    results = run_session(["transfer_dies_midway"], timeout_s=4, expect=[1])
+    assert results[1].get("transfer_dies_midway") == "ok", results[1]
+
+
+def test_chunk_plan_covers_every_page_once():
+    for layers, pages, unit, chunk in [(4, 10, 100, 4000), (2, 10, 100, 800),
+                                       (3, 1, 7, 14), (32, 8192, 32768, 64 << 20)]:
+        plan = chunk_plan(layers, pages, unit, chunk)
+        seen = np.zeros((layers, pages), dtype=int)
+        for a, b, p, q in plan:
+            assert (b - a) * 2 * (q - p) * unit <= max(chunk, 2 * unit)
+            seen[a:b, p:q] += 1
+        assert (seen == 1).all()
+    assert chunk_plan(3, 0, 10, 100) == []
+
+
+def test_needs_an_initialised_group():
+    cache = KVCache(CFG, device="cpu")
+    with pytest.raises(ValueError, match="not initialised"):
+        send_pages(cache, [], 1)
+    with pytest.raises(ValueError, match="not initialised"):
+        TensorParallelCache(CFG, 8, device="cpu")
