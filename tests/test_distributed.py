@@ -39,12 +39,16 @@ SESSION_TIMEOUT = 90
 
 # -- the harness --------------------------------------------------------------------------------
 
-def _entry(rank, world, init_file, scenarios, queue, timeout_s):
+def _entry(rank, world, init_file, scenarios, queue, timeout_s, backend):
     import torch.distributed as dist
 
     results = {}
     try:
-        dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank,
+        if backend != "gloo":
+            import torch
+
+            torch.cuda.set_device(rank)
+        dist.init_process_group(backend, init_method=f"file://{init_file}", rank=rank,
                                 world_size=world,
                                 timeout=datetime.timedelta(seconds=timeout_s))
         for name in scenarios:
@@ -59,7 +63,7 @@ def _entry(rank, world, init_file, scenarios, queue, timeout_s):
     queue.put((rank, results))
 
 
-def run_session(scenarios, world=2, timeout_s=20, expect=None):
+def run_session(scenarios, world=2, timeout_s=20, expect=None, backend="gloo"):
     """Run scenario functions on ``world`` spawned ranks; {rank: {name: "ok" | traceback}}
     from the ranks in ``expect`` (default: all)."""
     ctx = mp.get_context("spawn")
@@ -67,7 +71,7 @@ def run_session(scenarios, world=2, timeout_s=20, expect=None):
     with tempfile.TemporaryDirectory() as tmp:
         init_file = os.path.join(tmp, "rendezvous")
         procs = [ctx.Process(target=_entry, args=(r, world, init_file, scenarios, queue,
-                                                  timeout_s)) for r in range(world)]
+                                                  timeout_s, backend)) for r in range(world)]
         for p in procs:
             p.start()
         out = {}
@@ -98,12 +102,21 @@ def content(tokens, positions, layer, which, cfg):
     return words.view(np.float32) if cfg.itemsize == 4 else words
 
 
+def on(cache, array):
+    """A NumPy array as the cache's device array."""
+    return array if cache.device == "cpu" else cache.from_host(array)
+
+
+def host(cache, array) -> np.ndarray:
+    return np.asarray(array) if cache.device == "cpu" else cache.to_host(array)
+
+
 def fill(cache, seq, tokens, slots):
     """Write every layer's K and V of ``tokens`` (positions from 0) at ``slots``."""
     pos = np.arange(len(tokens))
     for layer in range(cache.config.num_layers):
-        cache.write(layer, content(tokens, pos, layer, 0, cache.config),
-                    content(tokens, pos, layer, 1, cache.config), slots)
+        cache.write(layer, on(cache, content(tokens, pos, layer, 0, cache.config)),
+                    on(cache, content(tokens, pos, layer, 1, cache.config)), slots)
 
 
 def expect_seq(cache, seq, tokens):
@@ -112,8 +125,8 @@ def expect_seq(cache, seq, tokens):
     pos = np.arange(len(tokens))
     for layer in range(cache.config.num_layers):
         k, v, _ = cache.gather(layer, [seq])
-        assert k.tobytes() == content(tokens, pos, layer, 0, cache.config).tobytes()
-        assert v.tobytes() == content(tokens, pos, layer, 1, cache.config).tobytes()
+        assert host(cache, k).tobytes() == content(tokens, pos, layer, 0, cache.config).tobytes()
+        assert host(cache, v).tobytes() == content(tokens, pos, layer, 1, cache.config).tobytes()
 
 
 def snapshot(cache, probes=()):
@@ -121,7 +134,7 @@ def snapshot(cache, probes=()):
     return (cache.allocator.refcounts.copy().tobytes(), t.block_table.copy().tobytes(),
             t.seq_lens.copy().tobytes(), cache.num_free_pages, cache.num_cached_pages,
             cache.num_seqs, tuple(t.match_prefix(p) for p in probes),
-            hashlib.sha256(np.ascontiguousarray(cache.kv).tobytes()).hexdigest())
+            hashlib.sha256(np.ascontiguousarray(host(cache, cache.kv)).tobytes()).hexdigest())
 
 
 CFG = KVCacheConfig(3, 2, 4, 4, 64, dtype="float32", max_seqs=16, enable_prefix_cache=True)
@@ -130,9 +143,9 @@ CFG_BF16 = KVCacheConfig(2, 2, 8, 4, 40, dtype="bfloat16", layout="HND", max_seq
 PROMPTS = [list(range(100, 109)), list(range(200, 204)), list(range(300, 317))]
 
 
-def prefill(cfg, prompts):
+def prefill(cfg, prompts, device="cpu"):
     """A sender cache holding one sequence per prompt, written."""
-    cache = KVCache(cfg, device="cpu")
+    cache = KVCache(cfg, device=device)
     seqs = []
     for tokens in prompts:
         seq = cache.add_sequence()
@@ -144,10 +157,15 @@ def prefill(cfg, prompts):
 
 # -- transfer scenarios (rank 0 sends, rank 1 receives) ------------------------------------------
 
+def _device(rank):
+    return os.environ.get("KVCORE_TEST_DEVICE", "cpu").replace("RANK", str(rank))
+
+
 def transfer_basic(rank, world):
+    device = _device(rank)
     for cfg, chunk in ((CFG, 64 << 20), (CFG_BF16, 3 * 2 * CFG_BF16.page_elems * 2)):
         if rank == 0:
-            cache, seqs = prefill(cfg, PROMPTS)
+            cache, seqs = prefill(cfg, PROMPTS, device)
             stats = send_pages(cache, seqs, 1, token_ids=PROMPTS, chunk_bytes=chunk)
             assert stats.num_pages == 3 + 1 + 5 and stats.hit_pages.tolist() == [0, 0, 0]
             expected = chunk_plan(cfg.num_layers, 9, cfg.page_elems * cfg.itemsize, chunk)
@@ -155,7 +173,7 @@ def transfer_basic(rank, world):
             assert stats.nbytes == 9 * cfg.num_layers * 2 * cfg.page_elems * cfg.itemsize
             cache.check_invariants()
         else:
-            cache = KVCache(cfg, device="cpu")
+            cache = KVCache(cfg, device=device)
             other = cache.add_sequence()         # so that page ids differ from the sender's
             cache.append([other], [7])
             stats = recv_pages(cache, 0)
@@ -173,13 +191,13 @@ def transfer_prefix_hit(rank, world):
     shared = list(range(500, 508))                # two full pages
     first, second = [*shared, 1, 2, 3], [*shared, 7, 8, 9, 10, 11]
     if rank == 0:
-        cache, seqs = prefill(CFG, [first, second])
+        cache, seqs = prefill(CFG, [first, second], _device(rank))
         a = send_pages(cache, seqs[:1], 1, token_ids=[first])
         b = send_pages(cache, seqs[1:], 1, token_ids=[second])
         assert a.hit_pages.tolist() == [0] and a.num_pages == 3
         assert b.hit_pages.tolist() == [2] and b.num_pages == 2
     else:
-        cache = KVCache(CFG, device="cpu")
+        cache = KVCache(CFG, device=_device(rank))
         a = recv_pages(cache, 0)
         cache.remove(int(a.seq_ids[0]))             # its full pages stay cached
         b = recv_pages(cache, 0)
@@ -445,3 +463,41 @@ def test_needs_an_initialised_group():
         send_pages(cache, [], 1)
     with pytest.raises(ValueError, match="not initialised"):
         TensorParallelCache(CFG, 8, device="cpu")
+
+
+# -- two GPUs (NCCL) ------------------------------------------------------------------------------
+
+def _two_gpus() -> bool:
+    try:
+        import torch
+    except ImportError:
+        return False
+    return (torch.cuda.is_available() and torch.cuda.device_count() >= 2
+            and torch.distributed.is_nccl_available())
+
+
+GPU_SCENARIOS = ["transfer_basic", "transfer_prefix_hit", "transfer_refusals",
+                 "tp_matches_single"]
+
+
+@pytest.mark.multigpu
+@pytest.mark.skipif(not _two_gpus(), reason="needs 2 CUDA GPUs and NCCL")
+@pytest.mark.parametrize("backend", ["cpu:gloo,cuda:nccl", "nccl"])
+def test_two_gpus(backend, monkeypatch):
+    """The same scenarios between two GPUs: pages over NCCL, byte-exact against the
+    NumPy content; TP pools equal the NumPy oracle's head shards. With a pure NCCL group
+    the control messages are device tensors (and TP, which needs a CPU-capable group,
+    is skipped)."""
+    monkeypatch.setenv("KVCORE_TEST_DEVICE", "cuda:RANK")
+    scenarios = [s for s in GPU_SCENARIOS if backend != "nccl" or not s.startswith("tp")]
+    if backend == "nccl":
+        scenarios.remove("transfer_refusals")   # its snapshots compare the whole pool
+        scenarios.append("tp_refuses_nccl_only")
+    results = run_session(scenarios, timeout_s=60, backend=backend)
+    for name in scenarios:
+        _check(results, name)
+
+
+def tp_refuses_nccl_only(rank, world):
+    with pytest.raises(ValueError, match="cannot broadcast the step's metadata"):
+        TensorParallelCache(CFG, 8, device=_device(rank))
