@@ -247,6 +247,11 @@ def _add_simulate(sub) -> None:
                    "matplotlib: pip install 'kvcore[plot]'")
     p.add_argument("--quiet", action="store_true",
                    help="no progress bar (it is drawn on stderr only when that is a terminal)")
+    p.add_argument("--disaggregated", action="store_true",
+                   help="disaggregated prefill and decode: a prefill rank and a decode rank "
+                   "(two processes, torch.distributed: gloo on the CPU, NCCL on two GPUs) "
+                   "move every prompt's pages between their caches, verified byte for byte; "
+                   "needs torch (see docs/distributed.md)")
     p.add_argument("--corrupt-at-step", type=int, default=None, help=argparse.SUPPRESS)
 
 
@@ -594,6 +599,10 @@ def _run_simulate(args) -> int:
     from kvcore.errors import BackendUnavailableError
     from kvcore.simulate import ConfigurationError, SimConfig, Simulator, _check_config
 
+    if args.disaggregated:
+        from kvcore.simulate_disagg import cli_run
+
+        return cli_run(args, _error)
     both = args.preempt == "both"
     if both and args.plot is not None:
         return _error("simulate", "--plot draws one run; give it --preempt recompute or "
