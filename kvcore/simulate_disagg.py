@@ -68,6 +68,7 @@ class DisaggConfig:
     prefix_cache: bool = True
     batch: int = 8                # requests per transfer
     max_running: int = 64         # requests decoding at once
+    corrupt: bool = False         # test hook: change one page before the first transfer
 
     def workload(self):
         """(prompt token ids, output length) per request, from ``seed``."""
@@ -174,6 +175,9 @@ def _prefill_rank(cfg, dist, stats) -> None:
             side.write(tokens[hit:], np.arange(hit, len(tokens)), step.slot_mapping)
             stats["prefill_hit_tokens"] += hit
             seqs.append(seq)
+        if cfg.corrupt and stats["transfers"] == 0:    # the check must see this
+            page = int(cache.pages(seqs[0])[-1])
+            cache.k_cache(0)[page] = cache.k_cache(0)[page] + 1
         sent = send_pages(cache, seqs, 1, token_ids=[work[r][0] for r in take])
         stats["transfers"] += 1
         stats["pages_sent"] += sent.num_pages
@@ -330,6 +334,8 @@ def cli_run(args, error) -> int:
     if args.preempt != "recompute":
         return error("simulate", "--preempt does not apply to --disaggregated")
     values = {}
+    if getattr(args, "corrupt_at_step", None) is not None:
+        values["corrupt"] = True
     for f in fields(DisaggConfig):
         if hasattr(args, f.name) and getattr(args, f.name) != getattr(sim_defaults, f.name):
             values[f.name] = getattr(args, f.name)

@@ -501,3 +501,40 @@ def test_two_gpus(backend, monkeypatch):
 def tp_refuses_nccl_only(rank, world):
     with pytest.raises(ValueError, match="cannot broadcast the step's metadata"):
         TensorParallelCache(CFG, 8, device=_device(rank))
+
+
+# -- kvcore simulate --disaggregated --------------------------------------------------------
+
+def test_simulate_disaggregated(tmp_path, capsys):
+    from kvcore.cli import main
+
+    out = tmp_path / "d.json"
+    assert main(["simulate", "--disaggregated", "--requests", "12", "--device", "cpu",
+                 "--json", str(out)]) == 0
+    import json
+
+    summary = json.loads(out.read_text())
+    assert summary["ok"] and summary["finished"] == 12 and summary["mismatches"] == 0
+    assert summary["transfers"] >= 2 and summary["pages_sent"] > 0
+    assert summary["decode_hit_pages"] > 0          # the decode rank's cache learned prompts
+    assert summary["verified_tokens"] > 0
+    assert "0 mismatches" in capsys.readouterr().out
+
+
+def test_simulate_disaggregated_sees_a_corrupt_page(tmp_path):
+    from kvcore.cli import main
+
+    assert main(["simulate", "--disaggregated", "--requests", "8", "--device", "cpu",
+                 "--corrupt-at-step", "0", "--json", str(tmp_path / "d.json")]) == 1
+    import json
+
+    summary = json.loads((tmp_path / "d.json").read_text())
+    assert summary["mismatches"] >= 1 and not summary["ok"]
+
+
+def test_simulate_disaggregated_refuses_options(capsys):
+    from kvcore.cli import main
+
+    assert main(["simulate", "--disaggregated", "--window", "8"]) == 2
+    assert "--window does not apply to --disaggregated" in capsys.readouterr().err
+    assert main(["simulate", "--disaggregated", "--pages", "4"]) == 2
