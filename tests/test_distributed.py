@@ -538,3 +538,24 @@ def test_simulate_disaggregated_refuses_options(capsys):
     assert main(["simulate", "--disaggregated", "--window", "8"]) == 2
     assert "--window does not apply to --disaggregated" in capsys.readouterr().err
     assert main(["simulate", "--disaggregated", "--pages", "4"]) == 2
+
+
+def test_docs_example_runs(tmp_path):
+    """docs/distributed.md's example, as a script (it spawns its two ranks)."""
+    import re
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    doc = (root / "docs" / "distributed.md").read_text()
+    (block,) = re.findall(r"^```python\n(.*?)^```", doc, flags=re.S | re.M)
+    script = tmp_path / "example.py"
+    script.write_text(block)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(
+        [str(root), *filter(None, [os.environ.get("PYTHONPATH")])])}
+    run = subprocess.run([sys.executable, str(script)], capture_output=True, text=True,
+                         timeout=120, env=env, cwd=root)
+    assert run.returncode == 0, run.stderr
+    assert "rank 1: TransferStats(seqs=1, pages=3" in run.stdout
+    assert "rank 1: heads slice(2, 4, None), slots [0, 1, 2, 3, 4]" in run.stdout
