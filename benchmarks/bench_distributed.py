@@ -90,20 +90,31 @@ def transfer(rank, args, torch, dist, result):
     if rank == 0:
         words = cache.kv.view(torch.int16)
         words.random_(-2**15, 2**15 - 1)
-        ids = [cache.add_sequence() for _ in range(seqs)]
-        cache.append(ids, tokens)
     else:
         other = cache.add_sequence()
         cache.append([other], [37 * PAGE])          # page ids differ from the sender's
     torch.cuda.synchronize()
     figures = {}
-    for chunk_mib in args.chunk_mib:
+    ids = []
+    cases = [("contiguous", "direct", 64), *[("contiguous", "staged", c) for c in args.chunk_mib],
+             ("interleaved", "auto", 256), ("interleaved", "staged", 64)]
+    for layout, mode, chunk_mib in cases:
         chunk = chunk_mib << 20
         last = {}
+        if rank == 0:    # (re)allocate the sender's sequences in this page layout
+            for seq in ids:
+                cache.remove(seq)
+            ids = [cache.add_sequence() for _ in range(seqs)]
+            if layout == "contiguous":      # each sequence's pages consecutive
+                for seq in ids:
+                    cache.append([seq], [tokens])
+            else:                           # page by page, round robin: no two consecutive
+                for _ in range(tokens // PAGE):
+                    cache.append(ids, PAGE)
 
-        def once(chunk=chunk, last=last):
+        def once(chunk=chunk, last=last, mode=mode, ids=ids):
             if rank == 0:
-                send_pages(cache, ids, 1, chunk_bytes=chunk)
+                last["stats"] = send_pages(cache, ids, 1, chunk_bytes=chunk, mode=mode)
             else:
                 stats = recv_pages(cache, 0)
                 last["stats"] = stats
@@ -140,9 +151,13 @@ def transfer(rank, args, torch, dist, result):
             for seq in last["stats"].seq_ids.tolist():
                 cache.remove(seq)
             med = _median(times)
-            figures[f"chunk_{chunk_mib}MiB"] = {
+            stats = last["stats"]
+            key = f"{layout}_{stats.mode}" + (f"_{chunk_mib}MiB" if stats.mode == "staged"
+                                              else "")
+            figures[key] = {
+                "pages": layout, "mode_asked": mode, "mode": stats.mode,
                 "seconds_median": med, "seconds_all": times, "bytes": nbytes,
-                "gb_per_s": nbytes / med / 1e9, "chunks": last["stats"].num_chunks,
+                "gb_per_s": nbytes / med / 1e9, "messages": stats.num_chunks,
                 "byte_exact": exact}
         del last
     # baseline: one contiguous send of the same bytes, and of 1 GiB
@@ -165,14 +180,19 @@ def transfer(rank, args, torch, dist, result):
         torch.cuda.empty_cache()
     if rank == 1:
         base = figures["contiguous_same_bytes"]["gb_per_s"]
-        for key, fig in figures.items():
-            if key.startswith("chunk_"):
+        for fig in figures.values():
+            if "mode" in fig:
                 fig["fraction_of_contiguous"] = fig["gb_per_s"] / base
         result["transfer"] = {"seqs": seqs, "tokens_per_seq": tokens, "pages": pages,
                               "page_bytes": cfg.page_bytes, **figures}
 
 
 def tp_step(rank, args, torch, dist, result):
+    for channel in ("device", "host"):
+        _tp_step(rank, args, torch, dist, result, channel)
+
+
+def _tp_step(rank, args, torch, dist, result, channel):
     from kvcore import KVCache, KVCacheConfig
     from kvcore.distributed import TensorParallelCache
 
@@ -181,7 +201,7 @@ def tp_step(rank, args, torch, dist, result):
     cfg = KVCacheConfig(LAYERS, HEADS, HEAD_DIM, PAGE, num_pages, dtype="bfloat16",
                         max_seqs=seqs, max_pages_per_seq=length // PAGE + 4)
     tp = TensorParallelCache(cfg, max_tokens=seqs, device=f"cuda:{rank}",
-                             framework="torch", max_batch=seqs)
+                             framework="torch", max_batch=seqs, channel=channel)
     stamps = np.zeros(steps, dtype=np.int64)
     if rank == 0:
         single = KVCache(cfg, device=f"cuda:{rank}", framework="torch")
@@ -241,8 +261,8 @@ def tp_step(rank, args, torch, dist, result):
         bare_latency = np.array(both_bare[1]) - np.array(both_bare[0])
         warm = slice(steps // 10, None)
         one = float(np.median(one_gpu[warm])) / 1e3
-        result["tp_step"] = {
-            "ranks": 2, "seqs": seqs, "tokens_per_seq": length, "steps": steps,
+        result[f"tp_step_{channel}"] = {
+            "channel": channel, "ranks": 2, "seqs": seqs, "tokens_per_seq": length, "steps": steps,
             "message_int32": words,
             "one_gpu_append_update_us_median": one,
             "tp_step_host_us_median": float(np.median(tp_host[warm])) / 1e3,
@@ -324,10 +344,12 @@ def main(argv=None) -> int:
                       f"{fig['gb_per_s']:>10.1f}"
                       f"{'' if frac is None else f'{frac:.1%}':>16}"
                       f"  {fig.get('byte_exact', '')}")
-    if "tp_step" in merged:
-        s = merged["tp_step"]
+    for channel in ("device", "host"):
+        s = merged.get(f"tp_step_{channel}")
+        if s is None:
+            continue
         print(f"TP decode step, 2 ranks, {s['seqs']} sequences of ~{s['tokens_per_seq']} "
-              f"tokens (message {s['message_int32']} int32):")
+              f"tokens (message {s['message_int32']} int32), {channel} channel:")
         for key, value in s.items():
             if key.endswith("_us") or "_us_" in key:
                 print(f"  {key:<44}{value:>10.1f} us")

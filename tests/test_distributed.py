@@ -163,13 +163,19 @@ def _device(rank):
 
 def transfer_basic(rank, world):
     device = _device(rank)
-    for cfg, chunk in ((CFG, 64 << 20), (CFG_BF16, 3 * 2 * CFG_BF16.page_elems * 2)):
+    small = 3 * 2 * CFG_BF16.page_elems * 2
+    for cfg, chunk, mode in ((CFG, 64 << 20, "auto"), (CFG_BF16, small, "staged"),
+                             (CFG, 64 << 20, "direct"), (CFG_BF16, small, "direct")):
         if rank == 0:
             cache, seqs = prefill(cfg, PROMPTS, device)
-            stats = send_pages(cache, seqs, 1, token_ids=PROMPTS, chunk_bytes=chunk)
+            stats = send_pages(cache, seqs, 1, token_ids=PROMPTS, chunk_bytes=chunk,
+                               mode=mode)
             assert stats.num_pages == 3 + 1 + 5 and stats.hit_pages.tolist() == [0, 0, 0]
-            expected = chunk_plan(cfg.num_layers, 9, cfg.page_elems * cfg.itemsize, chunk)
-            assert stats.num_chunks == len(expected)
+            if mode == "direct":    # pages 0..8 here, 2..10 there: one run
+                assert stats.mode == "direct" and stats.num_chunks == 1
+            else:                   # tiny pages: auto stages
+                expected = chunk_plan(cfg.num_layers, 9, cfg.page_elems * cfg.itemsize, chunk)
+                assert stats.mode == "staged" and stats.num_chunks == len(expected)
             assert stats.nbytes == 9 * cfg.num_layers * 2 * cfg.page_elems * cfg.itemsize
             cache.check_invariants()
         else:
@@ -178,6 +184,7 @@ def transfer_basic(rank, world):
             cache.append([other], [7])
             stats = recv_pages(cache, 0)
             assert len(stats.seq_ids) == 3 and stats.num_pages == 9
+            assert stats.mode == ("direct" if mode == "direct" else "staged")
             for seq, tokens in zip(stats.seq_ids.tolist(), PROMPTS, strict=True):
                 expect_seq(cache, seq, tokens)
                 # the prefix cache learned every full page but the last token's
@@ -193,9 +200,9 @@ def transfer_prefix_hit(rank, world):
     if rank == 0:
         cache, seqs = prefill(CFG, [first, second], _device(rank))
         a = send_pages(cache, seqs[:1], 1, token_ids=[first])
-        b = send_pages(cache, seqs[1:], 1, token_ids=[second])
+        b = send_pages(cache, seqs[1:], 1, token_ids=[second], mode="direct")
         assert a.hit_pages.tolist() == [0] and a.num_pages == 3
-        assert b.hit_pages.tolist() == [2] and b.num_pages == 2
+        assert b.hit_pages.tolist() == [2] and b.num_pages == 2 and b.mode == "direct"
     else:
         cache = KVCache(CFG, device=_device(rank))
         a = recv_pages(cache, 0)
@@ -264,6 +271,8 @@ def transfer_arguments(rank, world):
         recv_pages(cache, 5)
     with pytest.raises(ValueError, match="below one page"):
         send_pages(cache, [], 1 - rank, chunk_bytes=8)
+    with pytest.raises(ValueError, match="mode must be one of"):
+        send_pages(cache, [], 1 - rank, mode="fast")
 
 
 def transfer_dies_midway(rank, world):
@@ -320,14 +329,24 @@ def tp_matches_single(rank, world):
     """Every rank's pool and metadata equal the head shard of one NumPy cache that ran
     the same calls, step after step (prefix hits, forks with copy-on-write, removes,
     truncates, a refused step)."""
-    for cfg in TP_CFGS:
-        _tp_run(cfg, rank, world)
-
-
-def _tp_run(cfg, rank, world):
     import torch.distributed as dist
 
-    tp = TensorParallelCache(cfg, 32, device="cpu", max_batch=8, inline_ints=64)
+    channels = ["auto"]
+    if _device(rank) != "cpu":     # both channels on GPUs, where the group allows
+        gloo = "gloo" in str(dist.get_backend()).lower()
+        channels = ["host", "device"] if gloo else ["device"]
+    for cfg in TP_CFGS:
+        for channel in channels:
+            _tp_run(cfg, rank, world, channel)
+
+
+def _tp_run(cfg, rank, world, channel):
+    import torch.distributed as dist
+
+    # inline_ints=64: the longer steps take the second broadcast
+    tp = TensorParallelCache(cfg, 32, device=_device(rank), max_batch=8, inline_ints=64,
+                             channel=channel)
+    assert tp.channel == ("host" if _device(rank) == "cpu" else channel)
     per = cfg.num_kv_heads // world
     assert tp.heads == slice(rank * per, (rank + 1) * per)
     assert tp.cache.config.num_kv_heads == per
@@ -339,13 +358,15 @@ def _tp_run(cfg, rank, world):
             k = step_content(cfg, step, t, layer, 0)
             v = step_content(cfg, step, t, layer, 1)
             for cache, heads in write_to:
-                cache.write(layer, np.ascontiguousarray(k[:, heads]),
-                            np.ascontiguousarray(v[:, heads]), result.slot_mapping)
+                cache.write(layer, on(cache, np.ascontiguousarray(k[:, heads])),
+                            on(cache, np.ascontiguousarray(v[:, heads])), result.slot_mapping)
 
     def digest(cache, heads=None):
-        kv = cache.kv if heads is None else head_shard(cfg, cache.kv, heads)
+        """The pool (or a head shard of it) and this rank's TP metadata."""
+        kv = host(cache, cache.kv)
+        kv = kv if heads is None else head_shard(cfg, kv, heads)
         meta = tp.metadata
-        arrays = [np.ascontiguousarray(kv)] + [np.asarray(getattr(meta, name)) for name in
+        arrays = [np.ascontiguousarray(kv)] + [host(tp.cache, getattr(meta, name)) for name in
                   ("page_indptr", "last_page_len", "seq_lens", "token_indptr",
                    "slot_mapping", "page_indices", "block_tables")]
         return hashlib.sha256(b"".join(a.tobytes() for a in arrays)).hexdigest()
@@ -388,6 +409,7 @@ def _tp_run(cfg, rank, world):
             write_step(step, result, [(tp.cache, tp.heads), (ref, slice(None))])
             digests.append([digest(ref, slice(r * per, (r + 1) * per))
                             for r in range(world)])
+            assert digest(tp.cache) == digests[-1][0], f"rank 0 differs at step {step}"
             step += 1
         assert any(len(tp.cache.table.pages(s)) for s in live)
         tp.close()
@@ -420,6 +442,12 @@ def tp_validation(rank, world):
     with pytest.raises(ValueError, match="another config"):
         TensorParallelCache(KVCacheConfig(1, heads, 4, 4, 8, dtype="float32"), 8,
                             device="cpu")
+    with pytest.raises(ValueError, match="channel must be"):
+        TensorParallelCache(KVCacheConfig(1, 2, 4, 4, 8, dtype="float32"), 8, device="cpu",
+                            channel="shm")
+    with pytest.raises(ValueError, match="channel='device' needs NCCL"):
+        TensorParallelCache(KVCacheConfig(1, 2, 4, 4, 8, dtype="float32"), 8, device="cpu",
+                            channel="device")
     with pytest.raises(ValueError, match="src 5"):
         TensorParallelCache(KVCacheConfig(1, 2, 4, 4, 8, dtype="float32"), 8, device="cpu",
                             src=5)
@@ -443,6 +471,19 @@ def test_gloo(gloo_results, name):
 def test_transfer_failure_midway_undoes_receiver():
     results = run_session(["transfer_dies_midway"], timeout_s=4, expect=[1])
     assert results[1].get("transfer_dies_midway") == "ok", results[1]
+
+
+def test_page_runs():
+    from kvcore.distributed.transfer import page_runs
+
+    assert page_runs([], []) == []
+    assert page_runs([3], [9]) == [(3, 9, 1)]
+    assert page_runs([0, 1, 2, 3], [5, 6, 8, 9]) == [(0, 5, 2), (2, 8, 2)]
+    rng = np.random.default_rng(1)
+    src, dst = rng.permutation(50)[:30], rng.permutation(50)[:30]
+    runs = page_runs(src, dst)
+    assert [p for s, _, n in runs for p in range(s, s + n)] == src.tolist()
+    assert [p for _, d, n in runs for p in range(d, d + n)] == dst.tolist()
 
 
 def test_chunk_plan_covers_every_page_once():
@@ -485,22 +526,22 @@ GPU_SCENARIOS = ["transfer_basic", "transfer_prefix_hit", "transfer_refusals",
 @pytest.mark.parametrize("backend", ["cpu:gloo,cuda:nccl", "nccl"])
 def test_two_gpus(backend, monkeypatch):
     """The same scenarios between two GPUs: pages over NCCL, byte-exact against the
-    NumPy content; TP pools equal the NumPy oracle's head shards. With a pure NCCL group
-    the control messages are device tensors (and TP, which needs a CPU-capable group,
-    is skipped)."""
+    NumPy content; TP pools equal the NumPy oracle's head shards, with the step message
+    over gloo (host channel) and over NCCL (device channel). With a pure NCCL group the
+    transfer's control messages are device tensors and TP has the device channel only."""
     monkeypatch.setenv("KVCORE_TEST_DEVICE", "cuda:RANK")
-    scenarios = [s for s in GPU_SCENARIOS if backend != "nccl" or not s.startswith("tp")]
-    if backend == "nccl":
-        scenarios.remove("transfer_refusals")   # its snapshots compare the whole pool
-        scenarios.append("tp_refuses_nccl_only")
+    scenarios = list(GPU_SCENARIOS)
+    if backend == "nccl":   # CPU caches cannot use a pure NCCL group
+        scenarios.remove("transfer_refusals")
+        scenarios.append("tp_refuses_host_channel")
     results = run_session(scenarios, timeout_s=60, backend=backend)
     for name in scenarios:
         _check(results, name)
 
 
-def tp_refuses_nccl_only(rank, world):
+def tp_refuses_host_channel(rank, world):
     with pytest.raises(ValueError, match="cannot broadcast the step's metadata"):
-        TensorParallelCache(CFG, 8, device=_device(rank))
+        TensorParallelCache(CFG, 8, device=_device(rank), channel="host")
 
 
 # -- kvcore simulate --disaggregated --------------------------------------------------------

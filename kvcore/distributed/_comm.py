@@ -113,6 +113,21 @@ class PoolIO:
             self.v = [wrap(cache.v_cache(layer)) for layer in range(cfg.num_layers)]
         self.dtype = self.k[0].dtype
 
+    @property
+    def contiguous(self) -> bool:
+        """Whether every layer's K and V pool is one contiguous block (so a run of
+        consecutive pages is one contiguous region: the direct mode)."""
+        if self.cuda:
+            return all(t.is_contiguous() for t in (*self.k, *self.v))
+        return all(a.flags.c_contiguous for a in (*self.k, *self.v))
+
+    def region(self, pool, layer: int, start: int, n: int):
+        """Pages ``start .. start + n`` of layer ``layer``'s K or V pool as uint8 (a view)."""
+        block = pool[layer][start:start + n]
+        if self.cuda:
+            return block.view(-1).view(self.torch.uint8)
+        return self.torch.from_numpy(block.reshape(-1).view(np.uint8))
+
     def staging(self, elems: int):
         """A flat staging buffer of ``elems`` elements of the pool's dtype."""
         if self.cuda:

@@ -109,15 +109,23 @@ class TensorParallelCache:
     def __init__(self, config: KVCacheConfig, max_tokens: int, *, group=None, src: int = 0,
                  device: str = "auto", framework: str | None = None, pool=None,
                  max_batch: int | None = None, block_tables: bool = True,
-                 inline_ints: int = 8192):
+                 inline_ints: int = 8192, channel: str = "auto"):
         torch, dist = torch_dist()
         if not isinstance(config, KVCacheConfig):
             raise TypeError(f"config must be a KVCacheConfig, got {type(config).__name__}")
         check_group(dist, group)
-        if not cpu_capable(dist, group):
-            raise ValueError(f"process group backend {backend_name(dist, group)!r} cannot "
-                             "broadcast the step's metadata from the host; use gloo or "
+        if channel not in ("auto", "host", "device"):
+            raise ValueError(f"channel must be 'auto', 'host' or 'device', got {channel!r}")
+        name = backend_name(dist, group)
+        if channel == "host" and not cpu_capable(dist, group):
+            raise ValueError(f"process group backend {name!r} cannot broadcast the step's "
+                             "metadata from the host; use gloo or "
                              "backend='cpu:gloo,cuda:nccl'")
+        if channel == "device" and "nccl" not in name:
+            raise ValueError(f"channel='device' needs NCCL in the group, not {name!r}")
+        if channel == "auto" and "nccl" not in name and not cpu_capable(dist, group):
+            raise ValueError(f"process group backend {name!r} carries neither CPU tensors "
+                             "nor NCCL")
         self._torch, self._dist, self._group = torch, dist, group
         self.rank, self.world_size = dist.get_rank(group), dist.get_world_size(group)
         if isinstance(src, bool) or not isinstance(src, (int, np.integer)) \
@@ -149,10 +157,31 @@ class TensorParallelCache:
                              framework=framework, pool=pool)
         self.metadata = self.cache.step_metadata(max_tokens, max_batch=max_batch,
                                                  block_tables=block_tables)
+        if channel == "auto":
+            channel = ("device" if "nccl" in name and self.cache.device != "cpu"
+                       else "host")
+        if channel == "device" and self.cache.device == "cpu":
+            raise ValueError("channel='device' needs a CUDA cache")
+        if channel == "host" and not cpu_capable(dist, group):
+            raise ValueError(f"process group backend {name!r} cannot broadcast a CPU "
+                             "cache's step metadata; use gloo")
+        codes = [torch.zeros(1, dtype=torch.int64) for _ in range(self.world_size)]
+        mine = torch.tensor([channel == "device"], dtype=torch.int64)
+        if cpu_capable(dist, group):
+            dist.all_gather(codes, mine, group=group)
+        else:   # a pure NCCL group: compare on the device
+            dev = [c.to(self.cache.device) for c in codes]
+            dist.all_gather(dev, mine.to(self.cache.device), group=group)
+            codes = [c.cpu() for c in dev]
+        if any(int(c) != int(mine) for c in codes):
+            raise ValueError("the ranks resolved channel='auto' differently (some caches on "
+                             "CUDA, some on the CPU?); pass the same channel everywhere")
+        #: ``"host"`` (a CPU tensor over gloo) or ``"device"`` (over NCCL, read back on
+        #: a side stream): how each step's message travels.
+        self.channel = channel
         self._inline = int(inline_ints)
-        self._ring = [(torch.zeros(self._inline, dtype=torch.int32), None)
-                      for _ in range(_RING)]
-        self._next = 0
+        self._chan = (_DeviceChannel if channel == "device" else _HostChannel)(
+            torch, dist, group, self._src_global, self._inline, self.cache.device)
         self._closed = False
 
     def _agree(self, config, max_tokens, max_batch, block_tables, inline_ints) -> None:
@@ -162,8 +191,11 @@ class TensorParallelCache:
                 c.max_pages_per_seq, int(c.enable_prefix_cache), int(max_tokens),
                 -1 if max_batch is None else int(max_batch), int(bool(block_tables)),
                 int(inline_ints), self.src]
-        local = self._torch.tensor(mine, dtype=self._torch.int64)
-        every = [self._torch.zeros_like(local) for _ in range(self.world_size)]
+        torch = self._torch
+        where = ("cpu" if cpu_capable(self._dist, self._group)
+                 else torch.device("cuda", torch.cuda.current_device()))
+        local = torch.tensor(mine, dtype=torch.int64, device=where)
+        every = [torch.zeros_like(local) for _ in range(self.world_size)]
         self._dist.all_gather(every, local, group=self._group)
         differ = [r for r, t in enumerate(every) if not self._torch.equal(t, local)]
         if differ:
@@ -307,7 +339,6 @@ class TensorParallelCache:
         self._closed = True
 
     def _broadcast(self, kind, indptr, indices, last, result) -> None:
-        torch, dist = self._torch, self._dist
         copies = 0 if result is None else len(result.copy_src)
         parts = [] if result is None else [result.copy_src, result.copy_dst]
         if kind == _STEP:
@@ -317,47 +348,19 @@ class TensorParallelCache:
         head = np.array([_MAGIC, kind, b, nnz, t, copies, 0, 0], dtype=np.int32)
         body = (np.concatenate([p.astype(np.int32, copy=False) for p in parts])
                 if parts else np.zeros(0, np.int32))
-        slot = self._next
-        self._next = (slot + 1) % _RING
-        buf, works = self._ring[slot]
-        for work in works or ():
-            work.wait()            # that buffer's previous broadcast has left
-        arr = buf.numpy()
-        arr[:_HEADER] = head
-        works = []
-        if _HEADER + len(body) <= self._inline:
-            arr[_HEADER:_HEADER + len(body)] = body
-            extra = None
-        else:
-            extra = torch.from_numpy(body)
-        works.append(dist.broadcast(buf, self._src_global, group=self._group, async_op=True))
-        if extra is not None:
-            works.append(dist.broadcast(extra, self._src_global, group=self._group,
-                                        async_op=True))
-            works.append(_Keep(extra))
-        self._ring[slot] = (buf, works)
+        self._chan.send(head, body)
 
     def _receive(self):
         if self._closed:
             return None
-        torch, dist = self._torch, self._dist
-        buf = self._ring[0][0]
-        dist.broadcast(buf, self._src_global, group=self._group)
-        arr = buf.numpy()
-        magic, kind, b, nnz, t, k = (int(x) for x in arr[:6])
+        head, body = self._chan.receive(_size)
+        magic, kind, b, nnz, t, k = (int(x) for x in head[:6])
         if magic != _MAGIC or kind not in (_STEP, _STOP, _FAILED):
             raise RuntimeError(f"rank {self.rank} received a message that is not a "
                                f"TensorParallelCache step (magic {magic:#x}, kind {kind})")
         if kind == _STOP:
             self._closed = True
             return None
-        size = (b + 1 + b + nnz + t if kind == _STEP else 0) + 2 * k
-        if _HEADER + size <= self._inline:
-            body = arr[_HEADER:_HEADER + size].copy()
-        else:
-            extra = torch.empty(size, dtype=torch.int32)
-            dist.broadcast(extra, self._src_global, group=self._group)
-            body = extra.numpy()
         pos = 0
 
         def take(n):
@@ -376,6 +379,112 @@ class TensorParallelCache:
                                 "its append; its copy-on-write copies were applied")
         self.metadata._fill(indptr, indices, last, slots, None)
         return AppendResult(slots, copy_src.copy(), copy_dst.copy())
+
+
+def _size(head) -> int:
+    """Body length (int32 words) of a message with this header."""
+    kind, b, nnz, t, k = (int(x) for x in head[1:6])
+    return (b + 1 + b + nnz + t if kind == _STEP else 0) + 2 * k
+
+
+class _HostChannel:
+    """Messages as CPU tensors (gloo): asynchronous on the scheduler, from a ring of
+    ``_RING`` buffers each reused once its broadcast has left."""
+
+    def __init__(self, torch, dist, group, src, inline, device):
+        self.torch, self.dist, self.group, self.src, self.inline = (torch, dist, group, src,
+                                                                    inline)
+        self.ring = [(torch.zeros(inline, dtype=torch.int32), None) for _ in range(_RING)]
+        self.next = 0
+
+    def send(self, head, body) -> None:
+        torch, dist = self.torch, self.dist
+        slot = self.next
+        self.next = (slot + 1) % _RING
+        buf, works = self.ring[slot]
+        for work in works or ():
+            work.wait()            # that buffer's previous broadcast has left
+        arr = buf.numpy()
+        arr[:_HEADER] = head
+        works = []
+        extra = None
+        if _HEADER + len(body) <= self.inline:
+            arr[_HEADER:_HEADER + len(body)] = body
+        else:
+            extra = torch.from_numpy(body)
+        works.append(dist.broadcast(buf, self.src, group=self.group, async_op=True))
+        if extra is not None:
+            works.append(dist.broadcast(extra, self.src, group=self.group, async_op=True))
+            works.append(_Keep(extra))
+        self.ring[slot] = (buf, works)
+
+    def receive(self, size_of):
+        buf = self.ring[0][0]
+        self.dist.broadcast(buf, self.src, group=self.group)
+        arr = buf.numpy()
+        size = size_of(arr[:_HEADER])
+        if _HEADER + size <= self.inline:
+            return arr[:_HEADER], arr[_HEADER:_HEADER + size].copy()
+        extra = self.torch.empty(size, dtype=self.torch.int32)
+        self.dist.broadcast(extra, self.src, group=self.group)
+        return arr[:_HEADER], extra.numpy()
+
+
+class _DeviceChannel:
+    """Messages as device tensors (NCCL) on a side stream, so the broadcast waits for
+    nothing the compute stream runs: the scheduler copies the message up (pinned ring,
+    one copy) and broadcasts; the others receive it and copy it down, then wait for
+    that side stream only."""
+
+    def __init__(self, torch, dist, group, src, inline, device):
+        self.torch, self.dist, self.group, self.src, self.inline = (torch, dist, group, src,
+                                                                    inline)
+        self.device = torch.device(device)
+        self.side = torch.cuda.Stream(device=self.device)
+        self.dev = torch.zeros(inline, dtype=torch.int32, device=self.device)
+        self.ring = [torch.zeros(inline, dtype=torch.int32).pin_memory()
+                     for _ in range(_RING)]
+        self.events = [None] * _RING
+        self.next = 0
+
+    def send(self, head, body) -> None:
+        torch, dist = self.torch, self.dist
+        slot = self.next
+        self.next = (slot + 1) % _RING
+        if self.events[slot] is not None:
+            self.events[slot].synchronize()     # its copy up ran long ago
+        host = self.ring[slot]
+        arr = host.numpy()
+        arr[:_HEADER] = head
+        inline = _HEADER + len(body) <= self.inline
+        if inline:
+            arr[_HEADER:_HEADER + len(body)] = body
+        with torch.cuda.stream(self.side):
+            self.dev.copy_(host, non_blocking=True)
+            dist.broadcast(self.dev, self.src, group=self.group, async_op=True).wait()
+            if not inline:
+                extra = torch.from_numpy(body).to(self.device, non_blocking=False)
+                dist.broadcast(extra, self.src, group=self.group, async_op=True).wait()
+            event = torch.cuda.Event()
+            event.record(self.side)
+        self.events[slot] = event
+
+    def receive(self, size_of):
+        torch, dist = self.torch, self.dist
+        host = self.ring[0]
+        with torch.cuda.stream(self.side):
+            dist.broadcast(self.dev, self.src, group=self.group)
+            host.copy_(self.dev, non_blocking=True)
+        self.side.synchronize()
+        arr = host.numpy()
+        size = size_of(arr[:_HEADER])
+        if _HEADER + size <= self.inline:
+            return arr[:_HEADER].copy(), arr[_HEADER:_HEADER + size].copy()
+        with torch.cuda.stream(self.side):
+            extra = torch.empty(size, dtype=torch.int32, device=self.device)
+            dist.broadcast(extra, self.src, group=self.group)
+            body = extra.cpu()
+        return arr[:_HEADER].copy(), body.numpy()
 
 
 class _Keep:

@@ -69,7 +69,14 @@ __all__ = ["TransferStats", "recv_pages", "send_pages"]
 
 MAGIC = 0x6B76636F7265   # "kvcore"
 VERSION = 1
-_HEADER_LEN = 13
+_HEADER_LEN = 15
+#: ``mode`` values on the wire
+_MODES = {"auto": 0, "staged": 1, "direct": 2}
+#: auto picks direct (one send per run of consecutive pages per layer and K/V, no
+#: staging) when it needs at most this many sends of at least DIRECT_MIN_BYTES on average
+DIRECT_MAX_OPS = 1024
+DIRECT_MIN_BYTES = 4 << 20
+_DIRECT_GROUP = 128      # sends per NCCL group call
 DEFAULT_CHUNK_BYTES = 64 << 20
 
 #: status codes of the header and the reply, and the TransferError reason of each
@@ -90,12 +97,16 @@ class TransferStats:
         Leading pages of each sequence the receiver's prefix cache already held (not
         sent).
     num_pages, nbytes, num_chunks : int
-        Pages moved (all layers, K and V), their bytes, and the data messages.
+        Pages moved (all layers, K and V), their bytes, and the data messages: staged
+        chunks, or direct runs of consecutive pages (each one send per layer and K/V).
+    mode : str
+        ``"staged"`` or ``"direct"``.
     """
 
-    __slots__ = ("hit_pages", "nbytes", "num_chunks", "num_pages", "seq_ids")
+    __slots__ = ("hit_pages", "mode", "nbytes", "num_chunks", "num_pages", "seq_ids")
 
-    def __init__(self, seq_ids, hit_pages, num_pages, nbytes, num_chunks):
+    def __init__(self, seq_ids, hit_pages, num_pages, nbytes, num_chunks, mode="staged"):
+        self.mode = mode
         self.seq_ids = seq_ids
         self.hit_pages = hit_pages
         self.num_pages = num_pages
@@ -105,13 +116,13 @@ class TransferStats:
     def __repr__(self) -> str:
         return (f"TransferStats(seqs={len(self.seq_ids)}, pages={self.num_pages}, "
                 f"hit_pages={int(self.hit_pages.sum())}, bytes={self.nbytes}, "
-                f"chunks={self.num_chunks})")
+                f"{self.mode}={self.num_chunks})")
 
 
 # -- the sender ---------------------------------------------------------------------------------
 
 def send_pages(cache, seq_ids, dst: int, *, token_ids=None, namespaces=0, group=None,
-               chunk_bytes: int = DEFAULT_CHUNK_BYTES) -> TransferStats:
+               chunk_bytes: int = DEFAULT_CHUNK_BYTES, mode: str = "auto") -> TransferStats:
     """Send whole sequences (every layer's K and V of their pages) to ``dst``, whose
     :func:`recv_pages` makes them there.
 
@@ -133,7 +144,15 @@ def send_pages(cache, seq_ids, dst: int, *, token_ids=None, namespaces=0, group=
     group : ProcessGroup, optional
         Default: the default group.
     chunk_bytes : int
-        Largest data message (default 64 MiB); at least one page of one layer, K and V.
+        Largest data message of the staged mode (default 64 MiB); at least one page of
+        one layer, K and V.
+    mode : {"auto", "staged", "direct"}
+        How the data moves. ``"staged"``: gathered into staging buffers and sent in
+        chunks (any page order). ``"direct"``: each run of pages consecutive on both
+        sides is sent straight from one pool into the other, one send per run, layer
+        and K/V, grouped (no staging; needs both pools' per-layer views contiguous,
+        else staged). ``"auto"`` (default): direct when that takes at most
+        ``DIRECT_MAX_OPS`` sends averaging ``DIRECT_MIN_BYTES`` or more, else staged.
 
     Returns
     -------
@@ -163,6 +182,9 @@ def send_pages(cache, seq_ids, dst: int, *, token_ids=None, namespaces=0, group=
     dst = _rank(dist, group, dst, "dst")
     ctrl = control_device(dist, group, cache)
     chunk_bytes = _chunk_bytes(chunk_bytes, cache.config)
+    if mode not in _MODES:
+        raise ValueError(f"mode must be one of {sorted(_MODES)}, got {mode!r}")
+    io = PoolIO(cache, torch)
     try:
         seqs, lens, ns, tokens = _sender_input(cache, seq_ids, token_ids, namespaces)
     except Exception:
@@ -170,25 +192,33 @@ def send_pages(cache, seq_ids, dst: int, *, token_ids=None, namespaces=0, group=
         _send(torch, dist, header, dst, group, ctrl)
         raise
     header = _header(cache.config, _OK, len(seqs), int(lens.sum()), tokens is not None,
-                     chunk_bytes)
+                     chunk_bytes, _MODES[mode], io.contiguous)
     _send(torch, dist, header, dst, group, ctrl)
     _send(torch, dist, np.stack([lens, ns]), dst, group, ctrl)
     if tokens is not None:
         _send(torch, dist, tokens, dst, group, ctrl)
-    reply = _recv(torch, dist, 1 + len(seqs), dst, group, ctrl)
+    _send(torch, dist, _pages_after(cache, seqs, np.zeros(len(seqs), np.int64)), dst, group,
+          ctrl)
+    reply = _recv(torch, dist, 2 + len(seqs), dst, group, ctrl)
     if reply[0] != _OK:
         reason = _REASONS.get(int(reply[0]), "protocol")
         raise TransferError(f"rank {dst} refused the transfer of {len(seqs)} sequences "
                             f"({reason})", reason)
-    hits = reply[1:].astype(np.int64)
+    hits = reply[2:].astype(np.int64)
     pages = _pages_after(cache, seqs, hits)
+    theirs = _recv(torch, dist, len(pages), dst, group, ctrl).astype(np.int32)
     cfg = cache.config
-    plan = chunk_plan(cfg.num_layers, len(pages), cfg.page_elems * cfg.itemsize, chunk_bytes)
+    plan = _data_plan(cfg, _MODES[mode], io.contiguous and bool(reply[1]), pages, theirs,
+                      chunk_bytes)
     try:
-        _send_data(torch, dist, PoolIO(cache, torch), pages, plan, dst, group)
+        if plan[0] == "direct":
+            _direct(torch, dist, io, plan[1], dst, group, send=True)
+        else:
+            _send_data(torch, dist, io, pages, plan[1], dst, group)
     except Exception as exc:
         raise TransferError(f"sending pages to rank {dst} failed: {exc}", "failed") from exc
-    return TransferStats(seqs, hits, len(pages), _nbytes(cfg, len(pages)), len(plan))
+    return TransferStats(seqs, hits, len(pages), _nbytes(cfg, len(pages)), len(plan[1]),
+                         plan[0])
 
 
 def _send_data(torch, dist, io: PoolIO, pages, plan, dst, group) -> None:
@@ -258,30 +288,45 @@ def recv_pages(cache, src: int, *, group=None) -> TransferStats:
                             "sender")
     num_seqs, total, has_tokens, chunk_bytes = (int(header[3]), int(header[4]),
                                                 bool(header[5]), int(header[6]))
+    mode, sender_direct = int(header[7]), bool(header[8])
     lens, ns = _recv(torch, dist, 2 * num_seqs, src, group, ctrl).reshape(2, num_seqs)
     tokens = _recv(torch, dist, total, src, group, ctrl) if has_tokens else None
     cfg = cache.config
+    page_counts = -(-lens // max(int(header[12]), 1))       # the sender's page size
+    theirs_all = _recv(torch, dist, int(page_counts.sum()), src, group, ctrl).astype(np.int32)
+    io = PoolIO(cache, torch)
     try:
-        if list(header[7:]) != geometry(cfg):
+        if list(header[9:]) != geometry(cfg):
             raise ValueError(f"the sender's pool (layers, KV heads, head dim, page size, "
-                             f"dtype, layout) = {_describe(header[7:])} differs from this "
+                             f"dtype, layout) = {_describe(header[9:])} differs from this "
                              f"cache's {_describe(geometry(cfg))}")
         _check_receiver(cache)
         _admit(cache, lens, ns, tokens)
     except Exception as exc:
-        _send(torch, dist, np.array([_refusal(exc)] + [0] * num_seqs), src, group, ctrl)
+        _send(torch, dist, np.array([_refusal(exc)] + [0] * (num_seqs + 1)), src, group,
+              ctrl)
         raise
     seqs, hits = _make_sequences(cache, lens, ns, tokens)
     pages = _pages_after(cache, seqs, hits)
-    plan = chunk_plan(cfg.num_layers, len(pages), cfg.page_elems * cfg.itemsize, chunk_bytes)
+    starts = np.concatenate([[0], np.cumsum(page_counts)[:-1]]).astype(np.int64)
+    theirs = (np.concatenate([theirs_all[a + h:a + c] for a, h, c in
+                              zip(starts, hits, page_counts, strict=True)])
+              if num_seqs else np.zeros(0, np.int32))
+    plan = _data_plan(cfg, mode, sender_direct and io.contiguous, theirs, pages, chunk_bytes)
     try:
-        _send(torch, dist, np.concatenate([[_OK], hits]), src, group, ctrl)
-        _recv_data(torch, dist, PoolIO(cache, torch), pages, plan, src, group)
+        _send(torch, dist, np.concatenate([[_OK, int(io.contiguous)], hits]), src, group,
+              ctrl)
+        _send(torch, dist, pages, src, group, ctrl)
+        if plan[0] == "direct":
+            _direct(torch, dist, io, plan[1], src, group, send=False)
+        else:
+            _recv_data(torch, dist, io, pages, plan[1], src, group)
     except Exception as exc:
         _undo(cache, seqs, hits)
         raise TransferError(f"receiving pages from rank {src} failed: {exc}; the "
                             f"{len(seqs)} new sequences were undone", "failed") from exc
-    return TransferStats(seqs, hits, len(pages), _nbytes(cfg, len(pages)), len(plan))
+    return TransferStats(seqs, hits, len(pages), _nbytes(cfg, len(pages)), len(plan[1]),
+                         plan[0])
 
 
 def _recv_data(torch, dist, io: PoolIO, pages, plan, src, group) -> None:
@@ -307,6 +352,54 @@ def _recv_data(torch, dist, io: PoolIO, pages, plan, src, group) -> None:
         io.scatter(blocks.pop(i), a, index[p:q])
         if i + 2 < len(plan):
             post(i + 2)
+
+
+def _data_plan(cfg, mode: int, direct_ok: bool, src_pages, dst_pages, chunk_bytes):
+    """``("direct", runs)`` or ``("staged", chunks)``; both sides compute the same from the
+    same page lists (``src_pages`` the sender's, ``dst_pages`` the receiver's)."""
+    page_layer = cfg.page_elems * cfg.itemsize
+    if mode != _MODES["staged"] and direct_ok:
+        runs = page_runs(src_pages, dst_pages)
+        ops = len(runs) * 2 * cfg.num_layers
+        if mode == _MODES["direct"] or (
+                0 < ops <= DIRECT_MAX_OPS
+                and len(src_pages) * 2 * cfg.num_layers * page_layer >= ops * DIRECT_MIN_BYTES):
+            return "direct", runs
+    return "staged", chunk_plan(cfg.num_layers, len(src_pages), page_layer, chunk_bytes)
+
+
+def page_runs(src, dst) -> list[tuple[int, int, int]]:
+    """Maximal runs where both page lists go up by one: ``(src_start, dst_start, length)``.
+
+    Examples
+    --------
+    >>> page_runs(np.array([4, 5, 6, 9, 10]), np.array([0, 1, 7, 8, 9]))
+    [(4, 0, 2), (6, 7, 1), (9, 8, 2)]
+    """
+    src, dst = np.asarray(src, np.int64), np.asarray(dst, np.int64)
+    if len(src) == 0:
+        return []
+    cut = np.flatnonzero((np.diff(src) != 1) | (np.diff(dst) != 1)) + 1
+    starts = np.concatenate([[0], cut])
+    ends = np.concatenate([cut, [len(src)]])
+    return [(int(src[a]), int(dst[a]), int(b - a)) for a, b in zip(starts, ends, strict=True)]
+
+
+def _direct(torch, dist, io: PoolIO, runs, peer, group, *, send: bool) -> None:
+    """One send (or receive) per run, layer and K/V, straight between the pools; on NCCL
+    all of them in one group (``batch_isend_irecv``)."""
+    op = dist.isend if send else dist.irecv
+    tensors = [io.region(pool, layer, (s if send else d), n)
+               for s, d, n in runs for layer in range(len(io.k)) for pool in (io.k, io.v)]
+    works = []
+    for i in range(0, len(tensors), _DIRECT_GROUP):
+        batch = tensors[i:i + _DIRECT_GROUP]
+        if io.cuda:   # NCCL moves one group while the host builds the next
+            works += dist.batch_isend_irecv([dist.P2POp(op, t, peer, group) for t in batch])
+        else:
+            works += [op(t, peer, group=group) for t in batch]
+    for work in works:
+        work.wait()
 
 
 def _pages_after(cache, seqs, hits) -> np.ndarray:
@@ -430,9 +523,10 @@ def _sender_input(cache, seq_ids, token_ids, namespaces):
     return seqs, lens, ns, tokens
 
 
-def _header(cfg, status, num_seqs, total, has_tokens, chunk_bytes) -> np.ndarray:
+def _header(cfg, status, num_seqs, total, has_tokens, chunk_bytes, mode=0,
+            direct_ok=False) -> np.ndarray:
     return np.array([MAGIC, VERSION, status, num_seqs, total, int(has_tokens), chunk_bytes,
-                     *geometry(cfg)], dtype=np.int64)
+                     mode, int(direct_ok), *geometry(cfg)], dtype=np.int64)
 
 
 def _send(torch, dist, array, dst, group, device) -> None:
