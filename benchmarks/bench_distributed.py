@@ -188,7 +188,12 @@ def transfer(rank, args, torch, dist, result):
 
 
 def tp_step(rank, args, torch, dist, result):
-    for channel in ("device", "host"):
+    from kvcore.distributed.tp import _cupy_nccl
+
+    for channel in ("nccl", "device", "host"):
+        if channel == "nccl" and not _cupy_nccl():
+            result["tp_step_nccl"] = {"channel": "nccl", "unavailable": "no CuPy NCCL"}
+            continue
         _tp_step(rank, args, torch, dist, result, channel)
 
 
@@ -344,9 +349,9 @@ def main(argv=None) -> int:
                       f"{fig['gb_per_s']:>10.1f}"
                       f"{'' if frac is None else f'{frac:.1%}':>16}"
                       f"  {fig.get('byte_exact', '')}")
-    for channel in ("device", "host"):
+    for channel in ("nccl", "device", "host"):
         s = merged.get(f"tp_step_{channel}")
-        if s is None:
+        if s is None or "unavailable" in s:
             continue
         print(f"TP decode step, 2 ranks, {s['seqs']} sequences of ~{s['tokens_per_seq']} "
               f"tokens (message {s['message_int32']} int32), {channel} channel:")

@@ -335,6 +335,10 @@ def tp_matches_single(rank, world):
     if _device(rank) != "cpu":     # both channels on GPUs, where the group allows
         gloo = "gloo" in str(dist.get_backend()).lower()
         channels = ["host", "device"] if gloo else ["device"]
+        from kvcore.distributed.tp import _cupy_nccl
+
+        if _cupy_nccl():
+            channels.append("nccl")
     for cfg in TP_CFGS:
         for channel in channels:
             _tp_run(cfg, rank, world, channel)

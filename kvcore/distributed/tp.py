@@ -114,8 +114,9 @@ class TensorParallelCache:
         if not isinstance(config, KVCacheConfig):
             raise TypeError(f"config must be a KVCacheConfig, got {type(config).__name__}")
         check_group(dist, group)
-        if channel not in ("auto", "host", "device"):
-            raise ValueError(f"channel must be 'auto', 'host' or 'device', got {channel!r}")
+        if channel not in ("auto", "host", "device", "nccl"):
+            raise ValueError(f"channel must be 'auto', 'host', 'device' or 'nccl', got "
+                             f"{channel!r}")
         name = backend_name(dist, group)
         if channel == "host" and not cpu_capable(dist, group):
             raise ValueError(f"process group backend {name!r} cannot broadcast the step's "
@@ -158,15 +159,16 @@ class TensorParallelCache:
         self.metadata = self.cache.step_metadata(max_tokens, max_batch=max_batch,
                                                  block_tables=block_tables)
         if channel == "auto":
-            channel = ("device" if "nccl" in name and self.cache.device != "cpu"
-                       else "host")
-        if channel == "device" and self.cache.device == "cpu":
-            raise ValueError("channel='device' needs a CUDA cache")
+            channel = "host"
+            if "nccl" in name and self.cache.device != "cpu":
+                channel = "nccl" if _cupy_nccl() else "device"
+        if channel in ("device", "nccl") and self.cache.device == "cpu":
+            raise ValueError(f"channel={channel!r} needs a CUDA cache")
         if channel == "host" and not cpu_capable(dist, group):
             raise ValueError(f"process group backend {name!r} cannot broadcast a CPU "
                              "cache's step metadata; use gloo")
         codes = [torch.zeros(1, dtype=torch.int64) for _ in range(self.world_size)]
-        mine = torch.tensor([channel == "device"], dtype=torch.int64)
+        mine = torch.tensor([("host", "device", "nccl").index(channel)], dtype=torch.int64)
         if cpu_capable(dist, group):
             dist.all_gather(codes, mine, group=group)
         else:   # a pure NCCL group: compare on the device
@@ -180,8 +182,9 @@ class TensorParallelCache:
         #: a side stream): how each step's message travels.
         self.channel = channel
         self._inline = int(inline_ints)
-        self._chan = (_DeviceChannel if channel == "device" else _HostChannel)(
-            torch, dist, group, self._src_global, self._inline, self.cache.device)
+        kind = {"host": _HostChannel, "device": _DeviceChannel, "nccl": _CupyNcclChannel}
+        self._chan = kind[channel](torch, dist, group, self.src, self._src_global,
+                                   self._inline, self.cache.device)
         self._closed = False
 
     def _agree(self, config, max_tokens, max_batch, block_tables, inline_ints) -> None:
@@ -381,24 +384,50 @@ class TensorParallelCache:
         return AppendResult(slots, copy_src.copy(), copy_dst.copy())
 
 
+def _cupy_nccl() -> bool:
+    """Whether CuPy's NCCL bindings load here."""
+    try:
+        from cupy.cuda import nccl
+
+        nccl.get_version()
+    except Exception:
+        return False
+    return True
+
+
 def _size(head) -> int:
     """Body length (int32 words) of a message with this header."""
     kind, b, nnz, t, k = (int(x) for x in head[1:6])
     return (b + 1 + b + nnz + t if kind == _STEP else 0) + 2 * k
 
 
-class _HostChannel:
+class _Channel:
+    """What every channel keeps: the group's ProcessGroup, whose own ``broadcast`` method
+    is called (torch.distributed.broadcast's Python checks and logging cost tens of
+    microseconds a call), and the root as a rank of the group."""
+
+    def __init__(self, torch, dist, group, src, src_global, inline, device):
+        self.torch, self.dist, self.inline = torch, dist, inline
+        self.group, self.src_global = group, src_global
+        self.pg = dist.group.WORLD if group is None else group
+        self.opts = dist.BroadcastOptions()
+        self.opts.rootRank = src
+
+    def bcast(self, tensor):
+        return self.pg.broadcast([tensor], self.opts)
+
+
+class _HostChannel(_Channel):
     """Messages as CPU tensors (gloo): asynchronous on the scheduler, from a ring of
     ``_RING`` buffers each reused once its broadcast has left."""
 
-    def __init__(self, torch, dist, group, src, inline, device):
-        self.torch, self.dist, self.group, self.src, self.inline = (torch, dist, group, src,
-                                                                    inline)
+    def __init__(self, torch, dist, group, src, src_global, inline, device):
+        super().__init__(torch, dist, group, src, src_global, inline, device)
         self.ring = [(torch.zeros(inline, dtype=torch.int32), None) for _ in range(_RING)]
         self.next = 0
 
     def send(self, head, body) -> None:
-        torch, dist = self.torch, self.dist
+        torch = self.torch
         slot = self.next
         self.next = (slot + 1) % _RING
         buf, works = self.ring[slot]
@@ -412,33 +441,32 @@ class _HostChannel:
             arr[_HEADER:_HEADER + len(body)] = body
         else:
             extra = torch.from_numpy(body)
-        works.append(dist.broadcast(buf, self.src, group=self.group, async_op=True))
+        works.append(self.bcast(buf))
         if extra is not None:
-            works.append(dist.broadcast(extra, self.src, group=self.group, async_op=True))
+            works.append(self.bcast(extra))
             works.append(_Keep(extra))
         self.ring[slot] = (buf, works)
 
     def receive(self, size_of):
         buf = self.ring[0][0]
-        self.dist.broadcast(buf, self.src, group=self.group)
+        self.bcast(buf).wait()
         arr = buf.numpy()
         size = size_of(arr[:_HEADER])
         if _HEADER + size <= self.inline:
             return arr[:_HEADER], arr[_HEADER:_HEADER + size].copy()
         extra = self.torch.empty(size, dtype=self.torch.int32)
-        self.dist.broadcast(extra, self.src, group=self.group)
+        self.bcast(extra).wait()
         return arr[:_HEADER], extra.numpy()
 
 
-class _DeviceChannel:
+class _DeviceChannel(_Channel):
     """Messages as device tensors (NCCL) on a side stream, so the broadcast waits for
     nothing the compute stream runs: the scheduler copies the message up (pinned ring,
     one copy) and broadcasts; the others receive it and copy it down, then wait for
     that side stream only."""
 
-    def __init__(self, torch, dist, group, src, inline, device):
-        self.torch, self.dist, self.group, self.src, self.inline = (torch, dist, group, src,
-                                                                    inline)
+    def __init__(self, torch, dist, group, src, src_global, inline, device):
+        super().__init__(torch, dist, group, src, src_global, inline, device)
         self.device = torch.device(device)
         self.side = torch.cuda.Stream(device=self.device)
         self.dev = torch.zeros(inline, dtype=torch.int32, device=self.device)
@@ -448,7 +476,7 @@ class _DeviceChannel:
         self.next = 0
 
     def send(self, head, body) -> None:
-        torch, dist = self.torch, self.dist
+        torch = self.torch
         slot = self.next
         self.next = (slot + 1) % _RING
         if self.events[slot] is not None:
@@ -461,19 +489,19 @@ class _DeviceChannel:
             arr[_HEADER:_HEADER + len(body)] = body
         with torch.cuda.stream(self.side):
             self.dev.copy_(host, non_blocking=True)
-            dist.broadcast(self.dev, self.src, group=self.group, async_op=True).wait()
+            self.bcast(self.dev).wait()      # the side stream waits for NCCL's
             if not inline:
                 extra = torch.from_numpy(body).to(self.device, non_blocking=False)
-                dist.broadcast(extra, self.src, group=self.group, async_op=True).wait()
+                self.bcast(extra).wait()
             event = torch.cuda.Event()
             event.record(self.side)
         self.events[slot] = event
 
     def receive(self, size_of):
-        torch, dist = self.torch, self.dist
+        torch = self.torch
         host = self.ring[0]
         with torch.cuda.stream(self.side):
-            dist.broadcast(self.dev, self.src, group=self.group)
+            self.bcast(self.dev).wait()
             host.copy_(self.dev, non_blocking=True)
         self.side.synchronize()
         arr = host.numpy()
@@ -482,9 +510,88 @@ class _DeviceChannel:
             return arr[:_HEADER].copy(), arr[_HEADER:_HEADER + size].copy()
         with torch.cuda.stream(self.side):
             extra = torch.empty(size, dtype=torch.int32, device=self.device)
-            dist.broadcast(extra, self.src, group=self.group)
+            self.bcast(extra).wait()
             body = extra.cpu()
         return arr[:_HEADER].copy(), body.numpy()
+
+
+class _CupyNcclChannel(_Channel):
+    """Messages over NCCL called through CuPy's bindings (``cupy.cuda.nccl``): one
+    ``cudaMemcpyAsync`` up and one ``ncclBroadcast`` on a side stream on the scheduler,
+    a broadcast, one copy down and a wait for that stream on the others; a few
+    microseconds of host time each, against tens for a torch.distributed call. Its own
+    NCCL communicator (the unique id travels over ``group`` once, at construction)."""
+
+    def __init__(self, torch, dist, group, src, src_global, inline, device):
+        super().__init__(torch, dist, group, src, src_global, inline, device)
+        try:
+            import cupy
+            from cupy.cuda import nccl
+        except ImportError as exc:
+            raise ValueError(f"channel='nccl' needs CuPy with NCCL ({exc})") from exc
+        self.cupy, self.nccl = cupy, nccl
+        self.device_id = torch.device(device).index
+        self.root = src
+        box = [nccl.get_unique_id() if dist.get_rank(group) == src else None]
+        dist.broadcast_object_list(box, src=src_global, group=group,
+                                   device=None if "gloo" in str(dist.get_backend(group))
+                                   else torch.device(device))
+        with cupy.cuda.Device(self.device_id):
+            self.comm = nccl.NcclCommunicator(dist.get_world_size(group), box[0],
+                                              dist.get_rank(group))
+            self.side = cupy.cuda.Stream(non_blocking=True)
+            self.dev = cupy.zeros(inline, dtype=np.int32)
+            self.pinned = [cupy.cuda.alloc_pinned_memory(inline * 4) for _ in range(_RING)]
+            self.ring = [np.frombuffer(m, np.int32, inline) for m in self.pinned]
+            self.events = [cupy.cuda.Event(block=False, disable_timing=True)
+                           for _ in range(_RING)]
+        self.used = [False] * _RING
+        self.next = 0
+        self.runtime = cupy.cuda.runtime
+
+    def _up(self, host, dst, nbytes):
+        self.runtime.memcpyAsync(dst, host.ctypes.data, nbytes,
+                                 self.runtime.memcpyHostToDevice, self.side.ptr)
+
+    def send(self, head, body) -> None:
+        slot = self.next
+        self.next = (slot + 1) % _RING
+        if self.used[slot]:
+            self.events[slot].synchronize()     # its copy up ran long ago
+        arr = self.ring[slot]
+        arr[:_HEADER] = head
+        inline = _HEADER + len(body) <= self.inline
+        if inline:
+            arr[_HEADER:_HEADER + len(body)] = body
+        with self.cupy.cuda.Device(self.device_id):
+            self._up(arr, self.dev.data.ptr, self.inline * 4)
+            self.comm.bcast(self.dev.data.ptr, self.inline, self.nccl.NCCL_INT32, self.root,
+                            self.side.ptr)
+            if not inline:
+                extra = self.cupy.asarray(body)    # synchronous upload: rare
+                self.comm.bcast(extra.data.ptr, len(body), self.nccl.NCCL_INT32,
+                                self.root, self.side.ptr)
+                self.side.synchronize()
+            self.events[slot].record(self.side)
+        self.used[slot] = True
+
+    def receive(self, size_of):
+        arr = self.ring[0]
+        rt = self.runtime
+        with self.cupy.cuda.Device(self.device_id):
+            self.comm.bcast(self.dev.data.ptr, self.inline, self.nccl.NCCL_INT32, self.root,
+                            self.side.ptr)
+            rt.memcpyAsync(arr.ctypes.data, self.dev.data.ptr, self.inline * 4,
+                           rt.memcpyDeviceToHost, self.side.ptr)
+            self.side.synchronize()
+            size = size_of(arr[:_HEADER])
+            if _HEADER + size <= self.inline:
+                return arr[:_HEADER].copy(), arr[_HEADER:_HEADER + size].copy()
+            extra = self.cupy.empty(size, dtype=np.int32)
+            self.comm.bcast(extra.data.ptr, size, self.nccl.NCCL_INT32, self.root,
+                            self.side.ptr)
+            self.side.synchronize()
+            return arr[:_HEADER].copy(), self.cupy.asnumpy(extra)
 
 
 class _Keep:
