@@ -9,14 +9,18 @@ machines): this script never touches it.
 1. Transfer. 64 sequences x 2,048 tokens of a 32-layer model with 8 KV heads x 128,
    bf16, NHD, page 16: 8,192 pages of 2 MiB, 16 GiB. Rank 0 fills its pool with random
    bytes and ``send_pages`` the 64 sequences; rank 1 ``recv_pages`` them into a pool
-   whose page ids differ (a few pages taken first), then removes them. Timed on the
-   receiver from a barrier to the data in its pages (``torch.cuda.synchronize``),
-   handshake included; median of ``--repeats`` after a warm-up, for each
-   ``--chunk-mib``. Baseline, in the same run: one ``dist.send`` of a contiguous
-   buffer of the same bytes (and of 1 GiB), timed the same way. Integrity: after the
-   timed runs, every layer's K and V of the transferred pages is compared on both sides
-   through an order-sensitive checksum.
-2. TP step. 64 sequences decoding (about 1,000 tokens each), page 16, the same model:
+   whose page ids differ (a few pages taken first), then removes them. Cases: each
+   sequence's pages consecutive, sent ``mode="direct"`` and ``"staged"`` at each
+   ``--chunk-mib``; pages interleaved on the sender (allocated page by page round
+   robin, no two consecutive), ``auto`` at 256 MiB (it stages) and staged at 64 MiB.
+   Timed on the receiver from a barrier to the data in its pages
+   (``torch.cuda.synchronize``), handshake included; median of ``--repeats`` after a
+   warm-up. Baseline, in the same run: one ``dist.send`` of a contiguous buffer of the
+   same bytes (and of 1 GiB), timed the same way. Integrity: after each case, every
+   layer's K and V of the transferred pages is compared on both sides through an
+   order-sensitive checksum.
+2. TP step, for each channel (``nccl`` when CuPy's NCCL loads, ``device``, ``host``).
+   64 sequences decoding (about 1,000 tokens each), page 16, the same model:
    rank 0's ``TensorParallelCache.step(seqs, 1)`` (append, metadata fill and upload,
    broadcast) against a single-GPU ``KVCache.append`` + ``StepMetadata.update`` of the
    same sequences on rank 0, and the latency until the other rank holds the step's
@@ -24,7 +28,7 @@ machines): this script never touches it.
    read with ``time.perf_counter_ns`` (CLOCK_MONOTONIC, one clock for both processes).
    Each step is truncated back outside the timed part, so every step is the same
    decode step; rank 0 waits 300 us between steps so that rank 1 is already waiting.
-   Also a bare gloo broadcast of the same message size, for context.
+   Medians skip the first tenth. Also a bare gloo broadcast of the same message size.
 
     python benchmarks/bench_distributed.py --out benchmarks/results/distributed_h200.json
 """

@@ -18,9 +18,12 @@ last_page_len [B], page_indices [nnz], slot_mapping [T], copy_src [k], copy_dst 
 A decode step of 64 sequences of 1,000 tokens (page 16) is 8 + 65 + 64 + 4,032 + 64 =
 4,233 ints (17 KB).
 
-The broadcast goes over a group that carries CPU tensors (gloo, or torch's default
-``"cpu:gloo,cuda:nccl"``): every rank needs the step on the host anyway (kernel launch
-sizes, an attention library's planning), and the pools exchange nothing.
+Every rank gets the message on the host: it needs the step there anyway (kernel launch
+sizes, an attention library's planning), and the pools exchange nothing. Three
+channels carry it (``channel=``): ``"host"``, a CPU tensor over gloo; ``"device"``, a
+device tensor over torch.distributed's NCCL on a side stream, copied back; ``"nccl"``,
+the same through CuPy's NCCL bindings, which cost a few microseconds of host time a
+call where a torch.distributed call costs tens (docs/distributed.md has the figures).
 """
 
 from __future__ import annotations
@@ -77,6 +80,10 @@ class TensorParallelCache:
     inline_ints : int
         int32 words of the first broadcast of a step (default 8,192: 32 KB); a step
         whose message is longer takes a second broadcast.
+    channel : {"auto", "host", "device", "nccl"}
+        How each step's message travels (see the module docstring). ``"auto"``:
+        ``"nccl"`` for CUDA caches on a group with NCCL where CuPy's NCCL loads, else
+        ``"device"`` there, else ``"host"``. Checked equal on every rank.
 
     Attributes
     ----------
@@ -87,14 +94,17 @@ class TensorParallelCache:
         This rank's step metadata, filled by every :meth:`step`; pass it to
         ``cache.write(layer, k, v, tp.metadata)`` and to attention kernels.
     rank, world_size, src : int
+    channel : str
+        The resolved channel.
     heads : slice
         This rank's heads of the model's ``num_kv_heads``.
 
     Raises
     ------
     ValueError
-        Heads that do not divide evenly, a config the ranks disagree on (raised on every
-        rank), a group that cannot carry CPU tensors, an unsupported config.
+        Heads that do not divide evenly, a config or channel the ranks disagree on
+        (raised on every rank), a channel the group or cache cannot carry, an
+        unsupported config.
 
     Notes
     -----

@@ -28,7 +28,9 @@ The protocol, each step a message on the group:
    chunk_plan`): the sender gathers a chunk into a staging buffer and sends it while
    it gathers the next (two staging buffers), the receiver receives a chunk while it
    scatters the previous one into its pages. A 16 GiB transfer in 64 MiB chunks is 256
-   sends.
+   sends. That is the staged mode; the direct mode sends each run of pages consecutive
+   on both sides straight between the pools (both sides know both page lists: the
+   sender sends its own with the header, the receiver its own after the reply).
 
 Arrival and failure. :func:`recv_pages` returns the new seq ids only once the data
 has arrived: on CPU (gloo) it has, on CUDA the scatters are enqueued on torch's current
