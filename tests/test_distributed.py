@@ -17,6 +17,8 @@ import traceback
 
 import numpy as np
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 if os.environ.get("CI") != "true":
     dist = pytest.importorskip("torch.distributed")
@@ -457,7 +459,30 @@ def tp_validation(rank, world):
                             src=5)
 
 
-TP_SCENARIOS = ["tp_matches_single", "tp_validation"]
+def tp_failed_step(rank, world):
+    """A step whose metadata does not fit after its append: its copies still reach every
+    rank, and every rank raises."""
+    cfg = KVCacheConfig(1, 2, 4, 4, 48, dtype="float32", max_seqs=8)
+    tp = TensorParallelCache(cfg, 64, device="cpu", max_batch=8)
+    if tp.is_scheduler:
+        a = tp.add_sequence()
+        tp.step([a], [38])                       # 10 pages, the last one half full
+        b = tp.fork(a)                           # shares them: b's append copies the last
+        assert tp.step([b], [1]).copy_src.size == 1
+        tp.fork(a)                               # a's append must copy its last page
+        with pytest.raises(kvcore.CapacityError, match="above max_pages"):
+            tp.step([a], [1], batch=[a] * 8)     # 80 page entries > max_pages 48
+        assert tp.num_tokens(a) == 39            # the append stands
+        tp.close()
+    else:
+        assert tp.step() is not None
+        assert tp.step().copy_src.size == 1
+        with pytest.raises(kvcore.CapacityError, match="copy-on-write copies were applied"):
+            tp.step()
+        assert tp.step() is None
+
+
+TP_SCENARIOS = ["tp_matches_single", "tp_validation", "tp_failed_step"]
 
 
 # -- the tests ------------------------------------------------------------------------------------
@@ -475,6 +500,36 @@ def test_gloo(gloo_results, name):
 def test_transfer_failure_midway_undoes_receiver():
     results = run_session(["transfer_dies_midway"], timeout_s=4, expect=[1])
     assert results[1].get("transfer_dies_midway") == "ok", results[1]
+
+
+@given(st.lists(st.tuples(st.integers(0, 6), st.integers(0, 6)), max_size=40))
+def test_page_runs_model(steps):
+    """page_runs against a model: walk both lists, cut wherever either does not go up
+    by one; the runs rebuild both lists exactly."""
+    from kvcore.distributed.transfer import page_runs
+
+    src, dst = [5], [9]
+    for ds, dd in steps:
+        src.append(src[-1] + ds)
+        dst.append(dst[-1] + dd)
+    runs = page_runs(src, dst)
+    cuts = sum(1 for i in range(1, len(src)) if src[i] != src[i - 1] + 1
+               or dst[i] != dst[i - 1] + 1)
+    assert len(runs) == cuts + 1
+    assert [p for a, _, n in runs for p in range(a, a + n)] == src
+    assert [p for _, b, n in runs for p in range(b, b + n)] == dst
+
+
+@given(st.integers(1, 6), st.integers(0, 40), st.integers(1, 64), st.integers(1, 5000))
+def test_chunk_plan_model(layers, pages, unit, chunk):
+    """Every (layer, page) exactly once, in wire order, each chunk within its bound."""
+    chunk = max(chunk, 2 * unit)
+    plan = chunk_plan(layers, pages, unit, chunk)
+    cells = [(layer, p) for a, b, p0, q in plan for layer in range(a, b)
+             for p in range(p0, q)]
+    assert sorted(cells) == [(layer, p) for layer in range(layers) for p in range(pages)]
+    for a, b, p0, q in plan:
+        assert (b - a) * 2 * (q - p0) * unit <= chunk
 
 
 def test_page_runs():
