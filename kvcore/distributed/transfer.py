@@ -76,9 +76,9 @@ _HEADER_LEN = 15
 _MODES = {"auto": 0, "staged": 1, "direct": 2}
 #: auto picks direct (one send per run of consecutive pages per layer and K/V, no
 #: staging) when it needs at most this many sends of at least DIRECT_MIN_BYTES on
-#: average: torch.distributed costs about 12 us of host time per grouped send (4,096
-#: sends of 4 MiB measured on 2 x H200: 44-91% of a contiguous send), so only few,
-#: large sends are sure to keep the wire busy
+#: average: 4,096 grouped sends of 4 MiB measured on 2 x H200 ran at 44-92% of one
+#: contiguous send (bimodal; docs/distributed.md), so only few, large sends are
+#: trusted to keep the wire busy
 DIRECT_MAX_OPS = 256
 DIRECT_MIN_BYTES = 16 << 20
 _DIRECT_GROUP = 128      # sends per NCCL group call
