@@ -21,6 +21,7 @@ from kvcore.errors import (
     RollbackError,
     SequenceStateError,
     ShapeError,
+    TransferError,
     TransferPendingError,
     UnknownSequenceError,
 )
@@ -55,6 +56,7 @@ __all__ = [
     "ShapeError",
     "TokenRange",
     "Transfer",
+    "TransferError",
     "TransferPendingError",
     "UnknownSequenceError",
     "__version__",

@@ -253,6 +253,11 @@ def _add_simulate(sub) -> None:
                    "against random routing on the same workload; uses --requests, --seed, "
                    "--page-size, --device and --json; needs kvcore[events] "
                    "(default: %(default)s, the single-replica run)")
+    p.add_argument("--disaggregated", action="store_true",
+                   help="disaggregated prefill and decode: a prefill rank and a decode rank "
+                   "(two processes, torch.distributed: gloo on the CPU, NCCL on two GPUs) "
+                   "move every prompt's pages between their caches, verified byte for byte; "
+                   "needs torch (see docs/distributed.md)")
     p.add_argument("--corrupt-at-step", type=int, default=None, help=argparse.SUPPRESS)
 
 
@@ -604,6 +609,10 @@ def _run_simulate(args) -> int:
 
     if args.replicas > 1:
         return _run_cluster(args)
+    if args.disaggregated:
+        from kvcore.simulate_disagg import cli_run
+
+        return cli_run(args, _error)
     both = args.preempt == "both"
     if both and args.plot is not None:
         return _error("simulate", "--plot draws one run; give it --preempt recompute or "
@@ -703,6 +712,8 @@ def _run_cluster(args) -> int:
                if f.name not in used and getattr(args, f.name) != getattr(defaults, f.name)]
     if args.plot is not None:
         ignored.append("--plot")
+    if args.disaggregated:
+        ignored.append("--disaggregated")
     if ignored:
         return _error("simulate", f"--replicas runs its own cluster workload; it does not "
                       f"take {', '.join(ignored)}")

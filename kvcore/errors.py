@@ -16,6 +16,7 @@ __all__ = [
     "RollbackError",
     "UnknownSequenceError",
     "SequenceStateError",
+    "TransferError",
     "TransferPendingError",
     "ShapeError",
     "BackendUnavailableError",
@@ -110,3 +111,24 @@ class BackendUnavailableError(KVCoreError, ImportError):
 
 class KernelError(KVCoreError, RuntimeError):
     """A CUDA kernel failed to compile or launch."""
+
+
+class TransferError(KVCoreError, RuntimeError):
+    """A page transfer between caches in different processes (``kvcore.distributed``)
+    was refused by the other side or failed on the way; neither cache changed.
+
+    Attributes
+    ----------
+    reason : str
+        ``"sender"`` (the sender's input was invalid), ``"config"`` (the two pools
+        differ in layout), ``"out_of_pages"``, ``"capacity"`` (seq slots or pages per
+        sequence), ``"tokens"`` (token ids the receiver refused), ``"protocol"`` (a
+        message that is not kvcore's) or ``"failed"`` (the data did not arrive).
+    """
+
+    def __init__(self, message: str, reason: str):
+        super().__init__(message)
+        self.reason = reason
+
+    def __reduce__(self):
+        return (type(self), (str(self), self.reason))

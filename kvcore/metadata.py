@@ -188,10 +188,17 @@ class StepMetadata:
         Everything is validated before anything changes: a call that raises leaves the
         buffers and the live counts as they were.
         """
-        cfg = self._cache.config
         seq_arr = _seq_id_array(seq_ids)
         indptr, indices, last_page_len = self._table.flashinfer_metadata(seq_arr,
                                                                           group=self.group)
+        self._fill(indptr, indices, last_page_len, slot_mapping, stream)
+
+    def _fill(self, indptr, indices, last_page_len, slot_mapping, stream) -> None:
+        """:meth:`update` from the batch's FlashInfer triple (int32 host arrays, as
+        ``PageTable.flashinfer_metadata`` returns them) instead of its seq ids: what a
+        tensor-parallel worker, which holds no page table, fills its buffers from
+        (``kvcore.distributed``). Validates and raises as :meth:`update`."""
+        cfg = self._cache.config
         batch, nnz = len(last_page_len), int(indptr[-1])
         if slot_mapping is None:
             slots = _NO_SLOTS
