@@ -77,6 +77,7 @@ cdef class PrefixIndex(Evictor):
     cdef void remove_tree(self, page_id_t page) noexcept nogil
     cdef void _remove_entry(self, page_id_t page) noexcept nogil
     cdef void _unlink_child(self, page_id_t page) noexcept nogil
+    cdef void _forget(self, page_id_t page) noexcept nogil
     cdef void relocate(self, page_id_t src, page_id_t dst, bint ready) noexcept nogil
     cdef void _event(self, uint8_t kind, page_id_t page, uint64_t h) noexcept nogil
 

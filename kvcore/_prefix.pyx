@@ -384,6 +384,10 @@ cdef class PrefixIndex(Evictor):
         cdef int64_t top = 1
         cdef page_id_t page, child
         self._unlink_child(root)
+        if self._first_child[root] == NO_PAGE:   # a leaf, the usual eviction: no walk
+            self._remove_entry(root)
+            self._forget(root)
+            return
         self._stack[0] = root
         while top:
             top -= 1
@@ -398,11 +402,15 @@ cdef class PrefixIndex(Evictor):
             self._remove_entry(page)
             if page != root:
                 self._cascaded += 1
-            if page < self._num_device:
-                if self._device_alloc is not None:
-                    self._device_alloc.forget(page)
-            elif self._host_alloc is not None:
-                self._host_alloc.forget(page - self._num_device)
+            self._forget(page)
+
+    cdef void _forget(self, page_id_t page) noexcept nogil:
+        """Tell ``page``'s allocator (device or host) that it left the index."""
+        if page < self._num_device:
+            if self._device_alloc is not None:
+                self._device_alloc.forget(page)
+        elif self._host_alloc is not None:
+            self._host_alloc.forget(page - self._num_device)
 
     cdef void _unlink_child(self, page_id_t page) noexcept nogil:
         """Take ``page`` out of its parent's list of children."""
