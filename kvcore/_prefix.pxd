@@ -66,7 +66,7 @@ cdef class PrefixIndex(Evictor):
     cdef int64_t _evictions, _stored, _cascaded
     cdef object _owners
 
-    cdef uint64_t chain_hash(self, page_id_t parent_at, int64_t namespace,
+    cdef uint64_t chain_hash(self, uint64_t parent_hash, page_id_t parent_at, int64_t namespace,
                              const int32_t* tokens) noexcept nogil
     cdef page_id_t find(self, uint64_t h, page_id_t parent, uint32_t parent_gen,
                         int64_t namespace, const int32_t* tokens) noexcept nogil

@@ -236,13 +236,13 @@ cdef class PrefixIndex(Evictor):
         descendants with it."""
         self.remove_tree(page)
 
-    cdef uint64_t chain_hash(self, page_id_t parent_at, int64_t namespace,
+    cdef uint64_t chain_hash(self, uint64_t parent_hash, page_id_t parent_at, int64_t namespace,
                              const int32_t* tokens) noexcept nogil:
-        """Hash of a page given where its parent entry is (-1 at the root), its namespace
-        and its tokens. With sha256 identities, the page's full digest is left in
+        """Hash of a page given its parent entry's hash and where that entry is (0 and -1
+        at the root), its namespace and its tokens. With sha256 identities, the page's
+        full digest (chained on the parent's, read at ``parent_at``) is left in
         ``_new_digest`` for ``insert``, and the hash is the digest's first 8 bytes
         (little-endian)."""
-        cdef uint64_t parent_hash = 0 if parent_at == NO_PAGE else self._page_hash[parent_at]
         cdef uint64_t word = 0
         cdef int k
         cdef const uint8_t* parent_digest
@@ -926,16 +926,16 @@ cdef class PrefixCache(PrefixHooks):
         cdef int64_t i, ps = self._page_size
         cdef page_id_t parent = NO_PAGE, page, prev = NO_PAGE
         cdef uint32_t parent_gen = 0
-        cdef uint64_t hh
+        cdef uint64_t h = 0, hh
         for i in range(max_pages):
-            hh = self._index.chain_hash(prev, namespace, tokens + i * ps)
+            hh = self._index.chain_hash(h, prev, namespace, tokens + i * ps)
             page = self._index.find(hh, parent, parent_gen, namespace, tokens + i * ps)
             if page == NO_PAGE:
                 return i
             if hits != NULL:
                 hits[i] = page
-            parent, parent_gen, prev = (self._index.ident_page(page),
-                                        self._index.ident_gen(page), page)
+            parent, parent_gen, prev, h = (self._index.ident_page(page),
+                                           self._index.ident_gen(page), page, hh)
         return max_pages
 
     cdef void seq_started(self, int64_t seq_id, int64_t namespace, const page_id_t* hits,
@@ -1056,7 +1056,8 @@ cdef class PrefixCache(PrefixHooks):
             for page_idx in range(self._num_chained[s], full):
                 page = block_table[s * width + page_idx]
                 page_tokens = self._index.tokens_of(page)
-                h = self._index.chain_hash(parent_at, self._seq_ns[s], page_tokens)
+                h = self._index.chain_hash(self._chain_hash[s], parent_at, self._seq_ns[s],
+                                           page_tokens)
                 found = self._index.find(h, self._chain_page[s], self._chain_gen[s],
                                    self._seq_ns[s], page_tokens)
                 if self._num_ranges[s]:
@@ -1102,7 +1103,8 @@ cdef class PrefixCache(PrefixHooks):
         ``anchor_page`` (unless that block already has one), with the block's retention."""
         cdef int64_t ns = _companion_namespace(namespace, group)
         cdef const int32_t* page_tokens = self._index.tokens_of(page)
-        cdef uint64_t h = self._index.chain_hash(anchor_page, ns, page_tokens)
+        cdef uint64_t h = self._index.chain_hash(self._index.hash_of(anchor_page), anchor_page,
+                                                 ns, page_tokens)
         cdef page_id_t anchor = self._index.ident_page(anchor_page)
         cdef uint32_t gen = self._index.ident_gen(anchor_page)
         cdef page_id_t found = self._index.find(h, anchor, gen, ns, page_tokens)
@@ -1116,7 +1118,8 @@ cdef class PrefixCache(PrefixHooks):
     cdef page_id_t find_companion(self, int32_t group, page_id_t anchor_page,
                                   const int32_t* tokens, int64_t namespace) noexcept nogil:
         cdef int64_t ns = _companion_namespace(namespace, group)
-        cdef uint64_t h = self._index.chain_hash(anchor_page, ns, tokens)
+        cdef uint64_t h = self._index.chain_hash(self._index.hash_of(anchor_page), anchor_page,
+                                                 ns, tokens)
         return self._index.find(h, self._index.ident_page(anchor_page),
                                 self._index.ident_gen(anchor_page), ns, tokens)
 
