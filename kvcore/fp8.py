@@ -27,7 +27,7 @@ from __future__ import annotations
 import numpy as np
 
 __all__ = ["E4M3_MAX", "E4M3_NAN", "dequantize", "e4m3_to_float32", "float32_to_bfloat16",
-           "quantize", "scale_for_amax"]
+           "quantize", "scale_for_amax", "token_head_scales"]
 
 #: Largest finite float8_e4m3fn value.
 E4M3_MAX = 448.0
@@ -208,3 +208,42 @@ def scale_for_amax(amax) -> np.float32:
     if not (np.isfinite(value) and value > 0):
         return np.float32(1.0)
     return value
+
+
+def token_head_scales(x, dtype: str) -> np.ndarray:
+    """Per-(token, head) scales of ``x`` ``[T, H, D]``, as a ``kv_scale_granularity=
+    "token_head"`` pool computes them when it writes ``x``.
+
+    The rule (the CUDA kernel's, bit for bit): ``amax = max |x[t, h, :]|`` in float32
+    (exact: no rounding; NaN if the row holds a NaN), then ``scale = amax / 448`` in
+    float32 (IEEE division, round to nearest even), replaced by 1.0 unless finite and
+    > 0 (an all-zero row, or one holding inf / NaN), as :func:`scale_for_amax`. The row
+    is then quantized with ``quantize(x[t, h], scale)``, so its largest element lands on
+    +-448 exactly.
+
+    Parameters
+    ----------
+    x : numpy.ndarray, shape [T, H, D]
+        float16, or bfloat16 as uint16 / int16 words. Not modified.
+    dtype : {"float16", "bfloat16"}
+
+    Returns
+    -------
+    numpy.ndarray of float32, shape [T, H] (a new array)
+
+    Examples
+    --------
+    >>> x = np.array([[[8.96, -1.0], [0.0, 0.0]]], dtype=np.float16)
+    >>> token_head_scales(x, "float16").tolist()
+    [[0.0200020931661129, 1.0]]
+    """
+    values = _as_float32(x, dtype)
+    if values.ndim != 3:
+        raise ValueError(f"x must be [T, H, D], got shape {values.shape}")
+    if values.shape[2] == 0:
+        return np.ones(values.shape[:2], dtype=np.float32)
+    amax = np.max(np.abs(values), axis=2)            # NaN propagates, as in the kernel
+    with np.errstate(over="ignore", invalid="ignore"):
+        scale = amax / np.float32(E4M3_MAX)
+    return np.where(np.isfinite(scale) & (scale > 0), scale, np.float32(1.0)).astype(
+        np.float32)

@@ -480,3 +480,67 @@ def test_simulate_verifies_an_fp8_pool_and_reports_tokens_per_gib():
 
     result = Simulator(cfg, on_step=corrupt).run()
     assert result.mismatches >= 1 and not result.ok
+
+
+# -- the CUDA quantizer's division-free path, replayed exactly -----------------------------
+
+def _fma32(a, b, c):
+    """float32 ``RN(a * b + c)`` with one rounding, as the GPU's ``fmaf``: ``a * b`` is
+    exact in float64 (24 + 24 bits), the sum's float64 rounding error is recovered by
+    TwoSum, and a float64 sum lying exactly half way between two float32 values is sent
+    the way that error points (the only place a second rounding could go wrong)."""
+    a, b, c = (np.asarray(t, dtype=np.float32).astype(np.float64) for t in (a, b, c))
+    with np.errstate(over="ignore", invalid="ignore"):
+        p = a * b
+        s = p + c
+        bb = s - p
+        err = (p - (s - bb)) + (c - bb)
+        r = s.astype(np.float32)
+        # neighbours of s in float32, and whether s is exactly their midpoint
+        lo = np.where(r.astype(np.float64) > s, np.nextafter(r, np.float32(-np.inf)), r)
+        hi = np.nextafter(lo, np.float32(np.inf))
+        midpoint = (lo.astype(np.float64) + hi.astype(np.float64)) / 2 == s
+    fix = midpoint & (err != 0) & np.isfinite(s)
+    return np.where(fix, np.where(err > 0, hi, lo), r).astype(np.float32)
+
+
+def reciprocal_quantize(x32, scale):
+    """cuda/kvcore_kernels.cu's ``scaled`` + ``e4m3x2`` for a scale that passes
+    ``reciprocal_ok``: q0 = RN(x * RN(1 / s)), r = fma(-q0, s, x), q1 = fma(r, inv, q0)
+    with x's sign (x = -0 gives r = +0 and q1 = +0), q0 itself once |q0| >= 440, then the
+    saturating conversion (NaN -> 0x7F)."""
+    s = np.float32(scale)
+    inv = np.float32(1) / s
+    with np.errstate(over="ignore", invalid="ignore"):
+        q0 = (x32 * inv).astype(np.float32)
+        r = _fma32(-q0, s, x32)
+        q1 = _fma32(r, inv, q0)
+        y = np.where(np.abs(q0) < np.float32(440), np.copysign(q1, x32), q0)
+    return fp8._round_to_e4m3(y)
+
+
+RECIPROCAL_SCALES = [*SCALES[:5], 2.0**-90, np.nextafter(np.float32(2.0**125), np.float32(0)),
+                     1 / 448, 3.0, 0.1, 7e-20, 6.02e30]
+
+
+@pytest.mark.parametrize("scale", RECIPROCAL_SCALES
+                         + list(np.exp2(np.random.default_rng(16).uniform(-90, 125, 40))))
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_reciprocal_path_equals_the_division_on_every_input(dtype, scale):
+    """The GPU quantizes with a reciprocal and one correction step (where the scale
+    allows it); replayed with exact float32 steps it gives the division's codes for all
+    65,536 inputs."""
+    s = np.float32(scale)
+    assert 2.0**-90 <= s < 2.0**125                  # reciprocal_ok in the kernel
+    words = ALL_WORDS if dtype == "bfloat16" else ALL_WORDS.view(np.float16)
+    x32 = fp8._as_float32(words, dtype)
+    np.testing.assert_array_equal(reciprocal_quantize(x32, s), fp8.quantize(words, s, dtype))
+
+
+def test_fma32_rounds_once():
+    # 1 + 2**-24 is half way between 1 and 1 + 2**-23; the tiny addend decides
+    a, b = np.float32(1 + 2.0**-23), np.float32(1 - 2.0**-23)   # a * b = 1 - 2**-46
+    assert _fma32(a, b, np.float32(2.0**-24)) == np.float32(1.0)
+    assert _fma32(np.float32(1), np.float32(2.0**-24), np.float32(1)) == np.float32(1)
+    assert _fma32(np.float32(1 + 2.0**-23), np.float32(2.0**-24),
+                  np.float32(1)) == np.float32(1 + 2.0**-23)
