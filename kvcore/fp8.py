@@ -117,35 +117,28 @@ def quantize(x, scale, dtype: str) -> np.ndarray:
 def _round_to_e4m3(y: np.ndarray) -> np.ndarray:
     """float32 -> e4m3fn codes: NaN to 0x7F, clamp to +-448, round to nearest even.
 
-    The value is rounded on the grid of its binade: ``q = 2**(e - 3)`` for ``|y|`` in
-    ``[2**e, 2**(e + 1))`` (three mantissa bits), ``q = 2**-9`` below ``2**-6``
-    (subnormals). ``rint(|y| / q)`` is exact division by a power of two followed by
-    NumPy's round-half-even, and the integer's parity is the code's last mantissa bit,
-    so ties go to the even code. Worked example: ``|y| = 17`` lies in ``[16, 32)``, ``q
-    = 2``, ``17 / 2 = 8.5`` rounds to 8, so 16 (code 0x58); ``19 / 2 = 9.5`` rounds to
-    10, so 20 (code 0x5A).
+    On the float32 bits of ``m = min(|y|, 448)``: from ``2**-6`` up (e4m3fn's normals)
+    the code is the bits' exponent and top three mantissa bits, rounded to nearest even
+    by adding ``0x7FFFF`` plus the last kept bit before the shift by 20 (a carry rolls
+    into the exponent), with the exponent rebased from 127 to 7 (``- (120 << 3)``);
+    below ``2**-6`` it is the count of subnormal steps ``rint(m * 2**9)`` (exact scaling,
+    NumPy's half-even ``rint``; 8 steps is ``2**-6`` itself, code 0x08, where the two
+    encodings meet). The sign bit is ``y``'s. Worked example: ``17.0`` is ``0x41880000``;
+    ``0x41880000 >> 20 = 0x418`` with the dropped bits exactly half (``0x80000``) and the
+    kept bit 0, so it stays: ``0x418 - 0x3C0 = 0x58`` (16, ties to even); ``19.0`` is
+    ``0x41980000``, kept bit 1, rounds up to ``0x41A`` -> ``0x5A`` (20).
     """
     y = np.asarray(y, dtype=np.float32)
     nan = np.isnan(y)
-    negative = np.signbit(y)
-    magnitude = np.minimum(np.abs(np.where(nan, np.float32(0), y)), np.float32(E4M3_MAX))
-    magnitude = magnitude.astype(np.float64)    # exact; the grid arithmetic below too
-    _, exp = np.frexp(magnitude)                # magnitude = m * 2**exp, m in [0.5, 1)
-    binade = np.maximum(exp - 1, _MIN_NORMAL_EXP)
-    step = np.ldexp(1.0, binade - 3)
-    steps = np.rint(magnitude / step)           # integer; in [8, 16] for normals
-    rounded = steps * step
-    # Encode: below 2**-6 the code is the subnormal step count (8 steps is 2**-6 itself,
-    # code 0x08, the smallest normal: the two encodings meet).
-    _, rexp = np.frexp(rounded)
-    rbinade = rexp - 1
-    mant = np.rint(np.ldexp(rounded, -rbinade) * 8 - 8)
-    normal_code = ((rbinade + 7) << 3).astype(np.int64) + mant.astype(np.int64)
-    sub_code = np.rint(rounded / _SUBNORMAL_STEP).astype(np.int64)
-    code = np.where(rounded < 2.0 ** _MIN_NORMAL_EXP, sub_code, normal_code)
-    code = code | np.where(negative, 0x80, 0)
-    code = np.where(nan, E4M3_NAN, code)
-    return code.astype(np.uint8)
+    sign = (y.view(np.uint32) >> np.uint32(24)) & np.uint32(0x80)
+    with np.errstate(invalid="ignore"):
+        magnitude = np.minimum(np.abs(np.where(nan, np.float32(0), y)), np.float32(E4M3_MAX))
+    bits = magnitude.view(np.uint32)
+    normal = ((bits + np.uint32(0x7FFFF) + ((bits >> np.uint32(20)) & np.uint32(1)))
+              >> np.uint32(20)) - np.uint32(120 << 3)
+    subnormal = np.rint(magnitude * np.float32(2.0**9)).astype(np.uint32)
+    code = np.where(bits >= np.uint32(0x3C800000), normal, subnormal) | sign
+    return np.where(nan, np.uint32(E4M3_NAN), code).astype(np.uint8)
 
 
 def dequantize(codes, scale, dtype: str) -> np.ndarray:
