@@ -452,7 +452,7 @@ __device__ void scatter_fp8(const unsigned short* __restrict__ k,
 // head) row, grid-stride over the T * H rows; lane i moves vectors i, i + 32, ... of the
 // row. Pass one takes the row's amax (exact: a maximum rounds nothing; NaN is tracked
 // apart because fmaxf drops it), so scale = amax / 448 in float32 (IEEE division), 1.0
-// unless finite and > 0 (kvcore.fp8.token_head_scales); pass two quantizes the row with
+// unless finite and >= 2**-116 (kvcore.fp8.token_head_scales); pass two quantizes with
 // it (re-read from L1) and lane 0 stores the scale. blockDim is a multiple of 32.
 template <int E>
 __device__ __forceinline__ void quantize_row(const unsigned short* __restrict__ row,
@@ -478,8 +478,12 @@ __device__ __forceinline__ void quantize_row(const unsigned short* __restrict__ 
     amax = fmaxf(amax, __shfl_xor_sync(0xFFFFFFFFu, amax, offset));
   }
   nan = __any_sync(0xFFFFFFFFu, nan);
+  // 1.0 below kvcore.fp8.MIN_SCALE (2**-116): CuPy compiles with -ftz=true, and from
+  // there up no subnormal can change a code or a dequantized value (see kvcore/fp8.py);
+  // a flushed amax or quotient lands below it too, so flushing or not, the same scale.
   const float quotient = __fdiv_rn(amax, 448.0f);
-  const Scale s(nan || !(quotient > 0.0f && quotient <= 3.40282347e38f) ? 1.0f : quotient);
+  const Scale s(nan || !(quotient >= 0x1p-116f && quotient <= 3.40282347e38f) ? 1.0f
+                                                                             : quotient);
   for (long long i = lane; i < row_vecs; i += 32) {
     *reinterpret_cast<C*>(codes + i * E) =
         quantize_vec<E>(*reinterpret_cast<const H*>(row + i * E), s, bf16);

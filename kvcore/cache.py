@@ -868,13 +868,15 @@ class KVCache:
 
 
 def _scale(value, name: str) -> np.float32:
-    """A scale as float32: a real number, finite and > 0 after the float32 rounding."""
+    """A scale as float32: a real number, finite and >= ``fp8.MIN_SCALE`` after the
+    float32 rounding (the GPU flushes subnormals; see :data:`kvcore.fp8.MIN_SCALE`)."""
     if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, float, np.number)):
         raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
     if isinstance(value, np.complexfloating):
         raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
     with np.errstate(over="ignore"):
         scale = np.float32(value)
-    if not (np.isfinite(scale) and scale > 0):
-        raise ValueError(f"{name} must be finite and > 0 as a float32, got {value!r}")
+    if not (np.isfinite(scale) and scale >= np.float32(fp8.MIN_SCALE)):
+        raise ValueError(f"{name} must be finite and >= 2**-116 (kvcore.fp8.MIN_SCALE) as a "
+                         f"float32, got {value!r}")
     return scale

@@ -26,13 +26,22 @@ from __future__ import annotations
 
 import numpy as np
 
-__all__ = ["E4M3_MAX", "E4M3_NAN", "dequantize", "e4m3_to_float32", "float32_to_bfloat16",
-           "quantize", "scale_for_amax", "token_head_scales"]
+__all__ = ["E4M3_MAX", "E4M3_NAN", "MIN_SCALE", "dequantize", "e4m3_to_float32",
+           "float32_to_bfloat16", "quantize", "scale_for_amax", "token_head_scales"]
 
 #: Largest finite float8_e4m3fn value.
 E4M3_MAX = 448.0
 #: The NaN code quantize writes (positive; e4m3fn's NaNs are 0x7F and 0xFF).
 E4M3_NAN = 0x7F
+
+#: The smallest scale a pool uses: ``set_kv_scales`` refuses smaller ones, and computed
+#: scales below it become 1.0. Why: CuPy compiles every kernel with ``-ftz=true``, so
+#: the GPU flushes float32 subnormals to zero. From ``2**-116`` up, nothing that can
+#: change a code or a dequantized value is subnormal: an element ``x`` that is subnormal
+#: (``< 2**-126``) gives ``|x / scale| <= 2**-10``, which rounds to a signed zero either
+#: way, a normal ``x`` gives a normal quotient, and ``code x scale >= 2**-9 x 2**-116``
+#: is normal. So the GPU equals this module bit for bit, flushing or not.
+MIN_SCALE = 2.0 ** -116
 
 _MIN_NORMAL_EXP = -6     # 2**-6, the smallest normal e4m3fn value
 _SUBNORMAL_STEP = 2.0 ** -9
@@ -189,8 +198,9 @@ def float32_to_bfloat16(values) -> np.ndarray:
 
 def scale_for_amax(amax) -> np.float32:
     """The computed scale of a tensor whose largest magnitude is ``amax``: ``amax / 448``
-    in float32, so the largest element quantizes to +-448 exactly; 1.0 when that is not a
-    finite value > 0 (an all-zero tensor, or one holding inf / NaN).
+    in float32, so the largest element quantizes to +-448 exactly; 1.0 when that is not
+    finite or is below :data:`MIN_SCALE` (an all-zero or all-tiny tensor, or one holding
+    inf / NaN).
 
     Examples
     --------
@@ -198,7 +208,7 @@ def scale_for_amax(amax) -> np.float32:
     0.019999999552965164
     """
     value = np.float32(amax) / np.float32(E4M3_MAX)
-    if not (np.isfinite(value) and value > 0):
+    if not (np.isfinite(value) and value >= np.float32(MIN_SCALE)):
         return np.float32(1.0)
     return value
 
@@ -210,9 +220,9 @@ def token_head_scales(x, dtype: str) -> np.ndarray:
     The rule (the CUDA kernel's, bit for bit): ``amax = max |x[t, h, :]|`` in float32
     (exact: no rounding; NaN if the row holds a NaN), then ``scale = amax / 448`` in
     float32 (IEEE division, round to nearest even), replaced by 1.0 unless finite and
-    > 0 (an all-zero row, or one holding inf / NaN), as :func:`scale_for_amax`. The row
-    is then quantized with ``quantize(x[t, h], scale)``, so its largest element lands on
-    +-448 exactly.
+    >= :data:`MIN_SCALE` (an all-zero or all-tiny row, or one holding inf / NaN), as
+    :func:`scale_for_amax`. The row is then quantized with ``quantize(x[t, h], scale)``,
+    so its largest element lands on +-448 exactly.
 
     Parameters
     ----------
@@ -238,5 +248,5 @@ def token_head_scales(x, dtype: str) -> np.ndarray:
     amax = np.max(np.abs(values), axis=2)            # NaN propagates, as in the kernel
     with np.errstate(over="ignore", invalid="ignore"):
         scale = amax / np.float32(E4M3_MAX)
-    return np.where(np.isfinite(scale) & (scale > 0), scale, np.float32(1.0)).astype(
-        np.float32)
+    keep = np.isfinite(scale) & (scale >= np.float32(MIN_SCALE))
+    return np.where(keep, scale, np.float32(1.0)).astype(np.float32)

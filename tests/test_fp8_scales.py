@@ -40,7 +40,7 @@ def reference_scales(words):
                 out[t, h] = 1.0
                 continue
             scale = np.float32(np.abs(row).max()) / np.float32(448)
-            out[t, h] = scale if np.isfinite(scale) and scale > 0 else 1.0
+            out[t, h] = scale if np.isfinite(scale) and scale >= 2.0**-116 else 1.0
     return out
 
 
@@ -65,15 +65,17 @@ def test_token_head_scales_rule():
     rows[1, 0, 2] = np.nan                      # NaN -> 1.0
     rows[1, 1, 5] = -np.inf                     # inf -> 1.0
     # rows[2] all zero -> 1.0
-    rows[3] = 1e-38                             # bfloat16 subnormal region: tiny scales
+    rows[3] = 1e-38                             # amax / 448 below MIN_SCALE -> 1.0
     rows[4, 0] = 3e38                           # amax / 448 finite
-    rows[5] = np.float32(2.0**-133)             # smallest bfloat16 values
+    rows[5] = np.float32(2.0**-133)             # the smallest bfloat16 values -> 1.0
+    rows[3, 1, 0] = 448 * 2.0**-116             # exactly MIN_SCALE: kept
     words = bf16_words(rows)
     got = fp8.token_head_scales(words, "bfloat16")
     np.testing.assert_array_equal(got, reference_scales(words))
     assert got[0, 0] == np.float32(3) / np.float32(448) and got[0, 1] == 1.0
     assert got[1].tolist() == [1.0, 1.0] and got[2].tolist() == [1.0, 1.0]
-    assert 0 < got[5, 0] < 2.0**-126            # a subnormal scale is a scale
+    assert got[5].tolist() == [1.0, 1.0] and got[3, 0] == 1.0
+    assert got[3, 1] == np.float32(2.0**-116) == fp8.MIN_SCALE
     # float16 rows: same rule
     half = np.float16([[[1, -2, 65504, 0]]])
     assert fp8.token_head_scales(half, "float16")[0, 0] == np.float32(65504) / np.float32(448)

@@ -104,7 +104,10 @@ def _kernel_variant(define: str | None):
         ck._modules[device] = saved
 
 
-def bench_write(iters: int, num_seqs: int = 64, tokens_per_seq: int = 1024) -> list[dict]:
+def bench_write(iters: int, num_seqs: int = 64, tokens_per_seq: int = 1024,
+                rows: list | None = None) -> list[dict]:
+    """The write and gather rows (see the module docstring), appended to ``rows`` as they
+    are measured, so a failure further on keeps the rows before it."""
     dev = _bench()
     tokens = num_seqs * tokens_per_seq
     rng = np.random.default_rng(1)
@@ -113,7 +116,7 @@ def bench_write(iters: int, num_seqs: int = 64, tokens_per_seq: int = 1024) -> l
     k_all, v_all = _torch_bf16(k_host), _torch_bf16(v_host)
     label = f"{num_seqs} x {tokens_per_seq:,} tokens"
     elems = tokens * HEADS * HEAD_DIM
-    rows = []
+    rows = [] if rows is None else rows
     ceiling = dev.bench_copy_ceiling(iters)
     rows.append(ceiling)
     num_pages = tokens // PAGE + 64
@@ -171,6 +174,8 @@ def bench_write(iters: int, num_seqs: int = 64, tokens_per_seq: int = 1024) -> l
                             dev.graph_us(write), None, ceiling["tb_per_s"],
                             "device time without host overhead"))
         if granularity == "token_head":
+            write(0)          # the timed calls alternated inputs: back to input 0
+            gpu.synchronize()
             k_ref, v_ref, _ = cpu.gather(0, seqs)
             k_out, v_out, _ = gpu.gather(0, seqs)
             assert _same(gpu, k_ref, k_out) and _same(gpu, v_ref, v_out), \
@@ -384,7 +389,8 @@ def main(argv=None) -> int:
     results = {"kvcore": kvcore.__version__, "torch": torch.__version__,
                "gpu": torch.cuda.get_device_name(), "python": platform.python_version(),
                "memory": memory_rows()}
-    sections = [("write", lambda: bench_write(args.iters))]
+    write_rows: list[dict] = []
+    sections = [("write", lambda: bench_write(args.iters, rows=write_rows))]
     try:
         if args.no_flashinfer:
             raise ImportError("--no-flashinfer")
@@ -403,9 +409,12 @@ def main(argv=None) -> int:
             results[name] = run()
         except Exception:
             results[name] = {"error": traceback.format_exc()[-2000:]}
+            if name == "write":
+                results[name]["rows_before_error"] = write_rows
     write = results.get("write")
     if isinstance(write, dict):
         print("write:", write["error"])
+        write = write["rows_before_error"]
     for r in write if isinstance(write, list) else []:
         tbs = f"{r['tb_per_s']:.2f} TB/s" if r["tb_per_s"] else ""
         print(f"{r['name']:<62} {r['device_us'] or 0:>9.1f} us {tbs:>11}  {r['note']}")
