@@ -518,14 +518,16 @@ class KVCache:
         layer : int
             In ``[0, num_layers)``.
         k_scale, v_scale : float
-            Finite float32 values > 0; ``v_scale`` is required for K/V pools and must be
-            None for a key-only pool. Every scale starts at 1.0.
+            Finite float32 values >= :data:`kvcore.fp8.MIN_SCALE` (2**-116: the GPU
+            flushes subnormals, see there); ``v_scale`` is required for K/V pools and
+            must be None for a key-only pool. Every scale starts at 1.0.
 
         Raises
         ------
         ValueError
-            The pool is not fp8, or a scale is missing, not finite or not > 0; nothing
-            changes.
+            The pool is not fp8 or has per-(token, head) scales
+            (``kv_scale_granularity="token_head"``), or a scale is missing, not finite
+            or below ``MIN_SCALE``; nothing changes.
         TypeError
             A scale that is not a real number.
 
