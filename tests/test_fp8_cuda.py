@@ -256,8 +256,9 @@ def test_token_head_key_only_random_operations_match_numpy(framework, layout):
 @pytest.mark.parametrize("model_dtype", ["float16", "bfloat16"])
 @pytest.mark.parametrize("framework", ["cupy", "torch"])
 def test_token_head_every_input_matches_numpy(framework, model_dtype, order):
-    """All 65,536 words in rows of 64 (rows with NaN / inf get scale 1.0, the others
-    their own, subnormal ones included): codes, scales and both gathers."""
+    """All 65,536 words in rows of 64 (rows with NaN / inf, and rows whose scale would
+    be below fp8.MIN_SCALE, get 1.0; the others their own): codes, scales and both
+    gathers."""
     cpu, gpu = twin_caches(FP8, "NHD", 16, 64, heads=2, layers=1, tokens=512,
                            framework=framework, model_dtype=model_dtype, **TH)
     seq, slots = twin_sequence(cpu, gpu, 512)

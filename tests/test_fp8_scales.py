@@ -408,3 +408,17 @@ def test_against_a_model_of_each_token(ops):
                 k_out, v_out, _ = cache.gather(layer, [seq])
                 np.testing.assert_array_equal(k_out, expected(k_rows))
                 np.testing.assert_array_equal(v_out, expected(k_rows[:, ::-1]))
+
+
+def test_distributed_transfers_refuse_the_side_pool():
+    """kvcore.distributed moves K/V pages only: a pool with per-(token, head) scales is
+    refused on both sides before anything moves."""
+    transfer = pytest.importorskip("kvcore.distributed.transfer")
+    cache = KVCache(th_config(), device="cpu")
+    seq = cache.add_sequence()
+    cache.append([seq], [3])
+    for call in (lambda: transfer._check_receiver(cache),
+                 lambda: transfer._sender_input(cache, [seq], None, None)):
+        with pytest.raises(ValueError, match=r"per-\(token, head\) scales .* is not "
+                                             "supported by kvcore.distributed"):
+            call()
