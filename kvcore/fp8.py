@@ -172,7 +172,8 @@ def dequantize(codes, scale, dtype: str) -> np.ndarray:
     array([  3., 224.], dtype=float16)
     """
     scale = np.asarray(scale, dtype=np.float32)
-    values = e4m3_to_float32(codes) * scale      # float32 * float32: one rounding
+    with np.errstate(over="ignore"):              # past float32's range: inf, as on the GPU
+        values = e4m3_to_float32(codes) * scale  # float32 * float32: one rounding
     nan = np.isnan(values)
     if dtype == "float16":
         with np.errstate(over="ignore"):
