@@ -289,14 +289,59 @@ __device__ __forceinline__ unsigned short float_to_half(float f, int bf16) {
   return h;
 }
 
-__device__ __forceinline__ unsigned char quantize_e4m3(float x, float scale) {
-  float y = __fdiv_rn(x, scale);
-  if (y != y) return 0x7F;
-  y = fminf(fmaxf(y, -448.0f), 448.0f);
-  unsigned short pair;   // two lanes of one value: the low byte is ours either way
-  asm("cvt.rn.satfinite.e4m3x2.f32 %0, %1, %2;" : "=h"(pair) : "f"(y), "f"(y));
-  return (unsigned char)(pair & 0xFF);
+// The float32 quotient x / scale, rounded to nearest even, the value the e4m3 rounding
+// starts from. The division (__fdiv_rn, a reciprocal approximation plus a fix-up of
+// about ten instructions) was what bounded the quantizing write; with the scale's
+// reciprocal inv = RN(1 / scale) computed once, Markstein's correction gives the same
+// quotient with three: q0 = RN(x * inv) is within 1.5 ulp of x / scale, the remainder
+// r = x - q0 * scale is exact in one fma, and RN(q0 + r * inv) is the rounded quotient.
+// Conditions, checked once per scale by reciprocal_ok: scale and inv normal, and no
+// underflow in r for any quotient that can change a code (|q| >= 2**-11: anything
+// smaller quantizes to a signed zero, whatever its last bits), so scale >= 2**-90.
+// The quotient takes x's sign (a zero x would otherwise give +0 for -0).
+// Past |q0| = 440 every value saturates to +-448 (the e4m3 midpoint below 448 is 432),
+// so q0 is used as it is there, which also keeps an overflow (q0 = inf) from turning
+// into inf - inf. tests/test_fp8.py replays these steps exactly in NumPy over every
+// float16 / bfloat16 input at each test scale; the CUDA tests compare the kernel's codes
+// with the division's (the NumPy oracle) byte for byte.
+__device__ __forceinline__ bool reciprocal_ok(float scale) {
+  return scale >= 0x1p-90f && scale < 0x1p+125f;
 }
+
+__device__ __forceinline__ float scaled(float x, float scale, float inv, bool by_reciprocal) {
+#ifndef KVCORE_FP8_DIVIDE
+  if (by_reciprocal) {
+    const float q0 = __fmul_rn(x, inv);
+    const float r = __fmaf_rn(-q0, scale, x);
+    const float q1 = __fmaf_rn(r, inv, q0);
+    // x = -0 gives r = +0 and q1 = +0 + -0 = +0: the quotient keeps x's sign explicitly
+    return fabsf(q0) < 440.0f ? copysignf(q1, x) : q0;
+  }
+#endif
+  return __fdiv_rn(x, scale);
+}
+
+// Two values to two e4m3 codes in one conversion (lo in the low byte). The saturating
+// conversion already maps |y| > 448 (inf included) to +-448, so no clamp comes first;
+// a NaN input becomes 0x7F whatever its sign, as kvcore.fp8.quantize writes it.
+__device__ __forceinline__ unsigned short e4m3x2(float lo, float hi, float scale, float inv,
+                                                 bool by_reciprocal) {
+  const float y_lo = scaled(lo, scale, inv, by_reciprocal);
+  const float y_hi = scaled(hi, scale, inv, by_reciprocal);
+  unsigned short pair;   // cvt puts its first operand in the high byte
+  asm("cvt.rn.satfinite.e4m3x2.f32 %0, %1, %2;" : "=h"(pair) : "f"(y_hi), "f"(y_lo));
+  if (lo != lo) pair = (unsigned short)((pair & 0xFF00u) | 0x7Fu);
+  if (hi != hi) pair = (unsigned short)((pair & 0x00FFu) | 0x7F00u);
+  return pair;
+}
+
+// What a kernel knows of one scale: the scale, its reciprocal, and which path to take.
+struct Scale {
+  float scale, inv;
+  bool by_reciprocal;
+  __device__ __forceinline__ explicit Scale(float s)
+      : scale(s), inv(__frcp_rn(s)), by_reciprocal(reciprocal_ok(s)) {}
+};
 
 __device__ __forceinline__ float e4m3_value(unsigned int c) {
   if ((c & 0x7Fu) == 0x7Fu) return __uint_as_float(0x7FC00000u);
@@ -315,12 +360,20 @@ template <> struct Codes<1> { typedef unsigned char T; typedef unsigned short H;
 
 template <int E>
 __device__ __forceinline__ typename Codes<E>::T quantize_vec(typename Codes<E>::H in,
-                                                             float scale, int bf16) {
+                                                             const Scale& s, int bf16) {
   typename Codes<E>::T out;
   const unsigned short* h = reinterpret_cast<const unsigned short*>(&in);
-  unsigned char* c = reinterpret_cast<unsigned char*>(&out);
+  if constexpr (E == 1) {
+    const float x = half_to_float(h[0], bf16);
+    out = (unsigned char)(e4m3x2(x, x, s.scale, s.inv, s.by_reciprocal) & 0xFFu);
+  } else {
+    unsigned short* pairs = reinterpret_cast<unsigned short*>(&out);
 #pragma unroll
-  for (int i = 0; i < E; ++i) c[i] = quantize_e4m3(half_to_float(h[i], bf16), scale);
+    for (int i = 0; i < E; i += 2) {
+      pairs[i / 2] = e4m3x2(half_to_float(h[i], bf16), half_to_float(h[i + 1], bf16), s.scale,
+                            s.inv, s.by_reciprocal);
+    }
+  }
   return out;
 }
 
@@ -357,8 +410,8 @@ __device__ void scatter_fp8(const unsigned short* __restrict__ k,
   const int vecs_per_token = (int)(num_heads * row_vecs);
   const long long stride = (long long)gridDim.x * UNROLL;
   const bool has_v = v_pool != nullptr;
-  const float k_scale = scales[0];
-  const float v_scale = has_v ? scales[1] : 1.0f;
+  const Scale k_scale(scales[0]);
+  const Scale v_scale(has_v ? scales[1] : 1.0f);
   for (int j = threadIdx.x; j < vecs_per_token; j += blockDim.x) {
     const int head = j / (int)row_vecs;
     const int w = (j - head * (int)row_vecs) * E;   // element offset in the row
@@ -394,8 +447,95 @@ __device__ void scatter_fp8(const unsigned short* __restrict__ k,
   }
 }
 
+// scatter_fp8_th: the quantizing write of a pool with per-(token, head) scales (a side
+// pool [P, S, H] of float32 per layer and K/V, slot * H + head). One warp per (token,
+// head) row, grid-stride over the T * H rows; lane i moves vectors i, i + 32, ... of the
+// row. Pass one takes the row's amax (exact: a maximum rounds nothing; NaN is tracked
+// apart because fmaxf drops it), so scale = amax / 448 in float32 (IEEE division), 1.0
+// unless finite and >= 2**-116 (kvcore.fp8.token_head_scales); pass two quantizes with
+// it (re-read from L1) and lane 0 stores the scale. blockDim is a multiple of 32.
+template <int E>
+__device__ __forceinline__ void quantize_row(const unsigned short* __restrict__ row,
+                                             unsigned char* __restrict__ codes,
+                                             float* __restrict__ scale_out,
+                                             long long row_vecs, int lane, int bf16) {
+  typedef typename Codes<E>::T C;
+  typedef typename Codes<E>::H H;
+  float amax = 0.0f;
+  bool nan = false;
+  for (long long i = lane; i < row_vecs; i += 32) {
+    const H in = *reinterpret_cast<const H*>(row + i * E);
+    const unsigned short* h = reinterpret_cast<const unsigned short*>(&in);
+#pragma unroll
+    for (int e = 0; e < E; ++e) {
+      const float x = half_to_float(h[e], bf16);
+      nan |= (x != x);
+      amax = fmaxf(amax, fabsf(x));
+    }
+  }
+#pragma unroll
+  for (int offset = 16; offset > 0; offset >>= 1) {
+    amax = fmaxf(amax, __shfl_xor_sync(0xFFFFFFFFu, amax, offset));
+  }
+  nan = __any_sync(0xFFFFFFFFu, nan);
+  // 1.0 below kvcore.fp8.MIN_SCALE (2**-116): CuPy compiles with -ftz=true, and from
+  // there up no subnormal can change a code or a dequantized value (see kvcore/fp8.py);
+  // a flushed amax or quotient lands below it too, so flushing or not, the same scale.
+  const float quotient = __fdiv_rn(amax, 448.0f);
+  const Scale s(nan || !(quotient >= 0x1p-116f && quotient <= 3.40282347e38f) ? 1.0f
+                                                                             : quotient);
+  for (long long i = lane; i < row_vecs; i += 32) {
+    *reinterpret_cast<C*>(codes + i * E) =
+        quantize_vec<E>(*reinterpret_cast<const H*>(row + i * E), s, bf16);
+  }
+  if (lane == 0) *scale_out = s.scale;
+}
+
+template <int E>
+__device__ void scatter_fp8_th(const unsigned short* __restrict__ k,
+                               const unsigned short* __restrict__ v,
+                               long long k_stride_t, long long k_stride_h, long long v_stride_t,
+                               long long v_stride_h, const slot_t* __restrict__ slot_mapping,
+                               unsigned char* __restrict__ k_pool,
+                               unsigned char* __restrict__ v_pool,  // nullptr: key-only
+                               float* __restrict__ k_scale_pool,    // [P, S, H]
+                               float* __restrict__ v_scale_pool,    // [P, S, H] or nullptr
+                               long long num_tokens, long long num_slots, long long page_stride,
+                               int layout, long long page_size, int page_shift,
+                               long long num_heads, long long head_dim, int bf16,
+                               int* __restrict__ error_word) {
+  const int lane = threadIdx.x & 31;
+  const long long warps_per_block = blockDim.x >> 5;
+  const long long num_rows = num_tokens * num_heads;
+  const long long row_vecs = head_dim / E;
+  for (long long r = blockIdx.x * warps_per_block + (threadIdx.x >> 5); r < num_rows;
+       r += gridDim.x * warps_per_block) {
+    const long long t = r / num_heads;
+    const long long head = r - t * num_heads;
+    const slot_t slot = slot_mapping[t];
+    if (slot == KVCORE_PADDING_SLOT) continue;
+    if (slot < 0 || slot >= num_slots) {
+      if (lane == 0 && head == 0) atomicOr(error_word, KVCORE_ERR_SLOT_OUT_OF_RANGE);
+      continue;
+    }
+    const long long page = page_of(slot, page_size, page_shift);
+    const long long off = slot - page * page_size;
+    const long long dst = page * page_stride +
+                          in_page_row(layout, off, head, page_size, num_heads, head_dim);
+    quantize_row<E>(k + t * k_stride_t + head * k_stride_h, k_pool + dst,
+                    k_scale_pool + slot * num_heads + head, row_vecs, lane, bf16);
+    if (v_pool != nullptr) {
+      quantize_row<E>(v + t * v_stride_t + head * v_stride_h, v_pool + dst,
+                      v_scale_pool + slot * num_heads + head, row_vecs, lane, bf16);
+    }
+  }
+}
+
 // gather_fp8: gather's walk over page entries, dequantizing each code to float16 /
 // bfloat16 (bf16 = 1) into contiguous [out_rows, H, D] outputs. Offsets in elements.
+// With per-(token, head) scales, k_scale_pool / v_scale_pool are the layer's side pools
+// ([P, S, H], scale of (page, off, head) at (page * S + off) * H + head); nullptr: the
+// layer's scales[0] / scales[1].
 template <int E>
 __device__ void gather_fp8(const unsigned char* __restrict__ k_pool,
                            const unsigned char* __restrict__ v_pool,   // nullptr: key-only
@@ -406,6 +546,8 @@ __device__ void gather_fp8(const unsigned char* __restrict__ k_pool,
                            unsigned short* __restrict__ k_out,     // [out_rows, H, D]
                            unsigned short* __restrict__ v_out,     // [out_rows, H, D]
                            const float* __restrict__ scales,       // [2] k_scale, v_scale
+                           const float* __restrict__ k_scale_pool,  // [P, S, H] or nullptr
+                           const float* __restrict__ v_scale_pool,  // [P, S, H] or nullptr
                            int batch, long long out_rows, long long num_pages,
                            long long page_stride, int layout, long long page_size,
                            long long num_heads, long long head_dim, int bf16,
@@ -449,11 +591,14 @@ __device__ void gather_fp8(const unsigned char* __restrict__ k_pool,
       const long long src =
           page_base + in_page_row(layout, off, head, page_size, num_heads, head_dim) + w;
       const long long dst = out_base + i * E;
-      *reinterpret_cast<H*>(k_out + dst) =
-          dequantize_vec<E>(*reinterpret_cast<const C*>(k_pool + src), k_scale, bf16);
+      const long long scale_idx = (page * page_size + off) * num_heads + head;
+      *reinterpret_cast<H*>(k_out + dst) = dequantize_vec<E>(
+          *reinterpret_cast<const C*>(k_pool + src),
+          k_scale_pool != nullptr ? k_scale_pool[scale_idx] : k_scale, bf16);
       if (has_v) {
-        *reinterpret_cast<H*>(v_out + dst) =
-            dequantize_vec<E>(*reinterpret_cast<const C*>(v_pool + src), v_scale, bf16);
+        *reinterpret_cast<H*>(v_out + dst) = dequantize_vec<E>(
+            *reinterpret_cast<const C*>(v_pool + src),
+            v_scale_pool != nullptr ? v_scale_pool[scale_idx] : v_scale, bf16);
       }
     }
   }
@@ -524,14 +669,26 @@ KVCORE_INSTANTIATE(unsigned char, 1)
   extern "C" __global__ void kvcore_gather_fp8_w##BYTES(                                    \
       const unsigned char* k_pool, const unsigned char* v_pool, const int* page_indptr,      \
       const int* page_indices, const int* last_page_len, const long long* token_indptr,      \
-      unsigned short* k_out, unsigned short* v_out, const float* scales, int batch,          \
-      long long out_rows, long long num_pages, long long page_stride, int layout,            \
-      long long page_size, long long num_heads, long long head_dim, int bf16,                \
-      int* error_word) {                                                                     \
+      unsigned short* k_out, unsigned short* v_out, const float* scales,                    \
+      const float* k_scale_pool, const float* v_scale_pool, int batch, long long out_rows,   \
+      long long num_pages, long long page_stride, int layout, long long page_size,           \
+      long long num_heads, long long head_dim, int bf16, int* error_word) {                  \
     kvcore::gather_fp8<BYTES>(k_pool, v_pool, page_indptr, page_indices, last_page_len,      \
-                              token_indptr, k_out, v_out, scales, batch, out_rows, num_pages, \
-                              page_stride, layout, page_size, num_heads, head_dim, bf16,     \
-                              error_word);                                                   \
+                              token_indptr, k_out, v_out, scales, k_scale_pool, v_scale_pool, \
+                              batch, out_rows, num_pages, page_stride, layout, page_size,    \
+                              num_heads, head_dim, bf16, error_word);                        \
+  }                                                                                          \
+  extern "C" __global__ void kvcore_scatter_fp8_th_w##BYTES(                                \
+      const unsigned short* k, const unsigned short* v, long long k_stride_t,                \
+      long long k_stride_h, long long v_stride_t, long long v_stride_h,                      \
+      const slot_t* slot_mapping, unsigned char* k_pool, unsigned char* v_pool,              \
+      float* k_scale_pool, float* v_scale_pool, long long num_tokens, long long num_slots,   \
+      long long page_stride, int layout, long long page_size, int page_shift,                \
+      long long num_heads, long long head_dim, int bf16, int* error_word) {                  \
+    kvcore::scatter_fp8_th<BYTES>(k, v, k_stride_t, k_stride_h, v_stride_t, v_stride_h,      \
+                                  slot_mapping, k_pool, v_pool, k_scale_pool, v_scale_pool,  \
+                                  num_tokens, num_slots, page_stride, layout, page_size,     \
+                                  page_shift, num_heads, head_dim, bf16, error_word);        \
   }
 
 KVCORE_INSTANTIATE_FP8(8)

@@ -457,6 +457,42 @@ class KVCache:
         """
         return self.backend.k_views[self._layer(layer)]
 
+    def scale_cache(self, layer: int):
+        """View of layer ``layer``'s per-(token, head) scales: float32 ``[2, P, S, H]``
+        (``[1, P, S, H]`` key-only), ``[0]`` K's and ``[1]`` V's, whatever the layout:
+        ``scale_cache(l)[kv, p, s, h]`` is the scale of head ``h`` of the token in slot
+        ``p * page_size + s`` (real value = fp8 value x that scale). A view of the side
+        pool (:attr:`scale_pool`), not a copy; the cache's device and framework.
+
+        Raises
+        ------
+        ValueError
+            The pool has no side pool (``kv_scale_granularity`` is not ``"token_head"``).
+        """
+        layer = self._layer(layer)
+        self._side_pool("scale_cache")
+        return self.backend.scale_views[layer]
+
+    @property
+    def scale_pool(self):
+        """The whole scale side pool, float32 ``config.scale_pool_shape`` ``[num_slots,
+        2, P, S, H]`` (see :meth:`scale_cache`); None unless
+        ``kv_scale_granularity="token_head"``. Read-only by contract: :meth:`write`
+        computes the scales."""
+        return self.backend.scale_pool
+
+    @property
+    def host_scales(self):
+        """The host tier's scale pool, ``config.host_scale_pool_shape`` ``[num_host_pages,
+        num_slots, 2, S, H]`` float32 NumPy (page-locked on CUDA): host page ``h``'s
+        scales beside ``host_kv[h]``; None without a host tier or a side pool."""
+        return self.backend.host_scales
+
+    def _side_pool(self, what: str) -> None:
+        if not self.config.token_head_scales:
+            raise ValueError(f"{what}: the pool has no per-(token, head) scales "
+                             "(kv_scale_granularity='token_head' on an fp8 pool)")
+
     def v_cache(self, layer: int):
         """View of layer ``layer``'s V cache (see :meth:`k_cache`).
 
@@ -482,14 +518,16 @@ class KVCache:
         layer : int
             In ``[0, num_layers)``.
         k_scale, v_scale : float
-            Finite float32 values > 0; ``v_scale`` is required for K/V pools and must be
-            None for a key-only pool. Every scale starts at 1.0.
+            Finite float32 values >= :data:`kvcore.fp8.MIN_SCALE` (2**-116: the GPU
+            flushes subnormals, see there); ``v_scale`` is required for K/V pools and
+            must be None for a key-only pool. Every scale starts at 1.0.
 
         Raises
         ------
         ValueError
-            The pool is not fp8, or a scale is missing, not finite or not > 0; nothing
-            changes.
+            The pool is not fp8 or has per-(token, head) scales
+            (``kv_scale_granularity="token_head"``), or a scale is missing, not finite
+            or below ``MIN_SCALE``; nothing changes.
         TypeError
             A scale that is not a real number.
 
@@ -593,6 +631,10 @@ class KVCache:
         if not self.config.quantized:
             raise ValueError(f"{what}: the pool holds {self.config.dtype}, which has no "
                              "scales (only dtype='float8_e4m3fn' pools do)")
+        if self.config.token_head_scales:
+            raise ValueError(f"{what}: the pool computes a scale per token and head when "
+                             "it writes (kv_scale_granularity='token_head'); it has no "
+                             "per-layer scales (see scale_cache)")
 
     def step_metadata(self, max_tokens: int, *, max_batch: int | None = None,
                       max_pages: int | None = None, block_tables: bool = True,
@@ -828,13 +870,15 @@ class KVCache:
 
 
 def _scale(value, name: str) -> np.float32:
-    """A scale as float32: a real number, finite and > 0 after the float32 rounding."""
+    """A scale as float32: a real number, finite and >= ``fp8.MIN_SCALE`` after the
+    float32 rounding (the GPU flushes subnormals; see :data:`kvcore.fp8.MIN_SCALE`)."""
     if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, float, np.number)):
         raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
     if isinstance(value, np.complexfloating):
         raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
     with np.errstate(over="ignore"):
         scale = np.float32(value)
-    if not (np.isfinite(scale) and scale > 0):
-        raise ValueError(f"{name} must be finite and > 0 as a float32, got {value!r}")
+    if not (np.isfinite(scale) and scale >= np.float32(fp8.MIN_SCALE)):
+        raise ValueError(f"{name} must be finite and >= 2**-116 (kvcore.fp8.MIN_SCALE) as a "
+                         f"float32, got {value!r}")
     return scale

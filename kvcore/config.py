@@ -9,7 +9,8 @@ import numpy as np
 
 from kvcore.groups import LayerGroup
 
-__all__ = ["KVCacheConfig", "LAYOUTS", "DTYPES", "MODEL_DTYPES", "QUANTIZED_DTYPES"]
+__all__ = ["KVCacheConfig", "LAYOUTS", "DTYPES", "MODEL_DTYPES", "QUANTIZED_DTYPES",
+           "SCALE_GRANULARITIES"]
 
 #: Supported pool layouts (see DESIGN.md, "Memory layout").
 LAYOUTS = ("NHD", "HND")
@@ -24,6 +25,10 @@ QUANTIZED_DTYPES = ("float8_e4m3fn",)
 
 #: What a quantized pool's K and V are quantized from and dequantized to.
 MODEL_DTYPES = ("float16", "bfloat16")
+
+#: How finely an fp8 pool's scales vary: one per (layer, K/V), or one per (token, head)
+#: kept in a float32 side pool beside the pages.
+SCALE_GRANULARITIES = ("tensor", "token_head")
 
 
 def _positive_int(value, name: str) -> int:
@@ -104,6 +109,14 @@ class KVCacheConfig:
         ``num_kv_heads=1, head_dim=576`` (512 latent + 64 rope), or any key-only cache.
         The pool's K/V axis has length 1 and :meth:`KVCache.write` takes ``v=None``;
         a token costs half of what K and V cost.
+    kv_scale_granularity : {"tensor", "token_head"}
+        fp8 pools only. ``"tensor"`` (the default): one scale per (layer, K/V), static
+        or calibrated (:meth:`KVCache.set_kv_scales`). ``"token_head"``: every (token,
+        head) row of K and of V gets its own float32 scale, computed when it is written
+        as ``fp8.scale_for_amax(max |row|)`` (:func:`kvcore.fp8.token_head_scales`) and
+        kept in a side pool of ``scale_pool_shape`` indexed like the pages, which moves
+        with them (copy-on-write, ``copy_pages``, the host tier); a page id then costs
+        ``scale_page_bytes`` more.
 
     Notes
     -----
@@ -133,6 +146,7 @@ class KVCacheConfig:
     model_dtype: str | None = None
     key_only: bool = False
     prefix_hash: str = "fast"
+    kv_scale_granularity: str = "tensor"
 
     def __post_init__(self):
         for name in ("num_layers", "num_kv_heads", "head_dim", "page_size", "num_pages",
@@ -160,6 +174,12 @@ class KVCacheConfig:
         if not isinstance(self.key_only, (bool, np.bool_)):
             raise TypeError(f"key_only must be a bool, got {type(self.key_only).__name__}")
         object.__setattr__(self, "key_only", bool(self.key_only))
+        if self.kv_scale_granularity not in SCALE_GRANULARITIES:
+            raise ValueError(f"kv_scale_granularity must be one of {list(SCALE_GRANULARITIES)}, "
+                             f"got {self.kv_scale_granularity!r}")
+        if self.kv_scale_granularity != "tensor" and not self.quantized:
+            raise ValueError(f"kv_scale_granularity={self.kv_scale_granularity!r} needs an fp8 "
+                             f"pool (dtype='float8_e4m3fn'); the pool holds {self.dtype}")
         layout = str(self.layout).upper()
         if layout not in LAYOUTS:
             raise ValueError(f"layout must be one of {LAYOUTS}, got {self.layout!r}")
@@ -305,10 +325,33 @@ class KVCacheConfig:
         return self.page_size * self.num_kv_heads * self.head_dim
 
     @property
-    def page_bytes(self) -> int:
-        """Bytes one page id costs: every layer slot, K and V (every layer without
-        groups; K only with ``key_only``)."""
+    def token_head_scales(self) -> bool:
+        """Whether scales are kept per (token, head) in a side pool
+        (``kv_scale_granularity="token_head"``)."""
+        return self.kv_scale_granularity == "token_head"
+
+    @property
+    def kv_page_bytes(self) -> int:
+        """Bytes of one page id in the K/V pool: every layer slot, K and V (every layer
+        without groups; K only with ``key_only``)."""
         return self.num_slots * self.tensors_per_token * self.page_elems * self.itemsize
+
+    @property
+    def scale_page_bytes(self) -> int:
+        """Bytes of one page id in the scale side pool: ``num_slots * (2 or 1) *
+        page_size * num_kv_heads * 4`` with ``kv_scale_granularity="token_head"``, else 0.
+        Worked example: 32 layers, K and V, page 16, 8 heads: 32 * 2 * 16 * 8 * 4 =
+        64 KiB beside the 2 MiB (head_dim 128) of fp8 codes, 3.1%."""
+        if not self.token_head_scales:
+            return 0
+        return self.num_slots * self.tensors_per_token * self.page_size * self.num_kv_heads * 4
+
+    @property
+    def page_bytes(self) -> int:
+        """Bytes one page id costs: ``kv_page_bytes + scale_page_bytes`` (every layer
+        slot, K and V; K only with ``key_only``; the scale side pool's share with
+        per-(token, head) scales)."""
+        return self.kv_page_bytes + self.scale_page_bytes
 
     @property
     def layer_bytes(self) -> int:
@@ -349,6 +392,27 @@ class KVCacheConfig:
         """
         return (self.num_host_pages, self.num_slots, self.tensors_per_token,
                 *self.page_shape)
+
+    @property
+    def scale_pool_shape(self) -> tuple[int, ...] | None:
+        """Shape of the scale side pool, float32 ``(num_slots, 2, num_pages, page_size,
+        num_kv_heads)`` (``1`` in place of ``2`` with ``key_only``) whatever the layout:
+        ``[slot, kv, p, s, h]`` is the scale of head ``h`` of the token in slot ``p *
+        page_size + s``. None unless ``kv_scale_granularity="token_head"``."""
+        if not self.token_head_scales:
+            return None
+        return (self.num_slots, self.tensors_per_token, self.num_pages, self.page_size,
+                self.num_kv_heads)
+
+    @property
+    def host_scale_pool_shape(self) -> tuple[int, ...] | None:
+        """The host tier's scale pool, page-major like ``host_pool_shape``:
+        ``(num_host_pages, num_slots, 2, page_size, num_kv_heads)`` float32 (``1`` in
+        place of ``2`` with ``key_only``); None unless per-(token, head) scales."""
+        if not self.token_head_scales:
+            return None
+        return (self.num_host_pages, self.num_slots, self.tensors_per_token, self.page_size,
+                self.num_kv_heads)
 
     @property
     def host_bytes(self) -> int:

@@ -26,13 +26,22 @@ from __future__ import annotations
 
 import numpy as np
 
-__all__ = ["E4M3_MAX", "E4M3_NAN", "dequantize", "e4m3_to_float32", "float32_to_bfloat16",
-           "quantize", "scale_for_amax"]
+__all__ = ["E4M3_MAX", "E4M3_NAN", "MIN_SCALE", "dequantize", "e4m3_to_float32",
+           "float32_to_bfloat16", "quantize", "scale_for_amax", "token_head_scales"]
 
 #: Largest finite float8_e4m3fn value.
 E4M3_MAX = 448.0
 #: The NaN code quantize writes (positive; e4m3fn's NaNs are 0x7F and 0xFF).
 E4M3_NAN = 0x7F
+
+#: The smallest scale a pool uses: ``set_kv_scales`` refuses smaller ones, and computed
+#: scales below it become 1.0. Why: CuPy compiles every kernel with ``-ftz=true``, so
+#: the GPU flushes float32 subnormals to zero. From ``2**-116`` up, nothing that can
+#: change a code or a dequantized value is subnormal: an element ``x`` that is subnormal
+#: (``< 2**-126``) gives ``|x / scale| <= 2**-10``, which rounds to a signed zero either
+#: way, a normal ``x`` gives a normal quotient, and ``code x scale >= 2**-9 x 2**-116``
+#: is normal. So the GPU equals this module bit for bit, flushing or not.
+MIN_SCALE = 2.0 ** -116
 
 _MIN_NORMAL_EXP = -6     # 2**-6, the smallest normal e4m3fn value
 _SUBNORMAL_STEP = 2.0 ** -9
@@ -117,35 +126,28 @@ def quantize(x, scale, dtype: str) -> np.ndarray:
 def _round_to_e4m3(y: np.ndarray) -> np.ndarray:
     """float32 -> e4m3fn codes: NaN to 0x7F, clamp to +-448, round to nearest even.
 
-    The value is rounded on the grid of its binade: ``q = 2**(e - 3)`` for ``|y|`` in
-    ``[2**e, 2**(e + 1))`` (three mantissa bits), ``q = 2**-9`` below ``2**-6``
-    (subnormals). ``rint(|y| / q)`` is exact division by a power of two followed by
-    NumPy's round-half-even, and the integer's parity is the code's last mantissa bit,
-    so ties go to the even code. Worked example: ``|y| = 17`` lies in ``[16, 32)``, ``q
-    = 2``, ``17 / 2 = 8.5`` rounds to 8, so 16 (code 0x58); ``19 / 2 = 9.5`` rounds to
-    10, so 20 (code 0x5A).
+    On the float32 bits of ``m = min(|y|, 448)``: from ``2**-6`` up (e4m3fn's normals)
+    the code is the bits' exponent and top three mantissa bits, rounded to nearest even
+    by adding ``0x7FFFF`` plus the last kept bit before the shift by 20 (a carry rolls
+    into the exponent), with the exponent rebased from 127 to 7 (``- (120 << 3)``);
+    below ``2**-6`` it is the count of subnormal steps ``rint(m * 2**9)`` (exact scaling,
+    NumPy's half-even ``rint``; 8 steps is ``2**-6`` itself, code 0x08, where the two
+    encodings meet). The sign bit is ``y``'s. Worked example: ``17.0`` is ``0x41880000``;
+    ``0x41880000 >> 20 = 0x418`` with the dropped bits exactly half (``0x80000``) and the
+    kept bit 0, so it stays: ``0x418 - 0x3C0 = 0x58`` (16, ties to even); ``19.0`` is
+    ``0x41980000``, kept bit 1, rounds up to ``0x41A`` -> ``0x5A`` (20).
     """
     y = np.asarray(y, dtype=np.float32)
     nan = np.isnan(y)
-    negative = np.signbit(y)
-    magnitude = np.minimum(np.abs(np.where(nan, np.float32(0), y)), np.float32(E4M3_MAX))
-    magnitude = magnitude.astype(np.float64)    # exact; the grid arithmetic below too
-    _, exp = np.frexp(magnitude)                # magnitude = m * 2**exp, m in [0.5, 1)
-    binade = np.maximum(exp - 1, _MIN_NORMAL_EXP)
-    step = np.ldexp(1.0, binade - 3)
-    steps = np.rint(magnitude / step)           # integer; in [8, 16] for normals
-    rounded = steps * step
-    # Encode: below 2**-6 the code is the subnormal step count (8 steps is 2**-6 itself,
-    # code 0x08, the smallest normal: the two encodings meet).
-    _, rexp = np.frexp(rounded)
-    rbinade = rexp - 1
-    mant = np.rint(np.ldexp(rounded, -rbinade) * 8 - 8)
-    normal_code = ((rbinade + 7) << 3).astype(np.int64) + mant.astype(np.int64)
-    sub_code = np.rint(rounded / _SUBNORMAL_STEP).astype(np.int64)
-    code = np.where(rounded < 2.0 ** _MIN_NORMAL_EXP, sub_code, normal_code)
-    code = code | np.where(negative, 0x80, 0)
-    code = np.where(nan, E4M3_NAN, code)
-    return code.astype(np.uint8)
+    sign = (y.view(np.uint32) >> np.uint32(24)) & np.uint32(0x80)
+    with np.errstate(invalid="ignore"):
+        magnitude = np.minimum(np.abs(np.where(nan, np.float32(0), y)), np.float32(E4M3_MAX))
+    bits = magnitude.view(np.uint32)
+    normal = ((bits + np.uint32(0x7FFFF) + ((bits >> np.uint32(20)) & np.uint32(1)))
+              >> np.uint32(20)) - np.uint32(120 << 3)
+    subnormal = np.rint(magnitude * np.float32(2.0**9)).astype(np.uint32)
+    code = np.where(bits >= np.uint32(0x3C800000), normal, subnormal) | sign
+    return np.where(nan, np.uint32(E4M3_NAN), code).astype(np.uint8)
 
 
 def dequantize(codes, scale, dtype: str) -> np.ndarray:
@@ -170,7 +172,8 @@ def dequantize(codes, scale, dtype: str) -> np.ndarray:
     array([  3., 224.], dtype=float16)
     """
     scale = np.asarray(scale, dtype=np.float32)
-    values = e4m3_to_float32(codes) * scale      # float32 * float32: one rounding
+    with np.errstate(over="ignore"):              # past float32's range: inf, as on the GPU
+        values = e4m3_to_float32(codes) * scale  # float32 * float32: one rounding
     nan = np.isnan(values)
     if dtype == "float16":
         with np.errstate(over="ignore"):
@@ -196,8 +199,9 @@ def float32_to_bfloat16(values) -> np.ndarray:
 
 def scale_for_amax(amax) -> np.float32:
     """The computed scale of a tensor whose largest magnitude is ``amax``: ``amax / 448``
-    in float32, so the largest element quantizes to +-448 exactly; 1.0 when that is not a
-    finite value > 0 (an all-zero tensor, or one holding inf / NaN).
+    in float32, so the largest element quantizes to +-448 exactly; 1.0 when that is not
+    finite or is below :data:`MIN_SCALE` (an all-zero or all-tiny tensor, or one holding
+    inf / NaN).
 
     Examples
     --------
@@ -205,6 +209,45 @@ def scale_for_amax(amax) -> np.float32:
     0.019999999552965164
     """
     value = np.float32(amax) / np.float32(E4M3_MAX)
-    if not (np.isfinite(value) and value > 0):
+    if not (np.isfinite(value) and value >= np.float32(MIN_SCALE)):
         return np.float32(1.0)
     return value
+
+
+def token_head_scales(x, dtype: str) -> np.ndarray:
+    """Per-(token, head) scales of ``x`` ``[T, H, D]``, as a ``kv_scale_granularity=
+    "token_head"`` pool computes them when it writes ``x``.
+
+    The rule (the CUDA kernel's, bit for bit): ``amax = max |x[t, h, :]|`` in float32
+    (exact: no rounding; NaN if the row holds a NaN), then ``scale = amax / 448`` in
+    float32 (IEEE division, round to nearest even), replaced by 1.0 unless finite and
+    >= :data:`MIN_SCALE` (an all-zero or all-tiny row, or one holding inf / NaN), as
+    :func:`scale_for_amax`. The row is then quantized with ``quantize(x[t, h], scale)``,
+    so its largest element lands on +-448 exactly.
+
+    Parameters
+    ----------
+    x : numpy.ndarray, shape [T, H, D]
+        float16, or bfloat16 as uint16 / int16 words. Not modified.
+    dtype : {"float16", "bfloat16"}
+
+    Returns
+    -------
+    numpy.ndarray of float32, shape [T, H] (a new array)
+
+    Examples
+    --------
+    >>> x = np.array([[[8.96, -1.0], [0.0, 0.0]]], dtype=np.float16)
+    >>> token_head_scales(x, "float16").tolist()
+    [[0.0200020931661129, 1.0]]
+    """
+    values = _as_float32(x, dtype)
+    if values.ndim != 3:
+        raise ValueError(f"x must be [T, H, D], got shape {values.shape}")
+    if values.shape[2] == 0:
+        return np.ones(values.shape[:2], dtype=np.float32)
+    amax = np.max(np.abs(values), axis=2)            # NaN propagates, as in the kernel
+    with np.errstate(over="ignore", invalid="ignore"):
+        scale = amax / np.float32(E4M3_MAX)
+    keep = np.isfinite(scale) & (scale >= np.float32(MIN_SCALE))
+    return np.where(keep, scale, np.float32(1.0)).astype(np.float32)

@@ -24,6 +24,9 @@ def twin_caches(dtype, layout, page_size, head_dim, heads=2, layers=2, tokens=76
     bits = rng.integers(1, 255, size=cpu.kv.nbytes, dtype=np.uint8)
     cpu.kv.view(np.uint8).reshape(-1)[:] = bits
     gpu.backend.fill_bytes(gpu.kv, cpu.kv)
+    if cpu.scale_pool is not None:     # per-(token, head) scales: poison those too
+        cpu.scale_pool[...] = rng.uniform(0.5, 2.0, cpu.scale_pool.shape)
+        gpu.backend.fill_bytes(gpu.scale_pool, cpu.scale_pool)
     return cpu, gpu
 
 
@@ -126,7 +129,10 @@ def run_random_ops(cpu, gpu, rng, steps=25):
 
 
 def assert_same_pools(cpu, gpu):
-    """Every layer's K and V pages equal, byte for byte (adopted pools included)."""
+    """Every layer's K and V pages equal, byte for byte (adopted pools included), and
+    the scale side pool where there is one."""
+    if cpu.scale_pool is not None:
+        assert_same_bytes(cpu.scale_pool, gpu.scale_pool)
     if not gpu.backend.adopted:
         assert_same_bytes(cpu.kv, gpu.kv)
         return

@@ -149,6 +149,10 @@ def test_scale_for_amax():
     assert fp8.scale_for_amax(float("inf")) == 1.0
     assert fp8.scale_for_amax(float("nan")) == 1.0
     assert fp8.scale_for_amax(8.96) == np.float32(8.96) / np.float32(448)
+    # below MIN_SCALE (an all-tiny tensor; subnormals the GPU would flush): 1.0
+    assert fp8.scale_for_amax(448 * 2.0**-116) == np.float32(2.0**-116)
+    assert fp8.scale_for_amax(np.nextafter(np.float32(448 * 2.0**-116), np.float32(0))) == 1.0
+    assert fp8.scale_for_amax(1e-39) == 1.0
 
 
 def test_quantize_refuses_bad_scales_and_dtypes():
@@ -319,11 +323,13 @@ def test_static_scales_are_checked_before_anything_changes(fp8_cache):
     cache.set_kv_scales(0, 0.5, 2)
     assert cache.kv_scales(0) == (0.5, 2.0) and cache.kv_scales(1) == (1.0, 1.0)
     for args, error, message in [
-            ((0, 0.0, 1.0), ValueError, "k_scale must be finite and > 0 as a float32, got 0.0"),
-            ((0, 1.0, -2.0), ValueError, "v_scale must be finite and > 0"),
-            ((0, 1e40, 1.0), ValueError, r"k_scale must be finite and > 0 as a float32, "
-                                         r"got 1e\+40"),
-            ((0, 1e-50, 1.0), ValueError, "k_scale must be finite and > 0"),
+            ((0, 0.0, 1.0), ValueError, r"k_scale must be finite and >= 2\*\*-116 "
+                                        r"\(kvcore.fp8.MIN_SCALE\) as a float32, got 0.0"),
+            ((0, 1.0, -2.0), ValueError, r"v_scale must be finite and >= 2\*\*-116"),
+            ((0, 1e40, 1.0), ValueError, r"k_scale must be finite and >= 2\*\*-116 "
+                                         r"\(kvcore.fp8.MIN_SCALE\) as a float32, got 1e\+40"),
+            ((0, 1e-50, 1.0), ValueError, r"k_scale must be finite and >= 2\*\*-116"),
+            ((0, 1e-36, 1.0), ValueError, r"k_scale must be finite and >= 2\*\*-116"),
             ((0, float("nan"), 1.0), ValueError, "k_scale must be finite"),
             ((0, 1.0), ValueError, "v_scale is required: the cache holds K and V"),
             ((0, "1", 1.0), TypeError, "k_scale must be a real number, got str"),
@@ -480,3 +486,152 @@ def test_simulate_verifies_an_fp8_pool_and_reports_tokens_per_gib():
 
     result = Simulator(cfg, on_step=corrupt).run()
     assert result.mismatches >= 1 and not result.ok
+
+
+# -- the CUDA quantizer's division-free path, replayed exactly -----------------------------
+
+def _fma32(a, b, c):
+    """float32 ``RN(a * b + c)`` with one rounding, as the GPU's ``fmaf``: ``a * b`` is
+    exact in float64 (24 + 24 bits), the sum's float64 rounding error is recovered by
+    TwoSum, and a float64 sum lying exactly half way between two float32 values is sent
+    the way that error points (the only place a second rounding could go wrong)."""
+    a, b, c = (np.asarray(t, dtype=np.float32).astype(np.float64) for t in (a, b, c))
+    with np.errstate(over="ignore", invalid="ignore"):
+        p = a * b
+        s = p + c
+        bb = s - p
+        err = (p - (s - bb)) + (c - bb)
+        r = s.astype(np.float32)
+        # neighbours of s in float32, and whether s is exactly their midpoint
+        lo = np.where(r.astype(np.float64) > s, np.nextafter(r, np.float32(-np.inf)), r)
+        hi = np.nextafter(lo, np.float32(np.inf))
+        midpoint = (lo.astype(np.float64) + hi.astype(np.float64)) / 2 == s
+    fix = midpoint & (err != 0) & np.isfinite(s)
+    return np.where(fix, np.where(err > 0, hi, lo), r).astype(np.float32)
+
+
+def reciprocal_quantize(x32, scale):
+    """cuda/kvcore_kernels.cu's ``scaled`` + ``e4m3x2`` for a scale that passes
+    ``reciprocal_ok``: q0 = RN(x * RN(1 / s)), r = fma(-q0, s, x), q1 = fma(r, inv, q0)
+    with x's sign (x = -0 gives r = +0 and q1 = +0), q0 itself once |q0| >= 440, then the
+    saturating conversion (NaN -> 0x7F)."""
+    s = np.float32(scale)
+    inv = np.float32(1) / s
+    with np.errstate(over="ignore", invalid="ignore"):
+        q0 = (x32 * inv).astype(np.float32)
+        r = _fma32(-q0, s, x32)
+        q1 = _fma32(r, inv, q0)
+        y = np.where(np.abs(q0) < np.float32(440), np.copysign(q1, x32), q0)
+    return fp8._round_to_e4m3(y)
+
+
+RECIPROCAL_SCALES = [*SCALES[:5], 2.0**-90, np.nextafter(np.float32(2.0**125), np.float32(0)),
+                     1 / 448, 3.0, 0.1, 7e-20, 6.02e30]
+
+
+@pytest.mark.parametrize("scale", RECIPROCAL_SCALES
+                         + list(np.exp2(np.random.default_rng(16).uniform(-90, 125, 40))))
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_reciprocal_path_equals_the_division_on_every_input(dtype, scale):
+    """The GPU quantizes with a reciprocal and one correction step (where the scale
+    allows it); replayed with exact float32 steps it gives the division's codes for all
+    65,536 inputs."""
+    s = np.float32(scale)
+    assert 2.0**-90 <= s < 2.0**125                  # reciprocal_ok in the kernel
+    words = ALL_WORDS if dtype == "bfloat16" else ALL_WORDS.view(np.float16)
+    x32 = fp8._as_float32(words, dtype)
+    np.testing.assert_array_equal(reciprocal_quantize(x32, s), fp8.quantize(words, s, dtype))
+
+
+def test_fma32_rounds_once():
+    # 1 + 2**-24 is half way between 1 and 1 + 2**-23; the tiny addend decides
+    a, b = np.float32(1 + 2.0**-23), np.float32(1 - 2.0**-23)   # a * b = 1 - 2**-46
+    assert _fma32(a, b, np.float32(2.0**-24)) == np.float32(1.0)
+    assert _fma32(np.float32(1), np.float32(2.0**-24), np.float32(1)) == np.float32(1)
+    assert _fma32(np.float32(1 + 2.0**-23), np.float32(2.0**-24),
+                  np.float32(1)) == np.float32(1 + 2.0**-23)
+
+
+# -- the kernels' arithmetic as CuPy compiles it (-ftz=true), replayed ------------------------
+
+def _flush(a):
+    """Subnormal float32 values to a zero of their sign, as ``.ftz`` instructions do."""
+    a = np.asarray(a, dtype=np.float32)
+    tiny = (np.abs(a) < np.float32(2.0**-126)) & (a != 0)
+    return np.where(tiny, np.copysign(np.float32(0), a), a).astype(np.float32)
+
+
+def ftz_quantize(x32, scale):
+    """cuda/kvcore_kernels.cu's quantizer with every compiler-made float instruction
+    flushing subnormal inputs and results (CuPy appends ``-ftz=true``); the inline-PTX
+    conversion and the bit operations (copysign, the NaN test) do not flush."""
+    s = _flush(np.broadcast_to(np.asarray(scale, dtype=np.float32), x32.shape))
+    xf = _flush(x32)
+    with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
+        inv = _flush(np.float32(1) / s)
+        q0 = _flush(xf * inv)
+        r = _flush(_fma32(-q0, s, xf))
+        q1 = _flush(_fma32(r, inv, q0))
+        by_reciprocal = np.where(np.abs(q0) < np.float32(440), np.copysign(q1, x32), q0)
+        by_division = _flush(xf / s)
+    y = np.where((s >= np.float32(2.0**-90)) & (s < np.float32(2.0**125)), by_reciprocal,
+                 by_division)
+    return np.where(np.isnan(x32), np.uint8(fp8.E4M3_NAN), fp8._round_to_e4m3(y))
+
+
+def ftz_token_head_scales(x32):
+    """The per-(token, head) scale under ``-ftz=true``: amax of flushed values, a flushed
+    quotient, 1.0 below MIN_SCALE."""
+    xf = _flush(x32)
+    nan = np.isnan(xf).any(axis=2)
+    amax = np.max(np.abs(np.where(np.isnan(xf), np.float32(0), xf)), axis=2)
+    with np.errstate(over="ignore"):
+        q = _flush(amax / np.float32(448))
+    keep = ~nan & (q >= np.float32(fp8.MIN_SCALE)) & np.isfinite(q)
+    return np.where(keep, q, np.float32(1)).astype(np.float32)
+
+
+FTZ_SCALES = [1.0, 0.0173, 3.7, 2.0**-10, 1e-30, 6.02e30, 2.0**-116, 1.3e-35, 2.0**-100,
+              3e37]
+
+
+@pytest.mark.parametrize("scale", FTZ_SCALES)
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_flushing_subnormals_changes_no_code_from_min_scale_up(dtype, scale):
+    """Every input at scales >= MIN_SCALE: the kernel's arithmetic with subnormals
+    flushed gives quantize's codes, and dequantizing every code with the product
+    flushed gives dequantize's words."""
+    assert scale >= fp8.MIN_SCALE
+    words = ALL_WORDS if dtype == "bfloat16" else ALL_WORDS.view(np.float16)
+    x32 = fp8._as_float32(words, dtype)
+    np.testing.assert_array_equal(ftz_quantize(x32, scale), fp8.quantize(words, scale, dtype))
+    codes = np.arange(256, dtype=np.uint8)
+    with np.errstate(over="ignore"):
+        products = _flush(fp8.e4m3_to_float32(codes) * np.float32(scale))
+    if dtype == "bfloat16":
+        flushed = fp8.float32_to_bfloat16(products)
+    else:
+        with np.errstate(over="ignore"):
+            flushed = products.astype(np.float16)
+        flushed[np.isnan(products)] = np.uint16(0x7E00).view(np.float16)
+    want = fp8.dequantize(codes, scale, dtype)
+    np.testing.assert_array_equal(flushed.view(np.uint16), want.view(np.uint16))
+
+
+@pytest.mark.parametrize("order", ["sorted", "shuffled"])
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_flushing_subnormals_changes_no_token_head_scale_or_code(dtype, order):
+    """All 65,536 inputs in rows of 64 (the CUDA test's arrangement): flushed or not,
+    the same scales and the same codes. A scale below MIN_SCALE would differ (the rows
+    of bfloat16 subnormals: 2**-133 .. 2**-126, whose amax / 448 is itself subnormal)."""
+    words = ALL_WORDS.copy()
+    if order == "shuffled":
+        words = np.random.default_rng(7).permutation(words)
+    words = words.reshape(512, 2, 64)
+    if dtype == "float16":
+        words = words.view(np.float16)
+    x32 = fp8._as_float32(words, dtype)
+    scales = fp8.token_head_scales(words, dtype)
+    np.testing.assert_array_equal(ftz_token_head_scales(x32), scales)
+    np.testing.assert_array_equal(ftz_quantize(x32, scales[:, :, None]),
+                                  fp8.quantize(words, scales[:, :, None], dtype))

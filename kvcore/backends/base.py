@@ -52,6 +52,17 @@ class Backend(Protocol):
     scale_table : array or None
         The same scales where the kernels read them (the device on CUDA; ``scales``
         itself on the CPU).
+    scale_pool : array or None
+        fp8 pools with ``kv_scale_granularity="token_head"``: the float32 side pool,
+        ``config.scale_pool_shape`` ``[num_slots, 2, P, S, H]``, in the backend's
+        framework (None otherwise). Its pages move with the K/V pages in
+        ``copy_pages`` and ``swap_copy``.
+    scale_views : tuple
+        Each layer's ``scale_pool[slot]``, ``[2, P, S, H]`` (``[1, ...]`` key-only), or
+        None per layer without a side pool.
+    host_scales : numpy.ndarray or None
+        The host tier's scale pool, ``config.host_scale_pool_shape`` (page-major),
+        page-locked on CUDA; None without a side pool or a host tier.
     """
 
     name: str
@@ -65,6 +76,9 @@ class Backend(Protocol):
     host_kv: Any
     scales: Any
     scale_table: Any
+    scale_pool: Any
+    scale_views: tuple
+    host_scales: Any
 
     # -- streams --------------------------------------------------------------------------
     def current_stream(self) -> int | None: ...

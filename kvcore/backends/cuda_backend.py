@@ -69,9 +69,10 @@ def _runtime_error(status: int) -> str:
         return f"cudaError_t {status}"
 
 
-def _pin_host_pool(config: KVCacheConfig):
-    """The host tier: ``(owner, array)``, a zero-filled NumPy view of
-    ``config.host_pool_shape`` (storage dtype) over page-locked, device-mapped memory.
+def _pin_host_pool(config: KVCacheConfig, shape=None, dtype=None):
+    """The host tier: ``(owner, array)``, a zero-filled NumPy view of ``shape`` (default
+    ``config.host_pool_shape``) of ``dtype`` (default the storage dtype) over
+    page-locked, device-mapped memory.
 
     Raises
     ------
@@ -80,7 +81,9 @@ def _pin_host_pool(config: KVCacheConfig):
     """
     from cupy.cuda import pinned_memory
 
-    nbytes = config.host_bytes
+    shape = config.host_pool_shape if shape is None else shape
+    dtype = np.dtype(config.storage_dtype if dtype is None else dtype)
+    nbytes = int(np.prod(shape)) * dtype.itemsize
     # One cudaHostAlloc of our own, not torch's pinned allocator (which rounds every
     # block up to a power of two: a 24 GiB tier would pin 32 GiB) nor CuPy's pinned pool
     # (which keeps freed blocks pinned after the cache is gone). The tier is one
@@ -101,8 +104,7 @@ def _pin_host_pool(config: KVCacheConfig):
                                       "device address (no unified addressing)")
     owner = pinned_memory.PinnedMemoryPointer(memory, 0)
     ctypes.memset(memory.ptr, 0, nbytes)    # cudaHostAlloc does not promise zeroed memory
-    host = np.frombuffer(owner, dtype=config.storage_dtype,
-                         count=nbytes // config.itemsize).reshape(config.host_pool_shape)
+    host = np.frombuffer(owner, dtype=dtype, count=nbytes // dtype.itemsize).reshape(shape)
     return owner, host
 
 
@@ -177,6 +179,7 @@ class CudaBackend:
                                  pools.nbytes, 1)
         self.uploader = PinnedRing(fw)
         self._init_scales(config)
+        self._init_scale_pool(config)
         self._init_host_tier(config, layers)
         # The pool's zero fill and the buffers above were enqueued on the stream current
         # now; wait once, so first use on any other stream cannot race them.
@@ -204,6 +207,61 @@ class CudaBackend:
         self._scale_ptr = describe(self.scale_table).ptr
         cupy.cuda.runtime.memcpy(self._scale_ptr, self.scales.ctypes.data, self.scales.nbytes,
                                  1)
+
+    def _init_scale_pool(self, config: KVCacheConfig) -> None:
+        """Per-(token, head) scales: the float32 side pool ``config.scale_pool_shape``
+        (every scale 1.0), kvcore's own even when the K/V pool is adopted, and the
+        table of its (slot, K/V) page-0 addresses that ``copy_pages`` / ``swap_pages``
+        move scale pages with (a scale page is ``S * H * 4`` contiguous bytes)."""
+        self.scale_pool = None
+        self.scale_views = (None,) * config.num_layers
+        self._k_scale_ptrs = self._v_scale_ptrs = (0,) * config.num_layers
+        self._scale_pools = None
+        if not config.token_head_scales:
+            return
+        shape = config.scale_pool_shape
+        fw = self.framework
+        if fw.name == "torch":
+            self.scale_pool = fw.torch.ones(shape, dtype=fw.torch.float32, device=fw.device)
+        else:
+            with cupy.cuda.Device(self.device_id):
+                self.scale_pool = cupy.ones(shape, dtype=np.float32)
+        slots = [config.layer_slot(layer) for layer in range(config.num_layers)]
+        self.scale_views = tuple(self.scale_pool[slot] for slot in slots)
+        base = describe(self.scale_pool).ptr
+        self._scale_page_bytes = config.page_size * config.num_kv_heads * 4
+        chunk = config.num_pages * self._scale_page_bytes      # one (slot, K/V) pool
+        kvs = config.tensors_per_token
+        self._k_scale_ptrs = tuple(base + slot * kvs * chunk for slot in slots)
+        self._v_scale_ptrs = (tuple(p + chunk for p in self._k_scale_ptrs) if kvs == 2
+                              else (0,) * config.num_layers)
+        pools = np.array([base + i * chunk for i in range(config.num_slots * kvs)],
+                         dtype=np.uint64)
+        self._scale_pools = fw.empty((pools.size,), "int64")
+        cupy.cuda.runtime.memcpy(describe(self._scale_pools).ptr, pools.ctypes.data,
+                                 pools.nbytes, 1)
+        self._scale_width = next(w for w in VECTOR_WIDTHS if self._scale_page_bytes % w == 0)
+
+    def _scale_launcher(self, op: str):
+        """``copy_pages`` / ``swap_pages`` bound to the scale side pool (and its host
+        tier): the same kernels, other pools and page sizes."""
+        key = (op, "scales")
+        fn = self._launchers.get(key)
+        if fn is None:
+            cfg = self.config
+            width = self._scale_width
+            vecs = self._scale_page_bytes // width
+            common = {"page_stride": vecs, "error_word": self._error_ptr,
+                      "num_pages": cfg.num_pages, "page_vecs": vecs,
+                      "num_pools": cfg.num_slots * cfg.tensors_per_token}
+            bound = (common if op == "copy_pages" else
+                     dict(common, pools=describe(self._scale_pools).ptr,
+                          host_pool=self.host_scales.ctypes.data,
+                          num_host_pages=cfg.num_host_pages))
+            with cupy.cuda.Device(self.device_id):
+                fn = launcher(self.device_id, op, width, bound)
+            self._launchers[key] = fn
+        return fn
 
     def set_scales(self, layer: int, k_scale: np.float32, v_scale: np.float32) -> None:
         """Set layer ``layer``'s scales (checked by the facade) on the host and the device.
@@ -248,8 +306,8 @@ class CudaBackend:
     def _init_host_tier(self, config: KVCacheConfig, layers) -> None:
         """Pin the host tier (``host_kv``) and upload the (slot, K/V) pool table that
         ``swap_pages`` reads; no host tier when ``num_host_pages == 0``."""
-        self.host_kv = None
-        self._host_owner = None
+        self.host_kv = self.host_scales = None
+        self._host_owner = self._host_scales_owner = None
         self._host_ptr = 0
         self._swap_table = None
         self._swap_table_ptr = 0
@@ -283,6 +341,10 @@ class CudaBackend:
         cupy.cuda.runtime.memcpy(self._swap_table_ptr, table.ctypes.data, table.nbytes, 1)
         with cupy.cuda.Device(self.device_id):
             self._host_owner, self.host_kv = _pin_host_pool(config)
+            if config.token_head_scales:
+                self._host_scales_owner, self.host_scales = _pin_host_pool(
+                    config, config.host_scale_pool_shape, np.float32)
+                self.host_scales.fill(1.0)
         self._host_ptr = self.host_kv.ctypes.data
         chunk = config.page_elems * self._item
         combined = chunk | self._pool_align | self._host_ptr
@@ -330,6 +392,12 @@ class CudaBackend:
                                     head_dim=cfg.head_dim,
                                     bf16=int(cfg.model_dtype == "bfloat16"),
                                     page_stride=self._page_stride_bytes),
+                "scatter_fp8_th": dict(common, num_slots=cfg.num_pages * cfg.page_size,
+                                       layout=LAYOUT_CODE[cfg.layout],
+                                       page_size=cfg.page_size, page_shift=self._page_shift,
+                                       num_heads=cfg.num_kv_heads, head_dim=cfg.head_dim,
+                                       bf16=int(cfg.model_dtype == "bfloat16"),
+                                       page_stride=self._page_stride_bytes),
                 "gather_fp8": dict(common, num_pages=cfg.num_pages,
                                    layout=LAYOUT_CODE[cfg.layout], page_size=cfg.page_size,
                                    num_heads=cfg.num_kv_heads, head_dim=cfg.head_dim,
@@ -503,6 +571,14 @@ class CudaBackend:
         """Quantizing scatter: strides in elements of the 2-byte inputs."""
         cfg = self.config
         width = self._fp8_width(k_ptr | v_ptr | 2 * (k_st | k_sh | v_st | v_sh), 0)
+        if cfg.token_head_scales:
+            # one warp per (token, head) row, 8 warps per block
+            grid = max(1, min(-(-rows * cfg.num_kv_heads // 8), self.num_sms * 32))
+            self._launcher("scatter_fp8_th", width)(
+                grid, 256, stream, k_ptr, v_ptr, k_st, k_sh, v_st, v_sh, slots_ptr,
+                self._k_ptrs[layer], self._v_ptrs[layer], self._k_scale_ptrs[layer],
+                self._v_scale_ptrs[layer], rows)
+            return
         vecs_per_token = cfg.num_kv_heads * (cfg.head_dim // width)
         block = min(_MAX_BLOCK, _round_up(vecs_per_token, 32))
         grid = max(1, min(-(-rows // _UNROLL), self.num_sms * 32))
@@ -561,8 +637,8 @@ class CudaBackend:
             block = min(_MAX_BLOCK, _round_up(cfg.num_kv_heads * (cfg.head_dim // width), 32))
             self._launcher("gather_fp8", width)(
                 grid, block, stream, self._k_ptrs[layer], self._v_ptrs[layer], indptr_p,
-                indices_p, last_p, tok_p, k_ptr, v_ptr, self._scale_ptr + layer * 8, batch,
-                rows)
+                indices_p, last_p, tok_p, k_ptr, v_ptr, self._scale_ptr + layer * 8,
+                self._k_scale_ptrs[layer], self._v_scale_ptrs[layer], batch, rows)
             del keep
             return out
         width = self._vector_width(k_ptr | v_ptr)
@@ -618,6 +694,11 @@ class CudaBackend:
         grid = max(1, min(chunks, self.num_sms * 16))
         self._launcher("copy_pages", width)(
             grid, block, stream, describe(self._pool_table).ptr, src_ptr, dst_ptr, n)
+        if self.scale_pool is not None:     # scale pages move with their K/V pages
+            chunks = n * self.config.num_slots * self.config.tensors_per_token
+            self._scale_launcher("copy_pages")(
+                max(1, min(chunks, self.num_sms * 16)), 32, stream,
+                describe(self._scale_pools).ptr, src_ptr, dst_ptr, n)
         del keep
 
     # -- the host tier ----------------------------------------------------------------------
@@ -656,6 +737,11 @@ class CudaBackend:
         grid = max(1, min(n * self._swap_pools, self.num_sms * _SWAP_BLOCKS_PER_SM))
         self._launcher("swap_pages", self._swap_width)(
             grid, self._swap_block, stream, device_ptr, host_ptr, n, to_host)
+        if self.host_scales is not None:    # scale pages travel with their K/V pages
+            chunks = n * self.config.num_slots * self.config.tensors_per_token
+            self._scale_launcher("swap_pages")(
+                max(1, min(chunks, self.num_sms * _SWAP_BLOCKS_PER_SM)), 32, stream,
+                device_ptr, host_ptr, n, to_host)
         del keep
         return self.record_event(stream)
 

@@ -78,9 +78,21 @@ KERNELS: dict[str, KernelABI] = {
     "gather_fp8": KernelABI(
         leading=(("k_pool", "p"), ("v_pool", "p"), ("page_indptr", "p"), ("page_indices", "p"),
                  ("last_page_len", "p"), ("token_indptr", "p"), ("k_out", "p"), ("v_out", "p"),
-                 ("scales", "p"), ("batch", "i"), ("out_rows", "q")),
+                 ("scales", "p"), ("k_scale_pool", "p"), ("v_scale_pool", "p"), ("batch", "i"),
+                 ("out_rows", "q")),
         bound=(("num_pages", "q"), ("page_stride", "q"), ("layout", "i"), ("page_size", "q"),
                ("num_heads", "q"), ("head_dim", "q"), ("bf16", "i"), ("error_word", "p")),
+    ),
+    # fp8 pools with per-(token, head) scales: the write computes each row's scale and
+    # stores it in the side pool (the gather reads it through gather_fp8's scale pools).
+    "scatter_fp8_th": KernelABI(
+        leading=(("k", "p"), ("v", "p"), ("k_stride_t", "q"), ("k_stride_h", "q"),
+                 ("v_stride_t", "q"), ("v_stride_h", "q"), ("slot_mapping", "p"),
+                 ("k_pool", "p"), ("v_pool", "p"), ("k_scale_pool", "p"), ("v_scale_pool", "p"),
+                 ("num_tokens", "q")),
+        bound=(("num_slots", "q"), ("page_stride", "q"), ("layout", "i"), ("page_size", "q"),
+               ("page_shift", "i"), ("num_heads", "q"), ("head_dim", "q"), ("bf16", "i"),
+               ("error_word", "p")),
     ),
 }
 
@@ -92,7 +104,7 @@ VECTOR_WIDTHS = (16, 8, 4, 2, 1)
 FP8_WIDTHS = (8, 4, 2, 1)
 
 #: The kernels instantiated at FP8_WIDTHS; the others are at VECTOR_WIDTHS.
-FP8_OPS = ("scatter_fp8", "gather_fp8")
+FP8_OPS = ("scatter_fp8", "gather_fp8", "scatter_fp8_th")
 
 #: Bits of the device error word (cuda/kvcore_common.cuh).
 ERR_SLOT_OUT_OF_RANGE = 1

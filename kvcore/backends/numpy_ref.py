@@ -60,6 +60,16 @@ class NumpyBackend:
         # The host tier: page-major, [H, num_slots, 2, *page_shape] (None without one).
         self.host_kv = (np.zeros(config.host_pool_shape, dtype=config.storage_dtype)
                         if config.num_host_pages else None)
+        # Per-(token, head) scales: float32 [num_slots, 2, P, S, H] beside the pages, and
+        # its host-tier twin [num_host_pages, num_slots, 2, S, H]. Every scale starts at
+        # 1.0, so a slot never written dequantizes its zero codes to zeros.
+        self.scale_pool = self.host_scales = None
+        self.scale_views = (None,) * config.num_layers
+        if config.token_head_scales:
+            self.scale_pool = np.ones(config.scale_pool_shape, dtype=np.float32)
+            self.scale_views = tuple(self.scale_pool[slot] for slot in self._slots)
+            if config.num_host_pages:
+                self.host_scales = np.ones(config.host_scale_pool_shape, dtype=np.float32)
 
     # -- arrays in and out ----------------------------------------------------------------
 
@@ -187,7 +197,12 @@ class NumpyBackend:
         pages, offsets = np.divmod(slots[keep], ps)
         for which, src in enumerate((k, v)[:self.config.tensors_per_token]):
             pool = self.kv[self._slots[layer], which]
-            if self.scales is not None:
+            if self.scale_pool is not None:
+                # per (token, head): computed from the row, stored beside its codes
+                row_scales = fp8.token_head_scales(src, self.config.model_dtype)
+                src = fp8.quantize(src, row_scales[:, :, None], self.config.model_dtype)
+                self.scale_pool[self._slots[layer], which][pages, offsets] = row_scales[keep]
+            elif self.scales is not None:
                 src = fp8.quantize(src, self.scales[layer, which], self.config.model_dtype)
             if self.config.layout == "NHD":
                 pool[pages, offsets] = src[keep]          # pool [P, S, H, D]
@@ -220,7 +235,12 @@ class NumpyBackend:
                     chunk = chunk.transpose(0, 2, 1, 3)           # -> [n, S, H, D]
                 chunk = chunk.reshape(-1, cfg.num_kv_heads, cfg.head_dim)[: stop - start]
                 if out_dtype is not self._dtype:
-                    chunk = fp8.dequantize(chunk, self.scales[layer, which], cfg.model_dtype)
+                    if self.scale_pool is not None:
+                        scale = self.scale_pool[self._slots[layer], which][pages].reshape(
+                            -1, cfg.num_kv_heads)[: stop - start, :, None]
+                    else:
+                        scale = self.scales[layer, which]
+                    chunk = fp8.dequantize(chunk, scale, cfg.model_dtype)
                 dst[start:stop] = chunk
         return out
 
@@ -258,6 +278,8 @@ class NumpyBackend:
             raise ShapeError("page ids are on a CUDA device but the cache is on cpu")
         src, dst = host_page_pair(src, dst, self.config.num_pages)
         self.kv[:, :, dst] = self.kv[:, :, src]
+        if self.scale_pool is not None:     # scale pages move with their K/V pages
+            self.scale_pool[:, :, dst] = self.scale_pool[:, :, src]
 
     # -- the host tier --------------------------------------------------------------------
 
@@ -271,8 +293,14 @@ class NumpyBackend:
         """
         if direction == "out":
             self.host_kv[host_pages] = self.kv[:, :, device_pages].transpose(2, 0, 1, 3, 4, 5)
+            if self.scale_pool is not None:
+                self.host_scales[host_pages] = self.scale_pool[:, :, device_pages].transpose(
+                    2, 0, 1, 3, 4)
         else:
             self.kv[:, :, device_pages] = self.host_kv[host_pages].transpose(1, 2, 0, 3, 4, 5)
+            if self.scale_pool is not None:
+                self.scale_pool[:, :, device_pages] = self.host_scales[host_pages].transpose(
+                    1, 2, 0, 3, 4)
 
     @staticmethod
     def transfer_done(event) -> bool:

@@ -20,6 +20,7 @@ timed. ``python benchmarks/bench_fp8.py --out benchmarks/results/fp8_h200.json``
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import platform
@@ -77,7 +78,36 @@ def _same(cache, host: np.ndarray, device) -> bool:
                                np.ascontiguousarray(host).view(np.uint8).reshape(-1)))
 
 
-def bench_write(iters: int, num_seqs: int = 64, tokens_per_seq: int = 1024) -> list[dict]:
+@contextlib.contextmanager
+def _kernel_variant(define: str | None):
+    """Caches built (and first launched) inside get kvcore's kernels compiled with
+    ``-D<define>``: the memoized module of the current device is swapped for the
+    variant's while the block runs (launchers keep the functions they resolved)."""
+    if define is None:
+        yield
+        return
+    import cupy
+
+    from kvcore.backends import cuda_kernels as ck
+
+    source_dir = ck.kernel_source_dir()
+    module = cupy.RawModule(code=(source_dir / ck.KERNEL_FILE).read_text(),
+                            options=("-std=c++17", f"-I{source_dir}", f"-D{define}"))
+    module.compile()
+    device = cupy.cuda.runtime.getDevice()
+    ck.load_module(device)
+    saved = ck._modules[device]
+    ck._modules[device] = module
+    try:
+        yield
+    finally:
+        ck._modules[device] = saved
+
+
+def bench_write(iters: int, num_seqs: int = 64, tokens_per_seq: int = 1024,
+                rows: list | None = None) -> list[dict]:
+    """The write and gather rows (see the module docstring), appended to ``rows`` as they
+    are measured, so a failure further on keeps the rows before it."""
     dev = _bench()
     tokens = num_seqs * tokens_per_seq
     rng = np.random.default_rng(1)
@@ -86,36 +116,82 @@ def bench_write(iters: int, num_seqs: int = 64, tokens_per_seq: int = 1024) -> l
     k_all, v_all = _torch_bf16(k_host), _torch_bf16(v_host)
     label = f"{num_seqs} x {tokens_per_seq:,} tokens"
     elems = tokens * HEADS * HEAD_DIM
-    rows = []
+    rows = [] if rows is None else rows
     ceiling = dev.bench_copy_ceiling(iters)
     rows.append(ceiling)
     num_pages = tokens // PAGE + 64
-    for dtype in ("bfloat16", FP8):
+    # (pool dtype, scale granularity, kernel variant): None is the shipped kernel;
+    # KVCORE_FP8_DIVIDE compiles the quantizer with the IEEE division (the first fp8
+    # kernel's) in place of the reciprocal and its correction step, all else the same,
+    # so the two are measured in one process.
+    shipped = {}    # the shipped fp8 kernel's codes, which the variant must reproduce
+    variants = [("bfloat16", "tensor", None), (FP8, "tensor", None),
+                (FP8, "tensor", "KVCORE_FP8_DIVIDE"), (FP8, "token_head", None)]
+    for dtype, granularity, define in variants:
         config = KVCacheConfig(num_layers=1, num_kv_heads=HEADS, head_dim=HEAD_DIM,
                                page_size=PAGE, num_pages=num_pages, dtype=dtype,
-                               max_seqs=num_seqs, max_pages_per_seq=num_pages)
-        gpu, cpu, seqs, slot_mapping = _twin(config, (num_seqs, tokens_per_seq))
-        if dtype == FP8:
-            k_scale, v_scale = gpu.calibrate_kv_scales(0, k_all[0], v_all[0])
-            assert cpu.calibrate_kv_scales(0, k_host[0], v_host[0]) == (k_scale, v_scale)
-        slots = torch.as_tensor(slot_mapping, device="cuda")
-        cpu.write(0, k_host[0], v_host[0], slot_mapping)
-        gpu.write(0, k_all[0], v_all[0], slots)
-        gpu.synchronize()
-        assert _same(gpu, cpu.kv, gpu.kv), f"kvcore {dtype} write differs from NumPy"
+                               max_seqs=num_seqs, max_pages_per_seq=num_pages,
+                               kv_scale_granularity=granularity)
+        with _kernel_variant(define):
+            gpu, cpu, seqs, slot_mapping = _twin(config, (num_seqs, tokens_per_seq))
+            if dtype == FP8 and granularity == "tensor":
+                k_scale, v_scale = gpu.calibrate_kv_scales(0, k_all[0], v_all[0])
+                if define is None:
+                    assert cpu.calibrate_kv_scales(0, k_host[0], v_host[0]) == (k_scale,
+                                                                                 v_scale)
+            slots = torch.as_tensor(slot_mapping, device="cuda")
+            if define is None:
+                cpu.write(0, k_host[0], v_host[0], slot_mapping)
+            gpu.write(0, k_all[0], v_all[0], slots)     # builds the launcher: the variant's
+            gpu.synchronize()
+        if define is None:
+            assert _same(gpu, cpu.kv, gpu.kv), f"kvcore {dtype} write differs from NumPy"
+        else:   # the shipped kernel's codes were checked against NumPy just before
+            assert torch.equal(gpu.kv.view(torch.uint8), shipped["codes"]), \
+                f"the {define} kernel's codes differ from the shipped kernel's"
+        if dtype == FP8 and granularity == "tensor" and define is None:
+            shipped["codes"] = gpu.kv.view(torch.uint8).clone()
+        if granularity == "token_head":
+            assert _same(gpu, cpu.scale_pool, gpu.scale_pool), "scales differ from NumPy"
+        # bytes: in and out per element, plus each (token, head) scale of K and V
         moved = elems * (2 + 2 + 2 * config.itemsize)
+        if granularity == "token_head":
+            moved += 2 * 4 * tokens * HEADS
 
         def write(i, gpu=gpu, slots=slots):
             gpu.write(0, k_all[i & 1], v_all[i & 1], slots)
 
-        name = "bfloat16 pool" if dtype == "bfloat16" else "fp8 pool (quantizing)"
+        name = ("bfloat16 pool" if dtype == "bfloat16" else
+                "fp8 pool, per-(token, head) scales" if granularity == "token_head" else
+                "fp8 pool (quantizing, division kernel)" if define else
+                "fp8 pool (quantizing)")
+        note = "torch bfloat16 in, device slot_mapping"
+        if define:
+            note += f"; kernels compiled with -D{define} (the IEEE-division quantizer)"
         rows.append(dev.row(f"kvcore write {label}, {name}", moved, dev.device_us(write, iters),
-                            dev.host_us(write, 20), ceiling["tb_per_s"],
-                            "torch bfloat16 in, device slot_mapping"))
+                            dev.host_us(write, 20), ceiling["tb_per_s"], note))
         rows.append(dev.row(f"kvcore write {label}, {name}, CUDA graph", moved,
                             dev.graph_us(write), None, ceiling["tb_per_s"],
                             "device time without host overhead"))
-        if dtype != FP8:
+        if granularity == "token_head":
+            write(0)          # the timed calls alternated inputs: back to input 0
+            gpu.synchronize()
+            k_ref, v_ref, _ = cpu.gather(0, seqs)
+            k_out, v_out, _ = gpu.gather(0, seqs)
+            assert _same(gpu, k_ref, k_out) and _same(gpu, v_ref, v_out), \
+                "per-(token, head) dequantizing gather differs from NumPy"
+
+            def gather_th(i, gpu=gpu, seqs=seqs):
+                gpu.gather(0, seqs)
+
+            rows.append(dev.row(f"kvcore gather {label}, fp8 pool, per-(token, head) "
+                                "scales, dequantized to bfloat16",
+                                elems * (2 + 2 * 2) + 2 * 4 * tokens * HEADS,
+                                dev.device_us(gather_th, iters), None, ceiling["tb_per_s"],
+                                "from seq_ids: host metadata + upload + new outputs"))
+        if dtype != FP8 or define or granularity != "tensor":
+            del gpu, cpu
+            torch.cuda.empty_cache()
             continue
         # torch doing the same without a fused kernel: divide, clamp, cast, index_copy_
         k_flat = torch.zeros(num_pages * PAGE, HEADS, HEAD_DIM, dtype=torch.float8_e4m3fn,
@@ -287,13 +363,16 @@ def memory_rows() -> list[dict]:
     }
     rows = []
     for name, shape in shapes.items():
-        for dtype in ("bfloat16", FP8):
+        for dtype, granularity in (("bfloat16", "tensor"), (FP8, "tensor"),
+                                   (FP8, "token_head")):
             for key_only in ((False, True) if shape["num_kv_heads"] == 1 else (False,)):
                 cfg = KVCacheConfig(page_size=PAGE, num_pages=1, dtype=dtype,
-                                    key_only=key_only, **shape)
+                                    key_only=key_only, kv_scale_granularity=granularity,
+                                    **shape)
                 per_token = cfg.page_bytes // PAGE
                 rows.append({"model": name, "dtype": dtype, "key_only": key_only,
-                             "bytes_per_token": per_token, "tokens_per_gib": 2**30 // per_token})
+                             "scales": granularity, "bytes_per_token": per_token,
+                             "tokens_per_gib": 2**30 // per_token})
     return rows
 
 
@@ -310,7 +389,8 @@ def main(argv=None) -> int:
     results = {"kvcore": kvcore.__version__, "torch": torch.__version__,
                "gpu": torch.cuda.get_device_name(), "python": platform.python_version(),
                "memory": memory_rows()}
-    sections = [("write", lambda: bench_write(args.iters))]
+    write_rows: list[dict] = []
+    sections = [("write", lambda: bench_write(args.iters, rows=write_rows))]
     try:
         if args.no_flashinfer:
             raise ImportError("--no-flashinfer")
@@ -329,16 +409,20 @@ def main(argv=None) -> int:
             results[name] = run()
         except Exception:
             results[name] = {"error": traceback.format_exc()[-2000:]}
+            if name == "write":
+                results[name]["rows_before_error"] = write_rows
     write = results.get("write")
     if isinstance(write, dict):
         print("write:", write["error"])
+        write = write["rows_before_error"]
     for r in write if isinstance(write, list) else []:
         tbs = f"{r['tb_per_s']:.2f} TB/s" if r["tb_per_s"] else ""
         print(f"{r['name']:<62} {r['device_us'] or 0:>9.1f} us {tbs:>11}  {r['note']}")
     for name in ("flashinfer_decode", "flashinfer_mla"):
         print(name, json.dumps(results.get(name), indent=1))
     for r in results["memory"]:
-        print(f"{r['model']:<50} {r['dtype']:<14} key_only={r['key_only']!s:<5} "
+        print(f"{r['model']:<50} {r['dtype']:<14} {r['scales']:<10} "
+              f"key_only={r['key_only']!s:<5} "
               f"{r['bytes_per_token']:>7,} B/token {r['tokens_per_gib']:>9,} tokens/GiB")
     if args.out:
         with open(args.out, "w") as f:

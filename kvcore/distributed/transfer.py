@@ -419,6 +419,7 @@ def _check_receiver(cache) -> None:
     if len(cfg.groups) != 1 or cfg.groups[0].kind != "full":
         raise ValueError("kvcore.distributed moves caches of one full-attention layer group "
                          "(no layer_groups)")
+    _refuse_side_pool(cfg)
     if cfg.num_host_pages and cfg.enable_prefix_cache:
         raise ValueError("a receiver with prefix caching and a host tier is not supported "
                          "(a prefix hit there may wait for a load from the host tier)")
@@ -488,11 +489,21 @@ def _refusal(exc: BaseException) -> int:
 
 # -- helpers ------------------------------------------------------------------------------------
 
+def _refuse_side_pool(cfg) -> None:
+    # The wire carries K/V pages only: a page sent without its per-(token, head) scales
+    # would dequantize with the receiver's stale ones.
+    if cfg.token_head_scales:
+        raise ValueError("moving fp8 pages with per-(token, head) scales "
+                         "(kv_scale_granularity='token_head') is not supported by "
+                         "kvcore.distributed: the scale side pool does not travel")
+
+
 def _sender_input(cache, seq_ids, token_ids, namespaces):
     cfg = cache.config
     if len(cfg.groups) != 1 or cfg.groups[0].kind != "full":
         raise ValueError("kvcore.distributed moves caches of one full-attention layer group "
                          "(no layer_groups)")
+    _refuse_side_pool(cfg)
     from kvcore._checks import host_index_array
 
     seqs = host_index_array(seq_ids, "seq_ids").astype(np.int64)
