@@ -121,12 +121,12 @@ def bench_write(iters: int, num_seqs: int = 64, tokens_per_seq: int = 1024,
     rows.append(ceiling)
     num_pages = tokens // PAGE + 64
     # (pool dtype, scale granularity, kernel variant): None is the shipped kernel;
-    # KVCORE_FP8_DIVIDE compiles the quantizer with the IEEE division (the first fp8
-    # kernel's) in place of the reciprocal and its correction step, all else the same,
-    # so the two are measured in one process.
+    # KVCORE_FP8_RECIPROCAL compiles the quantizer with the scale's reciprocal and one
+    # correction step in place of the IEEE division (the shipped kernel's), all else the
+    # same, so the two are measured in one process.
     shipped = {}    # the shipped fp8 kernel's codes, which the variant must reproduce
     variants = [("bfloat16", "tensor", None), (FP8, "tensor", None),
-                (FP8, "tensor", "KVCORE_FP8_DIVIDE"), (FP8, "token_head", None)]
+                (FP8, "tensor", "KVCORE_FP8_RECIPROCAL"), (FP8, "token_head", None)]
     for dtype, granularity, define in variants:
         config = KVCacheConfig(num_layers=1, num_kv_heads=HEADS, head_dim=HEAD_DIM,
                                page_size=PAGE, num_pages=num_pages, dtype=dtype,
@@ -163,11 +163,11 @@ def bench_write(iters: int, num_seqs: int = 64, tokens_per_seq: int = 1024,
 
         name = ("bfloat16 pool" if dtype == "bfloat16" else
                 "fp8 pool, per-(token, head) scales" if granularity == "token_head" else
-                "fp8 pool (quantizing, division kernel)" if define else
+                "fp8 pool (quantizing, reciprocal kernel)" if define else
                 "fp8 pool (quantizing)")
         note = "torch bfloat16 in, device slot_mapping"
         if define:
-            note += f"; kernels compiled with -D{define} (the IEEE-division quantizer)"
+            note += f"; kernels compiled with -D{define} (reciprocal + correction step)"
         rows.append(dev.row(f"kvcore write {label}, {name}", moved, dev.device_us(write, iters),
                             dev.host_us(write, 20), ceiling["tb_per_s"], note))
         rows.append(dev.row(f"kvcore write {label}, {name}, CUDA graph", moved,
