@@ -122,16 +122,19 @@ cdef class PageAllocator:
         stronger of the two current priorities (higher, or equal and longer; 0 is
         longest). Pages shared by requests keep the strongest any of them asked for.
         Inline: a prefix hit calls it per page."""
-        cdef int32_t cur = self._priority[page]
-        if floor < self._floor[page]:
-            floor = self._floor[page]
-        if priority > cur or (priority == cur and self._duration[page] != 0
-                              and (duration == 0 or duration > self._duration[page])):
-            self.set_retention(page, priority, duration, floor)
-        elif floor > self._floor[page]:
-            self._floor[page] = <uint8_t>floor
+        # The usual case (a hit at the level the page has, for good) reads two bytes.
+        cdef int32_t cur = self._priority[page], fl = self._floor[page]
+        if priority > cur:
+            self.set_retention(page, priority, duration, floor if floor > fl else fl)
+            return
+        if floor > fl:
             if floor > cur:   # a timed priority below the new floor: the floor, for good
                 self.set_retention(page, floor, 0, floor)
+                return
+            self._floor[page] = <uint8_t>floor
+        if (duration != 0 and priority == cur and self._duration[page] != 0
+                and duration > self._duration[page]):   # the same level, for longer
+            self.set_retention(page, priority, duration, self._floor[page])
 
     cdef inline int32_t priority_of(self, page_id_t page) noexcept nogil:
         return self._priority[page]

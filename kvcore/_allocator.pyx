@@ -267,9 +267,11 @@ cdef class PageAllocator:
     cdef void set_retention(self, page_id_t page, int32_t priority, int64_t duration,
                             int32_t floor) noexcept nogil:
         """Give ``page`` retention ``priority`` (0 .. 100) for ``duration`` ns after it
-        is freed (0: for good), then ``floor``. An evictable page moves to the tail of
-        its new list."""
+        is freed (0: for good), then ``floor``; for good means at least ``floor``. An
+        evictable page moves to the tail of its new list."""
         cdef bint listed = self._refcount[page] == 0 and self._cached[page]
+        if duration == 0 and floor > priority:
+            priority = floor
         if listed:
             self._lru_unlink(page)
         self._priority[page] = <uint8_t>priority

@@ -894,11 +894,12 @@ cdef class PrefixCache(PrefixHooks):
                                int64_t* dur, int32_t* floor) noexcept nogil:
         """The retention of ``seq_id``'s block ``block``: the strongest of the ranges
         that overlap its tokens, and of the request's own if a token is in no range;
-        ``floor``, the strongest level among them once their durations are over."""
+        ``floor``, the strongest level among them once their durations are over (a
+        timed one's is 35)."""
         cdef int64_t lo = block * self._page_size, hi = lo + self._page_size
         cdef int64_t at = seq_id * MAX_RETENTION_RANGES, covered = 0, a, b, d
         cdef int32_t i, p
-        cdef int32_t best = -1, best_floor = DEFAULT_PRIORITY
+        cdef int32_t best = -1, best_floor = 0
         cdef int64_t best_dur = 0
         for i in range(self._num_ranges[seq_id]):
             a = self._rng_start[at + i] if self._rng_start[at + i] > lo else lo
@@ -909,14 +910,16 @@ cdef class PrefixCache(PrefixHooks):
             p, d = self._rng_prio[at + i], self._rng_dur[at + i]
             if p > best or (p == best and best_dur != 0 and (d == 0 or d > best_dur)):
                 best, best_dur = p, d
-            if d == 0 and p > best_floor:
-                best_floor = p
+            # after its duration a timed priority drops to 35
+            if (p if d == 0 else DEFAULT_PRIORITY) > best_floor:
+                best_floor = p if d == 0 else DEFAULT_PRIORITY
         if covered < hi - lo:
             p, d = self._seq_prio[seq_id], self._seq_dur[seq_id]
             if p > best or (p == best and best_dur != 0 and (d == 0 or d > best_dur)):
                 best, best_dur = p, d
-            if d == 0 and p > best_floor:
-                best_floor = p
+            # after its duration a timed priority drops to 35
+            if (p if d == 0 else DEFAULT_PRIORITY) > best_floor:
+                best_floor = p if d == 0 else DEFAULT_PRIORITY
         prio[0] = best
         dur[0] = best_dur
         floor[0] = best_floor

@@ -130,16 +130,25 @@ class AllocatorModel(RuleBasedStateMachine):
         _set_retention_py(self.alloc, page, prio, dur, only_raise)
         # What the request's retention drops to once its duration is over.
         floor = prio if dur == 0 else DEFAULT_PRIORITY
-        if only_raise:
-            cur, cur_dur = self.prio[page], self.dur[page]
-            floor = max(floor, self.floor[page])
-            if not (prio > cur or (prio == cur and cur_dur != 0 and (dur == 0 or dur > cur_dur))):
-                if floor > self.floor[page]:
-                    self.floor[page] = floor
-                    if floor > cur:
-                        self._move(page, floor, 0, floor)
+        if not only_raise:
+            self._set(page, prio, dur, floor)
+            return
+        cur, fl = self.prio[page], self.floor[page]
+        if prio > cur:
+            self._set(page, prio, dur, max(floor, fl))
+            return
+        if floor > fl:
+            if floor > cur:
+                self._set(page, floor, 0, floor)
                 return
-        self._move(page, prio, dur, prio if dur == 0 else floor)
+            self.floor[page] = floor
+        if dur and prio == cur and self.dur[page] and dur > self.dur[page]:
+            self._set(page, prio, dur, self.floor[page])
+
+    def _set(self, page, prio, dur, floor):
+        if dur == 0:               # for good: at least the floor
+            prio = floor = max(prio, floor)
+        self._move(page, prio, dur, floor)
 
     def _move(self, page, prio, dur, floor):
         if page in self.evictable:   # moves to the tail of its new priority
