@@ -341,8 +341,14 @@ __device__ __forceinline__ unsigned short e4m3x2(float lo, float hi, float scale
 struct Scale {
   float scale, inv;
   bool by_reciprocal;
-  __device__ __forceinline__ explicit Scale(float s)
-      : scale(s), inv(__frcp_rn(s)), by_reciprocal(reciprocal_ok(s)) {}
+  // Set in the body, for the device pass only: nvcc's host pass parses a __device__
+  // constructor's initializers, where the device intrinsics are not declared.
+  __device__ __forceinline__ explicit Scale(float s) : scale(s), inv(0.0f), by_reciprocal(false) {
+#ifdef __CUDA_ARCH__
+    inv = __frcp_rn(s);
+    by_reciprocal = reciprocal_ok(s);
+#endif
+  }
 };
 
 __device__ __forceinline__ float e4m3_value(unsigned int c) {
