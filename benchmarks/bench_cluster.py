@@ -28,15 +28,14 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
 
-# Run in a subprocess with the checkout first on sys.path: median ns of each workload.
-_AB_SCRIPT = r"""
-import json, statistics, sys, time
-import numpy as np
-import kvcore
-from kvcore.bench.host import decode_step, prefix_lookup
-
-def eviction(pages=4096, page_size=16, rounds=5):
+# The eviction workload, as source: run by the A/B subprocesses (either build: it uses
+# only the old API unless ``prioritized``) and, with priorities, in this process.
+_EVICTION_SRC = r"""
+def eviction(pages=4096, page_size=16, rounds=5, prioritized=False):
     # Evict `pages` cached pages (each a one-page prompt, freed): ns per evicted page.
+    import statistics, time
+    import numpy as np
+    import kvcore
     table = kvcore.PageTable(kvcore.PageAllocator(pages + 8), page_size, 8, pages + 8,
                              enable_prefix_cache=True)
     rng = np.random.default_rng(1)
@@ -44,7 +43,8 @@ def eviction(pages=4096, page_size=16, rounds=5):
     for _ in range(rounds):
         for _ in range(pages):
             toks = rng.integers(0, 32000, size=page_size + 1).astype(np.int32)
-            s = table.add_sequence()
+            s = (table.add_sequence(retention=int(rng.integers(0, 101))) if prioritized
+                 else table.add_sequence())
             table.append([s], [page_size + 1], token_ids=toks)
             table.remove(s)
         s = table.add_sequence()
@@ -52,8 +52,18 @@ def eviction(pages=4096, page_size=16, rounds=5):
         table.append([s], [pages * page_size])
         out.append((time.perf_counter_ns() - start) / pages)
         table.remove(s)
+    if prioritized:
+        assert len(table.prefix_stats["evictions_by_priority"]) > 90
     return statistics.median(out)
+"""
 
+# Run in a subprocess with the checkout first on sys.path: median ns of each workload.
+_AB_SCRIPT = r"""
+import json, statistics, sys, time
+import numpy as np
+import kvcore
+from kvcore.bench.host import decode_step, prefix_lookup
+""" + _EVICTION_SRC + r"""
 repeats = int(sys.argv[1])
 lookup = prefix_lookup("kvcore")
 lookup()
@@ -91,24 +101,9 @@ def ab_compare(baseline: Path, rounds: int, repeats: int) -> dict:
 
 def priority_eviction(pages: int = 4096, page_size: int = 16, rounds: int = 5) -> float:
     """Eviction with random priorities 0..100 (this build only): ns per evicted page."""
-    import kvcore
-    table = kvcore.PageTable(kvcore.PageAllocator(pages + 8), page_size, 8, pages + 8,
-                             enable_prefix_cache=True)
-    rng = np.random.default_rng(1)
-    out = []
-    for _ in range(rounds):
-        for _ in range(pages):
-            toks = rng.integers(0, 32000, size=page_size + 1).astype(np.int32)
-            s = table.add_sequence(retention=int(rng.integers(0, 101)))
-            table.append([s], [page_size + 1], token_ids=toks)
-            table.remove(s)
-        s = table.add_sequence()
-        start = time.perf_counter_ns()
-        table.append([s], [pages * page_size])
-        out.append((time.perf_counter_ns() - start) / pages)
-        table.remove(s)
-    assert len(table.prefix_stats["evictions_by_priority"]) > 90
-    return statistics.median(out)
+    scope: dict = {}
+    exec(_EVICTION_SRC, scope)
+    return scope["eviction"](pages, page_size, rounds, prioritized=True)
 
 
 def event_cost(batch: int = 64, tokens: int = 2048, page_size: int = 16,

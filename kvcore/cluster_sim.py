@@ -93,7 +93,6 @@ def _kv_values(tokens: np.ndarray, positions: np.ndarray, layer: int, which: int
 
 class _Replica:
     def __init__(self, name: str, cfg: ClusterConfig, with_events: bool):
-        from kvcore.events import EventPublisher
         self.name = name
         self.cfg = cfg
         kv = KVCacheConfig(num_layers=cfg.num_layers, num_kv_heads=cfg.num_kv_heads,
@@ -101,9 +100,11 @@ class _Replica:
                            num_pages=cfg.num_pages, max_seqs=cfg.max_running,
                            enable_prefix_cache=True)
         self.cache = KVCache(kv, device=cfg.device)
-        self.publisher = (EventPublisher("tcp://127.0.0.1:*",
-                                         replay_endpoint="tcp://127.0.0.1:*")
-                          if with_events else None)
+        self.publisher = None
+        if with_events:   # only the prefix-aware run publishes
+            from kvcore.events import EventPublisher
+            self.publisher = EventPublisher("tcp://127.0.0.1:*",
+                                            replay_endpoint="tcp://127.0.0.1:*")
         self.waiting: deque = deque()
         self.running: dict[int, list] = {}    # seq -> [tokens, decoded]
         self.requests = self.prompt_tokens = self.hit_tokens = 0

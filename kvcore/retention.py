@@ -52,12 +52,7 @@ def _integer(value, name: str) -> int:
 
 
 def _priority(value, name: str) -> int:
-    if isinstance(value, (bool, np.bool_)):
-        raise TypeError(f"{name} must be an integer, got bool")
-    try:
-        value = operator.index(value)
-    except TypeError:
-        raise TypeError(f"{name} must be an integer, got {type(value).__name__}") from None
+    value = _integer(value, name)
     if not 0 <= value <= MAX_PRIORITY:
         raise ValueError(f"{name} must be in [0, {MAX_PRIORITY}], got {value}")
     return value
