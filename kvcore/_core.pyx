@@ -26,7 +26,7 @@ cimport numpy as cnp
 from libc.stdint cimport INT32_MAX, int32_t, int64_t, uint8_t, uint32_t, uint64_t
 from libc.string cimport memcpy
 
-from kvcore._allocator cimport PageAllocator
+from kvcore._allocator cimport MAX_PRIORITY, PageAllocator
 from kvcore._args cimport (
     empty_int32,
     empty_int64,
@@ -251,8 +251,10 @@ cdef class _Retention:
         priority, duration, starts, ends, priorities, durations = \
             retention_arg(retention)._core_args()
         # Checked again where C arrays are indexed with them (retention_arg validated).
-        if not (0 <= priority <= 100 and duration >= 0 and len(starts) <= MAX_RETENTION_RANGES
-                and all(0 <= p <= 100 for p in priorities) and all(d >= 0 for d in durations)
+        if not (0 <= priority <= MAX_PRIORITY and duration >= 0
+                and len(starts) <= MAX_RETENTION_RANGES
+                and all(0 <= p <= MAX_PRIORITY for p in priorities)
+                and all(d >= 0 for d in durations)
                 and all(0 <= a < b <= 2**62 for a, b in zip(starts, ends, strict=True))):
             raise ValueError(f"invalid retention {retention!r}")
         self.priority, self.duration, self.num_ranges = priority, duration, len(starts)
